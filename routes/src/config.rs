@@ -1,0 +1,274 @@
+//! `eastwest-proxy --config FILE`: listeners, upstream behaviour, admin, and a route table.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::table::check_host_port;
+use crate::{Invalid, RouteTable, SniPattern};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// After SIGTERM: how long established connections may keep flowing before exit.
+    #[serde(default = "defaults::drain_period", with = "humantime_serde")]
+    pub drain_period: Duration,
+    /// One log line per finished connection (target `eastwest::access`).
+    #[serde(default)]
+    pub access_log: bool,
+    #[serde(default)]
+    pub upstream: UpstreamConfig,
+    pub listeners: Vec<ListenerConfig>,
+    /// Used as-is from a file; replaced by eastwest-control's tables with `--control`.
+    #[serde(default)]
+    pub routes: RouteTable,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// `/healthz/ready`, `/metrics`, `/config_dump`.
+    #[serde(default = "defaults::admin_address")]
+    pub address: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    #[serde(default = "defaults::connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Endpoints tried per connection (each a different endpoint when there are several).
+    #[serde(default = "defaults::connect_attempts")]
+    pub connect_attempts: u32,
+    /// A connection with no bytes either way for this long is closed. Long by default: a
+    /// model may think for minutes between tokens.
+    #[serde(default = "defaults::idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// TCP keepalive idle time on both sides.
+    #[serde(default = "defaults::tcp_keepalive", with = "humantime_serde")]
+    pub tcp_keepalive: Duration,
+    #[serde(default)]
+    pub load_balancing: LoadBalancing,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LoadBalancing {
+    #[default]
+    LeastConnections,
+    PowerOfTwoChoices,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Names the listener in metrics and logs.
+    pub name: String,
+    pub address: SocketAddr,
+    #[serde(default)]
+    pub mode: ListenerMode,
+    /// `sni` mode only: first the most specific matching rule wins.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<SniRule>,
+    /// A client that has not sent a whole ClientHello by then is closed.
+    #[serde(default = "defaults::hello_timeout", with = "humantime_serde")]
+    pub hello_timeout: Duration,
+    /// Connections beyond this are refused (closed at once) and counted.
+    #[serde(default = "defaults::max_connections")]
+    pub max_connections: usize,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ListenerMode {
+    /// Istio AUTO_PASSTHROUGH: route by `outbound_.<port>_.<subset>_.<fqdn>` to the route table.
+    #[default]
+    AutoPassthrough,
+    /// Fixed rules: SNI pattern to upstream addresses.
+    Sni,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SniRule {
+    pub sni: SniPattern,
+    /// `host:port` targets; names are resolved at connect time (e.g. a Kubernetes Service).
+    pub upstreams: Vec<String>,
+}
+
+mod defaults {
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    pub fn drain_period() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn admin_address() -> SocketAddr {
+        SocketAddr::from(([0, 0, 0, 0], 15021))
+    }
+    pub fn connect_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn connect_attempts() -> u32 {
+        3
+    }
+    pub fn idle_timeout() -> Duration {
+        Duration::from_secs(3600)
+    }
+    pub fn tcp_keepalive() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn hello_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn max_connections() -> usize {
+        100_000
+    }
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            address: defaults::admin_address(),
+        }
+    }
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            connect_timeout: defaults::connect_timeout(),
+            connect_attempts: defaults::connect_attempts(),
+            idle_timeout: defaults::idle_timeout(),
+            tcp_keepalive: defaults::tcp_keepalive(),
+            load_balancing: LoadBalancing::default(),
+        }
+    }
+}
+
+impl ListenerConfig {
+    /// A listener with defaults for everything but name, address and mode.
+    pub fn new(name: &str, address: SocketAddr, mode: ListenerMode) -> Self {
+        ListenerConfig {
+            name: name.to_string(),
+            address,
+            mode,
+            rules: Vec::new(),
+            hello_timeout: defaults::hello_timeout(),
+            max_connections: defaults::max_connections(),
+        }
+    }
+}
+
+impl ProxyConfig {
+    /// A config with default settings, the given listeners and an empty route table.
+    pub fn with_listeners(listeners: Vec<ListenerConfig>) -> Self {
+        ProxyConfig {
+            admin: AdminConfig::default(),
+            drain_period: defaults::drain_period(),
+            access_log: false,
+            upstream: UpstreamConfig::default(),
+            listeners,
+            routes: RouteTable::default(),
+        }
+    }
+
+    /// Every problem found, each naming its field; empty when the config can be used.
+    pub fn validate(&self) -> Vec<Invalid> {
+        let mut errors = Vec::new();
+        if self.listeners.is_empty() {
+            errors.push(Invalid::new("listeners", "at least one listener is needed"));
+        }
+        if self.upstream.connect_attempts == 0 {
+            errors.push(Invalid::new(
+                "upstream.connect_attempts",
+                "must be at least 1",
+            ));
+        }
+        if self.upstream.connect_timeout.is_zero() {
+            errors.push(Invalid::new(
+                "upstream.connect_timeout",
+                "must be more than 0",
+            ));
+        }
+        if self.upstream.idle_timeout.is_zero() {
+            errors.push(Invalid::new("upstream.idle_timeout", "must be more than 0"));
+        }
+        let mut names = HashSet::new();
+        let mut addresses = HashSet::new();
+        for (i, l) in self.listeners.iter().enumerate() {
+            let at = format!("listeners[{i}]");
+            if l.name.is_empty() {
+                errors.push(Invalid::new(format!("{at}.name"), "must not be empty"));
+            } else if !names.insert(l.name.as_str()) {
+                errors.push(Invalid::new(
+                    format!("{at}.name"),
+                    format!("listener {} is defined twice", l.name),
+                ));
+            }
+            // Port 0 (any free port) may repeat; a fixed address may not.
+            if l.address.port() != 0 && !addresses.insert(l.address) {
+                errors.push(Invalid::new(
+                    format!("{at}.address"),
+                    format!("{} is used by another listener", l.address),
+                ));
+            }
+            if l.address == self.admin.address && l.address.port() != 0 {
+                errors.push(Invalid::new(
+                    format!("{at}.address"),
+                    "same address as admin.address",
+                ));
+            }
+            if l.hello_timeout.is_zero() {
+                errors.push(Invalid::new(
+                    format!("{at}.hello_timeout"),
+                    "must be more than 0",
+                ));
+            }
+            if l.max_connections == 0 {
+                errors.push(Invalid::new(
+                    format!("{at}.max_connections"),
+                    "must be at least 1",
+                ));
+            }
+            match l.mode {
+                ListenerMode::AutoPassthrough if !l.rules.is_empty() => errors.push(Invalid::new(
+                    format!("{at}.rules"),
+                    "rules belong to mode: sni; auto-passthrough routes by the route table",
+                )),
+                ListenerMode::Sni if l.rules.is_empty() => errors.push(Invalid::new(
+                    format!("{at}.rules"),
+                    "mode: sni needs at least one rule",
+                )),
+                _ => {}
+            }
+            let mut patterns = HashSet::new();
+            for (j, rule) in l.rules.iter().enumerate() {
+                let at = format!("{at}.rules[{j}]");
+                if !patterns.insert(&rule.sni) {
+                    errors.push(Invalid::new(
+                        format!("{at}.sni"),
+                        format!("pattern {} is used by an earlier rule", rule.sni),
+                    ));
+                }
+                if rule.upstreams.is_empty() {
+                    errors.push(Invalid::new(
+                        format!("{at}.upstreams"),
+                        "at least one upstream is needed",
+                    ));
+                }
+                for (k, up) in rule.upstreams.iter().enumerate() {
+                    if let Err(why) = check_host_port(up) {
+                        errors.push(Invalid::new(format!("{at}.upstreams[{k}]"), why));
+                    }
+                }
+            }
+        }
+        self.routes.validate("routes.", &mut errors);
+        errors
+    }
+}

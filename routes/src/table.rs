@@ -1,0 +1,233 @@
+//! The route table: which endpoints serve which service port, and where other networks'
+//! gateways are. eastwest-control computes it; eastwest-proxy routes by it.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::sni::is_dns_name;
+use crate::Invalid;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteTable {
+    /// Monotonic version set by eastwest-control; 0 for tables written by hand.
+    #[serde(default)]
+    pub version: u64,
+    /// Services with endpoints in this gateway's own cluster/network.
+    #[serde(default)]
+    pub services: Vec<Service>,
+    /// Services reachable only through another network's gateway (for tunnel mode).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remote_services: Vec<RemoteService>,
+    /// Addresses of other networks' east-west gateways.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub network_gateways: Vec<NetworkGateway>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    /// The FQDN sidecars put in the SNI, e.g. `helloworld.sample.svc.cluster.local`.
+    pub hostname: String,
+    /// Named endpoint subsets, as an Istio DestinationRule defines them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subsets: Vec<Subset>,
+    pub ports: Vec<ServicePort>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Subset {
+    pub name: String,
+    /// An endpoint belongs to the subset when it carries all of these labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServicePort {
+    /// The service port, as it appears in the SNI (`outbound_.<port>_...`).
+    pub port: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Ready endpoints; each address carries the target port.
+    #[serde(default)]
+    pub endpoints: Vec<Endpoint>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Endpoint {
+    pub address: SocketAddr,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteService {
+    pub hostname: String,
+    pub ports: Vec<u16>,
+    pub network: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkGateway {
+    pub network: String,
+    /// `host:port` of that network's east-west gateway (load-balancer IP or name).
+    pub address: String,
+}
+
+impl Subset {
+    pub fn selects(&self, endpoint: &Endpoint) -> bool {
+        self.labels
+            .iter()
+            .all(|(k, v)| endpoint.labels.get(k) == Some(v))
+    }
+}
+
+impl RouteTable {
+    /// Checks everything a proxy relies on; `prefix` is the path of the table in its document
+    /// (e.g. `routes`) so errors name the field as the user wrote it.
+    pub fn validate(&self, prefix: &str, errors: &mut Vec<Invalid>) {
+        let mut hostnames = HashSet::new();
+        for (i, svc) in self.services.iter().enumerate() {
+            let at = format!("{prefix}services[{i}]");
+            if !is_dns_name(&svc.hostname) {
+                errors.push(Invalid::new(
+                    format!("{at}.hostname"),
+                    format!("not a DNS name: {:?}", svc.hostname),
+                ));
+            } else if !hostnames.insert(svc.hostname.to_ascii_lowercase()) {
+                errors.push(Invalid::new(
+                    format!("{at}.hostname"),
+                    format!("service {} is listed twice", svc.hostname),
+                ));
+            }
+            let mut subsets = HashSet::new();
+            for (j, subset) in svc.subsets.iter().enumerate() {
+                let at = format!("{at}.subsets[{j}]");
+                if !is_subset_name(&subset.name) {
+                    errors.push(Invalid::new(
+                        format!("{at}.name"),
+                        format!(
+                            "subset names are lowercase letters, digits and '-': {:?}",
+                            subset.name
+                        ),
+                    ));
+                } else if !subsets.insert(subset.name.as_str()) {
+                    errors.push(Invalid::new(
+                        format!("{at}.name"),
+                        format!("subset {} is defined twice", subset.name),
+                    ));
+                }
+                if subset.labels.is_empty() {
+                    errors.push(Invalid::new(
+                        format!("{at}.labels"),
+                        "a subset needs at least one label",
+                    ));
+                }
+            }
+            if svc.ports.is_empty() {
+                errors.push(Invalid::new(
+                    format!("{at}.ports"),
+                    "a service needs at least one port",
+                ));
+            }
+            let mut ports = HashSet::new();
+            for (j, port) in svc.ports.iter().enumerate() {
+                let at = format!("{at}.ports[{j}]");
+                if port.port == 0 {
+                    errors.push(Invalid::new(
+                        format!("{at}.port"),
+                        "port 0 is not a service port",
+                    ));
+                } else if !ports.insert(port.port) {
+                    errors.push(Invalid::new(
+                        format!("{at}.port"),
+                        format!("port {} is listed twice", port.port),
+                    ));
+                }
+                let mut seen = HashSet::new();
+                for (k, ep) in port.endpoints.iter().enumerate() {
+                    if ep.address.port() == 0 {
+                        errors.push(Invalid::new(
+                            format!("{at}.endpoints[{k}].address"),
+                            "endpoint needs a port",
+                        ));
+                    } else if !seen.insert(ep.address) {
+                        errors.push(Invalid::new(
+                            format!("{at}.endpoints[{k}].address"),
+                            format!("endpoint {} is listed twice", ep.address),
+                        ));
+                    }
+                }
+            }
+        }
+        for (i, remote) in self.remote_services.iter().enumerate() {
+            let at = format!("{prefix}remote_services[{i}]");
+            if !is_dns_name(&remote.hostname) {
+                errors.push(Invalid::new(
+                    format!("{at}.hostname"),
+                    format!("not a DNS name: {:?}", remote.hostname),
+                ));
+            }
+            if remote.network.is_empty() {
+                errors.push(Invalid::new(
+                    format!("{at}.network"),
+                    "network must not be empty",
+                ));
+            }
+        }
+        for (i, gw) in self.network_gateways.iter().enumerate() {
+            let at = format!("{prefix}network_gateways[{i}]");
+            if gw.network.is_empty() {
+                errors.push(Invalid::new(
+                    format!("{at}.network"),
+                    "network must not be empty",
+                ));
+            }
+            if let Err(why) = check_host_port(&gw.address) {
+                errors.push(Invalid::new(format!("{at}.address"), why));
+            }
+        }
+    }
+
+    /// Looks a service up by the FQDN from the SNI (case-insensitive).
+    pub fn service(&self, hostname: &str) -> Option<&Service> {
+        self.services
+            .iter()
+            .find(|s| s.hostname.eq_ignore_ascii_case(hostname))
+    }
+}
+
+fn is_subset_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// `host:port` where host is an IP or DNS name and port is 1..=65535.
+pub(crate) fn check_host_port(s: &str) -> Result<(), String> {
+    if s.parse::<SocketAddr>().is_ok_and(|a| a.port() != 0) {
+        return Ok(());
+    }
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return Err(format!("expected host:port, got {s:?}"));
+    };
+    match port.parse::<u16>() {
+        Ok(p) if p != 0 => {}
+        _ => return Err(format!("bad port in {s:?}")),
+    }
+    if !is_dns_name(host) {
+        return Err(format!("bad host in {s:?}"));
+    }
+    Ok(())
+}

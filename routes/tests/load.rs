@@ -1,0 +1,101 @@
+use eastwest_routes::{parse_proxy_config, ConfigError, ListenerMode, SniPattern};
+
+fn problems(text: &str) -> Vec<String> {
+    match parse_proxy_config(text, "gw.yaml") {
+        Ok(_) => panic!("config accepted:\n{text}"),
+        Err(ConfigError::Invalid(p)) => p.iter().map(|p| p.to_string()).collect(),
+        Err(e) => panic!("unexpected error {e}"),
+    }
+}
+
+const GOOD: &str = r#"
+admin:
+  address: 127.0.0.1:15021
+listeners:
+  - name: tls
+    address: 0.0.0.0:15443
+  - name: istiod
+    address: 0.0.0.0:15012
+    mode: sni
+    rules:
+      - sni: "*"
+        upstreams: ["istiod.istio-system.svc:15012"]
+routes:
+  services:
+    - hostname: helloworld.sample.svc.cluster.local
+      subsets:
+        - name: v2
+          labels: {version: v2}
+      ports:
+        - port: 5000
+          endpoints:
+            - address: 10.0.0.7:5000
+              labels: {version: v2}
+"#;
+
+#[test]
+fn a_good_file_loads_with_defaults() {
+    let cfg = parse_proxy_config(GOOD, "gw.yaml").unwrap();
+    assert_eq!(cfg.listeners[0].mode, ListenerMode::AutoPassthrough);
+    assert_eq!(cfg.listeners[0].hello_timeout.as_secs(), 10);
+    assert_eq!(cfg.upstream.idle_timeout.as_secs(), 3600);
+    assert_eq!(cfg.listeners[1].rules[0].sni, SniPattern::Any);
+    let svc = cfg
+        .routes
+        .service("HELLOWORLD.sample.svc.cluster.local")
+        .unwrap();
+    assert!(svc.subsets[0].selects(&svc.ports[0].endpoints[0]));
+}
+
+#[test]
+fn unknown_field_names_file_line_and_field() {
+    let text = GOOD.replace("    mode: sni\n", "    mdoe: sni\n");
+    let p = problems(&text);
+    assert_eq!(p.len(), 1);
+    assert!(p[0].starts_with("gw.yaml:8:"), "{}", p[0]);
+    assert!(
+        p[0].contains("listeners[1]") && p[0].contains("mdoe"),
+        "{}",
+        p[0]
+    );
+}
+
+#[test]
+fn bad_value_type_names_the_field() {
+    let text = GOOD.replace("address: 0.0.0.0:15443", "address: not-an-address");
+    let p = problems(&text);
+    assert!(p[0].starts_with("gw.yaml:6:"), "{}", p[0]);
+    assert!(p[0].contains("field `listeners[0].address`"), "{}", p[0]);
+}
+
+#[test]
+fn validation_errors_are_located() {
+    let text = GOOD
+        .replace("address: 0.0.0.0:15012", "address: 0.0.0.0:15443")
+        .replace("- name: v2", "- name: V_2");
+    let p = problems(&text);
+    assert_eq!(p.len(), 2, "{p:?}");
+    assert!(
+        p[0].starts_with("gw.yaml:8:") && p[0].contains("listeners[1].address"),
+        "{}",
+        p[0]
+    );
+    assert!(
+        p[1].starts_with("gw.yaml:17:") && p[1].contains("routes.services[0].subsets[0].name"),
+        "{}",
+        p[1]
+    );
+}
+
+#[test]
+fn syntax_errors_have_a_position() {
+    let p = problems("listeners: [\n  {name: a\n");
+    assert!(p[0].starts_with("gw.yaml:"), "{}", p[0]);
+}
+
+#[test]
+fn sni_rules_must_match_mode() {
+    let text = GOOD.replace("    mode: sni\n", "");
+    let p = problems(&text);
+    assert!(p[0].contains("listeners[1].rules"), "{p:?}");
+}
