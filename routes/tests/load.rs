@@ -52,7 +52,11 @@ fn unknown_field_names_file_line_and_field() {
     let text = GOOD.replace("    mode: sni\n", "    mdoe: sni\n");
     let p = problems(&text);
     assert_eq!(p.len(), 1);
-    assert!(p[0].starts_with("gw.yaml:8:"), "{}", p[0]);
+    assert!(
+        p[0].starts_with("gw.yaml:9:5: field `listeners[1].mdoe`: unknown field `mdoe`"),
+        "{}",
+        p[0]
+    );
     assert!(
         p[0].contains("listeners[1]") && p[0].contains("mdoe"),
         "{}",
