@@ -1,1 +1,11 @@
-//! placeholder
+//! eastwest-bench: streaming-LLM latency across regions.
+//!
+//! - [`serve`]: an sglang-like OpenAI-compatible model server (no GPU).
+//! - [`run`]: a load generator with sglang `bench_serving` flags and metrics.
+//! - [`wan`]: a userspace WAN link that adds delay per direction.
+//! - [`demo`]: the two-region demo, the project's main job.
+
+pub mod demo;
+pub mod run;
+pub mod serve;
+pub mod wan;

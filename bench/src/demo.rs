@@ -1,0 +1,8 @@
+//! `eastwest-bench demo`.
+
+#[derive(Debug, clap::Args)]
+pub struct Args {}
+
+pub async fn main(_args: Args) -> anyhow::Result<()> {
+    anyhow::bail!("eastwest-bench demo: not implemented yet")
+}
