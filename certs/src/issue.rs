@@ -140,6 +140,12 @@ impl Ca {
         }
     }
 
+    fn not_after(&self) -> Result<OffsetDateTime, CertError> {
+        let (_, x) = x509_parser::parse_x509_certificate(&self.cert_der)
+            .map_err(|e| CertError::Parse(format!("CA certificate: {e}")))?;
+        Ok(x.validity().not_after.to_datetime())
+    }
+
     fn issuer(&self) -> Result<Issuer<'static, &KeyPair>, CertError> {
         Issuer::from_ca_cert_der(&self.cert_der, &self.key)
             .map_err(|e| CertError::Parse(format!("CA certificate unusable as issuer: {e}")))
@@ -332,7 +338,8 @@ fn issue_leaf(
         None => OffsetDateTime::now_utc() - CLOCK_SKEW,
     };
     params.not_before = not_before;
-    params.not_after = not_before + opts.validity;
+    // Like Istio, never outlive the issuing CA.
+    params.not_after = (not_before + opts.validity).min(ca.not_after()?);
     params.serial_number = Some(random_serial());
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![

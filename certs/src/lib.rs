@@ -11,7 +11,9 @@
 //! ```
 
 mod error;
+pub mod files;
 mod identity;
+pub mod inspect;
 mod issue;
 mod spiffe;
 mod verify;
