@@ -214,6 +214,8 @@ pub struct BenchResult {
     #[serde(flatten)]
     pub metrics: Metrics,
     pub warmup_failed: usize,
+    /// SSE events the warmup requests received (to match server-side event counts).
+    pub warmup_sse_events: u64,
     /// One example detail per failure kind.
     pub first_errors: BTreeMap<String, String>,
     pub records: Vec<RequestRecord>,
@@ -284,6 +286,7 @@ pub async fn run_benchmark(
 
     // Warmup (like bench_serving: the first prompt, at most 32 output tokens, all at once).
     let mut warmup_failed = 0;
+    let mut warmup_sse_events = 0;
     if cfg.warmup_requests > 0 {
         let mut warm = prompts[0].clone();
         warm.output_len = warm.output_len.min(32);
@@ -297,7 +300,9 @@ pub async fn run_benchmark(
             );
         }
         while let Some(r) = set.join_next().await {
-            if let Some(err) = r.context("warmup task")?.error {
+            let r = r.context("warmup task")?;
+            warmup_sse_events += r.sse_events;
+            if let Some(err) = r.error {
                 warmup_failed += 1;
                 tracing::warn!("warmup request failed: {err}");
             }
@@ -367,6 +372,7 @@ pub async fn run_benchmark(
         model,
         metrics: metrics::calculate(cfg, &records, duration),
         warmup_failed,
+        warmup_sse_events,
         first_errors,
         records,
     })
