@@ -111,7 +111,8 @@ pub struct Args {
     /// Private key (PEM) for --tls-cert.
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
-    /// Root certificate (PEM) that client certificates must chain to.
+    /// Mesh root (PEM) that client certificates must chain to; clients must also carry a
+    /// SPIFFE ID in the trust domain of --tls-cert.
     #[arg(long, requires = "require_client_cert")]
     pub tls_root: Option<PathBuf>,
     /// Require a client certificate chaining to --tls-root (mTLS).

@@ -1,12 +1,13 @@
 //! TLS server configs for `serve` from PEM files (such as `eastwest-certs workload`
-//! writes), ring provider.
+//! writes), ring provider. mTLS goes through eastwest-certs, so clients are checked the
+//! way mesh sidecars check them: chain to the mesh root, SPIFFE ID in its trust domain.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
-use rustls::server::WebPkiClientVerifier;
-use rustls::{RootCertStore, ServerConfig};
+use eastwest_certs::{Identity, PeerPolicy};
+use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -14,39 +15,34 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 /// then detects which one it speaks).
 pub const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
 
-/// Server config presenting `cert` (chain PEM) and `key`; with `client_root`, clients must
-/// present a certificate chaining to it (mTLS).
+/// Server config presenting `cert` (chain PEM) and `key`. With `client_root`, clients
+/// must present a certificate chaining to that mesh root whose SPIFFE ID is in the
+/// server's own trust domain (mTLS; `cert` must then carry a SPIFFE ID).
 pub fn server_config(
     cert: &Path,
     key: &Path,
     client_root: Option<&Path>,
 ) -> anyhow::Result<Arc<ServerConfig>> {
+    let alpn = ALPN.iter().map(|p| p.to_vec()).collect();
+    if let Some(root) = client_root {
+        let identity = Identity::load(cert, key, root).context("loading the mTLS identity")?;
+        let td = identity.spiffe_id().trust_domain.clone();
+        let cfg = identity
+            .server_config_with_alpn(PeerPolicy::TrustDomain(td), alpn)
+            .with_context(|| format!("mTLS server config for {}", identity.spiffe_id()))?;
+        return Ok(cfg);
+    }
     let chain = read_certs(cert)?;
     let key = PrivateKeyDer::from_pem_file(key)
         .with_context(|| format!("{}: no PEM private key", key.display()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = ServerConfig::builder_with_provider(provider.clone())
+    let mut cfg = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .context("TLS protocol versions")?;
-    let builder = match client_root {
-        None => builder.with_no_client_auth(),
-        Some(root) => {
-            let mut roots = RootCertStore::empty();
-            for c in read_certs(root)? {
-                roots
-                    .add(c)
-                    .with_context(|| format!("{}: bad root certificate", root.display()))?;
-            }
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                .build()
-                .with_context(|| format!("{}: client verifier", root.display()))?;
-            builder.with_client_cert_verifier(verifier)
-        }
-    };
-    let mut cfg = builder
+        .context("TLS protocol versions")?
+        .with_no_client_auth()
         .with_single_cert(chain, key)
         .with_context(|| format!("{}: certificate does not match its key", cert.display()))?;
-    cfg.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
+    cfg.alpn_protocols = alpn;
     Ok(Arc::new(cfg))
 }
 
