@@ -358,6 +358,10 @@ fn issue_leaf(
             .map_err(|e| CertError::generate(format!("URI SAN {uri}"), e))?,
     ));
     for dns in &opts.dns_names {
+        // rcgen only checks for ASCII; reject what no TLS stack would match.
+        let name = dns.strip_prefix("*.").unwrap_or(dns);
+        rustls_pki_types::DnsName::try_from(name)
+            .map_err(|_| CertError::Options(format!("{dns:?} is not a valid DNS name")))?;
         params.subject_alt_names.push(SanType::DnsName(
             dns.as_str()
                 .try_into()
@@ -416,4 +420,93 @@ fn random_serial() -> SerialNumber {
 pub(crate) fn pem_encode(tag: &str, der: &[u8]) -> String {
     let cfg = pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF);
     pem::encode_config(&pem::Pem::new(tag, der.to_vec()), cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn mesh_and_identity_can_be_shared_across_tasks() {
+        assert_send_sync::<Mesh>();
+        assert_send_sync::<Identity>();
+        assert_send_sync::<ClusterCa>();
+    }
+
+    #[test]
+    fn bad_options_are_refused_with_a_reason() {
+        let err = Mesh::generate("Bad_TD", &["fra"]).unwrap_err().to_string();
+        assert!(err.contains("trust domain may only contain"), "{err}");
+        let err = Mesh::generate("cluster.local", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("at least one cluster"), "{err}");
+        let err = Mesh::generate("cluster.local", &["fra/x"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("\"fra/x\""), "{err}");
+        let mesh = Mesh::generate("cluster.local", &["fra"]).unwrap();
+        let id = SpiffeId::workload("cluster.local", "a", "b");
+        let err = mesh.workload("ash", &id).unwrap_err().to_string();
+        assert_eq!(err, "unknown cluster \"ash\" (mesh has: fra)");
+        let bad_dns = LeafOptions {
+            dns_names: vec!["bad name".into()],
+            ..LeafOptions::default()
+        };
+        let err = mesh
+            .workload_with("fra", &id, &bad_dns)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("\"bad name\" is not a valid DNS name"),
+            "{err}"
+        );
+        let wildcard = LeafOptions {
+            dns_names: vec!["*.fra.example.com".into(), "eastwest.fra".into()],
+            ..LeafOptions::default()
+        };
+        mesh.workload_with("fra", &id, &wildcard).unwrap();
+    }
+
+    #[test]
+    fn leaf_never_outlives_its_intermediate() {
+        let mesh = Mesh::generate_with(&MeshOptions {
+            clusters: vec!["fra".into()],
+            intermediate_validity: 2 * DAY,
+            ..MeshOptions::default()
+        })
+        .unwrap();
+        let id = SpiffeId::workload("cluster.local", "a", "b");
+        let leaf = mesh
+            .workload_with(
+                "fra",
+                &id,
+                &LeafOptions {
+                    validity: 30 * DAY,
+                    ..LeafOptions::default()
+                },
+            )
+            .unwrap();
+        let na = |der: &[u8]| {
+            let (_, x) = x509_parser::parse_x509_certificate(der).unwrap();
+            x.validity().not_after.to_datetime()
+        };
+        let chain = leaf.chain_der();
+        assert_eq!(na(&chain[0]), na(&chain[1]));
+    }
+
+    #[test]
+    fn ca_round_trips_through_pem() {
+        let mesh = Mesh::generate("cluster.local", &["fra"]).unwrap();
+        let ca = &mesh.intermediates["fra"];
+        let p = Path::new("x.pem");
+        let again = Ca::from_pem(ca.cert_pem(), p, ca.key_pem(), p).unwrap();
+        assert_eq!(again.cert_der(), ca.cert_der());
+        let err = Ca::from_pem(ca.cert_pem(), p, "junk", Path::new("ca-key.pem"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("ca-key.pem: cannot load CA key"), "{err}");
+    }
 }

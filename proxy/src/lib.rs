@@ -1,1 +1,270 @@
-//! placeholder
+//! eastwest-proxy: an SNI-routing TLS passthrough east-west gateway, Istio-compatible.
+//!
+//! The data path reads top to bottom: [`listener`] accepts, [`connection`] reads the
+//! ClientHello ([`client_hello`]), routes ([`routing`], [`istio_sni`]), connects
+//! ([`connect`], [`balance`]) and relays ([`copy`]). Config and routes are plain data from
+//! `eastwest-routes`, validated once and swapped atomically; nothing on the data path locks.
+
+mod admin;
+mod balance;
+pub mod client_hello;
+mod connect;
+mod connection;
+mod copy;
+pub mod istio_sni;
+mod listener;
+pub mod metrics;
+mod reload;
+mod routing;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use eastwest_routes::{ProxyConfig, RouteTable};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use reload::watch_config_file;
+
+use crate::listener::RunningListener;
+use crate::routing::Routing;
+
+/// A running gateway: listeners, admin server and the live routing state. Clones share it.
+#[derive(Clone)]
+pub struct Proxy {
+    shared: Arc<Shared>,
+    admin_addr: SocketAddr,
+}
+
+/// State every connection and the admin server read. Only appliers take the mutexes.
+pub(crate) struct Shared {
+    routing: ArcSwap<Routing>,
+    ready: AtomicBool,
+    /// Cancelled when accepting stops (drain begins).
+    stop_accepting: CancellationToken,
+    /// Cancelled when the drain period is over: remaining connections close.
+    hard_stop: CancellationToken,
+    connections: TaskTracker,
+    listeners: Mutex<HashMap<String, RunningListener>>,
+    /// Serialises appliers so no update is lost between load and store.
+    apply: Mutex<()>,
+    config_version: AtomicU64,
+    /// Set once eastwest-control supplies routes; file reloads then keep them.
+    routes_from_control: AtomicBool,
+    config_file: Mutex<Option<PathBuf>>,
+}
+
+impl Shared {
+    fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+        // A panic while holding these leaves plain data behind; carry on with it.
+        m.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn access_log(&self) -> bool {
+        self.routing.load().config.access_log
+    }
+
+    pub(crate) fn max_connections(&self, listener: &str) -> usize {
+        self.routing
+            .load()
+            .config
+            .listeners
+            .iter()
+            .find(|l| l.name == listener)
+            .map_or(0, |l| l.max_connections)
+    }
+}
+
+/// Why a new config was not applied (the old one stays).
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("invalid config:\n{}", .0.iter().map(|i| format!("  {i}")).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<eastwest_routes::Invalid>),
+    #[error(transparent)]
+    Bind(#[from] std::io::Error),
+}
+
+impl Proxy {
+    /// Validates `config`, binds every listener and the admin address, and starts serving.
+    pub async fn start(config: ProxyConfig) -> anyhow::Result<Proxy> {
+        let invalid = config.validate();
+        if !invalid.is_empty() {
+            return Err(ApplyError::Invalid(invalid).into());
+        }
+        let prometheus = metrics::recorder();
+        let admin_listener = tokio::net::TcpListener::bind(config.admin.address)
+            .await
+            .with_context(|| format!("admin: cannot bind {}", config.admin.address))?;
+        let admin_addr = admin_listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            routing: ArcSwap::from_pointee(Routing::compile(
+                ProxyConfig::with_listeners(Vec::new()),
+                None,
+            )),
+            ready: AtomicBool::new(false),
+            stop_accepting: CancellationToken::new(),
+            hard_stop: CancellationToken::new(),
+            connections: TaskTracker::new(),
+            listeners: Mutex::new(HashMap::new()),
+            apply: Mutex::new(()),
+            config_version: AtomicU64::new(0),
+            routes_from_control: AtomicBool::new(false),
+            config_file: Mutex::new(None),
+        });
+        let proxy = Proxy { shared, admin_addr };
+        proxy.apply_config(config).await?;
+        admin::spawn(proxy.shared.clone(), admin_listener, prometheus.clone());
+        proxy.shared.ready.store(true, Ordering::SeqCst);
+        Ok(proxy)
+    }
+
+    /// Applies a new config: validates it, binds listeners it adds, swaps routing, and stops
+    /// accepting on listeners it removes. Established connections are never touched.
+    pub async fn apply_config(&self, mut config: ProxyConfig) -> Result<(), ApplyError> {
+        let invalid = config.validate();
+        if !invalid.is_empty() {
+            return Err(ApplyError::Invalid(invalid));
+        }
+        // Bind what is new before changing anything, so a failed bind keeps the old config.
+        let mut fresh = Vec::new();
+        for l in &config.listeners {
+            let existing = Shared::lock(&self.shared.listeners)
+                .get(&l.name)
+                .is_some_and(|r| r.address == l.address);
+            if !existing {
+                fresh.push((
+                    l.name.clone(),
+                    l.address,
+                    listener::bind(&l.name, l.address).await?,
+                ));
+            }
+        }
+        let removed = {
+            let _apply = Shared::lock(&self.shared.apply);
+            let old = self.shared.routing.load_full();
+            if self.shared.routes_from_control.load(Ordering::SeqCst) {
+                config.routes = old.config.routes.clone();
+            }
+            let route_version = config.routes.version;
+            self.shared
+                .routing
+                .store(Arc::new(Routing::compile(config, Some(&old))));
+            let version = self.shared.config_version.fetch_add(1, Ordering::SeqCst) + 1;
+            ::metrics::gauge!(metrics::CONFIG_VERSION).set(version as f64);
+            ::metrics::gauge!(metrics::ROUTE_TABLE_VERSION).set(route_version as f64);
+
+            let routing = self.shared.routing.load();
+            let mut running = Shared::lock(&self.shared.listeners);
+            for (name, address, socket) in fresh {
+                let started = listener::start(&self.shared, &name, address, socket)?;
+                if let Some(old) = running.insert(name, started) {
+                    old.stop.cancel();
+                }
+            }
+            let keep: Vec<&str> = routing
+                .config
+                .listeners
+                .iter()
+                .map(|l| l.name.as_str())
+                .collect();
+            let gone: Vec<String> = running
+                .keys()
+                .filter(|n| !keep.contains(&n.as_str()))
+                .cloned()
+                .collect();
+            gone.into_iter()
+                .filter_map(|n| running.remove(&n))
+                .collect::<Vec<_>>()
+        };
+        for l in removed {
+            l.stop.cancel();
+        }
+        Ok(())
+    }
+
+    /// Applies a route table from eastwest-control: validated, then swapped in atomically.
+    /// From now on, config-file reloads keep the control plane's routes.
+    pub fn apply_routes(&self, table: RouteTable) -> Result<(), String> {
+        let mut invalid = Vec::new();
+        table.validate("", &mut invalid);
+        if !invalid.is_empty() {
+            ::metrics::counter!(metrics::ROUTE_TABLES_REJECTED).increment(1);
+            let why: Vec<String> = invalid.iter().map(|i| i.to_string()).collect();
+            return Err(why.join("; "));
+        }
+        let _apply = Shared::lock(&self.shared.apply);
+        let old = self.shared.routing.load_full();
+        let mut config = (*old.config).clone();
+        let version = table.version;
+        config.routes = table;
+        self.shared
+            .routing
+            .store(Arc::new(Routing::compile(config, Some(&old))));
+        self.shared
+            .routes_from_control
+            .store(true, Ordering::SeqCst);
+        ::metrics::gauge!(metrics::ROUTE_TABLE_VERSION).set(version as f64);
+        Ok(())
+    }
+
+    /// Where listener `name` is bound (useful with port 0).
+    pub fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
+        Shared::lock(&self.shared.listeners)
+            .get(name)
+            .map(|l| l.local_addr)
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// The config in force, routes included.
+    pub fn config(&self) -> Arc<ProxyConfig> {
+        self.shared.routing.load().config.clone()
+    }
+
+    /// Readiness as `/healthz/ready` reports it.
+    pub fn set_ready(&self, ready: bool) {
+        self.shared.ready.store(ready, Ordering::SeqCst);
+    }
+
+    /// Records which file the config came from, for `/config_dump`.
+    pub fn set_config_file(&self, path: PathBuf) {
+        *Shared::lock(&self.shared.config_file) = Some(path);
+    }
+
+    /// Connections being relayed now, across listeners.
+    pub fn active_connections(&self) -> usize {
+        self.shared.connections.len()
+    }
+
+    /// Graceful drain: readiness goes false, accepting stops, established connections get the
+    /// configured drain period to finish, then the rest are closed.
+    pub async fn shutdown(self) {
+        let period = self.shared.routing.load().config.drain_period;
+        self.shared.ready.store(false, Ordering::SeqCst);
+        self.shared.stop_accepting.cancel();
+        self.shared.connections.close();
+        let active = self.shared.connections.len();
+        tracing::info!(active, ?period, "draining");
+        if tokio::time::timeout(period, self.shared.connections.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                remaining = self.shared.connections.len(),
+                "drain period over; closing remaining connections"
+            );
+            self.shared.hard_stop.cancel();
+            self.shared.connections.wait().await;
+        }
+        // Also stops the admin server.
+        self.shared.hard_stop.cancel();
+        tracing::info!("drained");
+    }
+}

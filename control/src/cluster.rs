@@ -1,0 +1,201 @@
+//! Watching one cluster: its network, Services and EndpointSlices, through kube-runtime's
+//! watcher (list+watch, resume from the last resourceVersion or bookmark, relist on 410 Gone,
+//! backoff on errors).
+
+use std::fmt::Debug;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace, Service as K8sService};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Api, Client};
+use serde::de::DeserializeOwned;
+use tokio::task::AbortHandle;
+use tracing::{debug, info, warn};
+
+use crate::backoff::JitteredBackoff;
+use crate::model::{ClusterState, ServiceDef, SliceDef};
+use crate::state::Shared;
+
+/// Istio's label on a cluster's `istio-system` namespace naming the cluster's network.
+pub const NETWORK_LABEL: &str = "topology.istio.io/network";
+const ISTIO_NAMESPACE: &str = "istio-system";
+
+/// How a cluster's network is determined.
+#[derive(Debug, Clone)]
+pub enum NetworkSource {
+    /// Given on the command line.
+    Fixed(String),
+    /// From the `topology.istio.io/network` label of the cluster's `istio-system` namespace,
+    /// else `fallback` (a secret annotation, or the local network).
+    Discover { fallback: String },
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A running cluster watch. Dropping it stops the watch; [`ClusterWatch::stop`] also forgets
+/// the cluster's objects.
+#[derive(Debug)]
+pub struct ClusterWatch {
+    pub id: u64,
+    task: AbortHandle,
+}
+
+impl ClusterWatch {
+    /// Starts watching `name` (replacing any previous state of that cluster).
+    pub fn start(
+        shared: Arc<Shared>,
+        name: String,
+        client: Client,
+        network: NetworkSource,
+    ) -> Self {
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        shared.update(|m| {
+            m.clusters.insert(name.clone(), ClusterState::new(id));
+            false
+        });
+        let task = tokio::spawn(run(shared, name, id, client, network)).abort_handle();
+        ClusterWatch { id, task }
+    }
+
+    /// Stops the watch and forgets the cluster's objects.
+    pub fn stop(self, shared: &Shared, name: &str) {
+        self.task.abort();
+        shared.update(|m| {
+            if m.clusters.get(name).is_some_and(|c| c.id == self.id) {
+                m.clusters.remove(name);
+                true
+            } else {
+                false
+            }
+        });
+    }
+}
+
+impl Drop for ClusterWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn run(shared: Arc<Shared>, name: String, id: u64, client: Client, network: NetworkSource) {
+    let network = match network {
+        NetworkSource::Fixed(n) => n,
+        NetworkSource::Discover { fallback } => {
+            discover_network(&shared, &name, id, &client, fallback).await
+        }
+    };
+    info!(cluster = %name, %network, "watching cluster");
+    shared.update(|m| {
+        if let Some(c) = m.cluster_mut(&name, id) {
+            c.network = Some(network);
+        }
+        // Nothing routes by this cluster until its objects arrive.
+        false
+    });
+    let services = follow(
+        &shared,
+        &name,
+        id,
+        Api::<K8sService>::all(client.clone()),
+        |c: &mut ClusterState, ev| c.services.apply(ev, ServiceDef::from_k8s),
+    );
+    let slices = follow(
+        &shared,
+        &name,
+        id,
+        Api::<EndpointSlice>::all(client),
+        |c: &mut ClusterState, ev| c.slices.apply(ev, SliceDef::from_k8s),
+    );
+    futures::future::join(services, slices).await;
+}
+
+/// Reads the network label, retrying with backoff while the API server is unreachable.
+async fn discover_network(
+    shared: &Shared,
+    name: &str,
+    id: u64,
+    client: &Client,
+    fallback: String,
+) -> String {
+    let api = Api::<Namespace>::all(client.clone());
+    let mut backoff = JitteredBackoff::default();
+    loop {
+        match api.get_opt(ISTIO_NAMESPACE).await {
+            Ok(ns) => {
+                let label = ns.and_then(|ns| ns.metadata.labels?.remove(NETWORK_LABEL));
+                return match label.filter(|l| !l.is_empty()) {
+                    Some(n) => n,
+                    None => {
+                        info!(cluster = %name, network = %fallback,
+                              "no {NETWORK_LABEL} label on {ISTIO_NAMESPACE}; using fallback network");
+                        fallback
+                    }
+                };
+            }
+            Err(e) => {
+                warn!(cluster = %name, error = %e, "reading the cluster's network failed; retrying");
+                shared.update(|m| {
+                    if let Some(c) = m.cluster_mut(name, id) {
+                        c.last_error = Some(format!("reading namespace {ISTIO_NAMESPACE}: {e}"));
+                    }
+                    false
+                });
+                let delay = backoff.next().unwrap_or_default();
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+/// Feeds one resource's watcher events into the cluster's state until the task is aborted.
+async fn follow<K>(
+    shared: &Shared,
+    name: &str,
+    id: u64,
+    api: Api<K>,
+    apply: impl Fn(&mut ClusterState, watcher::Event<K>) -> bool,
+) where
+    K: kube::Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + 'static,
+{
+    let kind = K::kind(&());
+    let stream = watcher(api, watcher::Config::default()).backoff(JitteredBackoff::default());
+    let mut stream = std::pin::pin!(stream);
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(event) => {
+                let mut gone = false;
+                shared.update(|m| match m.cluster_mut(name, id) {
+                    Some(c) => {
+                        let was_synced = c.synced();
+                        let changed = apply(c, event);
+                        if !was_synced && c.synced() {
+                            info!(cluster = %name, objects = c.objects(), "cluster synced");
+                        }
+                        changed
+                    }
+                    None => {
+                        gone = true;
+                        false
+                    }
+                });
+                if gone {
+                    debug!(cluster = %name, %kind, "cluster removed; watch ends");
+                    return;
+                }
+            }
+            Err(e) => {
+                warn!(cluster = %name, %kind, error = %e, "watch failed; kube-runtime retries");
+                shared.update(|m| {
+                    if let Some(c) = m.cluster_mut(name, id) {
+                        c.watch_restarts += 1;
+                        c.last_error = Some(format!("{kind}: {e}"));
+                    }
+                    false
+                });
+            }
+        }
+    }
+}

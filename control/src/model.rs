@@ -1,0 +1,278 @@
+//! What control knows about every cluster, reduced from Kubernetes objects to the few fields
+//! routing needs (so 100 000 endpoints stay small), and the per-resource stores that follow
+//! kube-runtime's watcher events (`Init` .. `InitDone` replaces the store atomically).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use k8s_openapi::api::core::v1::Service as K8sService;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::watcher;
+use kube::ResourceExt;
+
+/// `(namespace, name)` of an object.
+pub type ObjKey = (String, String);
+
+/// Label on a Service that marks it as an east-west gateway (Istio's convention).
+pub const GATEWAY_LABEL: (&str, &str) = ("istio", "eastwestgateway");
+/// Port on which east-west gateways accept AUTO_PASSTHROUGH mTLS.
+pub const GATEWAY_PORT: u16 = 15443;
+/// Label EndpointSlices carry naming their Service.
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServicePortDef {
+    pub port: u16,
+    pub name: Option<String>,
+}
+
+/// A Service, as routing sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceDef {
+    pub ports: Vec<ServicePortDef>,
+    /// `host:15443` addresses when this Service is an east-west gateway with a load balancer.
+    pub gateway_addresses: Vec<String>,
+}
+
+/// One ready endpoint of an EndpointSlice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadyEndpoint {
+    pub ip: IpAddr,
+    /// Shared between the endpoint's ports; topology labels today.
+    pub labels: Arc<BTreeMap<String, String>>,
+}
+
+/// An EndpointSlice, as routing sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SliceDef {
+    /// Name of the Service (same namespace) the slice belongs to.
+    pub service: String,
+    /// `(port name, target port)`; an unnamed port has name `None`.
+    pub ports: Vec<(Option<String>, u16)>,
+    /// Endpoints that are serving and not terminating.
+    pub endpoints: Vec<ReadyEndpoint>,
+}
+
+impl ServiceDef {
+    /// None for Services that have nothing to route to (ExternalName).
+    pub fn from_k8s(svc: &K8sService) -> Option<ServiceDef> {
+        let spec = svc.spec.as_ref()?;
+        if spec.type_.as_deref() == Some("ExternalName") {
+            return None;
+        }
+        let ports = spec
+            .ports
+            .iter()
+            .flatten()
+            .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+            .filter_map(|p| {
+                Some(ServicePortDef {
+                    port: u16::try_from(p.port).ok().filter(|&p| p != 0)?,
+                    name: p.name.clone().filter(|n| !n.is_empty()),
+                })
+            })
+            .collect();
+        let is_gateway =
+            svc.labels().get(GATEWAY_LABEL.0).map(String::as_str) == Some(GATEWAY_LABEL.1);
+        let gateway_addresses = if is_gateway {
+            svc.status
+                .as_ref()
+                .and_then(|s| s.load_balancer.as_ref())
+                .and_then(|lb| lb.ingress.as_ref())
+                .into_iter()
+                .flatten()
+                .filter_map(|ing| ing.ip.clone().or_else(|| ing.hostname.clone()))
+                .map(|host| host_port(&host, GATEWAY_PORT))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Some(ServiceDef {
+            ports,
+            gateway_addresses,
+        })
+    }
+}
+
+/// `host:port`, bracketing IPv6 literals.
+pub fn host_port(host: &str, port: u16) -> String {
+    if host.parse::<std::net::Ipv6Addr>().is_ok() {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+impl SliceDef {
+    /// None for slices that name no Service or carry FQDN addresses.
+    pub fn from_k8s(slice: &EndpointSlice) -> Option<SliceDef> {
+        if slice.address_type == "FQDN" {
+            return None;
+        }
+        let service = slice.labels().get(SERVICE_NAME_LABEL)?.clone();
+        let ports = slice
+            .ports
+            .iter()
+            .flatten()
+            .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+            .filter_map(|p| {
+                let port = u16::try_from(p.port?).ok().filter(|&p| p != 0)?;
+                Some((p.name.clone().filter(|n| !n.is_empty()), port))
+            })
+            .collect();
+        let endpoints = slice
+            .endpoints
+            .iter()
+            .filter(|ep| {
+                // Unset conditions mean "ready" (discovery.k8s.io/v1 semantics); `serving`
+                // falls back to `ready` on API servers that predate it.
+                let c = ep.conditions.as_ref();
+                let ready = c.and_then(|c| c.ready).unwrap_or(true);
+                let serving = c.and_then(|c| c.serving).unwrap_or(ready);
+                let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
+                serving && !terminating
+            })
+            .flat_map(|ep| {
+                let mut labels = BTreeMap::new();
+                if let Some(zone) = &ep.zone {
+                    labels.insert("topology.kubernetes.io/zone".to_string(), zone.clone());
+                }
+                if let Some(node) = &ep.node_name {
+                    labels.insert("kubernetes.io/hostname".to_string(), node.clone());
+                }
+                let labels = Arc::new(labels);
+                ep.addresses
+                    .iter()
+                    .filter_map(|a| a.parse::<IpAddr>().ok())
+                    .map(move |ip| ReadyEndpoint {
+                        ip,
+                        labels: labels.clone(),
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        Some(SliceDef {
+            service,
+            ports,
+            endpoints,
+        })
+    }
+}
+
+/// Objects of one kind, following the watcher's event protocol.
+#[derive(Debug)]
+pub struct Store<T> {
+    pub objects: HashMap<ObjKey, T>,
+    /// Filled between `Init` and `InitDone` of a (re)list, then swapped in.
+    pending: Option<HashMap<ObjKey, T>>,
+    pub synced: bool,
+}
+
+impl<T> Default for Store<T> {
+    fn default() -> Self {
+        Store {
+            objects: HashMap::new(),
+            pending: None,
+            synced: false,
+        }
+    }
+}
+
+impl<T: PartialEq> Store<T> {
+    /// Applies one watcher event; returns whether the visible objects changed.
+    pub fn apply<K: kube::Resource>(
+        &mut self,
+        event: watcher::Event<K>,
+        convert: impl Fn(&K) -> Option<T>,
+    ) -> bool {
+        let key = |o: &K| (o.namespace().unwrap_or_default(), o.name_any());
+        match event {
+            watcher::Event::Init => {
+                self.pending = Some(HashMap::new());
+                false
+            }
+            watcher::Event::InitApply(o) => {
+                if let (Some(pending), Some(v)) = (self.pending.as_mut(), convert(&o)) {
+                    pending.insert(key(&o), v);
+                }
+                false
+            }
+            watcher::Event::InitDone => {
+                let fresh = self.pending.take().unwrap_or_default();
+                let changed = !self.synced || fresh != self.objects;
+                self.objects = fresh;
+                self.synced = true;
+                changed
+            }
+            watcher::Event::Apply(o) => {
+                let k = key(&o);
+                match convert(&o) {
+                    Some(v) if self.objects.get(&k) == Some(&v) => false,
+                    Some(v) => {
+                        self.objects.insert(k, v);
+                        true
+                    }
+                    None => self.objects.remove(&k).is_some(),
+                }
+            }
+            watcher::Event::Delete(o) => self.objects.remove(&key(&o)).is_some(),
+        }
+    }
+}
+
+/// One cluster's state.
+#[derive(Debug)]
+pub struct ClusterState {
+    /// Identifies the watch task that owns this state, so a stopped task's late writes are
+    /// ignored after the cluster was removed or restarted.
+    pub id: u64,
+    pub network: Option<String>,
+    pub services: Store<ServiceDef>,
+    pub slices: Store<SliceDef>,
+    pub watch_restarts: u64,
+    pub last_error: Option<String>,
+}
+
+impl ClusterState {
+    pub fn new(id: u64) -> ClusterState {
+        ClusterState {
+            id,
+            network: None,
+            services: Store::default(),
+            slices: Store::default(),
+            watch_restarts: 0,
+            last_error: None,
+        }
+    }
+
+    pub fn synced(&self) -> bool {
+        self.network.is_some() && self.services.synced && self.slices.synced
+    }
+
+    pub fn objects(&self) -> usize {
+        self.services.objects.len() + self.slices.objects.len()
+    }
+}
+
+/// Everything route computation reads.
+#[derive(Debug, Default)]
+pub struct Model {
+    pub clusters: BTreeMap<String, ClusterState>,
+    /// `--gateway NETWORK=HOST:PORT`: these win over discovered gateway Services.
+    pub configured_gateways: BTreeMap<String, Vec<String>>,
+    /// When the oldest change not yet published happened.
+    pub dirty_since: Option<Instant>,
+}
+
+impl Model {
+    /// The cluster state owned by watch task `id`, if it is still current.
+    pub fn cluster_mut(&mut self, name: &str, id: u64) -> Option<&mut ClusterState> {
+        self.clusters.get_mut(name).filter(|c| c.id == id)
+    }
+
+    pub fn mark_dirty(&mut self) {
+        self.dirty_since.get_or_insert_with(Instant::now);
+    }
+}

@@ -1,0 +1,166 @@
+//! The route stream: `GET /v1/routes?cluster=C&network=N` over HTTP/2 answers 200 with an
+//! NDJSON body, the current table first and then every new version.
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use eastwest_routes::ROUTES_STREAM_PATH;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info};
+
+use crate::publish::TableRx;
+use crate::state::Shared;
+
+pub type Body = BoxBody<Bytes, Infallible>;
+
+/// Accepts control connections until aborted. With `tls`, every client must present a
+/// certificate from the mesh root; without, the caller made sure the listener is loopback.
+pub async fn serve(shared: Arc<Shared>, listener: TcpListener, tls: Option<TlsAcceptor>) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                debug!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            match tls {
+                Some(acceptor) => match acceptor.accept(stream).await {
+                    Ok(s) => serve_conn(shared, s).await,
+                    Err(e) => info!(%peer, error = %e, "control TLS handshake failed"),
+                },
+                None => serve_conn(shared, stream).await,
+            }
+        });
+    }
+}
+
+async fn serve_conn<IO: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    shared: Arc<Shared>,
+    io: IO,
+) {
+    let svc = service_fn(move |req| {
+        let shared = shared.clone();
+        async move { Ok::<_, Infallible>(handle(&shared, req)) }
+    });
+    let result = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        // Notice proxies that vanished without closing their connection.
+        .keep_alive_interval(Some(Duration::from_secs(10)))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .serve_connection(TokioIo::new(io), svc)
+        .await;
+    if let Err(e) = result {
+        debug!(error = %e, "control connection ended");
+    }
+}
+
+pub fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
+    let mut resp = Response::new(Full::new(Bytes::from(body.into())).boxed());
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// Value of `name` in a query string (no percent-decoding: cluster and network names are DNS
+/// labels).
+pub fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
+    query?
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+    if req.uri().path() != ROUTES_STREAM_PATH {
+        return text(
+            StatusCode::NOT_FOUND,
+            format!("no such path; use {ROUTES_STREAM_PATH}\n"),
+        );
+    }
+    if req.method() != Method::GET {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
+    }
+    let query = req.uri().query();
+    let (Some(cluster), Some(network)) = (
+        query_param(query, "cluster").filter(|c| !c.is_empty()),
+        query_param(query, "network").filter(|n| !n.is_empty()),
+    ) else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            format!("{ROUTES_STREAM_PATH} needs ?cluster=<name>&network=<name>\n"),
+        );
+    };
+    info!(%cluster, %network, "proxy subscribed");
+    let (rx, new) = shared.publisher.subscribe(network);
+    if new {
+        shared.update(|_| true);
+    }
+    shared
+        .metrics
+        .connected_proxies
+        .fetch_add(1, Ordering::Relaxed);
+    let sub = Subscription {
+        rx,
+        first: true,
+        shared: shared.clone(),
+    };
+    let stream = futures::stream::unfold(sub, |mut sub| async move {
+        let line = sub.next_line().await?;
+        Some((Ok::<_, Infallible>(Frame::data(line)), sub))
+    });
+    let mut resp = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/x-ndjson"),
+    );
+    resp
+}
+
+/// One proxy's stream; counts itself out of `connected_proxies` when the stream is dropped.
+struct Subscription {
+    rx: TableRx,
+    first: bool,
+    shared: Arc<Shared>,
+}
+
+impl Subscription {
+    async fn next_line(&mut self) -> Option<Bytes> {
+        loop {
+            if !self.first {
+                self.rx.changed().await.ok()?;
+            }
+            self.first = false;
+            if let Some(p) = self.rx.borrow_and_update().as_ref() {
+                return Some(p.line.clone());
+            }
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.shared
+            .metrics
+            .connected_proxies
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}

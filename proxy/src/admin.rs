@@ -1,0 +1,105 @@
+//! The admin server (port 15021 by default): readiness, Prometheus metrics, config dump.
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+
+use crate::{Shared, Shared as S};
+
+pub(crate) fn spawn(shared: Arc<Shared>, listener: TcpListener, prometheus: PrometheusHandle) {
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = tokio::select! {
+                _ = shared.hard_stop.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(err) => {
+                        tracing::warn!(%err, "admin accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let shared = shared.clone();
+            let prometheus = prometheus.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let shared = shared.clone();
+                    let prometheus = prometheus.clone();
+                    async move { Ok::<_, Infallible>(handle(&shared, &prometheus, req)) }
+                });
+                let conn = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                if let Err(err) = conn.serve_connection(TokioIo::new(stream), service).await {
+                    tracing::debug!(%err, "admin connection error");
+                }
+            });
+        }
+    });
+}
+
+fn handle(
+    shared: &Shared,
+    prometheus: &PrometheusHandle,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
+    }
+    match req.uri().path() {
+        "/healthz/ready" => {
+            if shared.ready.load(Ordering::SeqCst) {
+                text(StatusCode::OK, "ready\n")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+            }
+        }
+        "/metrics" => {
+            prometheus.run_upkeep();
+            let mut resp = Response::new(Full::new(Bytes::from(prometheus.render())));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            resp
+        }
+        "/config_dump" => {
+            let routing = shared.routing.load();
+            let dump = serde_json::json!({
+                "config_version": shared.config_version.load(Ordering::SeqCst),
+                "route_table_version": routing.config.routes.version,
+                "routes_source": if shared.routes_from_control.load(Ordering::SeqCst) { "control" } else { "config" },
+                "config_file": S::lock(&shared.config_file).as_ref().map(|p| p.display().to_string()),
+                "config": &*routing.config,
+            });
+            match serde_json::to_vec_pretty(&dump) {
+                Ok(body) => {
+                    let mut resp = Response::new(Full::new(Bytes::from(body)));
+                    resp.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        header::HeaderValue::from_static("application/json"),
+                    );
+                    resp
+                }
+                Err(err) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{err}\n")),
+            }
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: try /healthz/ready, /metrics, /config_dump\n",
+        ),
+    }
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+    *resp.status_mut() = status;
+    resp
+}

@@ -1,0 +1,95 @@
+//! Dialing an upstream: timeout per attempt, another endpoint after a refusal or timeout.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use eastwest_routes::UpstreamConfig;
+use socket2::{SockRef, TcpKeepalive};
+use tokio::net::TcpStream;
+
+use crate::balance::{self, ActiveGuard};
+use crate::metrics as m;
+use crate::routing::{Target, UpstreamSet};
+
+pub struct Connected {
+    pub stream: TcpStream,
+    pub peer: SocketAddr,
+    /// Keeps this connection counted against the chosen upstream.
+    pub guard: ActiveGuard,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("no upstream of {route} accepted after {attempts} attempt(s); last error: {last}")]
+pub struct ConnectFailed {
+    pub route: String,
+    pub attempts: u32,
+    pub last: io::Error,
+}
+
+/// Connects to one upstream of `set`. No byte has been sent yet, so every failure may be
+/// retried on another endpoint.
+pub async fn connect(set: &UpstreamSet, cfg: &UpstreamConfig) -> Result<Connected, ConnectFailed> {
+    let mut tried = Vec::new();
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "route has no endpoints");
+    for _ in 0..cfg.connect_attempts {
+        let Some(i) = balance::pick(set, cfg.load_balancing, &tried) else {
+            break;
+        };
+        tried.push(i);
+        let upstream = &set.upstreams[i];
+        // Count the attempt as load right away so concurrent picks spread out.
+        let guard = ActiveGuard::new(&upstream.active);
+        match tokio::time::timeout(cfg.connect_timeout, dial(&upstream.target)).await {
+            Ok(Ok((stream, peer))) => {
+                tune(&stream, cfg.tcp_keepalive);
+                return Ok(Connected {
+                    stream,
+                    peer,
+                    guard,
+                });
+            }
+            Ok(Err(err)) => last = err,
+            Err(_) => {
+                last = io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("connect timed out after {:?}", cfg.connect_timeout),
+                )
+            }
+        }
+        tracing::debug!(route = %set.route, upstream = %upstream.target, error = %last, "upstream connect failed");
+        metrics::counter!(m::CONNECT_FAILURES, "route" => set.route.to_string()).increment(1);
+    }
+    Err(ConnectFailed {
+        route: set.route.to_string(),
+        attempts: tried.len() as u32,
+        last,
+    })
+}
+
+async fn dial(target: &Target) -> io::Result<(TcpStream, SocketAddr)> {
+    let addr = match target {
+        Target::Addr(addr) => *addr,
+        Target::Name(name) => tokio::net::lookup_host(name.as_str())
+            .await?
+            .next()
+            .ok_or_else(|| {
+                io::Error::new(io::ErrorKind::NotFound, format!("{name} has no address"))
+            })?,
+    };
+    Ok((TcpStream::connect(addr).await?, addr))
+}
+
+/// TCP_NODELAY so a token leaves the moment it arrives; keepalive to notice dead peers on
+/// connections that idle for minutes.
+pub fn tune(stream: &TcpStream, keepalive: Duration) {
+    if let Err(err) = stream.set_nodelay(true) {
+        tracing::debug!(%err, "cannot set TCP_NODELAY");
+    }
+    let ka = TcpKeepalive::new()
+        .with_time(keepalive)
+        .with_interval(keepalive.min(Duration::from_secs(15)));
+    if let Err(err) = SockRef::from(stream).set_tcp_keepalive(&ka) {
+        tracing::debug!(%err, "cannot set TCP keepalive");
+    }
+}

@@ -1,0 +1,247 @@
+//! One downstream connection, top to bottom: read the ClientHello, route, connect, relay.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use eastwest_routes::{ListenerConfig, ListenerMode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::client_hello::{self, HelloError, Parse, MAX_HELLO_BYTES};
+use crate::connect::{connect, tune};
+use crate::copy::{relay, CopyEnd};
+use crate::istio_sni;
+use crate::listener::ListenerStats;
+use crate::metrics::{self as m, Outcome};
+use crate::routing::{RouteMiss, Routing, UpstreamSet};
+use crate::Shared;
+
+/// What the hello said, kept for logs and metrics.
+#[derive(Default)]
+struct HelloSummary {
+    sni: Option<String>,
+    alpn: Option<String>,
+}
+
+/// Everything an access log line reports.
+struct Report<'a> {
+    listener: &'a str,
+    peer: SocketAddr,
+    hello: HelloSummary,
+    route: Option<Arc<str>>,
+    endpoint: Option<SocketAddr>,
+    to_upstream: u64,
+    to_downstream: u64,
+    outcome: Outcome,
+    detail: String,
+}
+
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    stats: Arc<ListenerStats>,
+    mut downstream: TcpStream,
+    peer: SocketAddr,
+) {
+    let started = Instant::now();
+    let routing = shared.routing.load_full();
+    let Some(listener) = routing
+        .config
+        .listeners
+        .iter()
+        .find(|l| *l.name == *stats.name)
+    else {
+        // Removed by a reload between accept and now: nothing routes here any more.
+        return;
+    };
+    tune(&downstream, routing.config.upstream.tcp_keepalive);
+    let mut report = Report {
+        listener: &stats.name,
+        peer,
+        hello: HelloSummary::default(),
+        route: None,
+        endpoint: None,
+        to_upstream: 0,
+        to_downstream: 0,
+        outcome: Outcome::Malformed,
+        detail: String::new(),
+    };
+
+    // 1. The ClientHello, within the listener's timeout.
+    let mut buf = Vec::with_capacity(4096);
+    let hello = match read_hello(&mut downstream, &mut buf, listener.hello_timeout).await {
+        Ok(()) => client_hello::parse(&buf),
+        Err(outcome) => {
+            report.outcome = outcome;
+            return finish(&shared, &stats, report, started);
+        }
+    };
+    let hello = match hello {
+        Ok(Parse::Done(info)) => info,
+        Ok(Parse::NeedMore) | Err(_) => {
+            report.detail = match hello {
+                Err(e) => e.to_string(),
+                _ => "incomplete ClientHello".into(),
+            };
+            return finish(&shared, &stats, report, started);
+        }
+    };
+    stats.hello_duration.record(started.elapsed().as_secs_f64());
+    let ch = hello.client_hello();
+    report.hello = HelloSummary {
+        sni: ch.sni.map(str::to_string),
+        alpn: ch
+            .alpn_protocols()
+            .next()
+            .map(|p| String::from_utf8_lossy(p).into_owned()),
+    };
+
+    // 2. The route.
+    let set = match route(&routing, listener, ch.sni) {
+        Ok(set) => set,
+        Err((outcome, detail)) => {
+            report.outcome = outcome;
+            report.detail = detail;
+            return finish(&shared, &stats, report, started);
+        }
+    };
+    report.route = Some(set.route.clone());
+    drop(hello);
+
+    // 3. An upstream that accepts.
+    let connect_started = Instant::now();
+    let connected = match connect(&set, &routing.config.upstream).await {
+        Ok(c) => c,
+        Err(err) => {
+            report.outcome = Outcome::UpstreamFailed;
+            report.detail = err.to_string();
+            return finish(&shared, &stats, report, started);
+        }
+    };
+    metrics::histogram!(m::CONNECT_DURATION, "route" => set.route.to_string())
+        .record(connect_started.elapsed().as_secs_f64());
+    report.endpoint = Some(connected.peer);
+    let mut upstream = connected.stream;
+    let idle = routing.config.upstream.idle_timeout;
+    // The snapshot is not needed any more; don't pin old configs for the connection's life.
+    drop(routing);
+
+    // 4. The bytes: first the hello we consumed, then everything else both ways.
+    if let Err(err) = upstream.write_all(&buf).await {
+        report.outcome = Outcome::UpstreamFailed;
+        report.detail = format!("writing ClientHello upstream: {err}");
+        return finish(&shared, &stats, report, started);
+    }
+    set.bytes_to_upstream.increment(buf.len() as u64);
+    let hello_len = buf.len() as u64;
+    drop(buf);
+    let result = relay(
+        &mut downstream,
+        &mut upstream,
+        (&set.bytes_to_upstream, &set.bytes_to_downstream),
+        idle,
+        shared.hard_stop.cancelled(),
+    )
+    .await;
+    drop(connected.guard);
+    report.outcome = Outcome::Routed;
+    report.to_upstream = hello_len + result.to_upstream;
+    report.to_downstream = result.to_downstream;
+    report.detail = match result.end {
+        CopyEnd::Closed => String::new(),
+        CopyEnd::Idle => format!("idle for {idle:?}"),
+        CopyEnd::Cancelled => "closed at end of drain".into(),
+        CopyEnd::Error(e) => e.to_string(),
+    };
+    stats
+        .connection_duration
+        .record(started.elapsed().as_secs_f64());
+    finish(&shared, &stats, report, started)
+}
+
+/// Reads until `buf` holds a whole ClientHello (or a verdict that it never will).
+async fn read_hello(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    timeout: Duration,
+) -> Result<(), Outcome> {
+    let read = async {
+        loop {
+            // Grows only for hellos beyond 4 KiB (post-quantum key shares); capped below.
+            buf.reserve(4096);
+            match stream.read_buf(buf).await {
+                Ok(0) | Err(_) => return Err(Outcome::Malformed),
+                Ok(_) => {}
+            }
+            match client_hello::parse(buf) {
+                Ok(Parse::NeedMore) if buf.len() <= MAX_HELLO_BYTES + 5 => continue,
+                Ok(Parse::NeedMore) | Err(HelloError::TooLarge) => return Err(Outcome::Malformed),
+                // Done, or an error the caller reports with its reason.
+                _ => return Ok(()),
+            }
+        }
+    };
+    match tokio::time::timeout(timeout, read).await {
+        Ok(res) => res,
+        Err(_) => Err(Outcome::HelloTimeout),
+    }
+}
+
+fn route(
+    routing: &Routing,
+    listener: &ListenerConfig,
+    sni: Option<&str>,
+) -> Result<Arc<UpstreamSet>, (Outcome, String)> {
+    match listener.mode {
+        ListenerMode::AutoPassthrough => {
+            let sni = sni.ok_or((Outcome::NoSni, "ClientHello has no SNI".to_string()))?;
+            let istio = istio_sni::parse(sni).map_err(|e| (Outcome::BadSni, e.to_string()))?;
+            routing.auto_passthrough(&istio).map_err(|miss| {
+                let why = match miss {
+                    RouteMiss::UnknownService => "unknown service",
+                    RouteMiss::UnknownPort => "unknown service port",
+                    RouteMiss::UnknownSubset => "unknown subset",
+                    RouteMiss::NoEndpoints => "no ready endpoints",
+                };
+                (Outcome::UnknownRoute, why.to_string())
+            })
+        }
+        ListenerMode::Sni => routing
+            .sni_rule(&listener.name, sni)
+            .ok_or_else(|| match sni {
+                None => (Outcome::NoSni, "ClientHello has no SNI".to_string()),
+                Some(_) => (Outcome::UnknownRoute, "no rule matches the SNI".to_string()),
+            }),
+    }
+}
+
+fn finish(shared: &Shared, stats: &ListenerStats, report: Report<'_>, started: Instant) {
+    let route = report.route.as_deref().unwrap_or("");
+    metrics::counter!(
+        m::CONNECTIONS_CLOSED,
+        "listener" => stats.name.to_string(),
+        "route" => route.to_string(),
+        "result" => report.outcome.as_str()
+    )
+    .increment(1);
+    if report.outcome != Outcome::Routed {
+        tracing::debug!(listener = report.listener, peer = %report.peer, result = report.outcome.as_str(), detail = %report.detail, "connection closed");
+    }
+    if shared.access_log() {
+        tracing::info!(
+            target: "eastwest::access",
+            listener = report.listener,
+            peer = %report.peer,
+            sni = report.hello.sni.as_deref().unwrap_or("-"),
+            alpn = report.hello.alpn.as_deref().unwrap_or("-"),
+            route = if route.is_empty() { "-" } else { route },
+            endpoint = %report.endpoint.map(|e| e.to_string()).unwrap_or_else(|| "-".into()),
+            bytes_to_upstream = report.to_upstream,
+            bytes_to_downstream = report.to_downstream,
+            duration_ms = started.elapsed().as_millis() as u64,
+            result = report.outcome.as_str(),
+            detail = %report.detail,
+        );
+    }
+}

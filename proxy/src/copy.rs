@@ -1,0 +1,146 @@
+//! Relaying bytes both ways between two TCP connections.
+//!
+//! Each direction reads into its own buffer and writes what it read at once: nothing waits to
+//! fill a buffer, so a 1-byte token leaves as soon as it arrives. Buffers start small (most
+//! east-west connections are small RPCs or slow token streams) and grow, at most twice, for
+//! connections that move a lot of data. EOF on one side is passed on as a half-close while the
+//! other direction keeps flowing.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use metrics::Counter;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+const INITIAL_BUFFER: usize = 4 * 1024;
+const LARGE_BUFFER: usize = 64 * 1024;
+const JUMBO_BUFFER: usize = 256 * 1024;
+const LARGE_AFTER: u64 = 128 * 1024;
+const JUMBO_AFTER: u64 = 8 * 1024 * 1024;
+
+#[derive(Debug)]
+pub enum CopyEnd {
+    /// Both sides closed their sending direction.
+    Closed,
+    /// No byte moved either way for the idle timeout.
+    Idle,
+    /// The proxy is shutting down and the drain period is over.
+    Cancelled,
+    Error(io::Error),
+}
+
+#[derive(Debug)]
+pub struct CopyResult {
+    pub to_upstream: u64,
+    pub to_downstream: u64,
+    pub end: CopyEnd,
+}
+
+/// Relays until both directions end, an error, `idle` without traffic, or `cancel`.
+pub async fn relay(
+    downstream: &mut TcpStream,
+    upstream: &mut TcpStream,
+    counters: (&Counter, &Counter),
+    idle: Duration,
+    cancel: impl std::future::Future<Output = ()>,
+) -> CopyResult {
+    let activity = Activity::new();
+    let sent = AtomicU64::new(0);
+    let received = AtomicU64::new(0);
+    let (mut dr, mut dw) = downstream.split();
+    let (mut ur, mut uw) = upstream.split();
+    let both = async {
+        // try_join: an error on either side ends both; a clean EOF waits for the other side.
+        tokio::try_join!(
+            pump(&mut dr, &mut uw, counters.0, &sent, &activity),
+            pump(&mut ur, &mut dw, counters.1, &received, &activity),
+        )
+    };
+    let end = tokio::select! {
+        res = both => match res {
+            Ok(_) => CopyEnd::Closed,
+            Err(err) => CopyEnd::Error(err),
+        },
+        _ = activity.idle_for(idle) => CopyEnd::Idle,
+        _ = cancel => CopyEnd::Cancelled,
+    };
+    CopyResult {
+        to_upstream: sent.load(Ordering::Relaxed),
+        to_downstream: received.load(Ordering::Relaxed),
+        end,
+    }
+}
+
+async fn pump<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    counter: &Counter,
+    total: &AtomicU64,
+    activity: &Activity,
+) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; INITIAL_BUFFER];
+    let mut moved: u64 = 0;
+    loop {
+        let n = reader.read(&mut buf).await?;
+        if n == 0 {
+            // Pass the half-close on; the peer may already be gone, which is fine.
+            return match writer.shutdown().await {
+                Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(e),
+                _ => Ok(()),
+            };
+        }
+        writer.write_all(&buf[..n]).await?;
+        activity.touch();
+        counter.increment(n as u64);
+        total.fetch_add(n as u64, Ordering::Relaxed);
+        moved += n as u64;
+        // A full read means more is waiting: grow, but only past thresholds, so the
+        // buffer reallocates at most twice per connection.
+        if n == buf.len() {
+            if moved >= JUMBO_AFTER && buf.len() < JUMBO_BUFFER {
+                buf.resize(JUMBO_BUFFER, 0);
+            } else if moved >= LARGE_AFTER && buf.len() < LARGE_BUFFER {
+                buf.resize(LARGE_BUFFER, 0);
+            }
+        }
+    }
+}
+
+/// When bytes last moved, shared by both directions of one connection.
+struct Activity {
+    start: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Resolves once nothing has moved for `idle`; wakes at most once per idle period.
+    async fn idle_for(&self, idle: Duration) {
+        loop {
+            let last = self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+            let deadline = last + idle;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+}

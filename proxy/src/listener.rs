@@ -1,0 +1,135 @@
+//! Accepting connections on one listener: connection limit, accept-error backoff, spawning.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics::{Counter, Gauge, Histogram};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::connection;
+use crate::metrics::{self as m, Outcome};
+use crate::Shared;
+
+/// Per-listener metric handles and the live connection count, made once per listener.
+pub(crate) struct ListenerStats {
+    pub name: Arc<str>,
+    pub active: AtomicUsize,
+    opened: Counter,
+    refused: Counter,
+    active_gauge: Gauge,
+    pub hello_duration: Histogram,
+    pub connection_duration: Histogram,
+}
+
+impl ListenerStats {
+    fn new(name: &str) -> Self {
+        let label = || ("listener", name.to_string());
+        ListenerStats {
+            name: name.into(),
+            active: AtomicUsize::new(0),
+            opened: metrics::counter!(m::CONNECTIONS_OPENED, &[label()]),
+            refused: metrics::counter!(m::CONNECTIONS_REFUSED, &[label()]),
+            active_gauge: metrics::gauge!(m::CONNECTIONS_ACTIVE, &[label()]),
+            hello_duration: metrics::histogram!(m::HELLO_DURATION, &[label()]),
+            connection_duration: metrics::histogram!(m::CONNECTION_DURATION, &[label()]),
+        }
+    }
+}
+
+/// A bound listener whose accept loop runs until `stop` is cancelled.
+pub(crate) struct RunningListener {
+    /// As configured (port 0 means "any free port").
+    pub address: SocketAddr,
+    pub local_addr: SocketAddr,
+    pub stop: CancellationToken,
+}
+
+pub(crate) async fn bind(name: &str, address: SocketAddr) -> io::Result<TcpListener> {
+    // std's bind sets SO_REUSEADDR on Unix, so a restarted proxy can bind at once.
+    TcpListener::bind(address).await.map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("listener {name}: cannot bind {address}: {e}"),
+        )
+    })
+}
+
+pub(crate) fn start(
+    shared: &Arc<Shared>,
+    name: &str,
+    address: SocketAddr,
+    listener: TcpListener,
+) -> io::Result<RunningListener> {
+    let local_addr = listener.local_addr()?;
+    let stop = shared.stop_accepting.child_token();
+    let stats = Arc::new(ListenerStats::new(name));
+    let running = RunningListener {
+        address,
+        local_addr,
+        stop: stop.clone(),
+    };
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        tracing::info!(listener = %stats.name, address = %local_addr, "listening");
+        let mut backoff = Duration::ZERO;
+        loop {
+            let accepted = tokio::select! {
+                _ = stop.cancelled() => break,
+                accepted = listener.accept() => accepted,
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    backoff = Duration::ZERO;
+                    admit(&shared, &stats, stream, peer);
+                }
+                Err(err) => {
+                    // EMFILE/ENFILE/ENOBUFS: the process is out of something; accepting again at
+                    // once would spin. Back off (pingora does the same), doubling up to 1 s.
+                    backoff = (backoff * 2).clamp(Duration::from_millis(5), Duration::from_secs(1));
+                    metrics::counter!(m::ACCEPT_ERRORS, "listener" => stats.name.to_string())
+                        .increment(1);
+                    tracing::warn!(listener = %stats.name, error = %err, ?backoff, "accept failed");
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                }
+            }
+        }
+        tracing::info!(listener = %stats.name, "stopped accepting");
+    });
+    Ok(running)
+}
+
+fn admit(shared: &Arc<Shared>, stats: &Arc<ListenerStats>, stream: TcpStream, peer: SocketAddr) {
+    stats.opened.increment(1);
+    let limit = shared.max_connections(&stats.name);
+    let active = stats.active.fetch_add(1, Ordering::Relaxed) + 1;
+    if active > limit {
+        stats.active.fetch_sub(1, Ordering::Relaxed);
+        stats.refused.increment(1);
+        metrics::counter!(
+            m::CONNECTIONS_CLOSED,
+            "listener" => stats.name.to_string(),
+            "route" => "",
+            "result" => Outcome::Overloaded.as_str()
+        )
+        .increment(1);
+        tracing::debug!(listener = %stats.name, %peer, limit, "refused: listener at max_connections");
+        // Dropping the stream closes it at once: a clean refusal the client sees as EOF.
+        drop(stream);
+        return;
+    }
+    stats.active_gauge.increment(1.0);
+    let stats = stats.clone();
+    let shared2 = shared.clone();
+    shared.connections.spawn(async move {
+        connection::serve(shared2, stats.clone(), stream, peer).await;
+        stats.active.fetch_sub(1, Ordering::Relaxed);
+        stats.active_gauge.decrement(1.0);
+    });
+}

@@ -1,0 +1,160 @@
+//! Metric names, label values and the process-wide Prometheus recorder.
+//!
+//! Handles that the data path touches (byte counters, per-listener counters) are created once
+//! per route or listener, so a chunk costs one atomic add and never a registry lookup.
+
+use std::sync::OnceLock;
+
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, Counter, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const CONNECTIONS_OPENED: &str = "eastwest_connections_opened_total";
+pub const CONNECTIONS_CLOSED: &str = "eastwest_connections_closed_total";
+pub const CONNECTIONS_ACTIVE: &str = "eastwest_connections_active";
+pub const CONNECTIONS_REFUSED: &str = "eastwest_connections_refused_total";
+pub const BYTES: &str = "eastwest_bytes_total";
+pub const HELLO_DURATION: &str = "eastwest_client_hello_duration_seconds";
+pub const CONNECT_DURATION: &str = "eastwest_upstream_connect_duration_seconds";
+pub const CONNECT_FAILURES: &str = "eastwest_upstream_connect_failures_total";
+pub const CONNECTION_DURATION: &str = "eastwest_connection_duration_seconds";
+pub const CONFIG_VERSION: &str = "eastwest_config_version";
+pub const ROUTE_TABLE_VERSION: &str = "eastwest_route_table_version";
+pub const CONFIG_RELOADS: &str = "eastwest_config_reloads_total";
+pub const CONFIG_RELOAD_FAILURES: &str = "eastwest_config_reload_failures_total";
+pub const ROUTE_TABLES_REJECTED: &str = "eastwest_route_tables_rejected_total";
+pub const ACCEPT_ERRORS: &str = "eastwest_accept_errors_total";
+
+pub const TO_UPSTREAM: &str = "to_upstream";
+pub const TO_DOWNSTREAM: &str = "to_downstream";
+
+/// Installs the global recorder once per process and returns its handle for `/metrics`.
+pub fn recorder() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        // Latency buckets from 100 µs to 60 s; connection lifetimes up to a day.
+        let latency = [
+            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+            2.5, 5.0, 10.0, 30.0, 60.0,
+        ];
+        let lifetime = [
+            0.01,
+            0.1,
+            1.0,
+            10.0,
+            60.0,
+            300.0,
+            900.0,
+            3600.0,
+            4.0 * 3600.0,
+            24.0 * 3600.0,
+        ];
+        let builder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Full(HELLO_DURATION.into()), &latency)
+            .and_then(|b| {
+                b.set_buckets_for_metric(Matcher::Full(CONNECT_DURATION.into()), &latency)
+            })
+            .and_then(|b| {
+                b.set_buckets_for_metric(Matcher::Full(CONNECTION_DURATION.into()), &lifetime)
+            });
+        let recorder = match builder {
+            Ok(b) => b.build_recorder(),
+            // Only fails for empty bucket lists, which the constants above are not.
+            Err(_) => PrometheusBuilder::new().build_recorder(),
+        };
+        let handle = recorder.handle();
+        if metrics::set_global_recorder(recorder).is_err() {
+            tracing::warn!("a metrics recorder was already installed; /metrics may be empty");
+        }
+        describe();
+        handle
+    })
+}
+
+fn describe() {
+    describe_counter!(
+        CONNECTIONS_OPENED,
+        "Downstream connections accepted, by listener."
+    );
+    describe_counter!(
+        CONNECTIONS_CLOSED,
+        "Downstream connections finished, by listener, route and result."
+    );
+    describe_gauge!(
+        CONNECTIONS_ACTIVE,
+        "Downstream connections open now, by listener."
+    );
+    describe_counter!(
+        CONNECTIONS_REFUSED,
+        "Connections refused because the listener was at max_connections."
+    );
+    describe_counter!(BYTES, Unit::Bytes, "Bytes relayed, by route and direction.");
+    describe_histogram!(
+        HELLO_DURATION,
+        Unit::Seconds,
+        "Time from accept until the whole ClientHello was read."
+    );
+    describe_histogram!(
+        CONNECT_DURATION,
+        Unit::Seconds,
+        "Time to connect to the upstream, retries included, by route."
+    );
+    describe_counter!(
+        CONNECT_FAILURES,
+        "Failed upstream connect attempts, by route."
+    );
+    describe_histogram!(
+        CONNECTION_DURATION,
+        Unit::Seconds,
+        "Lifetime of routed connections, by listener."
+    );
+    describe_gauge!(
+        CONFIG_VERSION,
+        "Version of the applied config (count of applied configs)."
+    );
+    describe_gauge!(ROUTE_TABLE_VERSION, "Version of the applied route table.");
+    describe_counter!(CONFIG_RELOADS, "Config reloads applied.");
+    describe_counter!(
+        CONFIG_RELOAD_FAILURES,
+        "Config reloads refused (old config kept)."
+    );
+    describe_counter!(
+        ROUTE_TABLES_REJECTED,
+        "Route tables from the control plane refused."
+    );
+    describe_counter!(
+        ACCEPT_ERRORS,
+        "Errors from accept(), e.g. EMFILE, by listener."
+    );
+}
+
+pub fn bytes(route: &str, direction: &'static str) -> Counter {
+    counter!(BYTES, "route" => route.to_string(), "direction" => direction)
+}
+
+/// How a downstream connection ended; the `result` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Routed,
+    NoSni,
+    BadSni,
+    UnknownRoute,
+    HelloTimeout,
+    Malformed,
+    UpstreamFailed,
+    Overloaded,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Routed => "routed",
+            Outcome::NoSni => "no_sni",
+            Outcome::BadSni => "bad_sni",
+            Outcome::UnknownRoute => "unknown_route",
+            Outcome::HelloTimeout => "hello_timeout",
+            Outcome::Malformed => "malformed",
+            Outcome::UpstreamFailed => "upstream_failed",
+            Outcome::Overloaded => "overloaded",
+        }
+    }
+}
