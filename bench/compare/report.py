@@ -2,23 +2,27 @@
 """Renders bench/compare/run.sh results (one JSON object per target and phase) as Markdown."""
 
 import json
+import statistics
 import sys
 
 ORDER = ["direct", "eastwest", "nginx", "haproxy"]
 
 
 def load(path):
+    """{target: {round: {phase: record}}}; the idle phase (round 1 only) joins every round."""
     by = {}
     with open(path) as f:
         for line in f:
             if line.strip():
                 r = json.loads(line)
-                by.setdefault(r["target"], {})[r["phase"]] = r
+                rounds = by.setdefault(r["target"], {})
+                rounds.setdefault(r.get("round", 1), {})[r["phase"]] = r
+    for rounds in by.values():
+        idle = next((p["idle"] for p in rounds.values() if "idle" in p), None)
+        for phases in rounds.values():
+            if idle is not None:
+                phases.setdefault("idle", idle)
     return by
-
-
-def get(by, target, phase, key):
-    return by.get(target, {}).get(phase, {}).get(key)
 
 
 def per(cpu_s, count, scale):
@@ -33,12 +37,12 @@ def fmt(v, digits=0):
     return f"{v:,.{digits}f}"
 
 
-def figures(by, t):
-    ka = by.get(t, {}).get("keepalive", {})
-    co = by.get(t, {}).get("connect", {})
-    bu = by.get(t, {}).get("bulk", {})
-    la = by.get(t, {}).get("latency", {})
-    idle = by.get(t, {}).get("idle", {})
+def round_figures(phases):
+    ka = phases.get("keepalive", {})
+    co = phases.get("connect", {})
+    bu = phases.get("bulk", {})
+    la = phases.get("latency", {})
+    idle = phases.get("idle", {})
     rss = idle.get("rss_kib")
     rss0 = idle.get("rss_before_kib")
     conns = idle.get("connections")
@@ -59,14 +63,29 @@ def figures(by, t):
         "ka_p99": ka.get("p99_us"),
         "co_p50": co.get("p50_us"),
         "co_p99": co.get("p99_us"),
-        "errors": sum((by.get(t, {}).get(p, {}).get("errors") or 0) for p in by.get(t, {})),
+        "errors": sum((r.get("errors") or 0) for p, r in phases.items() if p != "idle"),
     }
+
+
+def median_figures(rounds):
+    """Per figure, the median over rounds (and the range, for the noise table)."""
+    per_round = [round_figures(p) for p in rounds.values()]
+    out, spread = {}, {}
+    for k in per_round[0]:
+        vals = [r[k] for r in per_round if r[k] is not None]
+        if k == "errors":
+            out[k] = sum(vals)
+        else:
+            out[k] = statistics.median(vals) if vals else None
+            spread[k] = (min(vals), max(vals)) if vals else None
+    return out, spread, len(per_round)
 
 
 def main():
     by = load(sys.argv[1])
     targets = [t for t in ORDER if t in by] + [t for t in by if t not in ORDER]
-    f = {t: figures(by, t) for t in targets}
+    med = {t: median_figures(by[t]) for t in targets}
+    f = {t: med[t][0] for t in targets}
     idle_n = next((f[t]["idle_conns"] for t in targets if f[t]["idle_conns"]), None)
     out = []
     out.append(
@@ -113,6 +132,22 @@ def main():
         out.append(
             f"| {t} | {fmt(x['ka_p50'])} | {fmt(x['ka_p99'])} | {fmt(x['co_p50'])} "
             f"| {fmt(x['co_p99'])} | {fmt(x['us_req1'], 1)} | {x['errors']} |"
+        )
+    out.append("")
+    out.append("Range (min–max) over rounds, to judge the noise:")
+    out.append("")
+    out.append("| | rounds | keep-alive req/s | new TLS conn/s | bulk MB/s | p99 µs "
+               "| CPU µs/req | µs/conn | µs/MB |")
+    out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for t in targets:
+        _, sp, n = med[t]
+
+        def rng(k, d=0):
+            return "—" if sp.get(k) is None else f"{fmt(sp[k][0], d)}–{fmt(sp[k][1], d)}"
+
+        out.append(
+            f"| {t} | {n} | {rng('ka')} | {rng('cps')} | {rng('mbps')} | {rng('p99')} "
+            f"| {rng('us_req', 1)} | {rng('us_conn', 1)} | {rng('us_mb', 1)} |"
         )
     print("\n".join(out))
 

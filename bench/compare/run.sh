@@ -7,7 +7,7 @@
 # backend share core $LG_CPU. Gateway CPU comes from /proc/<pid>/stat (utime+stime, summed
 # over the gateway's processes) before and after each phase, RSS from /proc/<pid>/status.
 #
-#   bench/compare/run.sh                       # everything, ~4-5 minutes
+#   bench/compare/run.sh                       # everything, ~5 minutes
 #   PHASE_SECS=3 TARGETS="eastwest nginx" bench/compare/run.sh
 #
 # Needs: nginx with the stream module (Debian: libnginx-mod-stream), haproxy, taskset, jq,
@@ -21,7 +21,9 @@ PROXY=${PROXY:-$TARGET_DIR/release/eastwest-proxy}
 LOADGEN=${LOADGEN:-$TARGET_DIR/release/examples/loadgen}
 
 TARGETS=${TARGETS:-"direct eastwest nginx haproxy"}
-PHASE_SECS=${PHASE_SECS:-8}
+PHASE_SECS=${PHASE_SECS:-4}
+# Every target is measured ROUNDS times, interleaved; the report shows medians.
+ROUNDS=${ROUNDS:-3}
 LG_CPU=${LG_CPU:-0}
 GW_CPU=${GW_CPU:-1}
 KEEPALIVE_CONNS=${KEEPALIVE_CONNS:-64}
@@ -32,6 +34,9 @@ RESPONSE_SIZE=${RESPONSE_SIZE:-1024}
 IDLE_CONNS=${IDLE_CONNS:-10000}
 PORT_BASE=${PORT_BASE:-18400}
 OUT=${OUT:-}
+# Niceness for everything measured (gateway, load generator, backend), the same for all: keeps
+# background compiles on this shared box from preempting the run. 0 when not root.
+PRIO=${PRIO:--15}
 SNI=outbound_.8000_._.bench.svc.cluster.local
 
 BACKEND_ADDR=127.0.0.1:$((PORT_BASE + 1))
@@ -40,6 +45,12 @@ EASTWEST_ADMIN=127.0.0.1:$((PORT_BASE + 3))
 NGINX_ADDR=127.0.0.1:$((PORT_BASE + 4))
 HAPROXY_ADDR=127.0.0.1:$((PORT_BASE + 5))
 
+[ "$(id -u)" = 0 ] || PRIO=0
+# Command prefixes (not functions, so `&` and $! give the measured process itself).
+# SCHED=fifo runs everything measured SCHED_FIFO (the kernel's RT throttling still leaves 5%).
+if [ "${SCHED:-fifo}" = fifo ]; then PRIO_CMD=(chrt -f 1); else PRIO_CMD=(nice -n "$PRIO"); fi
+ON_GW=("${PRIO_CMD[@]}" taskset -c "$GW_CPU")
+ON_LG=("${PRIO_CMD[@]}" taskset -c "$LG_CPU")
 log() { echo "[compare $(date -u +%H:%M:%S)] $*" >&2; }
 die() { log "error: $*"; exit 1; }
 
@@ -68,6 +79,7 @@ fi
 WORK=$(mktemp -d /tmp/eastwest-compare.XXXXXX)
 RESULTS=$WORK/results.jsonl
 : >"$RESULTS"
+ROUND=0
 BACKEND_PID=
 GATEWAY_PID=
 CLIENT_PID=
@@ -76,7 +88,7 @@ cleanup() {
         kill "$pid" 2>/dev/null || true
     done
     wait 2>/dev/null || true
-    rm -rf "$WORK"
+    if [ "${KEEP_WORK:-0}" = 1 ]; then log "kept $WORK"; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM HUP PIPE
@@ -118,7 +130,7 @@ for a in $BACKEND_ADDR $EASTWEST_ADDR $EASTWEST_ADMIN $NGINX_ADDR $HAPROXY_ADDR;
 
 fill() {
     sed -e "s|@WORK@|$WORK|g" -e "s|@BACKEND@|$BACKEND_ADDR|g" -e "s|@NOFILE@|$NOFILE|g" \
-        -e "s|@MAXCONN@|$((IDLE_CONNS + 100))|g" -e "s|@ADMIN@|$EASTWEST_ADMIN|g" \
+        -e "s|@MAXCONN@|$MAX_IDLE|g" -e "s|@ADMIN@|$EASTWEST_ADMIN|g" \
         -e "s|@LISTEN@|$2|g" "$HERE/$1" >"$WORK/${1%.in}"
     echo "$WORK/${1%.in}"
 }
@@ -128,18 +140,18 @@ start_gateway() {
     eastwest)
         cfg=$(fill eastwest.yaml.in "$EASTWEST_ADDR")
         # One tokio worker thread, like nginx's one worker and haproxy's one thread.
-        TOKIO_WORKER_THREADS=1 RUST_LOG=warn taskset -c "$GW_CPU" "$PROXY" --config "$cfg" \
+        TOKIO_WORKER_THREADS=1 RUST_LOG=warn "${ON_GW[@]}" "$PROXY" --config "$cfg" \
             2>"$WORK/eastwest.log" &
         GATEWAY_PID=$! ADDR=$EASTWEST_ADDR
         ;;
     nginx)
         cfg=$(fill nginx.conf.in "$NGINX_ADDR")
-        taskset -c "$GW_CPU" nginx -p "$WORK" -e stderr -c "$cfg" 2>"$WORK/nginx.log" &
+        "${ON_GW[@]}" nginx -p "$WORK" -e stderr -c "$cfg" 2>"$WORK/nginx.log" &
         GATEWAY_PID=$! ADDR=$NGINX_ADDR
         ;;
     haproxy)
         cfg=$(fill haproxy.cfg.in "$HAPROXY_ADDR")
-        taskset -c "$GW_CPU" haproxy -db -f "$cfg" 2>"$WORK/haproxy.log" &
+        "${ON_GW[@]}" haproxy -db -f "$cfg" 2>"$WORK/haproxy.log" &
         GATEWAY_PID=$! ADDR=$HAPROXY_ADDR
         ;;
     direct)
@@ -169,14 +181,14 @@ client_args() {
 }
 client() {
     # shellcheck disable=SC2046 # client_args has no spaces inside arguments
-    timeout $((PHASE_SECS + 120)) taskset -c "$LG_CPU" "$LOADGEN" $(client_args) "$@"
+    timeout $((PHASE_SECS + 120)) "${ON_LG[@]}" "$LOADGEN" $(client_args) "$@"
 }
 
 # record TARGET PHASE CLIENT_JSON CPU_SECONDS [RSS_KIB RSS_BEFORE_KIB]
 record() {
     jq -c --arg target "$1" --arg phase "$2" --argjson cpu "${4:-null}" \
-        --argjson rss "${5:-null}" --argjson rss0 "${6:-null}" \
-        '. + {target: $target, phase: $phase, gw_cpu_s: $cpu, rss_kib: $rss, rss_before_kib: $rss0}' \
+        --argjson rss "${5:-null}" --argjson rss0 "${6:-null}" --argjson round "$ROUND" \
+        '. + {target: $target, phase: $phase, round: $round, gw_cpu_s: $cpu, rss_kib: $rss, rss_before_kib: $rss0}' \
         <<<"$3" >>"$RESULTS"
 }
 
@@ -191,17 +203,17 @@ phase() {
     [ -n "$GATEWAY_PID" ] && cpu=$(awk -v a="$after" -v b="$before" 'BEGIN { print a - b }')
     record "$target" "$name" "$json" "$cpu"
     log "$target $name: $(jq -c '{requests_per_sec, connects_per_sec, mb_per_sec, p50_us, p99_us, errors}' <<<"$json") gateway cpu ${cpu}s"
-    # Let connections in TIME_WAIT/closing settle before the next phase.
-    sleep 1
+    # Let closing connections settle before the next phase.
+    sleep 0.5
 }
 
 # Opens IDLE_CONNS connections, each after one request, and reads the gateway's RSS.
 idle_phase() {
-    local target=$1 out=$WORK/idle.json rss0 rss
+    local target=$1 out=$WORK/$1-idle.json rss0 rss
     rss0=$(rss_kib "$GATEWAY_PID")
     # Not through client(): $! must be the load generator itself, so kill stops it.
     # shellcheck disable=SC2046
-    taskset -c "$LG_CPU" "$LOADGEN" $(client_args) --mode idle --connections "$IDLE_CONNS" \
+    "${ON_LG[@]}" "$LOADGEN" $(client_args) --mode idle --connections "$IDLE_CONNS" \
         --duration 120 >"$out" &
     CLIENT_PID=$!
     for _ in $(seq 1 1200); do
@@ -222,20 +234,23 @@ idle_phase() {
 
 log "work dir $WORK; phases ${PHASE_SECS}s; gateway on CPU $GW_CPU, loadgen+backend on CPU $LG_CPU"
 "$LOADGEN" certs --out "$WORK/certs"
-taskset -c "$LG_CPU" "$LOADGEN" backend --listen "$BACKEND_ADDR" --certs "$WORK/certs" \
+"${ON_LG[@]}" "$LOADGEN" backend --listen "$BACKEND_ADDR" --certs "$WORK/certs" \
     2>"$WORK/backend.log" &
 BACKEND_PID=$!
 wait_port "$BACKEND_ADDR"
 
-for target in $TARGETS; do
-    log "== $target"
-    start_gateway "$target"
-    if [ -n "$GATEWAY_PID" ]; then idle_phase "$target"; fi
-    phase "$target" latency --mode keepalive --connections 1 --duration "$PHASE_SECS"
-    phase "$target" keepalive --mode keepalive --connections "$KEEPALIVE_CONNS" --duration "$PHASE_SECS"
-    phase "$target" connect --mode connect --connections "$CONNECT_CONNS" --duration "$PHASE_SECS"
-    phase "$target" bulk --mode bulk --connections "$BULK_CONNS" --duration "$PHASE_SECS"
-    stop_gateway
+for ROUND in $(seq 1 "$ROUNDS"); do
+    for target in $TARGETS; do
+        log "== $target (round $ROUND of $ROUNDS)"
+        start_gateway "$target"
+        # Memory is the same every round (checked); measure it once, on a fresh gateway.
+        if [ -n "$GATEWAY_PID" ] && [ "$ROUND" = 1 ]; then idle_phase "$target"; fi
+        phase "$target" latency --mode keepalive --connections 1 --duration "$PHASE_SECS"
+        phase "$target" keepalive --mode keepalive --connections "$KEEPALIVE_CONNS" --duration "$PHASE_SECS"
+        phase "$target" connect --mode connect --connections "$CONNECT_CONNS" --duration "$PHASE_SECS"
+        phase "$target" bulk --mode bulk --connections "$BULK_CONNS" --duration "$PHASE_SECS"
+        stop_gateway
+    done
 done
 
 {
@@ -243,7 +258,7 @@ done
         "kernel $(uname -r); load average at end: $(cut -d' ' -f1-3 /proc/loadavg)."
     echo "$(nginx -v 2>&1 | sed 's/.*: //'), $(haproxy -v | head -1 | cut -d' ' -f1-3)," \
         "eastwest-proxy $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')." \
-        "Phases ${PHASE_SECS}s; keep-alive ${KEEPALIVE_CONNS} connections, connect ${CONNECT_CONNS}," \
+        "${ROUNDS} rounds of ${PHASE_SECS}s phases (medians shown); keep-alive ${KEEPALIVE_CONNS} connections, connect ${CONNECT_CONNS}," \
         "bulk ${BULK_CONNS}; requests ${REQUEST_SIZE} B, responses ${RESPONSE_SIZE} B; idle ${IDLE_CONNS}."
     echo
     python3 "$HERE/report.py" "$RESULTS"
