@@ -1,0 +1,252 @@
+//! HTTP routing and request validation for the OpenAI-compatible endpoints.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc;
+
+use super::body::ResponseBody;
+use super::engine::{Engine, Job, Kind};
+use super::wire::{
+    chat_prompt_tokens, estimate_prompt_tokens, ChatRequest, CompletionRequest, ErrorBody,
+    ErrorDetail, ModelCard, ModelList, StreamOptions, CONTEXT_LENGTH, MAX_REQUEST_BYTES,
+};
+
+/// Events buffered between generation and the connection; small, so a stalled client
+/// stalls generation instead of piling up memory.
+const EVENT_QUEUE: usize = 16;
+
+type Reply = Response<ResponseBody>;
+
+/// A request refused before generation: becomes an OpenAI error reply.
+struct Rejection {
+    status: StatusCode,
+    message: String,
+}
+
+fn reject(status: StatusCode, message: impl Into<String>) -> Rejection {
+    Rejection {
+        status,
+        message: message.into(),
+    }
+}
+
+pub async fn handle(engine: Arc<Engine>, req: Request<Incoming>) -> Result<Reply, Infallible> {
+    let path = req.uri().path();
+    let reply = match (req.method(), path) {
+        (&Method::GET | &Method::HEAD, "/health" | "/health_generate") => {
+            plain(StatusCode::OK, ResponseBody::empty(), None)
+        }
+        (&Method::GET, "/v1/models") => models(&engine),
+        (&Method::POST, "/v1/chat/completions") => {
+            let job = read_json::<ChatRequest>(req)
+                .await
+                .and_then(|r| chat_job(&engine, r));
+            match job {
+                Ok((job, stream)) => generate(engine, job, stream).await,
+                Err(r) => error(r.status, &r.message),
+            }
+        }
+        (&Method::POST, "/v1/completions") => {
+            let job = read_json::<CompletionRequest>(req)
+                .await
+                .and_then(|r| completion_job(&engine, r));
+            match job {
+                Ok((job, stream)) => generate(engine, job, stream).await,
+                Err(r) => error(r.status, &r.message),
+            }
+        }
+        (
+            _,
+            "/health"
+            | "/health_generate"
+            | "/v1/models"
+            | "/v1/chat/completions"
+            | "/v1/completions",
+        ) => error(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed"),
+        (_, other) => error(StatusCode::NOT_FOUND, &format!("no route for {other}")),
+    };
+    Ok(reply)
+}
+
+/// Starts the generation: a streamed SSE response right away (headers first, as sglang's
+/// StreamingResponse does, even while the request waits for a slot), or the whole JSON
+/// once generated.
+async fn generate(engine: Arc<Engine>, job: Job, stream: bool) -> Reply {
+    if stream {
+        let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+        tokio::spawn(engine.stream(job, tx));
+        let mut reply = plain(
+            StatusCode::OK,
+            ResponseBody::Events(rx),
+            Some("text/event-stream"),
+        );
+        reply.headers_mut().insert(
+            header::CACHE_CONTROL,
+            header::HeaderValue::from_static("no-cache"),
+        );
+        return reply;
+    }
+    // Non-streamed: this future waits out the generation; a client that leaves drops it,
+    // which frees the slot.
+    match engine.complete(job).await {
+        Ok(body) => plain(
+            StatusCode::OK,
+            ResponseBody::full(body),
+            Some("application/json"),
+        ),
+        Err(err) => error(StatusCode::SERVICE_UNAVAILABLE, &format!("{err:#}")),
+    }
+}
+
+fn chat_job(engine: &Engine, req: ChatRequest) -> Result<(Job, bool), Rejection> {
+    if req.messages.is_empty() {
+        return Err(reject(StatusCode::BAD_REQUEST, "Messages cannot be empty."));
+    }
+    let (output_tokens, finish_reason) =
+        output_length(engine, req.max_completion_tokens.or(req.max_tokens))?;
+    let job = Job {
+        kind: Kind::Chat,
+        model: req.model.unwrap_or_else(|| engine.model().to_owned()),
+        prompt_tokens: chat_prompt_tokens(&req.messages),
+        output_tokens,
+        finish_reason,
+        include_usage: include_usage(&req.stream_options),
+    };
+    Ok((job, req.stream))
+}
+
+fn completion_job(engine: &Engine, req: CompletionRequest) -> Result<(Job, bool), Rejection> {
+    if req.prompt.is_null() {
+        return Err(reject(StatusCode::BAD_REQUEST, "prompt cannot be null"));
+    }
+    let (output_tokens, finish_reason) = output_length(engine, req.max_tokens)?;
+    let job = Job {
+        kind: Kind::Completion,
+        model: req.model.unwrap_or_else(|| engine.model().to_owned()),
+        prompt_tokens: estimate_prompt_tokens(&req.prompt),
+        output_tokens,
+        finish_reason,
+        include_usage: include_usage(&req.stream_options),
+    };
+    Ok((job, req.stream))
+}
+
+fn include_usage(opts: &Option<StreamOptions>) -> bool {
+    opts.as_ref().and_then(|o| o.include_usage).unwrap_or(false)
+}
+
+/// `max_tokens` given: exactly that many tokens, finish `length`. Absent: the server's
+/// default output length, finish `stop` (the "model" chose to end).
+fn output_length(
+    engine: &Engine,
+    max_tokens: Option<u64>,
+) -> Result<(usize, &'static str), Rejection> {
+    match max_tokens {
+        None => Ok((engine.default_output_tokens(), "stop")),
+        Some(0) => Err(reject(StatusCode::BAD_REQUEST, "max_tokens must be positive")),
+        Some(n) if n > CONTEXT_LENGTH => Err(reject(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "max_tokens is too large: {n}. This model supports at most {CONTEXT_LENGTH} completion tokens."
+            ),
+        )),
+        Some(n) => Ok((n as usize, "length")),
+    }
+}
+
+async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, Rejection> {
+    let body = match Limited::new(req.into_body(), MAX_REQUEST_BYTES)
+        .collect()
+        .await
+    {
+        Ok(collected) => collected.to_bytes(),
+        Err(err) if err.downcast_ref::<LengthLimitError>().is_some() => {
+            return Err(reject(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body larger than {MAX_REQUEST_BYTES} bytes"),
+            ))
+        }
+        Err(err) => {
+            return Err(reject(
+                StatusCode::BAD_REQUEST,
+                format!("reading request body: {err}"),
+            ))
+        }
+    };
+    serde_json::from_slice(&body).map_err(|err| {
+        reject(
+            StatusCode::BAD_REQUEST,
+            format!("invalid request body: {err}"),
+        )
+    })
+}
+
+fn models(engine: &Engine) -> Reply {
+    let created = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let model = engine.model();
+    let list = ModelList {
+        object: "list",
+        data: [ModelCard {
+            id: model,
+            object: "model",
+            created,
+            owned_by: "sglang",
+            root: model,
+            max_model_len: CONTEXT_LENGTH,
+        }],
+    };
+    json(StatusCode::OK, &list)
+}
+
+fn error(status: StatusCode, message: &str) -> Reply {
+    let kind = match status {
+        StatusCode::NOT_FOUND => "NotFoundError",
+        StatusCode::METHOD_NOT_ALLOWED => "MethodNotAllowed",
+        s if s.is_server_error() => "InternalServerError",
+        _ => "BadRequestError",
+    };
+    let body = ErrorBody {
+        error: ErrorDetail {
+            message,
+            kind,
+            param: None,
+            code: status.as_u16(),
+        },
+    };
+    json(status, &body)
+}
+
+fn json(status: StatusCode, value: &impl serde::Serialize) -> Reply {
+    match serde_json::to_vec(value) {
+        Ok(body) => plain(status, ResponseBody::full(body), Some("application/json")),
+        Err(err) => {
+            tracing::error!(%err, "serializing a response");
+            plain(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                ResponseBody::full(Bytes::from_static(b"internal error")),
+                None,
+            )
+        }
+    }
+}
+
+fn plain(status: StatusCode, body: ResponseBody, content_type: Option<&'static str>) -> Reply {
+    let mut reply = Response::new(body);
+    *reply.status_mut() = status;
+    if let Some(ct) = content_type {
+        reply
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(ct));
+    }
+    reply
+}

@@ -1,0 +1,142 @@
+//! The listener: accepts TCP (optionally TLS), serves HTTP/1.1 and HTTP/2 on each
+//! connection with hyper-util's auto builder.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_rustls::TlsAcceptor;
+
+use super::engine::Engine;
+use super::handler;
+use super::tls::ALPN;
+use super::{ServeConfig, ServeStats};
+
+/// A TLS handshake that takes longer than this is a dead client.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A running model server; stops on [`ModelServer::shutdown`] or drop.
+pub struct ModelServer {
+    addr: SocketAddr,
+    engine: Arc<Engine>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl ModelServer {
+    /// Binds `addr` (port 0 for any) and starts serving.
+    pub async fn start(addr: SocketAddr, mut cfg: ServeConfig) -> anyhow::Result<ModelServer> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding model server to {addr}"))?;
+        let addr = listener
+            .local_addr()
+            .context("model server local address")?;
+        let tls = cfg.tls.take().map(|tls| {
+            let mut tls = (*tls).clone();
+            if tls.alpn_protocols.is_empty() {
+                tls.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
+            }
+            TlsAcceptor::from(Arc::new(tls))
+        });
+        let engine = Arc::new(Engine::new(cfg));
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(accept_loop(listener, engine.clone(), tls, stopped));
+        Ok(ModelServer {
+            addr,
+            engine,
+            stop: Some(stop),
+            task: Some(task),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn stats(&self) -> ServeStats {
+        self.engine.stats()
+    }
+
+    /// Stops accepting and closes every connection.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for ModelServer {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    engine: Arc<Engine>,
+    tls: Option<TlsAcceptor>,
+    mut stopped: oneshot::Receiver<()>,
+) {
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = &mut stopped => break,
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, peer)) => {
+                    conns.spawn(serve_connection(tcp, peer, engine.clone(), tls.clone()));
+                }
+                Err(err) => {
+                    // Typically out of file descriptors: back off rather than spin.
+                    tracing::warn!(%err, "model server accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+    conns.shutdown().await;
+}
+
+async fn serve_connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    engine: Arc<Engine>,
+    tls: Option<TlsAcceptor>,
+) {
+    if let Err(err) = tcp.set_nodelay(true) {
+        tracing::debug!(%peer, %err, "TCP_NODELAY");
+    }
+    let service = service_fn(move |req| handler::handle(engine.clone(), req));
+    let http = auto::Builder::new(TokioExecutor::new());
+    let served = match tls {
+        None => http.serve_connection(TokioIo::new(tcp), service).await,
+        Some(acceptor) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+        {
+            Ok(Ok(stream)) => http.serve_connection(TokioIo::new(stream), service).await,
+            Ok(Err(err)) => {
+                tracing::info!(%peer, %err, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::info!(%peer, "TLS handshake timed out");
+                return;
+            }
+        },
+    };
+    if let Err(err) = served {
+        tracing::debug!(%peer, %err, "connection ended with an error");
+    }
+}

@@ -1,0 +1,248 @@
+//! OpenAI-compatible request and response JSON, with sglang's field names and chunk shapes
+//! (`python/sglang/srt/entrypoints/openai/protocol.py`): pydantic dumps `None` fields as
+//! `null`, so the optional fields below are serialized as `null` rather than skipped.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Requests larger than this are refused (a chat prompt, not an upload).
+pub const MAX_REQUEST_BYTES: usize = 16 << 20;
+/// sglang refuses `max_tokens` above the context length; ours is fixed.
+pub const CONTEXT_LENGTH: u64 = 131_072;
+
+#[derive(Debug, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: Option<bool>,
+}
+
+/// `POST /v1/chat/completions`. Unknown fields (temperature, tools, ...) are accepted
+/// and ignored, as a model server without sampling has no use for them.
+#[derive(Debug, Deserialize)]
+pub struct ChatRequest {
+    #[serde(default)]
+    pub model: Option<String>,
+    pub messages: Vec<ChatMessage>,
+    #[serde(default)]
+    pub max_tokens: Option<u64>,
+    #[serde(default)]
+    pub max_completion_tokens: Option<u64>,
+    #[serde(default)]
+    pub stream: bool,
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ChatMessage {
+    #[allow(dead_code)] // validated for presence only
+    pub role: String,
+    /// A string or a list of content parts; only its text length matters here.
+    #[serde(default)]
+    pub content: Value,
+}
+
+/// `POST /v1/completions`.
+#[derive(Debug, Deserialize)]
+pub struct CompletionRequest {
+    #[serde(default)]
+    pub model: Option<String>,
+    pub prompt: Value,
+    #[serde(default)]
+    pub max_tokens: Option<u64>,
+    #[serde(default)]
+    pub stream: bool,
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+}
+
+/// Rough prompt token count for `usage`: ~4 characters per token, token-id prompts
+/// counted exactly.
+pub fn estimate_prompt_tokens(prompt: &Value) -> u64 {
+    fn chars(v: &Value) -> (u64, u64) {
+        // (characters of text, explicit token ids)
+        match v {
+            Value::String(s) => (s.chars().count() as u64, 0),
+            Value::Number(_) => (0, 1),
+            Value::Array(items) => items
+                .iter()
+                .map(chars)
+                .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1)),
+            Value::Object(map) => map.get("text").map(chars).unwrap_or((0, 0)),
+            _ => (0, 0),
+        }
+    }
+    let (text, ids) = chars(prompt);
+    (text.div_ceil(4) + ids).max(1)
+}
+
+pub fn chat_prompt_tokens(messages: &[ChatMessage]) -> u64 {
+    // A few tokens of chat-template framing per message, as real templates add.
+    messages
+        .iter()
+        .map(|m| estimate_prompt_tokens(&m.content) + 4)
+        .sum()
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub total_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+impl Usage {
+    pub fn new(prompt_tokens: u64, completion_tokens: u64) -> Usage {
+        Usage {
+            prompt_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+            completion_tokens,
+        }
+    }
+}
+
+/// `DeltaMessage`.
+#[derive(Debug, Serialize)]
+pub struct Delta<'a> {
+    pub role: Option<&'a str>,
+    pub content: Option<&'a str>,
+    pub reasoning_content: Option<&'a str>,
+    pub tool_calls: Option<()>,
+}
+
+/// `ChatCompletionResponseStreamChoice`.
+#[derive(Debug, Serialize)]
+pub struct ChatStreamChoice<'a> {
+    pub index: u32,
+    pub delta: Delta<'a>,
+    pub logprobs: Option<()>,
+    pub finish_reason: Option<&'a str>,
+    pub matched_stop: Option<u32>,
+}
+
+/// `ChatCompletionStreamResponse`, object `chat.completion.chunk`.
+#[derive(Debug, Serialize)]
+pub struct ChatChunk<'a> {
+    pub id: &'a str,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: &'a str,
+    pub choices: &'a [ChatStreamChoice<'a>],
+    pub usage: Option<Usage>,
+}
+
+/// `CompletionResponseStreamChoice`.
+#[derive(Debug, Serialize)]
+pub struct CompletionStreamChoice<'a> {
+    pub index: u32,
+    pub text: &'a str,
+    pub logprobs: Option<()>,
+    pub finish_reason: Option<&'a str>,
+    pub matched_stop: Option<u32>,
+}
+
+/// `CompletionStreamResponse`, object `text_completion`.
+#[derive(Debug, Serialize)]
+pub struct CompletionChunk<'a> {
+    pub id: &'a str,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: &'a str,
+    pub choices: &'a [CompletionStreamChoice<'a>],
+    pub usage: Option<Usage>,
+}
+
+/// `ChatMessage` in a non-streamed response.
+#[derive(Debug, Serialize)]
+pub struct ResponseMessage<'a> {
+    pub role: &'static str,
+    pub content: &'a str,
+    pub reasoning_content: Option<&'a str>,
+    pub tool_calls: Option<()>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ChatChoice<'a> {
+    pub index: u32,
+    pub message: ResponseMessage<'a>,
+    pub logprobs: Option<()>,
+    pub finish_reason: &'a str,
+    pub matched_stop: Option<u32>,
+}
+
+/// `ChatCompletionResponse`, object `chat.completion`.
+#[derive(Debug, Serialize)]
+pub struct ChatResponse<'a> {
+    pub id: &'a str,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: &'a str,
+    pub choices: [ChatChoice<'a>; 1],
+    pub usage: Usage,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CompletionChoice<'a> {
+    pub index: u32,
+    pub text: &'a str,
+    pub logprobs: Option<()>,
+    pub finish_reason: &'a str,
+    pub matched_stop: Option<u32>,
+}
+
+/// `CompletionResponse`, object `text_completion`.
+#[derive(Debug, Serialize)]
+pub struct CompletionResponse<'a> {
+    pub id: &'a str,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: &'a str,
+    pub choices: [CompletionChoice<'a>; 1],
+    pub usage: Usage,
+}
+
+/// `ModelCard` in `GET /v1/models`.
+#[derive(Debug, Serialize)]
+pub struct ModelCard<'a> {
+    pub id: &'a str,
+    pub object: &'static str,
+    pub created: u64,
+    pub owned_by: &'static str,
+    pub root: &'a str,
+    pub max_model_len: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ModelList<'a> {
+    pub object: &'static str,
+    pub data: [ModelCard<'a>; 1],
+}
+
+/// OpenAI's error envelope: `{"error": {"message", "type", "param", "code"}}`.
+#[derive(Debug, Serialize)]
+pub struct ErrorBody<'a> {
+    pub error: ErrorDetail<'a>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ErrorDetail<'a> {
+    pub message: &'a str,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub param: Option<&'a str>,
+    pub code: u16,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompt_tokens_count_text_and_ids() {
+        assert_eq!(estimate_prompt_tokens(&serde_json::json!("abcdefgh")), 2);
+        assert_eq!(estimate_prompt_tokens(&serde_json::json!([1, 2, 3])), 3);
+        assert_eq!(estimate_prompt_tokens(&serde_json::json!("")), 1);
+        let parts = serde_json::json!([{"type": "text", "text": "abcd"}]);
+        assert_eq!(estimate_prompt_tokens(&parts), 1);
+    }
+}
