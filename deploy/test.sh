@@ -23,7 +23,7 @@ DEPLOY="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(dirname "$DEPLOY")"
 BIN="$(cd "${EASTWEST_BIN:-target/debug}" 2>/dev/null && pwd || echo "${EASTWEST_BIN:-target/debug}")"
 K8S_VERSION="${EASTWEST_K8S_VERSION:-1.33.0}"
-VENV="${EASTWEST_DEPLOY_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/eastwest-deploy-venv}"
+VENV="${EASTWEST_DEPLOY_VENV:-${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/eastwest-deploy-venv}"
 WORK="$(mktemp -d -t eastwest-deploy.XXXXXX)"
 PIDS=()
 PASSED=0
@@ -60,6 +60,9 @@ apt_install() {
 log "tools"
 if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
   apt_install prometheus
+fi
+if ! command -v python3 >/dev/null; then
+  apt_install python3
 fi
 PYTHON="$(command -v python3)"
 if ! "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null; then
