@@ -22,7 +22,10 @@ set -euo pipefail
 DEPLOY="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(dirname "$DEPLOY")"
 BIN="$(cd "${EASTWEST_BIN:-target/debug}" 2>/dev/null && pwd || echo "${EASTWEST_BIN:-target/debug}")"
-K8S_VERSION="${EASTWEST_K8S_VERSION:-1.33.0}"
+# Kubernetes releases whose schemas every object must satisfy (kubernetes-validate ships
+# 1.25-1.37): an older one still in use, a current one and the newest.
+K8S_VERSIONS="${EASTWEST_K8S_VERSIONS:-1.30.0 1.33.0 1.37.0}"
+K8S_VERSION="${K8S_VERSIONS##* }"
 VENV="${EASTWEST_DEPLOY_VENV:-${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/eastwest-deploy-venv}"
 WORK="$(mktemp -d -t eastwest-deploy.XXXXXX)"
 PIDS=()
@@ -99,12 +102,14 @@ while IFS= read -r kfile; do
   fi
 done < <(find "$DEPLOY" -name kustomization.yaml -not -path '*/tools/*' | sort)
 
-log "validate against Kubernetes $K8S_VERSION schemas (strict)"
-if "${MANIFESTS[@]}" validate --kubernetes-version "$K8S_VERSION" "${RENDERED[@]}"; then
-  pass "every rendered object is valid"
-else
-  fail "schema validation"
-fi
+for version in $K8S_VERSIONS; do
+  log "validate against Kubernetes $version schemas (strict)"
+  if "${MANIFESTS[@]}" validate --kubernetes-version "$version" "${RENDERED[@]}"; then
+    pass "every rendered object is valid for Kubernetes $version"
+  else
+    fail "schema validation for Kubernetes $version"
+  fi
+done
 # The validator must reject each known-bad object, or the check above proves nothing.
 bad_total="$(grep -c '^kind:' "$DEPLOY/tools/testdata/invalid.yaml")"
 bad_found="$("${MANIFESTS[@]}" validate --kubernetes-version "$K8S_VERSION" \
