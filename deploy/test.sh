@@ -22,8 +22,11 @@ set -euo pipefail
 DEPLOY="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(dirname "$DEPLOY")"
 BIN="$(cd "${EASTWEST_BIN:-target/debug}" 2>/dev/null && pwd || echo "${EASTWEST_BIN:-target/debug}")"
-K8S_VERSION="${EASTWEST_K8S_VERSION:-1.33.0}"
-VENV="${EASTWEST_DEPLOY_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/eastwest-deploy-venv}"
+# Kubernetes releases whose schemas every object must satisfy (kubernetes-validate ships
+# 1.25-1.37): an older one still in use, a current one and the newest.
+K8S_VERSIONS="${EASTWEST_K8S_VERSIONS:-1.30.0 1.33.0 1.37.0}"
+K8S_VERSION="${K8S_VERSIONS##* }"
+VENV="${EASTWEST_DEPLOY_VENV:-${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/eastwest-deploy-venv}"
 WORK="$(mktemp -d -t eastwest-deploy.XXXXXX)"
 PIDS=()
 PASSED=0
@@ -61,6 +64,9 @@ log "tools"
 if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
   apt_install prometheus
 fi
+if ! command -v python3 >/dev/null; then
+  apt_install python3
+fi
 PYTHON="$(command -v python3)"
 if ! "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null; then
   apt_install python3-venv
@@ -96,12 +102,14 @@ while IFS= read -r kfile; do
   fi
 done < <(find "$DEPLOY" -name kustomization.yaml -not -path '*/tools/*' | sort)
 
-log "validate against Kubernetes $K8S_VERSION schemas (strict)"
-if "${MANIFESTS[@]}" validate --kubernetes-version "$K8S_VERSION" "${RENDERED[@]}"; then
-  pass "every rendered object is valid"
-else
-  fail "schema validation"
-fi
+for version in $K8S_VERSIONS; do
+  log "validate against Kubernetes $version schemas (strict)"
+  if "${MANIFESTS[@]}" validate --kubernetes-version "$version" "${RENDERED[@]}"; then
+    pass "every rendered object is valid for Kubernetes $version"
+  else
+    fail "schema validation for Kubernetes $version"
+  fi
+done
 # The validator must reject each known-bad object, or the check above proves nothing.
 bad_total="$(grep -c '^kind:' "$DEPLOY/tools/testdata/invalid.yaml")"
 bad_found="$("${MANIFESTS[@]}" validate --kubernetes-version "$K8S_VERSION" \
@@ -147,6 +155,37 @@ else
   fail "promtool check config"
 fi
 
+log "README's certificate commands (eastwest-certs, kubectl create secret --dry-run=client)"
+CERTS="$BIN/eastwest-certs"
+# Every command chained with &&: errexit does not apply inside an `if` condition.
+make_cert_secrets() {
+  cd "$WORK" &&
+    "$CERTS" mesh --out certs --trust-domain cluster.local --clusters fra,ash >/dev/null &&
+    "$CERTS" gateway --ca certs/fra --out certs/gateway-fra/ --validity 365d >/dev/null &&
+    "$CERTS" gateway --ca certs/ash --out certs/gateway-ash/ --validity 365d >/dev/null &&
+    "$CERTS" workload --ca certs/fra --out certs/control-fra/ --validity 365d \
+      --spiffe spiffe://cluster.local/ns/istio-system/sa/eastwest-control >/dev/null &&
+    "$KUBECTL" create secret generic eastwest-proxy-certs -n istio-system \
+      --from-file=certs/gateway-fra/ --dry-run=client -o yaml >eastwest-proxy-certs.yaml &&
+    "$KUBECTL" create secret generic eastwest-control-certs -n istio-system \
+      --from-file=certs/control-fra/ --dry-run=client -o yaml >eastwest-control-certs.yaml &&
+    # The Secrets must hold the file names the DaemonSet's and Deployment's args point at.
+    "$PY" -c '
+import sys, yaml
+for f in sys.argv[1:]:
+    keys = set(yaml.safe_load(open(f))["data"])
+    if keys != {"cert-chain.pem", "key.pem", "root-cert.pem"}:
+        sys.exit(f"{f}: keys {sorted(keys)}")
+' eastwest-proxy-certs.yaml eastwest-control-certs.yaml
+}
+if [ ! -x "$CERTS" ]; then
+  fail "no eastwest-certs at $CERTS"
+elif (make_cert_secrets); then
+  pass "README's certificate Secrets hold cert-chain.pem, key.pem, root-cert.pem"
+else
+  fail "README's certificate commands"
+fi
+
 PROXY="$BIN/eastwest-proxy"
 if [ ! -x "$PROXY" ]; then
   fail "no eastwest-proxy at $PROXY (build it, or set EASTWEST_BIN)"
@@ -164,6 +203,13 @@ for cluster in fra ash; do
     fail "eastwest-proxy --check rejects overlays/$cluster's config"
   fi
 done
+# A config with an unknown field must be refused, or the checks above prove nothing.
+printf 'listeners:\n  - {name: x, address: "127.0.0.1:1", mode: sni, rulez: []}\n' >"$WORK/proxy-bad.yaml"
+if "$PROXY" --config "$WORK/proxy-bad.yaml" --check >"$WORK/proxy-bad.log" 2>&1; then
+  fail "eastwest-proxy --check accepts a config with an unknown field"
+else
+  pass "eastwest-proxy --check refuses a bad config: $(head -1 "$WORK/proxy-bad.log")"
+fi
 
 free_port() {
   "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
@@ -171,30 +217,45 @@ free_port() {
 
 # GET a URL on loopback; prints the body, fails on anything but 200.
 http_get() {
-  "$PY" - "$1" <<'EOF'
+  "$PY" - "$1" 2>/dev/null <<'EOF'
 import sys, urllib.request
 with urllib.request.urlopen(sys.argv[1], timeout=2) as r:
     sys.stdout.write(r.read().decode())
 EOF
 }
 
-# Polls `$@` every 0.2 s until it succeeds or $1 seconds pass.
+# Polls `$@` every 0.2 s until it succeeds, $1 seconds pass or process $2 exits.
 wait_for() {
-  local deadline=$((SECONDS + $1))
-  shift
+  local deadline=$((SECONDS + $1)) pid=$2
+  shift 2
   until "$@" >/dev/null 2>&1; do
-    if [ "$SECONDS" -ge "$deadline" ]; then
+    if [ "$SECONDS" -ge "$deadline" ] || ! kill -0 "$pid" 2>/dev/null; then
       return 1
     fi
     sleep 0.2
   done
 }
 
-log "Prometheus scrapes a running eastwest-proxy"
-ADMIN_PORT="$(free_port)"
-TLS_PORT="$(free_port)"
-PROM_PORT="$(free_port)"
-cat >"$WORK/proxy-loopback.yaml" <<EOF
+# Prometheus query API: succeeds when query $1 returns at least one series (all of value 1
+# if $2 is "one"); prints how many and their names.
+prom_has() {
+  "$PY" - "http://127.0.0.1:$PROM_PORT/api/v1/query" "$1" "${2:-}" 2>/dev/null <<'EOF'
+import json, sys, urllib.parse, urllib.request
+url, query, want_one = sys.argv[1], sys.argv[2], sys.argv[3] == "one"
+with urllib.request.urlopen(url + "?" + urllib.parse.urlencode({"query": query}), timeout=2) as r:
+    result = json.load(r)["data"]["result"]
+if not result or (want_one and any(s["value"][1] != "1" for s in result)):
+    sys.exit(1)
+names = sorted({s["metric"].get("__name__", query) for s in result})
+print(f"{len(result)} series: {', '.join(names[:6])}{' ...' if len(names) > 6 else ''}")
+EOF
+}
+
+prometheus_scrape() {
+  ADMIN_PORT="$(free_port)"
+  TLS_PORT="$(free_port)"
+  PROM_PORT="$(free_port)"
+  cat >"$WORK/proxy-loopback.yaml" <<EOF
 admin:
   address: 127.0.0.1:$ADMIN_PORT
 drain_period: 1s
@@ -205,53 +266,49 @@ listeners:
 routes:
   services: []
 EOF
-"$PROXY" --config "$WORK/proxy-loopback.yaml" >"$WORK/proxy.log" 2>&1 &
-PIDS+=($!)
-if wait_for 30 http_get "http://127.0.0.1:$ADMIN_PORT/healthz/ready"; then
-  pass "eastwest-proxy ready on 127.0.0.1:$ADMIN_PORT"
-else
-  fail "eastwest-proxy not ready within 30s; its log:"
-  cat "$WORK/proxy.log"
-fi
-# One connection with no ClientHello, so per-connection series exist too.
-"$PY" -c "import socket; s = socket.create_connection(('127.0.0.1', $TLS_PORT), timeout=2); s.sendall(b'not tls'); s.close()" || true
+  "$PROXY" --config "$WORK/proxy-loopback.yaml" >"$WORK/proxy.log" 2>&1 &
+  local proxy_pid=$!
+  PIDS+=("$proxy_pid")
+  if wait_for 30 "$proxy_pid" http_get "http://127.0.0.1:$ADMIN_PORT/healthz/ready"; then
+    pass "eastwest-proxy ready on 127.0.0.1:$ADMIN_PORT"
+  else
+    fail "eastwest-proxy not ready within 30s (or exited); its log:"
+    tail -20 "$WORK/proxy.log"
+    return
+  fi
+  # One connection that is not TLS, so per-connection series exist too.
+  "$PY" -c "import socket; s = socket.create_connection(('127.0.0.1', $TLS_PORT), timeout=2); s.sendall(b'not tls'); s.close()" 2>/dev/null || true
 
-"${MANIFESTS[@]}" prometheus-test-config "$DEPLOY/monitoring/prometheus-scrape.yaml" \
-  eastwest-proxy "127.0.0.1:$ADMIN_PORT" "$WORK/prometheus.yml"
-if promtool check config "$WORK/prometheus.yml" >/dev/null; then
-  pass "promtool accepts the test config built from the snippet"
-else
-  fail "promtool check config on the test config"
-fi
-prometheus --config.file="$WORK/prometheus.yml" --storage.tsdb.path="$WORK/tsdb" \
-  --web.listen-address="127.0.0.1:$PROM_PORT" >"$WORK/prometheus.log" 2>&1 &
-PIDS+=($!)
-
-# Prometheus query API: succeeds when `$1` returns at least one series (with value 1 if $2).
-prom_has() {
-  "$PY" - "http://127.0.0.1:$PROM_PORT/api/v1/query" "$1" "${2:-}" <<'EOF'
-import json, sys, urllib.parse, urllib.request
-url, query, want_one = sys.argv[1], sys.argv[2], sys.argv[3] == "one"
-with urllib.request.urlopen(url + "?" + urllib.parse.urlencode({"query": query}), timeout=2) as r:
-    result = json.load(r)["data"]["result"]
-if not result or (want_one and any(s["value"][1] != "1" for s in result)):
-    sys.exit(1)
-names = sorted({s["metric"].get("__name__", query) for s in result})
-print(f"{len(result)} series: {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}")
-EOF
+  "${MANIFESTS[@]}" prometheus-test-config "$DEPLOY/monitoring/prometheus-scrape.yaml" \
+    eastwest-proxy "127.0.0.1:$ADMIN_PORT" "$WORK/prometheus.yml"
+  if promtool check config "$WORK/prometheus.yml" >/dev/null; then
+    pass "promtool accepts the test config built from the snippet"
+  else
+    fail "promtool check config on the test config"
+    return
+  fi
+  prometheus --config.file="$WORK/prometheus.yml" --storage.tsdb.path="$WORK/tsdb" \
+    --web.listen-address="127.0.0.1:$PROM_PORT" >"$WORK/prometheus.log" 2>&1 &
+  local prom_pid=$!
+  PIDS+=("$prom_pid")
+  if wait_for 60 "$prom_pid" prom_has 'up{job="eastwest-proxy"}' one; then
+    pass "Prometheus reports up{job=\"eastwest-proxy\"} == 1"
+  else
+    fail "target not up within 60s; Prometheus log:"
+    tail -20 "$WORK/prometheus.log"
+    return
+  fi
+  local series='{__name__=~"eastwest_.+", job="eastwest-proxy"}'
+  if wait_for 30 "$prom_pid" prom_has "$series"; then
+    pass "Prometheus returns eastwest_ series: $(prom_has "$series")"
+  else
+    fail "no eastwest_ series within 30s; the proxy's /metrics:"
+    http_get "http://127.0.0.1:$ADMIN_PORT/metrics" | head -20 || true
+  fi
 }
-if wait_for 60 prom_has 'up{job="eastwest-proxy"}' one; then
-  pass "Prometheus reports up{job=\"eastwest-proxy\"} == 1"
-else
-  fail "target not up within 60s; Prometheus log:"
-  tail -20 "$WORK/prometheus.log"
-fi
-if wait_for 30 prom_has '{__name__=~"eastwest_.+", job="eastwest-proxy"}'; then
-  pass "Prometheus returns eastwest_ series: $(prom_has '{__name__=~"eastwest_.+", job="eastwest-proxy"}')"
-else
-  fail "no eastwest_ series within 30s; the proxy's /metrics:"
-  http_get "http://127.0.0.1:$ADMIN_PORT/metrics" | head -20 || true
-fi
+
+log "Prometheus scrapes a running eastwest-proxy"
+prometheus_scrape
 
 echo "deploy: $PASSED passed, $FAILED failed"
 [ "$FAILED" = 0 ]

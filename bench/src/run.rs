@@ -1,8 +1,436 @@
-//! `eastwest-bench run`.
+//! `eastwest-bench run`: a streaming load generator with sglang `bench_serving`'s flags,
+//! metric definitions, console table and JSONL fields, so its numbers compare directly.
+//!
+//! TTFT runs until the first non-empty content delta, ITL are the gaps between content
+//! chunks, TPOT = (E2E − TTFT) / (output tokens − 1); every SSE event is timestamped when
+//! the body frame completing it arrives (hyper 1, HTTP/1.1, no buffering).
+
+mod client;
+mod config;
+mod dataset;
+mod metrics;
+mod record;
+mod request;
+pub mod sse;
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use http_body_util::BodyExt;
+use rand::SeedableRng;
+use rand_distr::Distribution;
+use serde::Serialize;
+
+pub use config::{Backend, ConnectionMode, Goodput, RunConfig, TlsClient, TlsFiles};
+pub use dataset::Prompt;
+pub use metrics::{mean, percentile, std_dev, Metrics};
+pub use record::{Failure, RequestRecord};
+
+use client::Target;
+
+/// The `run` subcommand's flags (boxed: they are many, and the subcommand enum holds them).
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub flags: Box<RunFlags>,
+}
 
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct RunFlags {
+    /// Server base URL, e.g. http://127.0.0.1:30000 (overrides --host/--port).
+    #[arg(long)]
+    pub base_url: Option<String>,
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, default_value_t = 30000)]
+    pub port: u16,
+    /// sglang-oai: /v1/completions; sglang-oai-chat: /v1/chat/completions.
+    #[arg(long, value_enum, default_value = "sglang-oai-chat")]
+    pub backend: Backend,
+    /// Only "random" (prompts of random words; no tokenizer needed).
+    #[arg(long, default_value = "random", value_parser = ["random"])]
+    pub dataset_name: String,
+    /// Model name; asked from GET /v1/models when not given.
+    #[arg(long)]
+    pub model: Option<String>,
+    #[arg(long, default_value_t = 1000)]
+    pub num_prompts: usize,
+    /// Requests per second, Poisson arrivals; "inf" sends all at once.
+    #[arg(long, default_value = "inf")]
+    pub request_rate: f64,
+    #[arg(long)]
+    pub max_concurrency: Option<usize>,
+    #[arg(long, default_value_t = 1024)]
+    pub random_input_len: usize,
+    #[arg(long, default_value_t = 1024)]
+    pub random_output_len: usize,
+    /// Lengths are drawn from [len*ratio, len].
+    #[arg(long, default_value_t = 0.0)]
+    pub random_range_ratio: f64,
+    #[arg(long, default_value_t = 1)]
+    pub warmup_requests: usize,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Append one JSON line of results to this file.
+    #[arg(long)]
+    pub output_file: Option<PathBuf>,
+    /// Also write per-request ttfts, itls, output_lens and errors into the JSON line.
+    #[arg(long)]
+    pub output_details: bool,
+    /// No progress bar.
+    #[arg(long)]
+    pub disable_tqdm: bool,
+    /// SLOs in ms for goodput, e.g. `--goodput ttft:200 tpot:50` (also e2el).
+    #[arg(long, num_args = 1..)]
+    pub goodput: Vec<String>,
+    /// new: a TCP(+TLS) connection per request (like bench_serving); keepalive: reuse.
+    #[arg(long, value_enum, default_value = "new")]
+    pub connection: ConnectionMode,
+    /// TLS even with an http:// URL.
+    #[arg(long)]
+    pub tls: bool,
+    /// PEM CA bundle to verify the server (default: system roots); the mesh root for SPIFFE.
+    #[arg(long)]
+    pub cacert: Option<PathBuf>,
+    /// Client certificate chain (PEM) for mTLS.
+    #[arg(long, requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// Client private key (PEM) for mTLS.
+    #[arg(long, requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// TLS server name to send, e.g. outbound_.8000_._.sglang.demo.svc.cluster.local.
+    #[arg(long)]
+    pub sni: Option<String>,
+    /// Dial HOST:PORT instead of the URL's host; Host header and SNI are unchanged.
+    #[arg(long)]
+    pub connect_to: Option<String>,
+    /// Verify the server's SPIFFE ID (repeatable) instead of its host name.
+    #[arg(long)]
+    pub spiffe_id: Vec<String>,
+    /// Accept any server SPIFFE ID in this trust domain instead of checking its host name.
+    #[arg(long, conflicts_with = "spiffe_id")]
+    pub spiffe_trust_domain: Option<String>,
+    /// Give up on one request after this many seconds.
+    #[arg(long, default_value_t = 600.0)]
+    pub request_timeout: f64,
+}
 
-pub async fn main(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("eastwest-bench run: not implemented yet")
+impl RunFlags {
+    pub fn to_config(&self) -> anyhow::Result<RunConfig> {
+        let base_url = self
+            .base_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}:{}", self.host, self.port));
+        let mut cfg = RunConfig::new(base_url);
+        cfg.backend = self.backend;
+        cfg.model = self.model.clone();
+        cfg.num_prompts = self.num_prompts;
+        cfg.request_rate = self.request_rate;
+        cfg.max_concurrency = self.max_concurrency;
+        cfg.random_input_len = self.random_input_len;
+        cfg.random_output_len = self.random_output_len;
+        cfg.random_range_ratio = self.random_range_ratio;
+        cfg.warmup_requests = self.warmup_requests;
+        cfg.seed = self.seed;
+        cfg.connection = self.connection;
+        cfg.sni = self.sni.clone();
+        cfg.connect_to = self.connect_to.clone();
+        cfg.goodput = Goodput::parse(&self.goodput)?;
+        if !(self.request_timeout.is_finite() && self.request_timeout > 0.0) {
+            anyhow::bail!("--request-timeout must be a positive number of seconds");
+        }
+        cfg.request_timeout = Duration::from_secs_f64(self.request_timeout);
+        let wants_tls = self.tls
+            || cfg.base_url.starts_with("https://")
+            || self.cacert.is_some()
+            || self.cert.is_some()
+            || !self.spiffe_id.is_empty()
+            || self.spiffe_trust_domain.is_some();
+        if wants_tls {
+            cfg.tls = Some(TlsClient::from_files(&TlsFiles {
+                cacert: self.cacert.as_deref(),
+                cert: self.cert.as_deref(),
+                key: self.key.as_deref(),
+                spiffe_ids: &self.spiffe_id,
+                spiffe_trust_domain: self.spiffe_trust_domain.as_deref(),
+            })?);
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+/// Progress reporting for [`run_benchmark`]: a tqdm-like bar on stderr, hidden when stderr
+/// is not a terminal.
+#[derive(Clone)]
+pub struct ProgressSink {
+    bar: indicatif::ProgressBar,
+}
+
+impl ProgressSink {
+    /// A bar on stderr (drawn only on a TTY).
+    pub fn stderr(label: &str) -> ProgressSink {
+        ProgressSink::from_bar(indicatif::ProgressBar::new(0), label)
+    }
+
+    /// Wraps an existing bar, e.g. one inside an `indicatif::MultiProgress`.
+    pub fn from_bar(bar: indicatif::ProgressBar, label: &str) -> ProgressSink {
+        let style = indicatif::ProgressStyle::with_template(
+            "{prefix:>24} {percent:>3}%|{bar:40}| {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("█▉▊▋▌▍▎▏ ");
+        bar.set_style(style);
+        bar.set_prefix(label.to_string());
+        ProgressSink { bar }
+    }
+
+    fn start(&self, total: usize) {
+        self.bar.set_length(total as u64);
+        self.bar.set_position(0);
+        self.bar.reset_elapsed();
+    }
+
+    fn inc(&self, failed: bool) {
+        self.bar.inc(1);
+        if failed {
+            self.bar.set_message("(failures)");
+        }
+    }
+
+    pub fn finish(&self) {
+        self.bar.finish();
+    }
+}
+
+/// The outcome of a run: aggregates plus every request's record (in prompt order).
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchResult {
+    pub model: String,
+    #[serde(flatten)]
+    pub metrics: Metrics,
+    pub warmup_failed: usize,
+    /// SSE events the warmup requests received (to match server-side event counts).
+    pub warmup_sse_events: u64,
+    /// One example detail per failure kind.
+    pub first_errors: BTreeMap<String, String>,
+    pub records: Vec<RequestRecord>,
+}
+
+impl BenchResult {
+    /// bench_serving's console table.
+    pub fn summary_table(&self, request_rate: f64) -> String {
+        metrics::summary_table(&self.metrics, request_rate, &self.first_errors)
+    }
+
+    /// One JSON line: the metrics (sglang keys), with `output_details` also per-request
+    /// `input_lens, output_lens, ttfts, itls, errors` (seconds, like sglang).
+    pub fn json_line(&self, output_details: bool) -> anyhow::Result<String> {
+        let mut v = serde_json::to_value(&self.metrics)?;
+        if let (true, Some(obj)) = (output_details, v.as_object_mut()) {
+            let r = &self.records;
+            obj.insert(
+                "input_lens".into(),
+                r.iter().map(|r| r.prompt_len).collect(),
+            );
+            obj.insert(
+                "output_lens".into(),
+                r.iter().map(|r| r.output_len).collect(),
+            );
+            obj.insert("ttfts".into(), r.iter().map(|r| r.ttft).collect());
+            obj.insert(
+                "itls".into(),
+                r.iter()
+                    .map(|r| serde_json::json!(r.itl))
+                    .collect::<Vec<_>>()
+                    .into(),
+            );
+            obj.insert(
+                "errors".into(),
+                r.iter()
+                    .map(|r| r.error.as_ref().map(|e| e.to_string()).unwrap_or_default())
+                    .collect(),
+            );
+        }
+        Ok(serde_json::to_string(&v)?)
+    }
+}
+
+/// Runs the benchmark `cfg` describes. Request failures are recorded, never returned as
+/// errors; `Err` only for a configuration that cannot run at all.
+pub async fn run_benchmark(
+    cfg: &RunConfig,
+    progress: Option<&ProgressSink>,
+) -> anyhow::Result<BenchResult> {
+    cfg.validate()?;
+    let target = Target::resolve(cfg).await?;
+    let model = match &cfg.model {
+        Some(m) => m.clone(),
+        None => fetch_model(&target).await.unwrap_or_else(|e| {
+            tracing::warn!("no --model and GET /v1/models failed ({e:#}); using \"default\"");
+            "default".to_string()
+        }),
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
+    let prompts = dataset::sample_random(
+        &mut rng,
+        cfg.num_prompts,
+        cfg.random_input_len,
+        cfg.random_output_len,
+        cfg.random_range_ratio,
+    );
+
+    // Warmup (like bench_serving: the first prompt, at most 32 output tokens, all at once).
+    let mut warmup_failed = 0;
+    let mut warmup_sse_events = 0;
+    if cfg.warmup_requests > 0 {
+        let mut warm = prompts[0].clone();
+        warm.output_len = warm.output_len.min(32);
+        let body = request::request_body(cfg.backend, &model, &warm);
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..cfg.warmup_requests {
+            let (target, body, warm) = (target.clone(), body.clone(), warm.clone());
+            let (backend, timeout) = (cfg.backend, cfg.request_timeout);
+            set.spawn(
+                async move { request::run_one(&target, backend, body, &warm, timeout).await },
+            );
+        }
+        while let Some(r) = set.join_next().await {
+            let r = r.context("warmup task")?;
+            warmup_sse_events += r.sse_events;
+            if let Some(err) = r.error {
+                warmup_failed += 1;
+                tracing::warn!("warmup request failed: {err}");
+            }
+        }
+    }
+
+    let bodies: Vec<_> = prompts
+        .iter()
+        .map(|p| request::request_body(cfg.backend, &model, p))
+        .collect();
+    let arrivals = if cfg.request_rate.is_finite() {
+        Some(rand_distr::Exp::new(cfg.request_rate).context("--request-rate")?)
+    } else {
+        None
+    };
+    let semaphore = cfg
+        .max_concurrency
+        .map(|c| Arc::new(tokio::sync::Semaphore::new(c)));
+    if let Some(p) = progress {
+        p.start(prompts.len());
+    }
+
+    let started = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for (i, (prompt, body)) in prompts.iter().cloned().zip(bodies).enumerate() {
+        let target = target.clone();
+        let semaphore = semaphore.clone();
+        let progress = progress.cloned();
+        let (backend, timeout) = (cfg.backend, cfg.request_timeout);
+        set.spawn(async move {
+            let _permit = match &semaphore {
+                Some(s) => s.clone().acquire_owned().await.ok(),
+                None => None,
+            };
+            let record = request::run_one(&target, backend, body, &prompt, timeout).await;
+            if let Some(p) = &progress {
+                p.inc(record.error.is_some());
+            }
+            (i, record)
+        });
+        if let Some(exp) = &arrivals {
+            if i + 1 < prompts.len() {
+                // Poisson arrivals: exponential gaps between request starts.
+                tokio::time::sleep(Duration::from_secs_f64(exp.sample(&mut rng))).await;
+            }
+        }
+    }
+    let mut records: Vec<Option<RequestRecord>> = vec![None; prompts.len()];
+    while let Some(joined) = set.join_next().await {
+        let (i, record) = joined.context("request task")?;
+        records[i] = Some(record);
+    }
+    let duration = started.elapsed().as_secs_f64();
+    if let Some(p) = progress {
+        p.finish();
+    }
+    let records: Vec<RequestRecord> = records.into_iter().flatten().collect();
+    let mut first_errors = BTreeMap::new();
+    for r in &records {
+        if let Some(f) = &r.error {
+            first_errors
+                .entry(f.kind.clone())
+                .or_insert_with(|| f.detail.clone());
+        }
+    }
+    Ok(BenchResult {
+        model,
+        metrics: metrics::calculate(cfg, &records, duration),
+        warmup_failed,
+        warmup_sse_events,
+        first_errors,
+        records,
+    })
+}
+
+/// The first model id of GET /v1/models.
+async fn fetch_model(target: &Target) -> anyhow::Result<String> {
+    let mut sender = target
+        .checkout()
+        .await
+        .map_err(|f| anyhow::anyhow!("{f}"))?;
+    let req = http::Request::get(format!("{}/v1/models", target.path_prefix))
+        .header(http::header::HOST, target.authority.as_str())
+        .body(http_body_util::Full::new(bytes::Bytes::new()))?;
+    let resp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req))
+        .await
+        .context("timed out")??;
+    anyhow::ensure!(resp.status().is_success(), "HTTP {}", resp.status());
+    let body = tokio::time::timeout(
+        Duration::from_secs(10),
+        http_body_util::Limited::new(resp.into_body(), 1 << 20).collect(),
+    )
+    .await
+    .context("timed out")?
+    .map_err(|e| anyhow::anyhow!("{e}"))?
+    .to_bytes();
+    target.checkin(sender);
+    let v: serde_json::Value = serde_json::from_slice(&body).context("not JSON")?;
+    v["data"][0]["id"]
+        .as_str()
+        .map(str::to_string)
+        .context("no data[0].id")
+}
+
+pub async fn main(args: Args) -> anyhow::Result<()> {
+    let args = args.flags;
+    let cfg = args.to_config()?;
+    println!("benchmark_args={args:?}");
+    let progress = (!args.disable_tqdm).then(|| ProgressSink::stderr("requests"));
+    if cfg.warmup_requests > 0 {
+        println!("Starting warmup with {} sequences...", cfg.warmup_requests);
+    }
+    let result = run_benchmark(&cfg, progress.as_ref()).await?;
+    if cfg.warmup_requests > 0 {
+        println!(
+            "Warmup completed with {} sequences ({} failed).",
+            cfg.warmup_requests, result.warmup_failed
+        );
+    }
+    print!("{}", result.summary_table(cfg.request_rate));
+    if let Some(path) = &args.output_file {
+        let line = result.json_line(args.output_details)?;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("--output-file {}", path.display()))?;
+        writeln!(f, "{line}").with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
 }

@@ -190,6 +190,11 @@ def check_proxy(path, objs, fails):
             and matches(o["spec"].get("selector", {}).get("matchLabels"), labels)]
     if not pdbs:
         fails.add(path, ds, "no PodDisruptionBudget selects the gateway pods")
+    for pdb in pdbs:
+        # DaemonSets have no scale subresource: the disruption controller accepts only an
+        # integer minAvailable for their pods.
+        if not isinstance(pdb["spec"].get("minAvailable"), int) or "maxUnavailable" in pdb["spec"]:
+            fails.add(path, pdb, "a DaemonSet's PDB needs an integer minAvailable, no maxUnavailable")
     pod = tmpl["spec"]
     annotations = tmpl["metadata"].get("annotations", {})
     if annotations.get("prometheus.io/scrape") != "true" or annotations.get("prometheus.io/port") != "15021":

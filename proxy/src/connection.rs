@@ -119,7 +119,7 @@ pub(crate) async fn serve(
             return finish(&shared, &stats, report, started);
         }
     };
-    metrics::histogram!(m::CONNECT_DURATION, "route" => set.route.to_string())
+    set.connect_duration
         .record(connect_started.elapsed().as_secs_f64());
     report.endpoint = Some(connected.peer);
     let mut upstream = connected.stream;

@@ -1,0 +1,286 @@
+//! What one benchmark run does: target, workload, connection handling, TLS, SLOs.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+
+/// Which OpenAI-compatible endpoint to call (sglang `bench_serving` backend names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    /// POST /v1/completions
+    #[value(name = "sglang-oai", alias = "vllm", alias = "openai")]
+    SglangOai,
+    /// POST /v1/chat/completions
+    #[value(name = "sglang-oai-chat", alias = "vllm-chat", alias = "openai-chat")]
+    SglangOaiChat,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::SglangOai => "sglang-oai",
+            Backend::SglangOaiChat => "sglang-oai-chat",
+        }
+    }
+
+    pub fn path(self) -> &'static str {
+        match self {
+            Backend::SglangOai => "/v1/completions",
+            Backend::SglangOaiChat => "/v1/chat/completions",
+        }
+    }
+}
+
+/// How requests get their HTTP/1.1 connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ConnectionMode {
+    /// A new TCP (+TLS) connection per request, as sglang's aiohttp client effectively does
+    /// (one session per request): every TTFT includes the handshakes.
+    New,
+    /// Idle connections are reused (a pool that grows to the concurrency).
+    Keepalive,
+}
+
+impl ConnectionMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            ConnectionMode::New => "new",
+            ConnectionMode::Keepalive => "keepalive",
+        }
+    }
+}
+
+/// Service-level objectives for goodput, in milliseconds (vLLM/sglang `--goodput KEY:MS`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Goodput {
+    pub ttft_ms: Option<f64>,
+    pub tpot_ms: Option<f64>,
+    pub e2el_ms: Option<f64>,
+}
+
+impl Goodput {
+    pub fn is_set(&self) -> bool {
+        self.ttft_ms.is_some() || self.tpot_ms.is_some() || self.e2el_ms.is_some()
+    }
+
+    /// Parses `ttft:200 tpot:50 e2el:3000` items.
+    pub fn parse(items: &[String]) -> anyhow::Result<Goodput> {
+        let mut g = Goodput::default();
+        for item in items {
+            let (key, value) = item
+                .split_once(':')
+                .with_context(|| format!("--goodput {item:?}: expected KEY:MS, e.g. ttft:200"))?;
+            let ms: f64 = value
+                .parse()
+                .ok()
+                .filter(|v: &f64| v.is_finite() && *v >= 0.0)
+                .with_context(|| {
+                    format!("--goodput {item:?}: {value:?} is not a non-negative number of ms")
+                })?;
+            match key {
+                "ttft" => g.ttft_ms = Some(ms),
+                "tpot" => g.tpot_ms = Some(ms),
+                "e2el" => g.e2el_ms = Some(ms),
+                _ => bail!(
+                    "--goodput {item:?}: unknown metric {key:?} (expected ttft, tpot or e2el)"
+                ),
+            }
+        }
+        Ok(g)
+    }
+}
+
+/// Client TLS: a ready rustls config plus the server name to send.
+#[derive(Clone)]
+pub struct TlsClient {
+    pub config: Arc<rustls::ClientConfig>,
+}
+
+impl std::fmt::Debug for TlsClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsClient")
+            .field("alpn", &self.config.alpn_protocols)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How to verify the server and what to present, from the command line's file flags.
+#[derive(Debug, Clone, Default)]
+pub struct TlsFiles<'a> {
+    pub cacert: Option<&'a Path>,
+    pub cert: Option<&'a Path>,
+    pub key: Option<&'a Path>,
+    /// Verify the server's SPIFFE ID (exact match against any of these) instead of its name.
+    pub spiffe_ids: &'a [String],
+    /// Verify that the server's SPIFFE ID is in this trust domain instead of its name.
+    pub spiffe_trust_domain: Option<&'a str>,
+}
+
+impl TlsClient {
+    /// Builds the client config: SPIFFE verification (eastwest-certs) when a SPIFFE policy is
+    /// given, else WebPKI hostname verification against `--cacert` or the system roots.
+    pub fn from_files(files: &TlsFiles<'_>) -> anyhow::Result<TlsClient> {
+        let spiffe = !files.spiffe_ids.is_empty() || files.spiffe_trust_domain.is_some();
+        let mut config = if spiffe {
+            spiffe_config(files)?
+        } else {
+            webpki_config(files)?
+        };
+        // The client only speaks HTTP/1.1 (as bench_serving's aiohttp does).
+        Arc::make_mut(&mut config).alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(TlsClient { config })
+    }
+}
+
+fn spiffe_config(files: &TlsFiles<'_>) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    let (Some(cert), Some(key), Some(ca)) = (files.cert, files.key, files.cacert) else {
+        bail!("SPIFFE verification (--spiffe-id/--spiffe-trust-domain) needs --cert, --key and --cacert (the mesh root)");
+    };
+    let identity =
+        eastwest_certs::Identity::load(cert, key, ca).context("loading mTLS identity")?;
+    let policy = match files.spiffe_trust_domain {
+        Some(td) => eastwest_certs::PeerPolicy::TrustDomain(td.to_string()),
+        None => eastwest_certs::PeerPolicy::Exact(
+            files
+                .spiffe_ids
+                .iter()
+                .map(|id| id.parse().with_context(|| format!("--spiffe-id {id:?}")))
+                .collect::<anyhow::Result<Vec<_>>>()?,
+        ),
+    };
+    identity
+        .client_config(policy)
+        .context("building the SPIFFE client config")
+}
+
+fn webpki_config(files: &TlsFiles<'_>) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+    let mut roots = rustls::RootCertStore::empty();
+    match files.cacert {
+        Some(path) => {
+            let certs = CertificateDer::pem_file_iter(path)
+                .with_context(|| format!("--cacert {}", path.display()))?
+                .collect::<Result<Vec<_>, _>>()
+                .with_context(|| format!("--cacert {}: bad PEM", path.display()))?;
+            if certs.is_empty() {
+                bail!("--cacert {}: no CERTIFICATE found", path.display());
+            }
+            for c in certs {
+                roots.add(c).with_context(|| {
+                    format!("--cacert {}: unusable certificate", path.display())
+                })?;
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            for c in found.certs {
+                // A broken system certificate only loses that one root.
+                let _ = roots.add(c);
+            }
+            if roots.is_empty() {
+                bail!("no system root certificates found; pass --cacert FILE");
+            }
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_root_certificates(roots);
+    let config = match (files.cert, files.key) {
+        (Some(cert), Some(key)) => {
+            let chain = CertificateDer::pem_file_iter(cert)
+                .with_context(|| format!("--cert {}", cert.display()))?
+                .collect::<Result<Vec<_>, _>>()
+                .with_context(|| format!("--cert {}: bad PEM", cert.display()))?;
+            if chain.is_empty() {
+                bail!("--cert {}: no CERTIFICATE found", cert.display());
+            }
+            let key_der = PrivateKeyDer::from_pem_file(key)
+                .with_context(|| format!("--key {}: no PEM private key", key.display()))?;
+            builder
+                .with_client_auth_cert(chain, key_der)
+                .with_context(|| format!("--cert {} / --key {}", cert.display(), key.display()))?
+        }
+        (None, None) => builder.with_no_client_auth(),
+        _ => bail!("--cert and --key must be given together"),
+    };
+    Ok(Arc::new(config))
+}
+
+/// One benchmark run. Build it from the CLI ([`super::Args`]) or directly (the demo).
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    /// `http://host:port` or `https://host:port` (a path prefix is kept).
+    pub base_url: String,
+    pub backend: Backend,
+    /// Model name; `None` asks the server's /v1/models (like bench_serving).
+    pub model: Option<String>,
+    pub num_prompts: usize,
+    /// Requests per second (Poisson arrivals); `f64::INFINITY` sends all at once.
+    pub request_rate: f64,
+    pub max_concurrency: Option<usize>,
+    pub random_input_len: usize,
+    pub random_output_len: usize,
+    pub random_range_ratio: f64,
+    pub warmup_requests: usize,
+    pub seed: u64,
+    pub connection: ConnectionMode,
+    /// TLS even for `http://` URLs (`https://` implies it).
+    pub tls: Option<TlsClient>,
+    /// TLS server name to send instead of the URL's host.
+    pub sni: Option<String>,
+    /// Dial this `host:port` instead of the URL's; Host header and SNI stay as they are.
+    pub connect_to: Option<String>,
+    pub goodput: Goodput,
+    /// Upper bound for one request, start to end of stream.
+    pub request_timeout: Duration,
+}
+
+impl RunConfig {
+    /// Defaults like bench_serving's, aimed at `base_url`.
+    pub fn new(base_url: impl Into<String>) -> RunConfig {
+        RunConfig {
+            base_url: base_url.into(),
+            backend: Backend::SglangOaiChat,
+            model: None,
+            num_prompts: 1000,
+            request_rate: f64::INFINITY,
+            max_concurrency: None,
+            random_input_len: 1024,
+            random_output_len: 1024,
+            random_range_ratio: 0.0,
+            warmup_requests: 1,
+            seed: 1,
+            connection: ConnectionMode::New,
+            tls: None,
+            sni: None,
+            connect_to: None,
+            goodput: Goodput::default(),
+            request_timeout: Duration::from_secs(600),
+        }
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.num_prompts == 0 {
+            bail!("--num-prompts must be at least 1");
+        }
+        if self.request_rate.is_nan() || self.request_rate <= 0.0 {
+            bail!("--request-rate must be > 0 (or inf)");
+        }
+        if self.max_concurrency == Some(0) {
+            bail!("--max-concurrency must be at least 1");
+        }
+        if !(0.0..=1.0).contains(&self.random_range_ratio) {
+            bail!("--random-range-ratio must be within 0..=1");
+        }
+        if self.random_output_len == 0 {
+            bail!("--random-output-len must be at least 1");
+        }
+        Ok(())
+    }
+}

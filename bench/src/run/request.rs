@@ -1,0 +1,296 @@
+//! One streaming request: send, then read the body frame by frame, timestamping each SSE
+//! event the instant the frame completing it arrives.
+
+use std::borrow::Cow;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use serde::Deserialize;
+
+use super::client::Target;
+use super::config::Backend;
+use super::dataset::Prompt;
+use super::record::{Failure, RequestRecord};
+use super::sse::SseParser;
+
+/// The JSON body for `prompt`, as bench_serving sends it (plus `stream_options` so that
+/// servers report exact completion tokens in a final usage chunk).
+pub fn request_body(backend: Backend, model: &str, prompt: &Prompt) -> Bytes {
+    let body = match backend {
+        Backend::SglangOai => serde_json::json!({
+            "model": model,
+            "prompt": prompt.text,
+            "temperature": 0.0,
+            "best_of": 1,
+            "max_tokens": prompt.output_len,
+            "stream": true,
+            "ignore_eos": true,
+            "stream_options": {"include_usage": true},
+        }),
+        Backend::SglangOaiChat => serde_json::json!({
+            "model": model,
+            "messages": [{"role": "user", "content": prompt.text}],
+            "temperature": 0.0,
+            "max_tokens": prompt.output_len,
+            "stream": true,
+            "ignore_eos": true,
+            "stream_options": {"include_usage": true},
+        }),
+    };
+    Bytes::from(body.to_string())
+}
+
+#[derive(Deserialize)]
+struct Chunk<'a> {
+    #[serde(default, borrow)]
+    choices: Vec<Choice<'a>>,
+    #[serde(default)]
+    usage: Option<Usage>,
+    #[serde(default)]
+    error: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct Choice<'a> {
+    #[serde(default, borrow)]
+    text: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    delta: Option<Delta<'a>>,
+}
+
+#[derive(Deserialize)]
+struct Delta<'a> {
+    #[serde(default, borrow)]
+    content: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct Usage {
+    #[serde(default)]
+    completion_tokens: Option<usize>,
+}
+
+/// State while a stream is read.
+struct StreamState {
+    start: Instant,
+    last_content: Option<Instant>,
+    last_event: Option<Instant>,
+    done: bool,
+    record: RequestRecord,
+}
+
+impl StreamState {
+    fn on_event(&mut self, data: &[u8], at: Instant) {
+        if self.record.error.is_some() {
+            return;
+        }
+        self.last_event = Some(at);
+        let data = trim_ascii(data);
+        if data == b"[DONE]" {
+            self.done = true;
+            return;
+        }
+        let chunk: Chunk<'_> = match serde_json::from_slice(data) {
+            Ok(c) => c,
+            Err(e) => {
+                let shown = String::from_utf8_lossy(&data[..data.len().min(120)]).into_owned();
+                self.record.error = Some(Failure::new("bad SSE data", format!("{e}: {shown}")));
+                return;
+            }
+        };
+        if let Some(err) = chunk.error {
+            let msg = err
+                .get("message")
+                .and_then(|m| m.as_str())
+                .map(str::to_string)
+                .unwrap_or_else(|| err.to_string());
+            self.record.error = Some(Failure::new("server error event", msg));
+            return;
+        }
+        let has_content = chunk.choices.first().is_some_and(|c| {
+            let text = c
+                .delta
+                .as_ref()
+                .and_then(|d| d.content.as_deref())
+                .or(c.text.as_deref());
+            text.is_some_and(|t| !t.is_empty())
+        });
+        if has_content {
+            match self.last_content {
+                None => self.record.ttft = at.duration_since(self.start).as_secs_f64(),
+                Some(prev) => self.record.itl.push(at.duration_since(prev).as_secs_f64()),
+            }
+            self.last_content = Some(at);
+            self.record.content_chunks += 1;
+        }
+        if let Some(n) = chunk.usage.and_then(|u| u.completion_tokens) {
+            self.record.usage_completion_tokens = Some(n);
+        }
+    }
+}
+
+fn trim_ascii(mut b: &[u8]) -> &[u8] {
+    while let [first, rest @ ..] = b {
+        if first.is_ascii_whitespace() {
+            b = rest
+        } else {
+            break;
+        }
+    }
+    while let [rest @ .., last] = b {
+        if last.is_ascii_whitespace() {
+            b = rest
+        } else {
+            break;
+        }
+    }
+    b
+}
+
+/// Runs one request to completion; failures end up in the record, never as `Err`.
+pub async fn run_one(
+    target: &Target,
+    backend: Backend,
+    body: Bytes,
+    prompt: &Prompt,
+    timeout: std::time::Duration,
+) -> RequestRecord {
+    let start = Instant::now();
+    let mut state = StreamState {
+        start,
+        last_content: None,
+        last_event: None,
+        done: false,
+        record: RequestRecord {
+            prompt_len: prompt.input_len,
+            requested_output_len: prompt.output_len,
+            ..Default::default()
+        },
+    };
+    let outcome = tokio::time::timeout(timeout, stream(target, backend, body, &mut state)).await;
+    let failure = match outcome {
+        Ok(Ok(())) => state.record.error.take(),
+        Ok(Err(f)) => Some(f),
+        Err(_) => Some(Failure::new(
+            "timeout",
+            format!("no end of stream within {timeout:?}"),
+        )),
+    };
+    let mut record = state.record;
+    record.error = failure.or_else(|| {
+        if !state.done {
+            Some(Failure::new("stream ended early", "no [DONE] event"))
+        } else if record.content_chunks == 0 {
+            Some(Failure::new(
+                "no content",
+                "stream had no non-empty content delta",
+            ))
+        } else {
+            None
+        }
+    });
+    record.e2e = state
+        .last_event
+        .unwrap_or_else(Instant::now)
+        .duration_since(start)
+        .as_secs_f64();
+    record.output_len = record
+        .usage_completion_tokens
+        .unwrap_or(record.content_chunks);
+    record
+}
+
+async fn stream(
+    target: &Target,
+    backend: Backend,
+    body: Bytes,
+    state: &mut StreamState,
+) -> Result<(), Failure> {
+    let mut sender = target.checkout().await?;
+    let mut req = http::Request::post(format!("{}{}", target.path_prefix, backend.path()))
+        .header(http::header::HOST, target.authority.as_str())
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .header(http::header::ACCEPT, "text/event-stream");
+    if let Ok(key) = std::env::var("OPENAI_API_KEY") {
+        req = req.header(http::header::AUTHORIZATION, format!("Bearer {key}"));
+    }
+    let req = req
+        .body(Full::new(body))
+        .map_err(|e| Failure::new("request", e.to_string()))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| Failure::new("send", e.to_string()))?;
+    let status = resp.status();
+    if status != http::StatusCode::OK {
+        let snippet = read_snippet(resp.into_body()).await;
+        return Err(Failure::new(
+            format!("HTTP {}", status.as_u16()),
+            format!("{status}: {snippet}"),
+        ));
+    }
+    let content_type = resp
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    if !content_type.is_empty() && !content_type.starts_with("text/event-stream") {
+        let snippet = read_snippet(resp.into_body()).await;
+        return Err(Failure::new(
+            "not SSE",
+            format!("content-type {content_type:?}: {snippet}"),
+        ));
+    }
+    let mut body = resp.into_body();
+    let mut parser = SseParser::new();
+    loop {
+        match body.frame().await {
+            None => break,
+            Some(Err(e)) => {
+                state.record.sse_events = parser.events();
+                return Err(Failure::new("stream broken", e.to_string()));
+            }
+            Some(Ok(frame)) => {
+                // Stamp before parsing: the bytes are here now.
+                let at = Instant::now();
+                if let Some(data) = frame.data_ref() {
+                    parser.feed(data, &mut |event| state.on_event(event, at));
+                }
+            }
+        }
+    }
+    let at = Instant::now();
+    parser.finish(&mut |event| state.on_event(event, at));
+    state.record.sse_events = parser.events();
+    if parser.events() == 0 {
+        return Err(Failure::new(
+            "not SSE",
+            "200 response without any SSE data event",
+        ));
+    }
+    drop(body);
+    target.checkin(sender);
+    Ok(())
+}
+
+/// Up to ~200 bytes of an error body, for the failure detail.
+async fn read_snippet(mut body: hyper::body::Incoming) -> String {
+    let mut buf = Vec::new();
+    let read = async {
+        while buf.len() < 200 {
+            match body.frame().await {
+                Some(Ok(f)) => {
+                    if let Some(d) = f.data_ref() {
+                        buf.extend_from_slice(d);
+                    }
+                }
+                _ => break,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), read).await;
+    buf.truncate(200);
+    String::from_utf8_lossy(&buf).trim().to_string()
+}
