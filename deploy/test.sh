@@ -251,11 +251,21 @@ print(f"{len(result)} series: {', '.join(names[:6])}{' ...' if len(names) > 6 el
 EOF
 }
 
-prometheus_scrape() {
-  ADMIN_PORT="$(free_port)"
-  TLS_PORT="$(free_port)"
-  PROM_PORT="$(free_port)"
-  cat >"$WORK/proxy-loopback.yaml" <<EOF
+# Writes $2 as config.yaml into the ConfigMap-volume directory $1 the way the kubelet does:
+# a new timestamped directory, then an atomic rename of the `..data` symlink onto it.
+configmap_write() {
+  local dir=$1 version
+  version="..$(date +%s%N)"
+  mkdir -p "$dir/$version"
+  printf '%s' "$2" >"$dir/$version/config.yaml"
+  ln -s "$version" "$dir/..data_tmp"
+  mv -T "$dir/..data_tmp" "$dir/..data"
+  [ -L "$dir/config.yaml" ] || ln -s ..data/config.yaml "$dir/config.yaml"
+  find "$dir" -maxdepth 1 -name '..[0-9]*' ! -name "$version" -exec rm -rf {} +
+}
+
+loopback_config() {
+  cat <<EOF
 admin:
   address: 127.0.0.1:$ADMIN_PORT
 drain_period: 1s
@@ -263,13 +273,22 @@ listeners:
   - name: tls-passthrough
     address: 127.0.0.1:$TLS_PORT
     mode: auto-passthrough
+$1
 routes:
   services: []
 EOF
-  "$PROXY" --config "$WORK/proxy-loopback.yaml" >"$WORK/proxy.log" 2>&1 &
-  local proxy_pid=$!
-  PIDS+=("$proxy_pid")
-  if wait_for 30 "$proxy_pid" http_get "http://127.0.0.1:$ADMIN_PORT/healthz/ready"; then
+}
+
+prometheus_scrape() {
+  ADMIN_PORT="$(free_port)"
+  TLS_PORT="$(free_port)"
+  PROM_PORT="$(free_port)"
+  CONFIG_DIR="$WORK/configmap"
+  configmap_write "$CONFIG_DIR" "$(loopback_config "")"
+  "$PROXY" --config "$CONFIG_DIR/config.yaml" >"$WORK/proxy.log" 2>&1 &
+  PROXY_PID=$!
+  PIDS+=("$PROXY_PID")
+  if wait_for 30 "$PROXY_PID" http_get "http://127.0.0.1:$ADMIN_PORT/healthz/ready"; then
     pass "eastwest-proxy ready on 127.0.0.1:$ADMIN_PORT"
   else
     fail "eastwest-proxy not ready within 30s (or exited); its log:"
@@ -307,8 +326,28 @@ EOF
   fi
 }
 
+# The proxy config as deployed: a ConfigMap volume (directory, no subPath) updated in place.
+configmap_reload() {
+  local port
+  port="$(free_port)"
+  configmap_write "$CONFIG_DIR" "$(loopback_config "  - {name: added-by-reload, address: \"127.0.0.1:$port\", mode: auto-passthrough}")"
+  local accepts="import socket; socket.create_connection(('127.0.0.1', $port), timeout=1).close()"
+  if wait_for 30 "$PROXY_PID" "$PY" -c "$accepts" &&
+    http_get "http://127.0.0.1:$ADMIN_PORT/config_dump" | grep -q added-by-reload; then
+    pass "ConfigMap-style update (..data symlink swap) reloaded in the same process ($PROXY_PID)"
+  else
+    fail "the proxy did not pick up the updated ConfigMap within 30s; its log:"
+    tail -20 "$WORK/proxy.log"
+  fi
+}
+
 log "Prometheus scrapes a running eastwest-proxy"
+PROXY_PID=""
 prometheus_scrape
+if [ -n "$PROXY_PID" ] && kill -0 "$PROXY_PID" 2>/dev/null; then
+  log "ConfigMap update reloads the running proxy"
+  configmap_reload
+fi
 
 echo "deploy: $PASSED passed, $FAILED failed"
 [ "$FAILED" = 0 ]

@@ -234,12 +234,18 @@ def check_proxy(path, objs, fails):
 
 
 def check_rules(path, obj, allowed, fails):
+    """`allowed` maps (apiGroup, resource) to the verbs allowed, or to (verbs, resourceNames)
+    when the rule must be limited to those names."""
     for rule in obj.get("rules", []):
         for group in rule.get("apiGroups", []):
             for res in rule.get("resources", []):
-                extra = set(rule.get("verbs", [])) - allowed.get((group, res), set())
+                grant = allowed.get((group, res), set())
+                verbs, names = grant if isinstance(grant, tuple) else (grant, None)
+                extra = set(rule.get("verbs", [])) - set(verbs)
                 if extra:
                     fails.add(path, obj, f"grants {sorted(extra)} on {group or 'core'}/{res}")
+                if names is not None and not set(rule.get("resourceNames") or ["*"]) <= names:
+                    fails.add(path, obj, f"{group or 'core'}/{res} must be limited to {sorted(names)}")
 
 
 def check_control(path, objs, fails):
@@ -252,7 +258,8 @@ def check_control(path, objs, fails):
     if not find(objs, "ServiceAccount", sa):
         fails.add(path, dep, f"ServiceAccount {sa} is not in the render")
     watch = {"list", "watch"}
-    cluster = {("", "services"): watch, ("discovery.k8s.io", "endpointslices"): watch}
+    cluster = {("", "services"): watch, ("discovery.k8s.io", "endpointslices"): watch,
+               ("", "namespaces"): ({"get"}, {"istio-system"})}
     bound = set()
     for obj in objs:
         if obj.get("kind") in ("ClusterRoleBinding", "RoleBinding") and any(

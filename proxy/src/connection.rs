@@ -175,7 +175,8 @@ async fn read_hello(
                 Ok(_) => {}
             }
             match client_hello::parse(buf) {
-                Ok(Parse::NeedMore) if buf.len() <= MAX_HELLO_BYTES + 5 => continue,
+                // Slack for the record headers of a hello split over several records.
+                Ok(Parse::NeedMore) if buf.len() <= MAX_HELLO_BYTES + 1024 => continue,
                 Ok(Parse::NeedMore) | Err(HelloError::TooLarge) => return Err(Outcome::Malformed),
                 // Done, or an error the caller reports with its reason.
                 _ => return Ok(()),
