@@ -6,6 +6,7 @@
 mod link;
 mod measure;
 mod pipe;
+mod timer;
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -16,7 +16,9 @@ use rand::rngs::StdRng;
 use rand::Rng;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Semaphore};
-use tokio::time::{sleep_until, Instant};
+use tokio::time::Instant;
+
+use super::timer::Alarm;
 
 /// Largest single read (and so the largest chunk).
 pub const READ_MAX: usize = 16 << 10;
@@ -108,10 +110,9 @@ where
     };
 
     let writer = async {
+        let mut alarm = Alarm::new();
         while let Some(seg) = rx.recv().await {
-            if seg.due > Instant::now() {
-                sleep_until(seg.due).await;
-            }
+            alarm.sleep_until(seg.due).await;
             if seg.data.is_empty() {
                 to.shutdown().await?;
                 return Ok::<_, std::io::Error>(());
