@@ -251,11 +251,21 @@ print(f"{len(result)} series: {', '.join(names[:6])}{' ...' if len(names) > 6 el
 EOF
 }
 
-prometheus_scrape() {
-  ADMIN_PORT="$(free_port)"
-  TLS_PORT="$(free_port)"
-  PROM_PORT="$(free_port)"
-  cat >"$WORK/proxy-loopback.yaml" <<EOF
+# Writes $2 as config.yaml into the ConfigMap-volume directory $1 the way the kubelet does:
+# a new timestamped directory, then an atomic rename of the `..data` symlink onto it.
+configmap_write() {
+  local dir=$1 version
+  version="..$(date +%s%N)"
+  mkdir -p "$dir/$version"
+  printf '%s' "$2" >"$dir/$version/config.yaml"
+  ln -s "$version" "$dir/..data_tmp"
+  mv -T "$dir/..data_tmp" "$dir/..data"
+  [ -L "$dir/config.yaml" ] || ln -s ..data/config.yaml "$dir/config.yaml"
+  find "$dir" -maxdepth 1 -name '..[0-9]*' ! -name "$version" -exec rm -rf {} +
+}
+
+loopback_config() {
+  cat <<EOF
 admin:
   address: 127.0.0.1:$ADMIN_PORT
 drain_period: 1s
@@ -263,13 +273,55 @@ listeners:
   - name: tls-passthrough
     address: 127.0.0.1:$TLS_PORT
     mode: auto-passthrough
+$1
 routes:
   services: []
 EOF
-  "$PROXY" --config "$WORK/proxy-loopback.yaml" >"$WORK/proxy.log" 2>&1 &
-  local proxy_pid=$!
-  PIDS+=("$proxy_pid")
-  if wait_for 30 "$proxy_pid" http_get "http://127.0.0.1:$ADMIN_PORT/healthz/ready"; then
+}
+
+# eastwest-control on loopback, for its scrape job. No API server runs here: its kubeconfig
+# points at a closed loopback port, and its admin endpoint serves /metrics all the same
+# (/healthz/ready stays 503 until it has synced, so wait for /metrics).
+start_control() {
+  local control="$BIN/eastwest-control" dead_port
+  if [ ! -x "$control" ]; then
+    fail "no eastwest-control at $control"
+    return 1
+  fi
+  dead_port="$(free_port)"
+  cat >"$WORK/unreachable-kubeconfig.yaml" <<EOF
+apiVersion: v1
+kind: Config
+clusters: [{name: none, cluster: {server: "http://127.0.0.1:$dead_port"}}]
+users: [{name: none, user: {token: none}}]
+contexts: [{name: none, context: {cluster: none, user: none}}]
+current-context: none
+EOF
+  CONTROL_ADMIN_PORT="$(free_port)"
+  "$control" --cluster fra --network network1 --kubeconfig "$WORK/unreachable-kubeconfig.yaml" \
+    --plaintext --listen "127.0.0.1:$(free_port)" --admin "127.0.0.1:$CONTROL_ADMIN_PORT" \
+    >"$WORK/control.log" 2>&1 &
+  local pid=$!
+  PIDS+=("$pid")
+  if wait_for 30 "$pid" http_get "http://127.0.0.1:$CONTROL_ADMIN_PORT/metrics"; then
+    pass "eastwest-control serving /metrics on 127.0.0.1:$CONTROL_ADMIN_PORT"
+  else
+    fail "eastwest-control /metrics not up within 30s (or exited); its log:"
+    tail -20 "$WORK/control.log"
+    return 1
+  fi
+}
+
+prometheus_scrape() {
+  ADMIN_PORT="$(free_port)"
+  TLS_PORT="$(free_port)"
+  PROM_PORT="$(free_port)"
+  CONFIG_DIR="$WORK/configmap"
+  configmap_write "$CONFIG_DIR" "$(loopback_config "")"
+  "$PROXY" --config "$CONFIG_DIR/config.yaml" >"$WORK/proxy.log" 2>&1 &
+  PROXY_PID=$!
+  PIDS+=("$PROXY_PID")
+  if wait_for 30 "$PROXY_PID" http_get "http://127.0.0.1:$ADMIN_PORT/healthz/ready"; then
     pass "eastwest-proxy ready on 127.0.0.1:$ADMIN_PORT"
   else
     fail "eastwest-proxy not ready within 30s (or exited); its log:"
@@ -278,9 +330,13 @@ EOF
   fi
   # One connection that is not TLS, so per-connection series exist too.
   "$PY" -c "import socket; s = socket.create_connection(('127.0.0.1', $TLS_PORT), timeout=2); s.sendall(b'not tls'); s.close()" 2>/dev/null || true
+  local targets=("eastwest-proxy=127.0.0.1:$ADMIN_PORT")
+  if start_control; then
+    targets+=("eastwest-control=127.0.0.1:$CONTROL_ADMIN_PORT")
+  fi
 
   "${MANIFESTS[@]}" prometheus-test-config "$DEPLOY/monitoring/prometheus-scrape.yaml" \
-    eastwest-proxy "127.0.0.1:$ADMIN_PORT" "$WORK/prometheus.yml"
+    "$WORK/prometheus.yml" "${targets[@]}"
   if promtool check config "$WORK/prometheus.yml" >/dev/null; then
     pass "promtool accepts the test config built from the snippet"
   else
@@ -291,24 +347,48 @@ EOF
     --web.listen-address="127.0.0.1:$PROM_PORT" >"$WORK/prometheus.log" 2>&1 &
   local prom_pid=$!
   PIDS+=("$prom_pid")
-  if wait_for 60 "$prom_pid" prom_has 'up{job="eastwest-proxy"}' one; then
-    pass "Prometheus reports up{job=\"eastwest-proxy\"} == 1"
+  local target job series
+  for target in "${targets[@]}"; do
+    job="${target%%=*}"
+    if wait_for 60 "$prom_pid" prom_has "up{job=\"$job\"}" one; then
+      pass "Prometheus reports up{job=\"$job\"} == 1"
+    else
+      fail "$job not up within 60s; Prometheus log:"
+      tail -20 "$WORK/prometheus.log"
+      continue
+    fi
+    series="{__name__=~\"eastwest_.+\", job=\"$job\"}"
+    if wait_for 30 "$prom_pid" prom_has "$series"; then
+      pass "Prometheus returns $job's eastwest_ series: $(prom_has "$series")"
+    else
+      fail "no eastwest_ series for $job within 30s; its /metrics:"
+      http_get "http://${target#*=}/metrics" | head -20 || true
+    fi
+  done
+}
+
+# The proxy config as deployed: a ConfigMap volume (directory, no subPath) updated in place.
+configmap_reload() {
+  local port
+  port="$(free_port)"
+  configmap_write "$CONFIG_DIR" "$(loopback_config "  - {name: added-by-reload, address: \"127.0.0.1:$port\", mode: auto-passthrough}")"
+  local accepts="import socket; socket.create_connection(('127.0.0.1', $port), timeout=1).close()"
+  if wait_for 30 "$PROXY_PID" "$PY" -c "$accepts" &&
+    http_get "http://127.0.0.1:$ADMIN_PORT/config_dump" | grep -q added-by-reload; then
+    pass "ConfigMap-style update (..data symlink swap) reloaded in the same process ($PROXY_PID)"
   else
-    fail "target not up within 60s; Prometheus log:"
-    tail -20 "$WORK/prometheus.log"
-    return
-  fi
-  local series='{__name__=~"eastwest_.+", job="eastwest-proxy"}'
-  if wait_for 30 "$prom_pid" prom_has "$series"; then
-    pass "Prometheus returns eastwest_ series: $(prom_has "$series")"
-  else
-    fail "no eastwest_ series within 30s; the proxy's /metrics:"
-    http_get "http://127.0.0.1:$ADMIN_PORT/metrics" | head -20 || true
+    fail "the proxy did not pick up the updated ConfigMap within 30s; its log:"
+    tail -20 "$WORK/proxy.log"
   fi
 }
 
 log "Prometheus scrapes a running eastwest-proxy"
+PROXY_PID=""
 prometheus_scrape
+if [ -n "$PROXY_PID" ] && kill -0 "$PROXY_PID" 2>/dev/null; then
+  log "ConfigMap update reloads the running proxy"
+  configmap_reload
+fi
 
 echo "deploy: $PASSED passed, $FAILED failed"
 [ "$FAILED" = 0 ]

@@ -14,6 +14,9 @@ struct Cli {
     /// Validate the config and exit: 0 when usable, 1 with every problem listed otherwise.
     #[arg(long)]
     check: bool,
+    /// Threads relaying traffic (default: one per CPU the process may run on).
+    #[arg(long, env = "EASTWEST_WORKER_THREADS")]
+    worker_threads: Option<usize>,
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,

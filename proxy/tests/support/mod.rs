@@ -1,6 +1,8 @@
 //! In-process helpers: TLS backends, Istio-like mTLS clients, admin scraping.
 #![allow(dead_code)]
 
+pub mod hello;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;

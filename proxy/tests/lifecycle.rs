@@ -1,0 +1,228 @@
+//! Reload, drain and metrics as an operator sees them.
+
+mod support;
+
+use std::time::Duration;
+
+use eastwest_proxy::Proxy;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn echo_roundtrip(tls: &mut Tls, msg: &[u8]) {
+    tls.write_all(msg).await.unwrap();
+    let mut buf = vec![0u8; msg.len()];
+    tokio::time::timeout(DEADLINE, tls.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(buf, msg);
+}
+
+async fn wait_for(mut cond: impl AsyncFnMut() -> bool, what: &str) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !cond().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn write_config(path: &std::path::Path, listener_port: u16, backend: std::net::SocketAddr) {
+    let yaml = format!(
+        "admin:\n  address: 127.0.0.1:0\nlisteners:\n  - name: reload\n    address: 127.0.0.1:{listener_port}\n\
+         routes:\n  services:\n    - hostname: {SGLANG}\n      ports:\n        - port: 8000\n          endpoints:\n            - address: {backend}\n"
+    );
+    // Write then rename, as editors and Kubernetes do, so the watcher never sees half a file.
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, yaml).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+#[tokio::test]
+async fn file_reload_under_traffic_keeps_established_connections() {
+    let pki = pki();
+    let old = tls_echo_backend("old", &pki.server).await;
+    let new = tls_echo_backend("new", &pki.server).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.yaml");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    write_config(&path, port, old);
+    let proxy = Proxy::start(eastwest_routes::load_proxy_config(&path).unwrap())
+        .await
+        .unwrap();
+    eastwest_proxy::watch_config_file(proxy.clone(), path.clone()).unwrap();
+    let gw = proxy.listener_addr("reload").unwrap();
+    let sni = istio_sni(8000, "", SGLANG);
+
+    let mut established = istio_connect(gw, &pki.client, &sni).await.unwrap();
+    assert!(greeting(&mut established).await.starts_with("old "));
+    echo_roundtrip(&mut established, b"before").await;
+    // Traffic keeps flowing on it while the reloads happen.
+    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let traffic = tokio::spawn(async move {
+        let mut roundtrips = 0u32;
+        while stop_rx.try_recv().is_err() && roundtrips < 100_000 {
+            echo_roundtrip(&mut established, b"tick").await;
+            roundtrips += 1;
+        }
+        (established, roundtrips)
+    });
+
+    // A broken file is refused and counted; the old config keeps routing.
+    std::fs::write(&path, "listeners: [{name: reload, address: nope}]\n").unwrap();
+    wait_metric(&proxy, "eastwest_config_reload_failures_total", 1.0).await;
+    let mut tls = istio_connect(gw, &pki.client, &sni).await.unwrap();
+    assert!(greeting(&mut tls).await.starts_with("old "));
+
+    // A good file moves new connections to the new endpoint.
+    write_config(&path, port, new);
+    wait_for(
+        async || proxy.config().routes.services[0].ports[0].endpoints[0].address == new,
+        "the reload",
+    )
+    .await;
+    let mut tls = istio_connect(gw, &pki.client, &sni).await.unwrap();
+    assert!(greeting(&mut tls).await.starts_with("new "));
+    assert!(metric(&proxy, "eastwest_config_reloads_total").await >= 1.0);
+    let (_, dump) = admin_get(&proxy, "/config_dump").await;
+    let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    assert!(dump["config_version"].as_u64().unwrap() >= 2);
+
+    // The connection made before both reloads flowed throughout and still does.
+    stop_tx.send(()).unwrap();
+    let (mut established, roundtrips) = traffic.await.unwrap();
+    assert!(roundtrips > 0);
+    echo_roundtrip(&mut established, b"after two reloads").await;
+}
+
+#[tokio::test]
+async fn drain_stops_accepting_but_lets_established_streams_finish() {
+    let pki = pki();
+    let backend = tls_echo_backend("b", &pki.server).await;
+    let mut cfg = passthrough_config("drain", vec![service(SGLANG, 8000, &[(backend, &[])])]);
+    cfg.drain_period = Duration::from_secs(30);
+    let proxy = Proxy::start(cfg).await.unwrap();
+    let gw = proxy.listener_addr("drain").unwrap();
+    assert_eq!(admin_get(&proxy, "/healthz/ready").await.0, 200);
+
+    let mut established = istio_connect(gw, &pki.client, &istio_sni(8000, "", SGLANG))
+        .await
+        .unwrap();
+    assert!(greeting(&mut established).await.starts_with("b "));
+
+    let watcher = proxy.clone();
+    let draining = tokio::spawn(proxy.shutdown());
+    wait_for(
+        async || admin_get(&watcher, "/healthz/ready").await.0 == 503,
+        "readiness to go false",
+    )
+    .await;
+    // Accepting has stopped: new connections are refused or closed unserved.
+    wait_for(
+        async || match tokio::net::TcpStream::connect(gw).await {
+            Err(_) => true,
+            Ok(s) => closed_by_proxy(s).await,
+        },
+        "the listener to stop",
+    )
+    .await;
+    // The established stream keeps flowing during the drain...
+    echo_roundtrip(&mut established, b"still here").await;
+    assert!(!draining.is_finished());
+    // ...and the drain ends as soon as it closes.
+    drop(established);
+    tokio::time::timeout(DEADLINE, draining)
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn drain_period_bounds_the_wait() {
+    let pki = pki();
+    let backend = tls_echo_backend("b", &pki.server).await;
+    let mut cfg = passthrough_config(
+        "drain-bound",
+        vec![service(SGLANG, 8000, &[(backend, &[])])],
+    );
+    cfg.drain_period = Duration::from_millis(200);
+    let proxy = Proxy::start(cfg).await.unwrap();
+    let gw = proxy.listener_addr("drain-bound").unwrap();
+    let mut stuck = istio_connect(gw, &pki.client, &istio_sni(8000, "", SGLANG))
+        .await
+        .unwrap();
+    assert!(greeting(&mut stuck).await.starts_with("b "));
+    tokio::time::timeout(DEADLINE, proxy.shutdown())
+        .await
+        .unwrap();
+    // The proxy closed it at the end of the drain period.
+    let mut buf = [0u8; 8];
+    let n = tokio::time::timeout(DEADLINE, stuck.read(&mut buf))
+        .await
+        .unwrap();
+    assert!(matches!(n, Ok(0) | Err(_)));
+}
+
+#[tokio::test]
+async fn metrics_pass_promtool() {
+    let pki = pki();
+    let backend = tls_echo_backend("b", &pki.server).await;
+    let proxy = Proxy::start(passthrough_config(
+        "promtool",
+        vec![service(SGLANG, 8000, &[(backend, &[])])],
+    ))
+    .await
+    .unwrap();
+    let gw = proxy.listener_addr("promtool").unwrap();
+    let mut tls = istio_connect(gw, &pki.client, &istio_sni(8000, "", SGLANG))
+        .await
+        .unwrap();
+    assert!(greeting(&mut tls).await.starts_with("b "));
+    drop(tls);
+    wait_metric(
+        &proxy,
+        &format!("eastwest_connections_closed_total{{listener=\"promtool\",route=\"{SGLANG}:8000\",result=\"routed\"}}"),
+        1.0,
+    )
+    .await;
+    let (status, body) = admin_get(&proxy, "/metrics").await;
+    assert_eq!(status, 200);
+    for name in [
+        "eastwest_connections_opened_total",
+        "eastwest_connections_active",
+        "eastwest_bytes_total",
+        "eastwest_client_hello_duration_seconds_bucket",
+        "eastwest_upstream_connect_duration_seconds_bucket",
+        "eastwest_connection_duration_seconds_bucket",
+        "eastwest_config_version",
+    ] {
+        assert!(body.contains(name), "{name} missing from /metrics");
+    }
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool not found: apt-get install prometheus (scripts/test.sh does)");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
