@@ -270,3 +270,90 @@ async fn mtls_control_channel_accepts_mesh_identities_only() {
     );
     good.abort();
 }
+
+#[tokio::test]
+async fn a_burst_of_changes_is_coalesced_into_few_versions() {
+    let fra = ApiServer::start().await;
+    fra.apply(
+        "services",
+        service("sample", "helloworld", &[("http", 5000)]),
+    );
+    hello(&fra, &["10.1.0.1"]);
+    let dir = tempfile::tempdir().unwrap();
+    let control = start_control(&fra, dir.path(), |c| {
+        c.debounce = Duration::from_millis(300)
+    })
+    .await;
+    let url = format!("http://{}", control.routes_addr());
+    let (mut rx, client) = subscribe(plain(url, None), |_| false);
+    let (first, _) = next(&mut rx).await;
+
+    for i in 2..=40 {
+        hello(&fra, &[&format!("10.1.1.{i}")]);
+    }
+    let mut seen = 0;
+    loop {
+        let (t, _) = next(&mut rx).await;
+        assert!(t.version > first.version);
+        seen += 1;
+        if addrs(&t) == ["10.1.1.40:5000"] {
+            break;
+        }
+    }
+    assert!(
+        seen < 39,
+        "39 changes in a burst gave {seen} versions: not coalesced"
+    );
+    client.abort();
+}
+
+#[tokio::test]
+async fn subscription_without_network_is_a_bad_request() {
+    let fra = ApiServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let control = start_control(&fra, dir.path(), |_| {}).await;
+    let tcp = tokio::net::TcpStream::connect(control.routes_addr())
+        .await
+        .unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake::<_, _, http_body_util::Empty<bytes::Bytes>>(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let uri = format!(
+        "http://{}{}?cluster=fra",
+        control.routes_addr(),
+        eastwest_routes::ROUTES_STREAM_PATH
+    );
+    let resp = send
+        .send_request(
+            http::Request::get(uri)
+                .body(http_body_util::Empty::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    use http_body_util::BodyExt;
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&body).contains("network"));
+}
+
+#[tokio::test]
+async fn plain_text_off_loopback_is_refused_at_startup() {
+    let fra = ApiServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let kc = dir.path().join("fra.yaml");
+    std::fs::write(&kc, fra.kubeconfig("fra")).unwrap();
+    let mut cfg = eastwest_control::ControlConfig::new("fra", "network1");
+    cfg.kubeconfig = Some(kc);
+    cfg.listen = "0.0.0.0:0".parse().unwrap();
+    let err = eastwest_control::Control::start(cfg).await.err().unwrap();
+    assert!(
+        format!("{err:#}").contains("only allowed on loopback"),
+        "{err:#}"
+    );
+}
