@@ -279,6 +279,39 @@ routes:
 EOF
 }
 
+# eastwest-control on loopback, for its scrape job. No API server runs here: its kubeconfig
+# points at a closed loopback port, and its admin endpoint serves /metrics all the same
+# (/healthz/ready stays 503 until it has synced, so wait for /metrics).
+start_control() {
+  local control="$BIN/eastwest-control" dead_port
+  if [ ! -x "$control" ]; then
+    fail "no eastwest-control at $control"
+    return 1
+  fi
+  dead_port="$(free_port)"
+  cat >"$WORK/unreachable-kubeconfig.yaml" <<EOF
+apiVersion: v1
+kind: Config
+clusters: [{name: none, cluster: {server: "http://127.0.0.1:$dead_port"}}]
+users: [{name: none, user: {token: none}}]
+contexts: [{name: none, context: {cluster: none, user: none}}]
+current-context: none
+EOF
+  CONTROL_ADMIN_PORT="$(free_port)"
+  "$control" --cluster fra --network network1 --kubeconfig "$WORK/unreachable-kubeconfig.yaml" \
+    --plaintext --listen "127.0.0.1:$(free_port)" --admin "127.0.0.1:$CONTROL_ADMIN_PORT" \
+    >"$WORK/control.log" 2>&1 &
+  local pid=$!
+  PIDS+=("$pid")
+  if wait_for 30 "$pid" http_get "http://127.0.0.1:$CONTROL_ADMIN_PORT/metrics"; then
+    pass "eastwest-control serving /metrics on 127.0.0.1:$CONTROL_ADMIN_PORT"
+  else
+    fail "eastwest-control /metrics not up within 30s (or exited); its log:"
+    tail -20 "$WORK/control.log"
+    return 1
+  fi
+}
+
 prometheus_scrape() {
   ADMIN_PORT="$(free_port)"
   TLS_PORT="$(free_port)"
@@ -297,9 +330,13 @@ prometheus_scrape() {
   fi
   # One connection that is not TLS, so per-connection series exist too.
   "$PY" -c "import socket; s = socket.create_connection(('127.0.0.1', $TLS_PORT), timeout=2); s.sendall(b'not tls'); s.close()" 2>/dev/null || true
+  local targets=("eastwest-proxy=127.0.0.1:$ADMIN_PORT")
+  if start_control; then
+    targets+=("eastwest-control=127.0.0.1:$CONTROL_ADMIN_PORT")
+  fi
 
   "${MANIFESTS[@]}" prometheus-test-config "$DEPLOY/monitoring/prometheus-scrape.yaml" \
-    eastwest-proxy "127.0.0.1:$ADMIN_PORT" "$WORK/prometheus.yml"
+    "$WORK/prometheus.yml" "${targets[@]}"
   if promtool check config "$WORK/prometheus.yml" >/dev/null; then
     pass "promtool accepts the test config built from the snippet"
   else
@@ -310,20 +347,24 @@ prometheus_scrape() {
     --web.listen-address="127.0.0.1:$PROM_PORT" >"$WORK/prometheus.log" 2>&1 &
   local prom_pid=$!
   PIDS+=("$prom_pid")
-  if wait_for 60 "$prom_pid" prom_has 'up{job="eastwest-proxy"}' one; then
-    pass "Prometheus reports up{job=\"eastwest-proxy\"} == 1"
-  else
-    fail "target not up within 60s; Prometheus log:"
-    tail -20 "$WORK/prometheus.log"
-    return
-  fi
-  local series='{__name__=~"eastwest_.+", job="eastwest-proxy"}'
-  if wait_for 30 "$prom_pid" prom_has "$series"; then
-    pass "Prometheus returns eastwest_ series: $(prom_has "$series")"
-  else
-    fail "no eastwest_ series within 30s; the proxy's /metrics:"
-    http_get "http://127.0.0.1:$ADMIN_PORT/metrics" | head -20 || true
-  fi
+  local target job series
+  for target in "${targets[@]}"; do
+    job="${target%%=*}"
+    if wait_for 60 "$prom_pid" prom_has "up{job=\"$job\"}" one; then
+      pass "Prometheus reports up{job=\"$job\"} == 1"
+    else
+      fail "$job not up within 60s; Prometheus log:"
+      tail -20 "$WORK/prometheus.log"
+      continue
+    fi
+    series="{__name__=~\"eastwest_.+\", job=\"$job\"}"
+    if wait_for 30 "$prom_pid" prom_has "$series"; then
+      pass "Prometheus returns $job's eastwest_ series: $(prom_has "$series")"
+    else
+      fail "no eastwest_ series for $job within 30s; its /metrics:"
+      http_get "http://${target#*=}/metrics" | head -20 || true
+    fi
+  done
 }
 
 # The proxy config as deployed: a ConfigMap volume (directory, no subPath) updated in place.

@@ -16,7 +16,7 @@ use tokio::task::AbortHandle;
 use tracing::{debug, info, warn};
 
 use crate::backoff::JitteredBackoff;
-use crate::model::{ClusterState, ServiceDef, SliceDef};
+use crate::model::{ClusterState, ObjKey, ServiceDef, SliceDef};
 use crate::state::Shared;
 
 /// Istio's label on a cluster's `istio-system` namespace naming the cluster's network.
@@ -66,6 +66,7 @@ impl ClusterWatch {
         shared.update(|m| {
             if m.clusters.get(name).is_some_and(|c| c.id == self.id) {
                 m.clusters.remove(name);
+                m.all_dirty = true;
                 true
             } else {
                 false
@@ -92,8 +93,8 @@ async fn run(shared: Arc<Shared>, name: String, id: u64, client: Client, network
         if let Some(c) = m.cluster_mut(&name, id) {
             c.network = Some(network);
         }
-        // Nothing routes by this cluster until its objects arrive.
-        false
+        m.all_dirty = true;
+        true
     });
     let services = follow(
         &shared,
@@ -156,7 +157,7 @@ async fn follow<K>(
     name: &str,
     id: u64,
     api: Api<K>,
-    apply: impl Fn(&mut ClusterState, watcher::Event<K>) -> bool,
+    apply: impl Fn(&mut ClusterState, watcher::Event<K>) -> Vec<ObjKey>,
 ) where
     K: kube::Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + 'static,
 {
@@ -167,19 +168,19 @@ async fn follow<K>(
         match event {
             Ok(event) => {
                 let mut gone = false;
-                shared.update(|m| match m.cluster_mut(name, id) {
-                    Some(c) => {
-                        let was_synced = c.synced();
-                        let changed = apply(c, event);
-                        if !was_synced && c.synced() {
-                            info!(cluster = %name, objects = c.objects(), "cluster synced");
-                        }
-                        changed
-                    }
-                    None => {
+                shared.update(|m| {
+                    let Some(c) = m.cluster_mut(name, id) else {
                         gone = true;
-                        false
+                        return false;
+                    };
+                    let was_synced = c.synced();
+                    let changed = apply(c, event);
+                    let became_synced = !was_synced && c.synced();
+                    if became_synced {
+                        info!(cluster = %name, objects = c.objects(), "cluster synced");
                     }
+                    // Syncing wakes the publisher even without changes: readiness moved.
+                    m.services_changed(changed) || became_synced
                 });
                 if gone {
                     debug!(cluster = %name, %kind, "cluster removed; watch ends");

@@ -227,7 +227,15 @@ impl Control {
         self.shared
             .publisher
             .current(network)
-            .map(|p| p.table.clone())
+            .and_then(|p| p.table())
+            .map(Arc::new)
+    }
+
+    /// The table of `network` computed from scratch from the current model (version 0); the
+    /// published one is built incrementally and must always equal this.
+    pub fn recomputed_table(&self, network: &str) -> RouteTable {
+        let model = self.shared.model();
+        compute::route_table(&model, network, &self.shared.settings.cluster_domain)
     }
 
     /// What has not synced yet (empty when `/healthz/ready` says ready).

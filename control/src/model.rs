@@ -2,7 +2,7 @@
 //! routing needs (so 100 000 endpoints stay small), and the per-resource stores that follow
 //! kube-runtime's watcher events (`Init` .. `InitDone` replaces the store atomically).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -40,7 +40,8 @@ pub struct ServiceDef {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReadyEndpoint {
     pub ip: IpAddr,
-    /// Shared between the endpoint's ports; topology labels today.
+    /// Labels subsets select on; shared between the endpoint's ports. Empty today (see
+    /// `SliceDef::from_k8s`).
     pub labels: Arc<BTreeMap<String, String>>,
 }
 
@@ -135,14 +136,10 @@ impl SliceDef {
                 serving && !terminating
             })
             .flat_map(|ep| {
-                let mut labels = BTreeMap::new();
-                if let Some(zone) = &ep.zone {
-                    labels.insert("topology.kubernetes.io/zone".to_string(), zone.clone());
-                }
-                if let Some(node) = &ep.node_name {
-                    labels.insert("kubernetes.io/hostname".to_string(), node.clone());
-                }
-                let labels = Arc::new(labels);
+                // EndpointSlices carry no pod labels (Istio reads those from Pods, which control
+                // does not watch yet); topology fields are left out because no subset selects on
+                // them and they would triple the size of a 100 000-endpoint table.
+                let labels = Arc::new(BTreeMap::new());
                 ep.addresses
                     .iter()
                     .filter_map(|a| a.parse::<IpAddr>().ok())
@@ -161,10 +158,13 @@ impl SliceDef {
     }
 }
 
-/// Objects of one kind, following the watcher's event protocol.
+/// Objects of one kind, following the watcher's event protocol, indexed by the Service each
+/// belongs to so a change recomputes only that Service.
 #[derive(Debug)]
 pub struct Store<T> {
     pub objects: HashMap<ObjKey, T>,
+    /// Service key -> keys of the objects that belong to it.
+    pub by_service: HashMap<ObjKey, HashSet<ObjKey>>,
     /// Filled between `Init` and `InitDone` of a (re)list, then swapped in.
     pending: Option<HashMap<ObjKey, T>>,
     pub synced: bool,
@@ -174,51 +174,119 @@ impl<T> Default for Store<T> {
     fn default() -> Self {
         Store {
             objects: HashMap::new(),
+            by_service: HashMap::new(),
             pending: None,
             synced: false,
         }
     }
 }
 
-impl<T: PartialEq> Store<T> {
-    /// Applies one watcher event; returns whether the visible objects changed.
+/// Which Service an object belongs to.
+pub trait BelongsTo {
+    fn service_key(&self, key: &ObjKey) -> ObjKey;
+}
+
+impl BelongsTo for ServiceDef {
+    fn service_key(&self, key: &ObjKey) -> ObjKey {
+        key.clone()
+    }
+}
+
+impl BelongsTo for SliceDef {
+    fn service_key(&self, key: &ObjKey) -> ObjKey {
+        (key.0.clone(), self.service.clone())
+    }
+}
+
+impl<T: PartialEq + BelongsTo> Store<T> {
+    /// Applies one watcher event; returns the keys of the Services whose objects changed (and
+    /// whether the store just synced, which matters to readiness even when nothing changed).
     pub fn apply<K: kube::Resource>(
         &mut self,
         event: watcher::Event<K>,
         convert: impl Fn(&K) -> Option<T>,
-    ) -> bool {
+    ) -> Vec<ObjKey> {
         let key = |o: &K| (o.namespace().unwrap_or_default(), o.name_any());
         match event {
             watcher::Event::Init => {
                 self.pending = Some(HashMap::new());
-                false
+                Vec::new()
             }
             watcher::Event::InitApply(o) => {
                 if let (Some(pending), Some(v)) = (self.pending.as_mut(), convert(&o)) {
                     pending.insert(key(&o), v);
                 }
-                false
+                Vec::new()
             }
             watcher::Event::InitDone => {
                 let fresh = self.pending.take().unwrap_or_default();
-                let changed = !self.synced || fresh != self.objects;
+                let mut changed = HashSet::new();
+                for (k, v) in &self.objects {
+                    if fresh.get(k) != Some(v) {
+                        changed.insert(v.service_key(k));
+                    }
+                }
+                for (k, v) in &fresh {
+                    if self.objects.get(k) != Some(v) {
+                        changed.insert(v.service_key(k));
+                    }
+                }
                 self.objects = fresh;
+                self.by_service.clear();
+                for (k, v) in &self.objects {
+                    self.by_service
+                        .entry(v.service_key(k))
+                        .or_default()
+                        .insert(k.clone());
+                }
                 self.synced = true;
-                changed
+                changed.into_iter().collect()
             }
             watcher::Event::Apply(o) => {
                 let k = key(&o);
                 match convert(&o) {
-                    Some(v) if self.objects.get(&k) == Some(&v) => false,
+                    Some(v) if self.objects.get(&k) == Some(&v) => Vec::new(),
                     Some(v) => {
+                        let mut changed = self.remove(&k);
+                        let owner = v.service_key(&k);
+                        self.by_service
+                            .entry(owner.clone())
+                            .or_default()
+                            .insert(k.clone());
                         self.objects.insert(k, v);
-                        true
+                        if !changed.contains(&owner) {
+                            changed.push(owner);
+                        }
+                        changed
                     }
-                    None => self.objects.remove(&k).is_some(),
+                    None => self.remove(&k),
                 }
             }
-            watcher::Event::Delete(o) => self.objects.remove(&key(&o)).is_some(),
+            watcher::Event::Delete(o) => self.remove(&key(&o)),
         }
+    }
+
+    fn remove(&mut self, k: &ObjKey) -> Vec<ObjKey> {
+        let Some(old) = self.objects.remove(k) else {
+            return Vec::new();
+        };
+        let owner = old.service_key(k);
+        if let Some(set) = self.by_service.get_mut(&owner) {
+            set.remove(k);
+            if set.is_empty() {
+                self.by_service.remove(&owner);
+            }
+        }
+        vec![owner]
+    }
+
+    /// The objects belonging to Service `svc`.
+    pub fn of_service<'a>(&'a self, svc: &ObjKey) -> impl Iterator<Item = &'a T> + 'a {
+        self.by_service
+            .get(svc)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.objects.get(k))
     }
 }
 
@@ -264,6 +332,10 @@ pub struct Model {
     pub configured_gateways: BTreeMap<String, Vec<String>>,
     /// When the oldest change not yet published happened.
     pub dirty_since: Option<Instant>,
+    /// Services changed since the last publication.
+    pub dirty_services: HashSet<ObjKey>,
+    /// Everything must be recomputed (a cluster joined, left or got its network).
+    pub all_dirty: bool,
 }
 
 impl Model {
@@ -274,5 +346,26 @@ impl Model {
 
     pub fn mark_dirty(&mut self) {
         self.dirty_since.get_or_insert_with(Instant::now);
+    }
+
+    /// Records changed Services; returns whether there were any.
+    pub fn services_changed(&mut self, keys: Vec<ObjKey>) -> bool {
+        let any = !keys.is_empty();
+        self.dirty_services.extend(keys);
+        any
+    }
+
+    /// Every Service key known in any cluster.
+    pub fn all_service_keys(&self) -> std::collections::BTreeSet<ObjKey> {
+        self.clusters
+            .values()
+            .flat_map(|c| {
+                c.services
+                    .by_service
+                    .keys()
+                    .chain(c.slices.by_service.keys())
+            })
+            .cloned()
+            .collect()
     }
 }

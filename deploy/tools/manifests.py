@@ -7,8 +7,8 @@
   gateway FILE                             the rendered gateway overlay keeps the promises
                                            deploy/README.md makes (labels, ports, probes, ...)
   extract-proxy-config FILE OUT            writes the eastwest-proxy ConfigMap's config.yaml
-  prometheus-test-config SNIPPET JOB TARGET OUT
-                                           the snippet's JOB with a static TARGET instead of
+  prometheus-test-config SNIPPET OUT JOB=HOST:PORT...
+                                           the snippet's jobs with static targets instead of
                                            DNS discovery, as a complete prometheus.yml
 
 Every failure is printed as `FILE: Kind/name: what`; the exit code is 1 if there was any.
@@ -304,18 +304,23 @@ def cmd_extract_proxy_config(args):
 def cmd_prometheus_test_config(args):
     with open(args.snippet, encoding="utf-8") as f:
         snippet = yaml.safe_load(f)
-    job = next((j for j in snippet.get("scrape_configs", []) if j.get("job_name") == args.job), None)
-    if job is None:
-        print(f"{args.snippet}: no job {args.job}", file=sys.stderr)
-        return 1
-    # Only discovery (static, for the test) and the interval (fast, for a short test) change;
-    # path, scheme and relabelling stay as users get them.
-    for key in [k for k in job if k.endswith("_sd_configs")]:
-        del job[key]
-    job["static_configs"] = [{"targets": [args.target]}]
-    job["scrape_interval"] = "1s"
+    jobs = {j.get("job_name"): j for j in snippet.get("scrape_configs", [])}
+    scrape_configs = []
+    for pair in args.targets:
+        name, target = pair.split("=", 1)
+        job = jobs.get(name)
+        if job is None:
+            print(f"{args.snippet}: no job {name}", file=sys.stderr)
+            return 1
+        # Only discovery (static, for the test) and the interval (fast, for a short test)
+        # change; path, scheme and relabelling stay as users get them.
+        for key in [k for k in job if k.endswith("_sd_configs")]:
+            del job[key]
+        job["static_configs"] = [{"targets": [target]}]
+        job["scrape_interval"] = "1s"
+        scrape_configs.append(job)
     config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-              "scrape_configs": [job]}
+              "scrape_configs": scrape_configs}
     with open(args.out, "w", encoding="utf-8") as f:
         yaml.safe_dump(config, f, sort_keys=False)
     return 0
@@ -337,9 +342,8 @@ def main():
     e.set_defaults(func=cmd_extract_proxy_config)
     t = sub.add_parser("prometheus-test-config")
     t.add_argument("snippet")
-    t.add_argument("job")
-    t.add_argument("target")
     t.add_argument("out")
+    t.add_argument("targets", nargs="+", metavar="JOB=HOST:PORT")
     t.set_defaults(func=cmd_prometheus_test_config)
     args = p.parse_args()
     sys.exit(args.func(args))
