@@ -6,7 +6,8 @@
 mod link;
 mod measure;
 mod pipe;
-mod timer;
+// Also used by `serve` for token release times.
+pub(crate) mod timer;
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -10,6 +10,7 @@ mod balance;
 pub mod client_hello;
 mod connect;
 mod connection;
+pub mod control_client;
 mod copy;
 pub mod istio_sni;
 mod listener;

@@ -196,3 +196,41 @@ impl Future for Fired<'_> {
         Poll::Pending
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::time::Instant as TokioInstant;
+
+    #[tokio::test]
+    async fn fires_never_early_and_rearms() {
+        let mut alarm = Alarm::new();
+        for ms in [3u64, 1, 4] {
+            let start = TokioInstant::now();
+            alarm.sleep_until(start + Duration::from_millis(ms)).await;
+            assert!(start.elapsed() >= Duration::from_millis(ms));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_sleep_does_not_end_the_next_one_early() {
+        let mut alarm = Alarm::new();
+        let start = TokioInstant::now();
+        // Cancelled: its heap entry fires at 2 ms, while the next sleep waits for 20 ms.
+        tokio::select! {
+            biased; // poll (and so arm) the sleep first
+            _ = alarm.sleep_until(start + Duration::from_millis(2)) => {}
+            _ = std::future::ready(()) => {}
+        }
+        alarm.sleep_until(start + Duration::from_millis(20)).await;
+        assert!(start.elapsed() >= Duration::from_millis(20));
+    }
+
+    #[tokio::test]
+    async fn past_deadlines_return_at_once() {
+        let mut alarm = Alarm::new();
+        let past = TokioInstant::now();
+        alarm.sleep_until(past).await;
+    }
+}
