@@ -54,12 +54,12 @@ pub fn service_entry(model: &Model, network: &str, key: &ObjKey, cluster_domain:
         return Entry::default();
     }
     let hostname = format!("{}.{}.svc.{}", key.1, key.0, cluster_domain);
-    let local: Vec<&SliceDef> = clusters()
+    let local: Vec<(&ClusterState, &SliceDef)> = clusters()
         .filter(|(_, c)| in_network(c))
-        .flat_map(|(_, c)| c.slices.of_service(key))
+        .flat_map(|(_, c)| c.slices.of_service(key).map(move |s| (c, s)))
         .collect();
     let defined_here = defs.iter().any(|(c, _)| in_network(c));
-    if defined_here || local.iter().any(|s| !s.endpoints.is_empty()) {
+    if defined_here || local.iter().any(|(_, s)| !s.endpoints.is_empty()) {
         let mut service = Service {
             hostname,
             subsets: Vec::new(),
@@ -69,7 +69,7 @@ pub fn service_entry(model: &Model, network: &str, key: &ObjKey, cluster_domain:
                 .map(|p| ServicePort {
                     port: p.port,
                     name: p.name.clone(),
-                    endpoints: endpoints_for(&local, p.name.as_deref()),
+                    endpoints: endpoints_for(&local, &key.0, p.name.as_deref()),
                 })
                 .collect(),
         };
@@ -98,10 +98,14 @@ pub fn service_entry(model: &Model, network: &str, key: &ObjKey, cluster_domain:
 
 /// Endpoints of the slices for the service port named `port_name`, each address carrying the
 /// slice's port of the same name (targetPort resolution done by the EndpointSlice controller).
-fn endpoints_for(slices: &[&SliceDef], port_name: Option<&str>) -> Vec<Endpoint> {
+fn endpoints_for(
+    slices: &[(&ClusterState, &SliceDef)],
+    ns: &str,
+    port_name: Option<&str>,
+) -> Vec<Endpoint> {
     let mut seen = HashSet::new();
     let mut out = Vec::new();
-    for slice in slices {
+    for (cluster, slice) in slices {
         let Some(&(_, target)) = slice.ports.iter().find(|(n, _)| n.as_deref() == port_name) else {
             continue;
         };
@@ -110,7 +114,12 @@ fn endpoints_for(slices: &[&SliceDef], port_name: Option<&str>) -> Vec<Endpoint>
             if seen.insert(address) {
                 out.push(Endpoint {
                     address,
-                    labels: (*ep.labels).clone(),
+                    labels: ep
+                        .pod
+                        .as_ref()
+                        .and_then(|pod| cluster.pods.get(ns, pod))
+                        .map(|l| (**l).clone())
+                        .unwrap_or_default(),
                 });
             }
         }

@@ -65,6 +65,9 @@ pub struct ControlConfig {
     /// `--gateway NETWORK=HOST:PORT`.
     pub gateways: BTreeMap<String, Vec<String>>,
     pub cluster_domain: String,
+    /// Pod label keys copied onto endpoints so subsets can select them (`--subset-labels`);
+    /// empty: Pods are not watched.
+    pub subset_labels: Vec<String>,
 }
 
 impl ControlConfig {
@@ -84,6 +87,7 @@ impl ControlConfig {
             sync_timeout: Duration::from_secs(60),
             gateways: BTreeMap::new(),
             cluster_domain: "cluster.local".to_string(),
+            subset_labels: vec!["version".to_string()],
         }
     }
 }
@@ -162,6 +166,7 @@ impl Control {
             debounce: cfg.debounce,
             sync_timeout: cfg.sync_timeout,
             watch_secrets: cfg.secret_namespace.is_some(),
+            subset_labels: cfg.subset_labels.clone(),
         };
         let shared = Arc::new(Shared::new(settings, model));
 

@@ -40,9 +40,8 @@ pub struct ServiceDef {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReadyEndpoint {
     pub ip: IpAddr,
-    /// Labels subsets select on; shared between the endpoint's ports. Empty today (see
-    /// `SliceDef::from_k8s`).
-    pub labels: Arc<BTreeMap<String, String>>,
+    /// The Pod behind the endpoint (same namespace as the slice), whose labels subsets select on.
+    pub pod: Option<Arc<str>>,
 }
 
 /// An EndpointSlice, as routing sees it.
@@ -136,16 +135,18 @@ impl SliceDef {
                 serving && !terminating
             })
             .flat_map(|ep| {
-                // EndpointSlices carry no pod labels (Istio reads those from Pods, which control
-                // does not watch yet); topology fields are left out because no subset selects on
-                // them and they would triple the size of a 100 000-endpoint table.
-                let labels = Arc::new(BTreeMap::new());
+                let pod: Option<Arc<str>> = ep
+                    .target_ref
+                    .as_ref()
+                    .filter(|r| r.kind.as_deref() == Some("Pod"))
+                    .and_then(|r| r.name.as_deref())
+                    .map(Arc::from);
                 ep.addresses
                     .iter()
                     .filter_map(|a| a.parse::<IpAddr>().ok())
                     .map(move |ip| ReadyEndpoint {
                         ip,
-                        labels: labels.clone(),
+                        pod: pod.clone(),
                     })
                     .collect::<Vec<_>>()
             })
@@ -290,6 +291,95 @@ impl<T: PartialEq + BelongsTo> Store<T> {
     }
 }
 
+/// namespace -> pod name -> kept labels.
+pub type PodsByNamespace = HashMap<String, HashMap<String, Arc<BTreeMap<String, String>>>>;
+
+/// The subset-relevant labels of a cluster's Pods (only the keys control was told to keep, so
+/// 100 000 Pods cost little), following the watcher's event protocol.
+#[derive(Debug, Default)]
+pub struct PodLabels {
+    /// namespace -> pod name -> kept labels (Pods with none of the kept labels are left out).
+    pub by_namespace: PodsByNamespace,
+    pending: Option<PodsByNamespace>,
+    pub synced: bool,
+}
+
+impl PodLabels {
+    pub fn get(&self, ns: &str, pod: &str) -> Option<&Arc<BTreeMap<String, String>>> {
+        self.by_namespace.get(ns)?.get(pod)
+    }
+
+    /// How many Pods carry kept labels.
+    pub fn count(&self) -> usize {
+        self.by_namespace.values().map(HashMap::len).sum()
+    }
+
+    /// Applies one watcher event; returns the Pods whose kept labels changed.
+    pub fn apply<K: kube::Resource>(
+        &mut self,
+        event: watcher::Event<K>,
+        keep: &[String],
+    ) -> HashSet<ObjKey> {
+        let kept = |o: &K| -> Option<Arc<BTreeMap<String, String>>> {
+            let labels: BTreeMap<String, String> = o
+                .labels()
+                .iter()
+                .filter(|(k, _)| keep.contains(k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            (!labels.is_empty()).then(|| Arc::new(labels))
+        };
+        let mut changed = HashSet::new();
+        match event {
+            watcher::Event::Init => self.pending = Some(HashMap::new()),
+            watcher::Event::InitApply(o) => {
+                if let (Some(pending), Some(l)) = (self.pending.as_mut(), kept(&o)) {
+                    pending
+                        .entry(o.namespace().unwrap_or_default())
+                        .or_default()
+                        .insert(o.name_any(), l);
+                }
+            }
+            watcher::Event::InitDone => {
+                let fresh = self.pending.take().unwrap_or_default();
+                for (maps_a, maps_b) in [(&self.by_namespace, &fresh), (&fresh, &self.by_namespace)]
+                {
+                    for (ns, pods) in maps_a {
+                        for (name, l) in pods {
+                            if maps_b.get(ns).and_then(|p| p.get(name)) != Some(l) {
+                                changed.insert((ns.clone(), name.clone()));
+                            }
+                        }
+                    }
+                }
+                self.by_namespace = fresh;
+                self.synced = true;
+            }
+            watcher::Event::Apply(o) => {
+                let (ns, name) = (o.namespace().unwrap_or_default(), o.name_any());
+                let new = kept(&o);
+                if self.get(&ns, &name) != new.as_ref() {
+                    let pods = self.by_namespace.entry(ns.clone()).or_default();
+                    match new {
+                        Some(l) => pods.insert(name.clone(), l),
+                        None => pods.remove(&name),
+                    };
+                    changed.insert((ns, name));
+                }
+            }
+            watcher::Event::Delete(o) => {
+                let (ns, name) = (o.namespace().unwrap_or_default(), o.name_any());
+                if let Some(pods) = self.by_namespace.get_mut(&ns) {
+                    if pods.remove(&name).is_some() {
+                        changed.insert((ns, name));
+                    }
+                }
+            }
+        }
+        changed
+    }
+}
+
 /// One cluster's state.
 #[derive(Debug)]
 pub struct ClusterState {
@@ -299,6 +389,7 @@ pub struct ClusterState {
     pub network: Option<String>,
     pub services: Store<ServiceDef>,
     pub slices: Store<SliceDef>,
+    pub pods: PodLabels,
     pub watch_restarts: u64,
     pub last_error: Option<String>,
 }
@@ -310,13 +401,36 @@ impl ClusterState {
             network: None,
             services: Store::default(),
             slices: Store::default(),
+            pods: PodLabels::default(),
             watch_restarts: 0,
             last_error: None,
         }
     }
 
     pub fn synced(&self) -> bool {
-        self.network.is_some() && self.services.synced && self.slices.synced
+        self.network.is_some() && self.services.synced && self.slices.synced && self.pods.synced
+    }
+
+    /// Services with an endpoint backed by one of `pods`.
+    pub fn services_of_pods(&self, pods: &HashSet<ObjKey>) -> Vec<ObjKey> {
+        if pods.is_empty() {
+            return Vec::new();
+        }
+        let mut out = HashSet::new();
+        let mut probe = (String::new(), String::new());
+        for ((ns, _), slice) in &self.slices.objects {
+            for ep in &slice.endpoints {
+                if let Some(pod) = &ep.pod {
+                    probe.0.clone_from(ns);
+                    probe.1.clear();
+                    probe.1.push_str(pod);
+                    if pods.contains(&probe) {
+                        out.insert((ns.clone(), slice.service.clone()));
+                    }
+                }
+            }
+        }
+        out.into_iter().collect()
     }
 
     pub fn objects(&self) -> usize {

@@ -255,8 +255,6 @@ fn join<'a>(out: &mut Vec<u8>, parts: impl Iterator<Item = &'a [u8]>) {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-    use std::sync::Arc;
 
     use super::*;
     use crate::compute::route_table;
@@ -299,7 +297,7 @@ mod tests {
                     ports: vec![(Some("http".into()), 8080)],
                     endpoints: vec![ReadyEndpoint {
                         ip: ip.parse().unwrap(),
-                        labels: Arc::new(BTreeMap::new()),
+                        pod: None,
                     }],
                 },
             );

@@ -362,3 +362,73 @@ async fn api_server_down_keeps_routes_then_catches_up() {
     f.wait_table("caught up", |t| t.remote_services.is_empty())
         .await;
 }
+
+#[tokio::test]
+async fn pod_labels_reach_endpoints_for_subsets() {
+    let with_pod = |ip: &'static str, pod: &'static str| Ep {
+        ip,
+        ready: true,
+        terminating: false,
+        pod: Some(pod),
+    };
+    let f = fixture(|fra, _| {
+        fra.apply(
+            "services",
+            service("sample", "helloworld", &[("http", 5000)]),
+        );
+        fra.apply(
+            "pods",
+            pod(
+                "sample",
+                "hw-v1",
+                &[("version", "v1"), ("app", "helloworld")],
+            ),
+        );
+        fra.apply(
+            "pods",
+            pod(
+                "sample",
+                "hw-v2",
+                &[("version", "v2"), ("app", "helloworld")],
+            ),
+        );
+        fra.apply(
+            "endpointslices",
+            slice(
+                "sample",
+                "hw-1",
+                "helloworld",
+                &[("http", 5000)],
+                &[with_pod("10.1.0.1", "hw-v1"), with_pod("10.1.0.2", "hw-v2")],
+            ),
+        );
+    })
+    .await;
+    let versions = |t: &RouteTable| -> Vec<Option<String>> {
+        t.service(HELLO)
+            .map(|s| {
+                s.ports[0]
+                    .endpoints
+                    .iter()
+                    .map(|e| e.labels.get("version").cloned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let t = f
+        .wait_table("labels", |t| {
+            versions(t) == [Some("v1".into()), Some("v2".into())]
+        })
+        .await;
+    // Only the kept keys (default: version) are copied.
+    let ep = &t.service(HELLO).unwrap().ports[0].endpoints[0];
+    assert_eq!(ep.labels.len(), 1);
+
+    // A relabelled Pod updates its endpoint.
+    f.fra
+        .apply("pods", pod("sample", "hw-v2", &[("version", "v3")]));
+    f.wait_table("relabelled", |t| {
+        versions(t) == [Some("v1".into()), Some("v3".into())]
+    })
+    .await;
+}
