@@ -193,6 +193,17 @@ if [ ! -x "$PROXY" ]; then
   exit 1
 fi
 
+log "every flag the manifests pass is one the binaries accept"
+ARGS_BINARIES=()
+for b in eastwest-proxy eastwest-control eastwest-bench; do
+  ARGS_BINARIES+=(--binary "$b=$BIN/$b")
+done
+if "${MANIFESTS[@]}" args "${ARGS_BINARIES[@]}" "${RENDERED[@]}"; then
+  pass "container args match eastwest-proxy, eastwest-control and eastwest-bench --help"
+else
+  fail "container args name flags the binaries do not have"
+fi
+
 log "eastwest-proxy --check on the rendered ConfigMaps"
 for cluster in fra ash; do
   cfg="$WORK/proxy-$cluster.yaml"
@@ -251,11 +262,21 @@ print(f"{len(result)} series: {', '.join(names[:6])}{' ...' if len(names) > 6 el
 EOF
 }
 
-prometheus_scrape() {
-  ADMIN_PORT="$(free_port)"
-  TLS_PORT="$(free_port)"
-  PROM_PORT="$(free_port)"
-  cat >"$WORK/proxy-loopback.yaml" <<EOF
+# Writes $2 as config.yaml into the ConfigMap-volume directory $1 the way the kubelet does:
+# a new timestamped directory, then an atomic rename of the `..data` symlink onto it.
+configmap_write() {
+  local dir=$1 version
+  version="..$(date +%s%N)"
+  mkdir -p "$dir/$version"
+  printf '%s' "$2" >"$dir/$version/config.yaml"
+  ln -s "$version" "$dir/..data_tmp"
+  mv -T "$dir/..data_tmp" "$dir/..data"
+  [ -L "$dir/config.yaml" ] || ln -s ..data/config.yaml "$dir/config.yaml"
+  find "$dir" -maxdepth 1 -name '..[0-9]*' ! -name "$version" -exec rm -rf {} +
+}
+
+loopback_config() {
+  cat <<EOF
 admin:
   address: 127.0.0.1:$ADMIN_PORT
 drain_period: 1s
@@ -263,13 +284,59 @@ listeners:
   - name: tls-passthrough
     address: 127.0.0.1:$TLS_PORT
     mode: auto-passthrough
+$1
 routes:
   services: []
 EOF
-  "$PROXY" --config "$WORK/proxy-loopback.yaml" >"$WORK/proxy.log" 2>&1 &
-  local proxy_pid=$!
-  PIDS+=("$proxy_pid")
-  if wait_for 30 "$proxy_pid" http_get "http://127.0.0.1:$ADMIN_PORT/healthz/ready"; then
+}
+
+# A kubeconfig whose API server is a closed loopback port.
+write_unreachable_kubeconfig() {
+  cat >"$WORK/unreachable-kubeconfig.yaml" <<EOF
+apiVersion: v1
+kind: Config
+clusters: [{name: none, cluster: {server: "http://127.0.0.1:$(free_port)"}}]
+users: [{name: none, user: {token: none}}]
+contexts: [{name: none, context: {cluster: none, user: none}}]
+current-context: none
+EOF
+}
+
+# eastwest-control on loopback, for its scrape job. No API server runs here: its kubeconfig
+# points at a closed loopback port, and its admin endpoint serves /metrics all the same
+# (/healthz/ready stays 503 until it has synced, so wait for /metrics).
+start_control() {
+  local control="$BIN/eastwest-control"
+  if [ ! -x "$control" ]; then
+    fail "no eastwest-control at $control"
+    return 1
+  fi
+  write_unreachable_kubeconfig
+  CONTROL_ADMIN_PORT="$(free_port)"
+  "$control" --cluster fra --network network1 --kubeconfig "$WORK/unreachable-kubeconfig.yaml" \
+    --plaintext --listen "127.0.0.1:$(free_port)" --admin "127.0.0.1:$CONTROL_ADMIN_PORT" \
+    >"$WORK/control.log" 2>&1 &
+  local pid=$!
+  PIDS+=("$pid")
+  if wait_for 30 "$pid" http_get "http://127.0.0.1:$CONTROL_ADMIN_PORT/metrics"; then
+    pass "eastwest-control serving /metrics on 127.0.0.1:$CONTROL_ADMIN_PORT"
+  else
+    fail "eastwest-control /metrics not up within 30s (or exited); its log:"
+    tail -20 "$WORK/control.log"
+    return 1
+  fi
+}
+
+prometheus_scrape() {
+  ADMIN_PORT="$(free_port)"
+  TLS_PORT="$(free_port)"
+  PROM_PORT="$(free_port)"
+  CONFIG_DIR="$WORK/configmap"
+  configmap_write "$CONFIG_DIR" "$(loopback_config "")"
+  "$PROXY" --config "$CONFIG_DIR/config.yaml" >"$WORK/proxy.log" 2>&1 &
+  PROXY_PID=$!
+  PIDS+=("$PROXY_PID")
+  if wait_for 30 "$PROXY_PID" http_get "http://127.0.0.1:$ADMIN_PORT/healthz/ready"; then
     pass "eastwest-proxy ready on 127.0.0.1:$ADMIN_PORT"
   else
     fail "eastwest-proxy not ready within 30s (or exited); its log:"
@@ -278,9 +345,13 @@ EOF
   fi
   # One connection that is not TLS, so per-connection series exist too.
   "$PY" -c "import socket; s = socket.create_connection(('127.0.0.1', $TLS_PORT), timeout=2); s.sendall(b'not tls'); s.close()" 2>/dev/null || true
+  local targets=("eastwest-proxy=127.0.0.1:$ADMIN_PORT")
+  if start_control; then
+    targets+=("eastwest-control=127.0.0.1:$CONTROL_ADMIN_PORT")
+  fi
 
   "${MANIFESTS[@]}" prometheus-test-config "$DEPLOY/monitoring/prometheus-scrape.yaml" \
-    eastwest-proxy "127.0.0.1:$ADMIN_PORT" "$WORK/prometheus.yml"
+    "$WORK/prometheus.yml" "${targets[@]}"
   if promtool check config "$WORK/prometheus.yml" >/dev/null; then
     pass "promtool accepts the test config built from the snippet"
   else
@@ -291,24 +362,107 @@ EOF
     --web.listen-address="127.0.0.1:$PROM_PORT" >"$WORK/prometheus.log" 2>&1 &
   local prom_pid=$!
   PIDS+=("$prom_pid")
-  if wait_for 60 "$prom_pid" prom_has 'up{job="eastwest-proxy"}' one; then
-    pass "Prometheus reports up{job=\"eastwest-proxy\"} == 1"
+  local target job series
+  for target in "${targets[@]}"; do
+    job="${target%%=*}"
+    if wait_for 60 "$prom_pid" prom_has "up{job=\"$job\"}" one; then
+      pass "Prometheus reports up{job=\"$job\"} == 1"
+    else
+      fail "$job not up within 60s; Prometheus log:"
+      tail -20 "$WORK/prometheus.log"
+      continue
+    fi
+    series="{__name__=~\"eastwest_.+\", job=\"$job\"}"
+    if wait_for 30 "$prom_pid" prom_has "$series"; then
+      pass "Prometheus returns $job's eastwest_ series: $(prom_has "$series")"
+    else
+      fail "no eastwest_ series for $job within 30s; its /metrics:"
+      http_get "http://${target#*=}/metrics" | head -20 || true
+    fi
+  done
+}
+
+# The proxy config as deployed: a ConfigMap volume (directory, no subPath) updated in place.
+configmap_reload() {
+  local port
+  port="$(free_port)"
+  configmap_write "$CONFIG_DIR" "$(loopback_config "  - {name: added-by-reload, address: \"127.0.0.1:$port\", mode: auto-passthrough}")"
+  local accepts="import socket; socket.create_connection(('127.0.0.1', $port), timeout=1).close()"
+  if wait_for 30 "$PROXY_PID" "$PY" -c "$accepts" &&
+    http_get "http://127.0.0.1:$ADMIN_PORT/config_dump" | grep -q added-by-reload; then
+    pass "ConfigMap-style update (..data symlink swap) reloaded in the same process ($PROXY_PID)"
   else
-    fail "target not up within 60s; Prometheus log:"
-    tail -20 "$WORK/prometheus.log"
+    fail "the proxy did not pick up the updated ConfigMap within 30s; its log:"
+    tail -20 "$WORK/proxy.log"
+  fi
+}
+
+# The manifests' own command lines, run: eastwest-control as overlays/fra's Deployment starts
+# it and eastwest-proxy as overlays/ash's DaemonSet does, with the README's certificates where
+# the pods mount them (temp dirs here), listen addresses moved to loopback, and no API server
+# (control publishes its first, empty table after --sync-timeout). A gateway started with
+# --control turns ready only once it holds a route table from control, here over mTLS.
+manifests_wiring() {
+  if [ ! -d "$WORK/certs/gateway-ash" ] || [ ! -d "$WORK/certs/control-fra" ]; then
+    fail "no certificates from the README's commands to run the manifests with"
     return
   fi
-  local series='{__name__=~"eastwest_.+", job="eastwest-proxy"}'
-  if wait_for 30 "$prom_pid" prom_has "$series"; then
-    pass "Prometheus returns eastwest_ series: $(prom_has "$series")"
+  local control_port control_admin admin_port pod="$WORK/ash-pod"
+  control_port="$(free_port)"
+  control_admin="$(free_port)"
+  admin_port="$(free_port)"
+  write_unreachable_kubeconfig
+  local control_argv proxy_argv
+  mapfile -t control_argv < <("${MANIFESTS[@]}" argv "$WORK/render/overlays-fra.yaml" \
+    Deployment eastwest-control \
+    --flag "listen=127.0.0.1:$control_port" --flag "admin=127.0.0.1:$control_admin" \
+    --replace "/usr/local/bin/=$BIN/" --replace "/etc/eastwest/certs/=$WORK/certs/control-fra/")
+  mkdir -p "$pod/config" "$pod/cache"
+  cat >"$pod/config/config.yaml" <<EOF
+admin:
+  address: 127.0.0.1:$admin_port
+drain_period: 1s
+listeners:
+  - name: tls-passthrough
+    address: 127.0.0.1:$(free_port)
+    mode: auto-passthrough
+EOF
+  mapfile -t proxy_argv < <("${MANIFESTS[@]}" argv "$WORK/render/overlays-ash.yaml" \
+    DaemonSet istio-eastwestgateway --flag "control=https://127.0.0.1:$control_port" \
+    --replace "/usr/local/bin/=$BIN/" --replace "/etc/eastwest/certs/=$WORK/certs/gateway-ash/" \
+    --replace "/etc/eastwest/proxy/=$pod/config/" --replace "/var/lib/eastwest/=$pod/cache/")
+  if [ "${#control_argv[@]}" -lt 2 ] || [ "${#proxy_argv[@]}" -lt 2 ]; then
+    fail "could not read the command lines from the rendered overlays"
+    return
+  fi
+  "${control_argv[@]}" --kubeconfig "$WORK/unreachable-kubeconfig.yaml" --sync-timeout 1s \
+    >"$WORK/wiring-control.log" 2>&1 &
+  PIDS+=($!)
+  "${proxy_argv[@]}" >"$WORK/wiring-proxy.log" 2>&1 &
+  local proxy_pid=$!
+  PIDS+=("$proxy_pid")
+  local metrics
+  if wait_for 30 "$proxy_pid" http_get "http://127.0.0.1:$admin_port/healthz/ready" &&
+    metrics="$(http_get "http://127.0.0.1:$admin_port/metrics")" &&
+    grep -q '^eastwest_control_connected 1' <<<"$metrics" &&
+    [ -s "$pod/cache/routes.json" ]; then
+    pass "ash's DaemonSet command line took its route table from fra's Deployment over mTLS (cached in routes.json)"
   else
-    fail "no eastwest_ series within 30s; the proxy's /metrics:"
-    http_get "http://127.0.0.1:$ADMIN_PORT/metrics" | head -20 || true
+    fail "ash's gateway, run as its DaemonSet says, got no routes from control within 30s; logs:"
+    tail -5 "$WORK/wiring-proxy.log" "$WORK/wiring-control.log"
   fi
 }
 
 log "Prometheus scrapes a running eastwest-proxy"
+PROXY_PID=""
 prometheus_scrape
+if [ -n "$PROXY_PID" ] && kill -0 "$PROXY_PID" 2>/dev/null; then
+  log "ConfigMap update reloads the running proxy"
+  configmap_reload
+fi
+
+log "the manifests' command lines, run: ash's gateway <- mTLS -> fra's eastwest-control"
+manifests_wiring
 
 echo "deploy: $PASSED passed, $FAILED failed"
 [ "$FAILED" = 0 ]

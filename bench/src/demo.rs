@@ -1,8 +1,286 @@
-//! `eastwest-bench demo`.
+//! `eastwest-bench demo`: the seed's two-region path on this machine, measured.
+//!
+//! Open WebUI in "fra" calls sglang in "ash": client (fra workload cert) → WAN link (RTT)
+//! → ash east-west gateway (eastwest-proxy, AUTO_PASSTHROUGH on the Istio SNI) → model
+//! server (mTLS, SPIFFE). Three scenarios run one after the other against the same server:
+//! direct in-region, cross-region over kept-alive connections, cross-region with a new
+//! TCP+TLS connection per request. Prints one comparison table, writes results.json and
+//! TTFT/ITL CDF plots (SVG) to `--out`.
 
-#[derive(Debug, clap::Args)]
-pub struct Args {}
+mod report;
+mod svg;
+mod topology;
 
-pub async fn main(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("eastwest-bench demo: not implemented yet")
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde::Serialize;
+
+use crate::run::{run_benchmark, Backend, ConnectionMode, ProgressSink, RunConfig};
+use report::ScenarioResult;
+use topology::{Topology, TopologyOptions, GATEWAY_SNI, SERVICE_HOST, SERVICE_PORT};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// Directory for results.json and the SVG plots.
+    #[arg(long, default_value = "./demo-out")]
+    pub out: PathBuf,
+    /// A few short requests per scenario (CI): finishes in seconds.
+    #[arg(long)]
+    pub quick: bool,
+    /// Round-trip time of the fra<->ash WAN link, ms.
+    #[arg(long, default_value_t = 90.0)]
+    pub rtt_ms: f64,
+    /// Requests per scenario [default: 80, --quick: 8].
+    #[arg(long)]
+    pub num_prompts: Option<usize>,
+    /// Output tokens per request [default: 64, --quick: 8].
+    #[arg(long)]
+    pub output_len: Option<usize>,
+    /// Prompt length in tokens.
+    #[arg(long, default_value_t = 128)]
+    pub input_len: usize,
+    /// Requests in flight per scenario.
+    #[arg(long, default_value_t = 4)]
+    pub concurrency: usize,
+    /// The model server's time to first token, ms.
+    #[arg(long, default_value_t = 20.0)]
+    pub ttft_ms: f64,
+    /// The model server's inter-token latency, ms.
+    #[arg(long, default_value_t = 7.0)]
+    pub itl_ms: f64,
+    /// No progress bars.
+    #[arg(long)]
+    pub disable_tqdm: bool,
+}
+
+fn ms(x: f64, flag: &str) -> anyhow::Result<Duration> {
+    anyhow::ensure!(
+        x.is_finite() && x >= 0.0,
+        "{flag} must be a non-negative number of ms"
+    );
+    Ok(Duration::from_secs_f64(x / 1e3))
+}
+
+#[derive(Serialize)]
+struct Results<'a> {
+    options: serde_json::Value,
+    topology: serde_json::Value,
+    scenarios: &'a [ScenarioResult],
+    checks: serde_json::Value,
+    gateway_counters: std::collections::BTreeMap<String, f64>,
+}
+
+struct Scenario {
+    name: &'static str,
+    description: &'static str,
+    cross_region: bool,
+    connection: ConnectionMode,
+}
+
+const SCENARIOS: [Scenario; 3] = [
+    Scenario {
+        name: "direct (in-region)",
+        description: "fra client -> model server, mTLS, kept-alive connections, no WAN",
+        cross_region: false,
+        connection: ConnectionMode::Keepalive,
+    },
+    Scenario {
+        name: "cross-region keepalive",
+        description: "fra client -> WAN -> ash east-west gateway -> model server, kept-alive mTLS connections",
+        cross_region: true,
+        connection: ConnectionMode::Keepalive,
+    },
+    Scenario {
+        name: "cross-region cold",
+        description: "fra client -> WAN -> ash east-west gateway -> model server, new TCP+TLS connection per request",
+        cross_region: true,
+        connection: ConnectionMode::New,
+    },
+];
+
+pub async fn main(args: Args) -> anyhow::Result<()> {
+    let num_prompts = args.num_prompts.unwrap_or(if args.quick { 8 } else { 80 });
+    let output_len = args.output_len.unwrap_or(if args.quick { 8 } else { 64 });
+    anyhow::ensure!(num_prompts > 0, "--num-prompts must be at least 1");
+    anyhow::ensure!(output_len > 1, "--output-len must be at least 2");
+    anyhow::ensure!(args.concurrency > 0, "--concurrency must be at least 1");
+    let opts = TopologyOptions {
+        rtt: ms(args.rtt_ms, "--rtt-ms")?,
+        ttft: ms(args.ttft_ms, "--ttft-ms")?,
+        itl: ms(args.itl_ms, "--itl-ms")?,
+    };
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating --out {}", args.out.display()))?;
+    let started = Instant::now();
+
+    let topo = Topology::start(&opts).await?;
+    println!("eastwest demo: Open WebUI in fra -> sglang in ash, all on 127.0.0.1");
+    println!(
+        "  model server (ash)   {}  {}  ttft {} ms, itl {} ms",
+        topo.server_addr, topo.server_id, args.ttft_ms, args.itl_ms
+    );
+    println!(
+        "  east-west gateway    {}  AUTO_PASSTHROUGH, admin {}",
+        topo.gateway_addr, topo.admin_addr
+    );
+    println!(
+        "  WAN link fra->ash    {}  RTT {} ms",
+        topo.wan_addr, args.rtt_ms
+    );
+    println!(
+        "  client (fra)         {}  SNI {GATEWAY_SNI}",
+        topo.client_id
+    );
+    println!(
+        "  workload: {num_prompts} requests/scenario, {} in flight, {} prompt tokens, {output_len} output tokens\n",
+        args.concurrency, args.input_len
+    );
+
+    let topo_json = serde_json::json!({
+        "server": {"address": topo.server_addr, "spiffe_id": topo.server_id.to_string(), "cluster": "ash"},
+        "client": {"spiffe_id": topo.client_id.to_string(), "cluster": "fra"},
+        "gateway": {"address": topo.gateway_addr, "admin": topo.admin_addr, "mode": "AUTO_PASSTHROUGH"},
+        "wan": {"address": topo.wan_addr, "rtt_ms": args.rtt_ms},
+        "service": format!("{SERVICE_HOST}:{SERVICE_PORT}"),
+        "gateway_sni": GATEWAY_SNI,
+    });
+    let outcome = run_scenarios(&args, &topo, num_prompts, output_len).await;
+    let gateway_text = report::fetch_metrics(topo.admin_addr).await;
+    let server_stats = topo.server.stats();
+    topo.shutdown().await;
+    let (scenarios, warmup_events) = outcome?;
+
+    println!("\n{}", report::comparison_table(&scenarios));
+    let rtt = args.rtt_ms;
+    let ttft = |i: usize| scenarios[i].metrics.mean_ttft_ms;
+    let keep_delta = ttft(1) - ttft(0);
+    let cold_delta = ttft(2) - ttft(0);
+    println!("Sanity checks (RTT {rtt} ms):");
+    println!(
+        "  cross-region keepalive TTFT - direct = {keep_delta:>7.1} ms = {:.2} RTT (expected ~1: the request's round trip)",
+        keep_delta / rtt.max(1e-9)
+    );
+    println!(
+        "  cross-region cold TTFT - direct      = {cold_delta:>7.1} ms = {:.2} RTT (expected ~3: TCP + TLS 1.3 + request)",
+        cold_delta / rtt.max(1e-9)
+    );
+    let itls: Vec<String> = scenarios
+        .iter()
+        .map(|s| format!("{:.2}", s.metrics.mean_itl_ms))
+        .collect();
+    println!(
+        "  mean ITL per scenario                = {} ms (server ITL {} ms: the gateway must not delay or bunch tokens)",
+        itls.join(" / "),
+        args.itl_ms
+    );
+    let client_events: u64 = scenarios.iter().map(|s| s.sse_events).sum::<u64>() + warmup_events;
+    println!(
+        "  SSE events sent by server / received = {} / {client_events}{}",
+        server_stats.chunks,
+        if server_stats.chunks == client_events {
+            " (every event arrived as its own event)"
+        } else {
+            " (MISMATCH)"
+        }
+    );
+
+    let counters = match &gateway_text {
+        Ok(text) => report::gateway_counters(text),
+        Err(e) => {
+            println!("  gateway /metrics unavailable: {e:#}");
+            Default::default()
+        }
+    };
+    if !counters.is_empty() {
+        println!("\nGateway counters (admin /metrics):");
+        for (k, v) in &counters {
+            println!("  {k:<60} {v:>12.0}");
+        }
+    }
+
+    let plots = report::write_plots(&args.out, &scenarios)?;
+    let results = Results {
+        options: serde_json::json!({
+            "rtt_ms": args.rtt_ms, "ttft_ms": args.ttft_ms, "itl_ms": args.itl_ms,
+            "num_prompts": num_prompts, "input_len": args.input_len, "output_len": output_len,
+            "concurrency": args.concurrency, "quick": args.quick,
+        }),
+        topology: topo_json,
+        scenarios: &scenarios,
+        checks: serde_json::json!({
+            "keepalive_ttft_delta_ms": keep_delta,
+            "keepalive_ttft_delta_rtts": keep_delta / rtt.max(1e-9),
+            "cold_ttft_delta_ms": cold_delta,
+            "cold_ttft_delta_rtts": cold_delta / rtt.max(1e-9),
+            "server_sse_events": server_stats.chunks,
+            "client_sse_events": client_events,
+        }),
+        gateway_counters: counters,
+    };
+    let json_path = args.out.join("results.json");
+    std::fs::write(&json_path, serde_json::to_vec_pretty(&results)?)
+        .with_context(|| format!("writing {}", json_path.display()))?;
+    println!(
+        "\nWrote {} and {} in {:.1} s",
+        json_path.display(),
+        plots.join(", "),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Runs the scenarios in order; returns their results and the warmup SSE events.
+async fn run_scenarios(
+    args: &Args,
+    topo: &Topology,
+    num_prompts: usize,
+    output_len: usize,
+) -> anyhow::Result<(Vec<ScenarioResult>, u64)> {
+    let bars = if args.disable_tqdm {
+        indicatif::MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::hidden())
+    } else {
+        indicatif::MultiProgress::new()
+    };
+    let mut results = Vec::new();
+    let mut warmup_events = 0;
+    for sc in &SCENARIOS {
+        let mut cfg = RunConfig::new(format!("https://{SERVICE_HOST}:{SERVICE_PORT}"));
+        cfg.backend = Backend::SglangOaiChat;
+        cfg.model = Some("demo-model".into());
+        cfg.num_prompts = num_prompts;
+        cfg.max_concurrency = Some(args.concurrency);
+        cfg.random_input_len = args.input_len;
+        cfg.random_output_len = output_len;
+        cfg.random_range_ratio = 1.0;
+        cfg.connection = sc.connection;
+        // Keepalive: warm one connection per in-flight slot so no measured request dials.
+        cfg.warmup_requests = match sc.connection {
+            ConnectionMode::Keepalive => args.concurrency,
+            ConnectionMode::New => 1,
+        };
+        cfg.tls = Some(topo.client_tls.clone());
+        if sc.cross_region {
+            cfg.connect_to = Some(topo.wan_addr.to_string());
+            cfg.sni = Some(GATEWAY_SNI.into());
+        } else {
+            cfg.connect_to = Some(topo.server_addr.to_string());
+            cfg.sni = Some(SERVICE_HOST.into());
+        }
+        let bar = bars.add(indicatif::ProgressBar::new(num_prompts as u64));
+        let progress = ProgressSink::from_bar(bar, sc.name);
+        let result = run_benchmark(&cfg, Some(&progress))
+            .await
+            .with_context(|| format!("scenario {}", sc.name))?;
+        warmup_events += result.warmup_sse_events;
+        if result.metrics.failed > 0 {
+            eprintln!(
+                "{}: {} of {num_prompts} requests failed: {:?}",
+                sc.name, result.metrics.failed, result.first_errors
+            );
+        }
+        results.push(ScenarioResult::new(sc.name, sc.description, &result));
+    }
+    Ok((results, warmup_events))
 }

@@ -114,6 +114,10 @@ pub struct RunFlags {
     /// Accept any server SPIFFE ID in this trust domain instead of checking its host name.
     #[arg(long, conflicts_with = "spiffe_id")]
     pub spiffe_trust_domain: Option<String>,
+    /// Check the server's host name (WebPKI) even with a mesh (SPIFFE) client certificate;
+    /// without it, mesh certs mean the server must be in the client's trust domain.
+    #[arg(long, conflicts_with_all = ["spiffe_id", "spiffe_trust_domain"])]
+    pub verify_hostname: bool,
     /// Give up on one request after this many seconds.
     #[arg(long, default_value_t = 600.0)]
     pub request_timeout: f64,
@@ -157,6 +161,7 @@ impl RunFlags {
                 key: self.key.as_deref(),
                 spiffe_ids: &self.spiffe_id,
                 spiffe_trust_domain: self.spiffe_trust_domain.as_deref(),
+                verify_hostname: self.verify_hostname,
             })?);
         }
         cfg.validate()?;

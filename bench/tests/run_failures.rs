@@ -74,8 +74,20 @@ async fn serve(listener: TcpListener, behaviours: Vec<&'static str>) {
                     s += "0\r\n\r\n";
                     s
                 }
+                "nousage" => {
+                    // Completions shape, no usage chunk: tokens = content events.
+                    let mut s = sse_head().to_string();
+                    for t in ["p", "q", "", "r", "s"] {
+                        s += &chunk(&format!(
+                            "data: {{\"choices\":[{{\"index\":0,\"text\":\"{t}\"}}]}}\n\n"
+                        ));
+                    }
+                    s += &chunk("data: [DONE]\n\n");
+                    s += "0\r\n\r\n";
+                    s
+                }
                 _ => {
-                    // A good stream written like a lenient real server: `data:` without a
+                    // A good stream ("good", "drop-second") written like a lenient real server: `data:` without a
                     // space, comments, CRLF line ends, a usage chunk.
                     let mut s = sse_head().to_string();
                     s += &chunk(": keep-alive\r\n\r\n");
@@ -89,6 +101,13 @@ async fn serve(listener: TcpListener, behaviours: Vec<&'static str>) {
                 }
             };
             let _ = sock.write_all(reply.as_bytes()).await;
+            if behaviour == "drop-second" {
+                // Keep the connection open as reusable, then drop the next request on it
+                // unanswered: what a client sees when an idle connection is closed by the
+                // server just as it sends.
+                let _ = read_request(&mut sock).await;
+                return;
+            }
             let _ = sock.shutdown().await;
         });
     }
@@ -214,4 +233,35 @@ fn cli_exit_codes_bad_flags_vs_failed_requests() {
     assert_eq!(line["completed"], 0);
     assert_eq!(line["failed"], 3);
     assert_eq!(line["request_goodput"], 0.0);
+}
+
+#[tokio::test]
+async fn without_usage_chunk_tokens_are_content_events() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(serve(listener, vec!["nousage"]));
+    let mut cfg = config(url);
+    cfg.backend = eastwest_bench::run::Backend::SglangOai;
+    let result = run_benchmark(&cfg, None).await.unwrap();
+    assert_eq!(result.metrics.completed, 10, "{:?}", result.first_errors);
+    for r in &result.records {
+        // The empty-text event is not a token.
+        assert_eq!(r.output_len, 4);
+        assert_eq!(r.itl.len(), 3);
+        assert_eq!(r.usage_completion_tokens, None);
+    }
+}
+
+#[tokio::test]
+async fn keepalive_retries_once_when_a_reused_connection_dies() {
+    // The server answers once per connection, then drops the next request unanswered:
+    // a reused connection dies under the client, which must retry on a new one, not fail.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(serve(listener, vec!["drop-second"]));
+    let mut cfg = config(url);
+    cfg.connection = ConnectionMode::Keepalive;
+    cfg.warmup_requests = 1;
+    let result = run_benchmark(&cfg, None).await.unwrap();
+    assert_eq!(result.metrics.completed, 10, "{:?}", result.first_errors);
 }

@@ -14,13 +14,15 @@ use crate::server::{query_param, text, Body};
 use crate::state::Shared;
 
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
+    let mut conns = tokio::task::JoinSet::new();
     loop {
+        while conns.try_join_next().is_some() {}
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
             continue;
         };
         let shared = shared.clone();
-        tokio::spawn(async move {
+        conns.spawn(async move {
             let svc = service_fn(move |req| {
                 let shared = shared.clone();
                 async move { Ok::<_, Infallible>(handle(&shared, req)) }

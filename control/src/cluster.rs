@@ -2,21 +2,19 @@
 //! watcher (list+watch, resume from the last resourceVersion or bookmark, relist on 410 Gone,
 //! backoff on errors).
 
-use std::fmt::Debug;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Service as K8sService};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service as K8sService};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::runtime::{watcher, WatchStreamExt};
+use kube::runtime::{metadata_watcher, watcher, WatchStreamExt};
 use kube::{Api, Client};
-use serde::de::DeserializeOwned;
 use tokio::task::AbortHandle;
 use tracing::{debug, info, warn};
 
 use crate::backoff::JitteredBackoff;
-use crate::model::{ClusterState, ServiceDef, SliceDef};
+use crate::model::{ClusterState, ObjKey, ServiceDef, SliceDef};
 use crate::state::Shared;
 
 /// Istio's label on a cluster's `istio-system` namespace naming the cluster's network.
@@ -66,6 +64,7 @@ impl ClusterWatch {
         shared.update(|m| {
             if m.clusters.get(name).is_some_and(|c| c.id == self.id) {
                 m.clusters.remove(name);
+                m.all_dirty = true;
                 true
             } else {
                 false
@@ -92,24 +91,61 @@ async fn run(shared: Arc<Shared>, name: String, id: u64, client: Client, network
         if let Some(c) = m.cluster_mut(&name, id) {
             c.network = Some(network);
         }
-        // Nothing routes by this cluster until its objects arrive.
-        false
+        m.all_dirty = true;
+        true
     });
+    let backoff = JitteredBackoff::default;
     let services = follow(
         &shared,
         &name,
         id,
-        Api::<K8sService>::all(client.clone()),
+        "Service",
+        watcher(
+            Api::<K8sService>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .backoff(backoff()),
         |c: &mut ClusterState, ev| c.services.apply(ev, ServiceDef::from_k8s),
     );
     let slices = follow(
         &shared,
         &name,
         id,
-        Api::<EndpointSlice>::all(client),
+        "EndpointSlice",
+        watcher(
+            Api::<EndpointSlice>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .backoff(backoff()),
         |c: &mut ClusterState, ev| c.slices.apply(ev, SliceDef::from_k8s),
     );
-    futures::future::join(services, slices).await;
+    // Pod labels for subsets: metadata only, and only the kept keys are stored.
+    let keep = shared.settings.subset_labels.clone();
+    let pods = async {
+        if keep.is_empty() {
+            shared.update(|m| {
+                if let Some(c) = m.cluster_mut(&name, id) {
+                    c.pods.apply(watcher::Event::<Pod>::InitDone, &keep);
+                }
+                true
+            });
+            return;
+        }
+        follow(
+            &shared,
+            &name,
+            id,
+            "Pod",
+            metadata_watcher(Api::<Pod>::all(client.clone()), watcher::Config::default())
+                .backoff(backoff()),
+            |c: &mut ClusterState, ev| {
+                let pods = c.pods.apply(ev, &keep);
+                c.services_of_pods(&pods)
+            },
+        )
+        .await
+    };
+    futures::future::join3(services, slices, pods).await;
 }
 
 /// Reads the network label, retrying with backoff while the API server is unreachable.
@@ -155,31 +191,28 @@ async fn follow<K>(
     shared: &Shared,
     name: &str,
     id: u64,
-    api: Api<K>,
-    apply: impl Fn(&mut ClusterState, watcher::Event<K>) -> bool,
-) where
-    K: kube::Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + 'static,
-{
-    let kind = K::kind(&());
-    let stream = watcher(api, watcher::Config::default()).backoff(JitteredBackoff::default());
+    kind: &str,
+    stream: impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+    apply: impl Fn(&mut ClusterState, watcher::Event<K>) -> Vec<ObjKey>,
+) {
     let mut stream = std::pin::pin!(stream);
     while let Some(event) = stream.next().await {
         match event {
             Ok(event) => {
                 let mut gone = false;
-                shared.update(|m| match m.cluster_mut(name, id) {
-                    Some(c) => {
-                        let was_synced = c.synced();
-                        let changed = apply(c, event);
-                        if !was_synced && c.synced() {
-                            info!(cluster = %name, objects = c.objects(), "cluster synced");
-                        }
-                        changed
-                    }
-                    None => {
+                shared.update(|m| {
+                    let Some(c) = m.cluster_mut(name, id) else {
                         gone = true;
-                        false
+                        return false;
+                    };
+                    let was_synced = c.synced();
+                    let changed = apply(c, event);
+                    let became_synced = !was_synced && c.synced();
+                    if became_synced {
+                        info!(cluster = %name, objects = c.objects(), "cluster synced");
                     }
+                    // Syncing wakes the publisher even without changes: readiness moved.
+                    m.services_changed(changed) || became_synced
                 });
                 if gone {
                     debug!(cluster = %name, %kind, "cluster removed; watch ends");

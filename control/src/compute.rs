@@ -7,98 +7,105 @@
 //! `remote_services`, and the other networks' gateways `network_gateways`.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
+
 use std::net::SocketAddr;
 
 use eastwest_routes::{Endpoint, NetworkGateway, RemoteService, RouteTable, Service, ServicePort};
 
 use crate::model::{ClusterState, Model, ObjKey, ServiceDef, SliceDef};
 
-/// The route table (version 0) for gateways of `network`.
-pub fn route_table(model: &Model, network: &str, cluster_domain: &str) -> RouteTable {
-    // Group every slice by its Service, remembering the cluster it came from.
-    let mut by_service: BTreeMap<ObjKey, Vec<(&str, &ClusterState, &SliceDef)>> = BTreeMap::new();
-    let mut defs: BTreeMap<ObjKey, Vec<(&str, &ClusterState, &ServiceDef)>> = BTreeMap::new();
-    for (name, cluster) in &model.clusters {
-        if cluster.network.is_none() {
-            continue;
-        }
-        for ((ns, _), slice) in &cluster.slices.objects {
-            by_service
-                .entry((ns.clone(), slice.service.clone()))
-                .or_default()
-                .push((name, cluster, slice));
-        }
-        for (key, def) in &cluster.services.objects {
-            defs.entry(key.clone())
-                .or_default()
-                .push((name, cluster, def));
-        }
-    }
-    let in_network = |c: &ClusterState| c.network.as_deref() == Some(network);
+/// What one Service contributes to the table of a network.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub service: Option<Service>,
+    pub remote: Vec<RemoteService>,
+}
 
+/// The route table (version 0) for gateways of `network`, computed from scratch.
+pub fn route_table(model: &Model, network: &str, cluster_domain: &str) -> RouteTable {
     let mut table = RouteTable::default();
-    for (key, defs) in &defs {
-        // Same-named Services in several clusters are one service (Istio's namespace sameness);
-        // prefer a definition from this network for the ports.
-        let Some((_, _, def)) = defs
-            .iter()
-            .find(|(_, c, _)| in_network(c))
-            .or_else(|| defs.first())
-        else {
-            continue;
-        };
-        if def.ports.is_empty() {
-            continue;
-        }
-        let hostname = format!("{}.{}.svc.{}", key.1, key.0, cluster_domain);
-        let slices = by_service.get(key).map(Vec::as_slice).unwrap_or(&[]);
-        let local: Vec<&SliceDef> = slices
-            .iter()
-            .filter(|(_, c, _)| in_network(c))
-            .map(|(_, _, s)| *s)
-            .collect();
-        let defined_here = defs.iter().any(|(_, c, _)| in_network(c));
-        let has_local_endpoints = local.iter().any(|s| !s.endpoints.is_empty());
-        if defined_here || has_local_endpoints {
-            table.services.push(Service {
-                hostname,
-                subsets: Vec::new(),
-                ports: def
-                    .ports
-                    .iter()
-                    .map(|p| ServicePort {
-                        port: p.port,
-                        name: p.name.clone(),
-                        endpoints: endpoints_for(&local, p.name.as_deref()),
-                    })
-                    .collect(),
-            });
-            continue;
-        }
-        // Reachable only through another network's gateway.
-        let mut seen = BTreeSet::new();
-        for (cluster_name, cluster, slice) in slices {
-            if slice.endpoints.is_empty() || !seen.insert(*cluster_name) {
-                continue;
-            }
-            table.remote_services.push(RemoteService {
-                hostname: hostname.clone(),
-                ports: def.ports.iter().map(|p| p.port).collect(),
-                network: cluster.network.clone().unwrap_or_default(),
-                cluster: Some(cluster_name.to_string()),
-            });
-        }
+    for key in model.all_service_keys() {
+        let entry = service_entry(model, network, &key, cluster_domain);
+        table.services.extend(entry.service);
+        table.remote_services.extend(entry.remote);
     }
     table.network_gateways = network_gateways(model, network);
     table
 }
 
+/// Service `key` as gateways of `network` see it.
+pub fn service_entry(model: &Model, network: &str, key: &ObjKey, cluster_domain: &str) -> Entry {
+    let in_network = |c: &ClusterState| c.network.as_deref() == Some(network);
+    let clusters = || model.clusters.iter().filter(|(_, c)| c.network.is_some());
+    // Same-named Services in several clusters are one service (Istio's namespace sameness);
+    // prefer a definition from this network for the ports.
+    let defs: Vec<(&ClusterState, &ServiceDef)> = clusters()
+        .filter_map(|(_, c)| c.services.objects.get(key).map(|d| (c, d)))
+        .collect();
+    let Some((_, def)) = defs
+        .iter()
+        .find(|(c, _)| in_network(c))
+        .or_else(|| defs.first())
+    else {
+        // Endpoints without a Service are not routable (as in Istio).
+        return Entry::default();
+    };
+    if def.ports.is_empty() {
+        return Entry::default();
+    }
+    let hostname = format!("{}.{}.svc.{}", key.1, key.0, cluster_domain);
+    let local: Vec<(&ClusterState, &SliceDef)> = clusters()
+        .filter(|(_, c)| in_network(c))
+        .flat_map(|(_, c)| c.slices.of_service(key).map(move |s| (c, s)))
+        .collect();
+    let defined_here = defs.iter().any(|(c, _)| in_network(c));
+    if defined_here || local.iter().any(|(_, s)| !s.endpoints.is_empty()) {
+        let mut service = Service {
+            hostname,
+            subsets: Vec::new(),
+            ports: def
+                .ports
+                .iter()
+                .map(|p| ServicePort {
+                    port: p.port,
+                    name: p.name.clone(),
+                    endpoints: endpoints_for(&local, &key.0, p.name.as_deref()),
+                })
+                .collect(),
+        };
+        service.ports.sort_by_key(|p| p.port);
+        service.ports.dedup_by_key(|p| p.port);
+        return Entry {
+            service: Some(service),
+            remote: Vec::new(),
+        };
+    }
+    // Reachable only through another network's gateway.
+    let remote = clusters()
+        .filter(|(_, c)| c.slices.of_service(key).any(|s| !s.endpoints.is_empty()))
+        .map(|(name, c)| RemoteService {
+            hostname: hostname.clone(),
+            ports: def.ports.iter().map(|p| p.port).collect(),
+            network: c.network.clone().unwrap_or_default(),
+            cluster: Some(name.clone()),
+        })
+        .collect();
+    Entry {
+        service: None,
+        remote,
+    }
+}
+
 /// Endpoints of the slices for the service port named `port_name`, each address carrying the
 /// slice's port of the same name (targetPort resolution done by the EndpointSlice controller).
-fn endpoints_for(slices: &[&SliceDef], port_name: Option<&str>) -> Vec<Endpoint> {
+fn endpoints_for(
+    slices: &[(&ClusterState, &SliceDef)],
+    ns: &str,
+    port_name: Option<&str>,
+) -> Vec<Endpoint> {
     let mut seen = HashSet::new();
     let mut out = Vec::new();
-    for slice in slices {
+    for (cluster, slice) in slices {
         let Some(&(_, target)) = slice.ports.iter().find(|(n, _)| n.as_deref() == port_name) else {
             continue;
         };
@@ -107,7 +114,12 @@ fn endpoints_for(slices: &[&SliceDef], port_name: Option<&str>) -> Vec<Endpoint>
             if seen.insert(address) {
                 out.push(Endpoint {
                     address,
-                    labels: (*ep.labels).clone(),
+                    labels: ep
+                        .pod
+                        .as_ref()
+                        .and_then(|pod| cluster.pods.get(ns, pod))
+                        .map(|l| (**l).clone())
+                        .unwrap_or_default(),
                 });
             }
         }
@@ -118,7 +130,7 @@ fn endpoints_for(slices: &[&SliceDef], port_name: Option<&str>) -> Vec<Endpoint>
 
 /// Gateways of every network other than `network`: configured ones win, else the load-balancer
 /// addresses of the `istio=eastwestgateway` Services in that network's clusters.
-fn network_gateways(model: &Model, network: &str) -> Vec<NetworkGateway> {
+pub fn network_gateways(model: &Model, network: &str) -> Vec<NetworkGateway> {
     let mut by_network: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
     for cluster in model.clusters.values() {
         let Some(net) = cluster.network.as_deref().filter(|n| *n != network) else {

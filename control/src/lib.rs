@@ -65,6 +65,9 @@ pub struct ControlConfig {
     /// `--gateway NETWORK=HOST:PORT`.
     pub gateways: BTreeMap<String, Vec<String>>,
     pub cluster_domain: String,
+    /// Pod label keys copied onto endpoints so subsets can select them (`--subset-labels`);
+    /// empty: Pods are not watched.
+    pub subset_labels: Vec<String>,
 }
 
 impl ControlConfig {
@@ -84,6 +87,7 @@ impl ControlConfig {
             sync_timeout: Duration::from_secs(60),
             gateways: BTreeMap::new(),
             cluster_domain: "cluster.local".to_string(),
+            subset_labels: vec!["version".to_string()],
         }
     }
 }
@@ -162,6 +166,7 @@ impl Control {
             debounce: cfg.debounce,
             sync_timeout: cfg.sync_timeout,
             watch_secrets: cfg.secret_namespace.is_some(),
+            subset_labels: cfg.subset_labels.clone(),
         };
         let shared = Arc::new(Shared::new(settings, model));
 
@@ -227,7 +232,15 @@ impl Control {
         self.shared
             .publisher
             .current(network)
-            .map(|p| p.table.clone())
+            .and_then(|p| p.table())
+            .map(Arc::new)
+    }
+
+    /// The table of `network` computed from scratch from the current model (version 0); the
+    /// published one is built incrementally and must always equal this.
+    pub fn recomputed_table(&self, network: &str) -> RouteTable {
+        let model = self.shared.model();
+        compute::route_table(&model, network, &self.shared.settings.cluster_domain)
     }
 
     /// What has not synced yet (empty when `/healthz/ready` says ready).

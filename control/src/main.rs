@@ -57,6 +57,10 @@ struct Args {
     gateways: Vec<String>,
     #[arg(long, default_value = "cluster.local")]
     cluster_domain: String,
+    /// Pod label keys copied onto endpoints for subsets, comma-separated; empty: Pods are not
+    /// watched.
+    #[arg(long, default_value = "version")]
+    subset_labels: String,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -114,6 +118,13 @@ fn config(args: Args) -> anyhow::Result<ControlConfig> {
     cfg.debounce = args.debounce;
     cfg.sync_timeout = args.sync_timeout;
     cfg.cluster_domain = args.cluster_domain;
+    cfg.subset_labels = args
+        .subset_labels
+        .split(',')
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .map(str::to_string)
+        .collect();
     Ok(cfg)
 }
 

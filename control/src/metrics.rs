@@ -66,6 +66,7 @@ pub fn render(shared: &Shared) -> String {
             for (kind, n) in [
                 ("services", c.services.objects.len()),
                 ("endpointslices", c.slices.objects.len()),
+                ("pods", c.pods.count()),
             ] {
                 let _ = writeln!(
                     objects,

@@ -2,7 +2,7 @@
 //! routing needs (so 100 000 endpoints stay small), and the per-resource stores that follow
 //! kube-runtime's watcher events (`Init` .. `InitDone` replaces the store atomically).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -40,8 +40,8 @@ pub struct ServiceDef {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReadyEndpoint {
     pub ip: IpAddr,
-    /// Shared between the endpoint's ports; topology labels today.
-    pub labels: Arc<BTreeMap<String, String>>,
+    /// The Pod behind the endpoint (same namespace as the slice), whose labels subsets select on.
+    pub pod: Option<Arc<str>>,
 }
 
 /// An EndpointSlice, as routing sees it.
@@ -135,20 +135,18 @@ impl SliceDef {
                 serving && !terminating
             })
             .flat_map(|ep| {
-                let mut labels = BTreeMap::new();
-                if let Some(zone) = &ep.zone {
-                    labels.insert("topology.kubernetes.io/zone".to_string(), zone.clone());
-                }
-                if let Some(node) = &ep.node_name {
-                    labels.insert("kubernetes.io/hostname".to_string(), node.clone());
-                }
-                let labels = Arc::new(labels);
+                let pod: Option<Arc<str>> = ep
+                    .target_ref
+                    .as_ref()
+                    .filter(|r| r.kind.as_deref() == Some("Pod"))
+                    .and_then(|r| r.name.as_deref())
+                    .map(Arc::from);
                 ep.addresses
                     .iter()
                     .filter_map(|a| a.parse::<IpAddr>().ok())
                     .map(move |ip| ReadyEndpoint {
                         ip,
-                        labels: labels.clone(),
+                        pod: pod.clone(),
                     })
                     .collect::<Vec<_>>()
             })
@@ -161,10 +159,13 @@ impl SliceDef {
     }
 }
 
-/// Objects of one kind, following the watcher's event protocol.
+/// Objects of one kind, following the watcher's event protocol, indexed by the Service each
+/// belongs to so a change recomputes only that Service.
 #[derive(Debug)]
 pub struct Store<T> {
     pub objects: HashMap<ObjKey, T>,
+    /// Service key -> keys of the objects that belong to it.
+    pub by_service: HashMap<ObjKey, HashSet<ObjKey>>,
     /// Filled between `Init` and `InitDone` of a (re)list, then swapped in.
     pending: Option<HashMap<ObjKey, T>>,
     pub synced: bool,
@@ -174,51 +175,208 @@ impl<T> Default for Store<T> {
     fn default() -> Self {
         Store {
             objects: HashMap::new(),
+            by_service: HashMap::new(),
             pending: None,
             synced: false,
         }
     }
 }
 
-impl<T: PartialEq> Store<T> {
-    /// Applies one watcher event; returns whether the visible objects changed.
+/// Which Service an object belongs to.
+pub trait BelongsTo {
+    fn service_key(&self, key: &ObjKey) -> ObjKey;
+}
+
+impl BelongsTo for ServiceDef {
+    fn service_key(&self, key: &ObjKey) -> ObjKey {
+        key.clone()
+    }
+}
+
+impl BelongsTo for SliceDef {
+    fn service_key(&self, key: &ObjKey) -> ObjKey {
+        (key.0.clone(), self.service.clone())
+    }
+}
+
+impl<T: PartialEq + BelongsTo> Store<T> {
+    /// Applies one watcher event; returns the keys of the Services whose objects changed (and
+    /// whether the store just synced, which matters to readiness even when nothing changed).
     pub fn apply<K: kube::Resource>(
         &mut self,
         event: watcher::Event<K>,
         convert: impl Fn(&K) -> Option<T>,
-    ) -> bool {
+    ) -> Vec<ObjKey> {
         let key = |o: &K| (o.namespace().unwrap_or_default(), o.name_any());
         match event {
             watcher::Event::Init => {
                 self.pending = Some(HashMap::new());
-                false
+                Vec::new()
             }
             watcher::Event::InitApply(o) => {
                 if let (Some(pending), Some(v)) = (self.pending.as_mut(), convert(&o)) {
                     pending.insert(key(&o), v);
                 }
-                false
+                Vec::new()
             }
             watcher::Event::InitDone => {
                 let fresh = self.pending.take().unwrap_or_default();
-                let changed = !self.synced || fresh != self.objects;
+                let mut changed = HashSet::new();
+                for (k, v) in &self.objects {
+                    if fresh.get(k) != Some(v) {
+                        changed.insert(v.service_key(k));
+                    }
+                }
+                for (k, v) in &fresh {
+                    if self.objects.get(k) != Some(v) {
+                        changed.insert(v.service_key(k));
+                    }
+                }
                 self.objects = fresh;
+                self.by_service.clear();
+                for (k, v) in &self.objects {
+                    self.by_service
+                        .entry(v.service_key(k))
+                        .or_default()
+                        .insert(k.clone());
+                }
                 self.synced = true;
-                changed
+                changed.into_iter().collect()
             }
             watcher::Event::Apply(o) => {
                 let k = key(&o);
                 match convert(&o) {
-                    Some(v) if self.objects.get(&k) == Some(&v) => false,
+                    Some(v) if self.objects.get(&k) == Some(&v) => Vec::new(),
                     Some(v) => {
+                        let mut changed = self.remove(&k);
+                        let owner = v.service_key(&k);
+                        self.by_service
+                            .entry(owner.clone())
+                            .or_default()
+                            .insert(k.clone());
                         self.objects.insert(k, v);
-                        true
+                        if !changed.contains(&owner) {
+                            changed.push(owner);
+                        }
+                        changed
                     }
-                    None => self.objects.remove(&k).is_some(),
+                    None => self.remove(&k),
                 }
             }
-            watcher::Event::Delete(o) => self.objects.remove(&key(&o)).is_some(),
+            watcher::Event::Delete(o) => self.remove(&key(&o)),
         }
+    }
+
+    fn remove(&mut self, k: &ObjKey) -> Vec<ObjKey> {
+        let Some(old) = self.objects.remove(k) else {
+            return Vec::new();
+        };
+        let owner = old.service_key(k);
+        if let Some(set) = self.by_service.get_mut(&owner) {
+            set.remove(k);
+            if set.is_empty() {
+                self.by_service.remove(&owner);
+            }
+        }
+        vec![owner]
+    }
+
+    /// The objects belonging to Service `svc`.
+    pub fn of_service<'a>(&'a self, svc: &ObjKey) -> impl Iterator<Item = &'a T> + 'a {
+        self.by_service
+            .get(svc)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.objects.get(k))
+    }
+}
+
+/// namespace -> pod name -> kept labels.
+pub type PodsByNamespace = HashMap<String, HashMap<String, Arc<BTreeMap<String, String>>>>;
+
+/// The subset-relevant labels of a cluster's Pods (only the keys control was told to keep, so
+/// 100 000 Pods cost little), following the watcher's event protocol.
+#[derive(Debug, Default)]
+pub struct PodLabels {
+    /// namespace -> pod name -> kept labels (Pods with none of the kept labels are left out).
+    pub by_namespace: PodsByNamespace,
+    pending: Option<PodsByNamespace>,
+    pub synced: bool,
+}
+
+impl PodLabels {
+    pub fn get(&self, ns: &str, pod: &str) -> Option<&Arc<BTreeMap<String, String>>> {
+        self.by_namespace.get(ns)?.get(pod)
+    }
+
+    /// How many Pods carry kept labels.
+    pub fn count(&self) -> usize {
+        self.by_namespace.values().map(HashMap::len).sum()
+    }
+
+    /// Applies one watcher event; returns the Pods whose kept labels changed.
+    pub fn apply<K: kube::Resource>(
+        &mut self,
+        event: watcher::Event<K>,
+        keep: &[String],
+    ) -> HashSet<ObjKey> {
+        let kept = |o: &K| -> Option<Arc<BTreeMap<String, String>>> {
+            let labels: BTreeMap<String, String> = o
+                .labels()
+                .iter()
+                .filter(|(k, _)| keep.contains(k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            (!labels.is_empty()).then(|| Arc::new(labels))
+        };
+        let mut changed = HashSet::new();
+        match event {
+            watcher::Event::Init => self.pending = Some(HashMap::new()),
+            watcher::Event::InitApply(o) => {
+                if let (Some(pending), Some(l)) = (self.pending.as_mut(), kept(&o)) {
+                    pending
+                        .entry(o.namespace().unwrap_or_default())
+                        .or_default()
+                        .insert(o.name_any(), l);
+                }
+            }
+            watcher::Event::InitDone => {
+                let fresh = self.pending.take().unwrap_or_default();
+                for (maps_a, maps_b) in [(&self.by_namespace, &fresh), (&fresh, &self.by_namespace)]
+                {
+                    for (ns, pods) in maps_a {
+                        for (name, l) in pods {
+                            if maps_b.get(ns).and_then(|p| p.get(name)) != Some(l) {
+                                changed.insert((ns.clone(), name.clone()));
+                            }
+                        }
+                    }
+                }
+                self.by_namespace = fresh;
+                self.synced = true;
+            }
+            watcher::Event::Apply(o) => {
+                let (ns, name) = (o.namespace().unwrap_or_default(), o.name_any());
+                let new = kept(&o);
+                if self.get(&ns, &name) != new.as_ref() {
+                    let pods = self.by_namespace.entry(ns.clone()).or_default();
+                    match new {
+                        Some(l) => pods.insert(name.clone(), l),
+                        None => pods.remove(&name),
+                    };
+                    changed.insert((ns, name));
+                }
+            }
+            watcher::Event::Delete(o) => {
+                let (ns, name) = (o.namespace().unwrap_or_default(), o.name_any());
+                if let Some(pods) = self.by_namespace.get_mut(&ns) {
+                    if pods.remove(&name).is_some() {
+                        changed.insert((ns, name));
+                    }
+                }
+            }
+        }
+        changed
     }
 }
 
@@ -231,6 +389,7 @@ pub struct ClusterState {
     pub network: Option<String>,
     pub services: Store<ServiceDef>,
     pub slices: Store<SliceDef>,
+    pub pods: PodLabels,
     pub watch_restarts: u64,
     pub last_error: Option<String>,
 }
@@ -242,13 +401,36 @@ impl ClusterState {
             network: None,
             services: Store::default(),
             slices: Store::default(),
+            pods: PodLabels::default(),
             watch_restarts: 0,
             last_error: None,
         }
     }
 
     pub fn synced(&self) -> bool {
-        self.network.is_some() && self.services.synced && self.slices.synced
+        self.network.is_some() && self.services.synced && self.slices.synced && self.pods.synced
+    }
+
+    /// Services with an endpoint backed by one of `pods`.
+    pub fn services_of_pods(&self, pods: &HashSet<ObjKey>) -> Vec<ObjKey> {
+        if pods.is_empty() {
+            return Vec::new();
+        }
+        let mut out = HashSet::new();
+        let mut probe = (String::new(), String::new());
+        for ((ns, _), slice) in &self.slices.objects {
+            for ep in &slice.endpoints {
+                if let Some(pod) = &ep.pod {
+                    probe.0.clone_from(ns);
+                    probe.1.clear();
+                    probe.1.push_str(pod);
+                    if pods.contains(&probe) {
+                        out.insert((ns.clone(), slice.service.clone()));
+                    }
+                }
+            }
+        }
+        out.into_iter().collect()
     }
 
     pub fn objects(&self) -> usize {
@@ -264,6 +446,10 @@ pub struct Model {
     pub configured_gateways: BTreeMap<String, Vec<String>>,
     /// When the oldest change not yet published happened.
     pub dirty_since: Option<Instant>,
+    /// Services changed since the last publication.
+    pub dirty_services: HashSet<ObjKey>,
+    /// Everything must be recomputed (a cluster joined, left or got its network).
+    pub all_dirty: bool,
 }
 
 impl Model {
@@ -274,5 +460,26 @@ impl Model {
 
     pub fn mark_dirty(&mut self) {
         self.dirty_since.get_or_insert_with(Instant::now);
+    }
+
+    /// Records changed Services; returns whether there were any.
+    pub fn services_changed(&mut self, keys: Vec<ObjKey>) -> bool {
+        let any = !keys.is_empty();
+        self.dirty_services.extend(keys);
+        any
+    }
+
+    /// Every Service key known in any cluster.
+    pub fn all_service_keys(&self) -> std::collections::BTreeSet<ObjKey> {
+        self.clusters
+            .values()
+            .flat_map(|c| {
+                c.services
+                    .by_service
+                    .keys()
+                    .chain(c.slices.by_service.keys())
+            })
+            .cloned()
+            .collect()
     }
 }

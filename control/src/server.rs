@@ -12,7 +12,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
@@ -26,7 +26,10 @@ pub type Body = BoxBody<Bytes, Infallible>;
 /// Accepts control connections until aborted. With `tls`, every client must present a
 /// certificate from the mesh root; without, the caller made sure the listener is loopback.
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener, tls: Option<TlsAcceptor>) {
+    // Owned here so that stopping the server (aborting this task) closes every stream.
+    let mut conns = tokio::task::JoinSet::new();
     loop {
+        while conns.try_join_next().is_some() {}
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
@@ -38,7 +41,7 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, tls: Option<TlsAc
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
         let tls = tls.clone();
-        tokio::spawn(async move {
+        conns.spawn(async move {
             match tls {
                 Some(acceptor) => match acceptor.accept(stream).await {
                     Ok(s) => serve_conn(shared, s).await,
@@ -59,6 +62,7 @@ async fn serve_conn<IO: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         async move { Ok::<_, Infallible>(handle(&shared, req)) }
     });
     let result = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
         // Notice proxies that vanished without closing their connection.
         .keep_alive_interval(Some(Duration::from_secs(10)))
         .keep_alive_timeout(Duration::from_secs(20))

@@ -20,6 +20,8 @@ pub struct Settings {
     pub sync_timeout: Duration,
     /// Whether remote secrets are watched (then readiness waits for their first list).
     pub watch_secrets: bool,
+    /// Pod label keys copied onto endpoints for subsets (empty: Pods are not watched).
+    pub subset_labels: Vec<String>,
 }
 
 pub struct Shared {

@@ -1,66 +1,29 @@
-//! mTLS for the control channel: PEM files as eastwest-certs writes them (a certificate chain,
-//! its key, and the mesh root that client certificates must chain to).
+//! mTLS for the control channel with eastwest-certs identities: the control server presents its
+//! SPIFFE identity and accepts only proxies whose certificates chain to the mesh root and carry
+//! a SPIFFE ID of the same trust domain.
 
-use std::path::Path;
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{anyhow, Context};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::WebPkiClientVerifier;
-use rustls::{RootCertStore, ServerConfig};
+use anyhow::Context;
+use eastwest_certs::{Identity, PeerPolicy};
+use rustls::ServerConfig;
 
-/// Where the control server's identity and the trusted root live.
+/// Where the control server's identity and the trusted root live (PEM, as
+/// `eastwest-certs workload` writes them).
 #[derive(Debug, Clone)]
 pub struct TlsFiles {
-    pub cert: std::path::PathBuf,
-    pub key: std::path::PathBuf,
-    pub root: std::path::PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub root: PathBuf,
 }
 
-pub fn load_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .with_context(|| format!("reading {}", path.display()))?
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("parsing certificates in {}", path.display()))?;
-    if certs.is_empty() {
-        return Err(anyhow!("{}: no PEM certificate found", path.display()));
-    }
-    Ok(certs)
-}
-
-pub fn load_roots(path: &Path) -> anyhow::Result<RootCertStore> {
-    let mut roots = RootCertStore::empty();
-    for cert in load_certs(path)? {
-        roots
-            .add(cert)
-            .with_context(|| format!("{}: unusable root certificate", path.display()))?;
-    }
-    Ok(roots)
-}
-
-/// A server config requiring client certificates that chain to `files.root`, speaking HTTP/2.
+/// A server config requiring client certificates from the same trust domain, speaking HTTP/2.
 pub fn server_config(files: &TlsFiles) -> anyhow::Result<Arc<ServerConfig>> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let certs = load_certs(&files.cert)?;
-    let key = PrivateKeyDer::from_pem_file(&files.key)
-        .with_context(|| format!("reading private key {}", files.key.display()))?;
-    let roots = load_roots(&files.root)?;
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .build()
-        .context("building client certificate verifier")?;
-    let mut config = ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .context("TLS protocol versions")?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(certs, key)
-        .with_context(|| {
-            format!(
-                "{} does not match {}",
-                files.key.display(),
-                files.cert.display()
-            )
-        })?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(Arc::new(config))
+    let identity = Identity::load(&files.cert, &files.key, &files.root)
+        .context("loading the control server's TLS identity")?;
+    let trust_domain = identity.spiffe_id().trust_domain.clone();
+    identity
+        .server_config_with_alpn(PeerPolicy::TrustDomain(trust_domain), vec![b"h2".to_vec()])
+        .context("building the control server's TLS config")
 }

@@ -70,9 +70,19 @@ impl Fixture {
             .unwrap_or_else(|| Arc::new(RouteTable::default()))
     }
 
+    /// Waits for a published table satisfying `cond`, then checks the incrementally built
+    /// table equals one computed from scratch.
     async fn wait_table(&self, what: &str, cond: impl Fn(&RouteTable) -> bool) -> Arc<RouteTable> {
         wait_for(what, || async { cond(&self.table()) }).await;
-        self.table()
+        let published = self.table();
+        wait_for("published table matches a full recompute", || async {
+            let mut full = self.control.recomputed_table("network1");
+            let published = self.table();
+            full.version = published.version;
+            full == *published
+        })
+        .await;
+        published
     }
 }
 
@@ -130,13 +140,6 @@ async fn initial_sync_builds_the_network_table() {
     // targetPort resolution by port name; not-ready and terminating endpoints left out.
     assert_eq!(endpoints(&t, HELLO, 5000), ["10.1.0.1:5001"]);
     assert_eq!(endpoints(&t, HELLO, 7070), ["10.1.0.1:7071"]);
-    let ep = &t.service(HELLO).unwrap().ports[0].endpoints[0];
-    assert_eq!(
-        ep.labels
-            .get("topology.kubernetes.io/zone")
-            .map(String::as_str),
-        Some("zone-a")
-    );
     assert!(t.service("ratings.sample.svc.cluster.local").is_none());
     assert_eq!(t.remote_services.len(), 1);
     let r = &t.remote_services[0];
@@ -358,4 +361,74 @@ async fn api_server_down_keeps_routes_then_catches_up() {
     f.ash.come_back().await;
     f.wait_table("caught up", |t| t.remote_services.is_empty())
         .await;
+}
+
+#[tokio::test]
+async fn pod_labels_reach_endpoints_for_subsets() {
+    let with_pod = |ip: &'static str, pod: &'static str| Ep {
+        ip,
+        ready: true,
+        terminating: false,
+        pod: Some(pod),
+    };
+    let f = fixture(|fra, _| {
+        fra.apply(
+            "services",
+            service("sample", "helloworld", &[("http", 5000)]),
+        );
+        fra.apply(
+            "pods",
+            pod(
+                "sample",
+                "hw-v1",
+                &[("version", "v1"), ("app", "helloworld")],
+            ),
+        );
+        fra.apply(
+            "pods",
+            pod(
+                "sample",
+                "hw-v2",
+                &[("version", "v2"), ("app", "helloworld")],
+            ),
+        );
+        fra.apply(
+            "endpointslices",
+            slice(
+                "sample",
+                "hw-1",
+                "helloworld",
+                &[("http", 5000)],
+                &[with_pod("10.1.0.1", "hw-v1"), with_pod("10.1.0.2", "hw-v2")],
+            ),
+        );
+    })
+    .await;
+    let versions = |t: &RouteTable| -> Vec<Option<String>> {
+        t.service(HELLO)
+            .map(|s| {
+                s.ports[0]
+                    .endpoints
+                    .iter()
+                    .map(|e| e.labels.get("version").cloned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let t = f
+        .wait_table("labels", |t| {
+            versions(t) == [Some("v1".into()), Some("v2".into())]
+        })
+        .await;
+    // Only the kept keys (default: version) are copied.
+    let ep = &t.service(HELLO).unwrap().ports[0].endpoints[0];
+    assert_eq!(ep.labels.len(), 1);
+
+    // A relabelled Pod updates its endpoint.
+    f.fra
+        .apply("pods", pod("sample", "hw-v2", &[("version", "v3")]));
+    f.wait_table("relabelled", |t| {
+        versions(t) == [Some("v1".into()), Some("v3".into())]
+    })
+    .await;
 }

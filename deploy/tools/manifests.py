@@ -6,15 +6,20 @@
                                            against the Prometheus Operator's API models
   gateway FILE                             the rendered gateway overlay keeps the promises
                                            deploy/README.md makes (labels, ports, probes, ...)
+  args --binary NAME=PATH... FILE...       every --flag a container passes to an eastwest
+                                           binary is listed by that binary's --help
+  argv FILE KIND NAME [--flag F=V] [--replace OLD=NEW]
+                                           the container's command line, env-expanded
   extract-proxy-config FILE OUT            writes the eastwest-proxy ConfigMap's config.yaml
-  prometheus-test-config SNIPPET JOB TARGET OUT
-                                           the snippet's JOB with a static TARGET instead of
+  prometheus-test-config SNIPPET OUT JOB=HOST:PORT...
+                                           the snippet's jobs with static targets instead of
                                            DNS discovery, as a complete prometheus.yml
 
 Every failure is printed as `FILE: Kind/name: what`; the exit code is 1 if there was any.
 """
 
 import argparse
+import os
 import re
 import sys
 
@@ -234,12 +239,18 @@ def check_proxy(path, objs, fails):
 
 
 def check_rules(path, obj, allowed, fails):
+    """`allowed` maps (apiGroup, resource) to the verbs allowed, or to (verbs, resourceNames)
+    when the rule must be limited to those names."""
     for rule in obj.get("rules", []):
         for group in rule.get("apiGroups", []):
             for res in rule.get("resources", []):
-                extra = set(rule.get("verbs", [])) - allowed.get((group, res), set())
+                grant = allowed.get((group, res), set())
+                verbs, names = grant if isinstance(grant, tuple) else (grant, None)
+                extra = set(rule.get("verbs", [])) - set(verbs)
                 if extra:
                     fails.add(path, obj, f"grants {sorted(extra)} on {group or 'core'}/{res}")
+                if names is not None and not set(rule.get("resourceNames") or ["*"]) <= names:
+                    fails.add(path, obj, f"{group or 'core'}/{res} must be limited to {sorted(names)}")
 
 
 def check_control(path, objs, fails):
@@ -252,7 +263,8 @@ def check_control(path, objs, fails):
     if not find(objs, "ServiceAccount", sa):
         fails.add(path, dep, f"ServiceAccount {sa} is not in the render")
     watch = {"list", "watch"}
-    cluster = {("", "services"): watch, ("discovery.k8s.io", "endpointslices"): watch}
+    cluster = {("", "services"): watch, ("discovery.k8s.io", "endpointslices"): watch,
+               ("", "namespaces"): ({"get"}, {"istio-system"})}
     bound = set()
     for obj in objs:
         if obj.get("kind") in ("ClusterRoleBinding", "RoleBinding") and any(
@@ -281,6 +293,85 @@ def cmd_gateway(args):
 
 
 # ---------------------------------------------------------------------------------------------
+# args
+
+
+def cmd_args(args):
+    """Every --flag a rendered container passes to an eastwest binary is one that binary's
+    --help lists (for its subcommand, if the args start with one)."""
+    import subprocess
+
+    binaries = dict(b.split("=", 1) for b in args.binary)
+    fails = Failures()
+    checked = 0
+    for path in args.files:
+        for obj in load(path):
+            pod = obj.get("spec", {}).get("template", {}).get("spec", {})
+            for c in pod.get("containers", []):
+                name = os.path.basename((c.get("command") or [""])[0])
+                if name not in binaries:
+                    continue
+                argv = c.get("args", [])
+                sub = []
+                while len(sub) < len(argv) and not argv[len(sub)].startswith("-"):
+                    sub.append(argv[len(sub)])
+                if not os.access(binaries[name], os.X_OK):
+                    fails.add(path, obj, f"no executable {name} at {binaries[name]}")
+                    continue
+                run = subprocess.run([binaries[name], *sub, "--help"], capture_output=True,
+                                     text=True, timeout=30)
+                if run.returncode != 0:
+                    fails.add(path, obj, f"{' '.join([name, *sub])} --help failed: {run.stderr.strip()}")
+                    continue
+                for arg in argv[len(sub):]:
+                    if not arg.startswith("--"):
+                        continue
+                    flag = arg.split("=", 1)[0]
+                    if not re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", run.stdout):
+                        fails.add(path, obj, f"container {c['name']}: {' '.join([name, *sub])} has no {flag}")
+                checked += 1
+    return fails.finish(f"{checked} containers: every flag is one the binary accepts")
+
+
+def cmd_argv(args):
+    """The command line Kubernetes would run for KIND/NAME's first container, one argument a
+    line: $(VAR) expanded from the container's env (literal values, ConfigMap keys from the
+    same render, the pod's namespace), then --flag NAME=VALUE overrides and --replace OLD=NEW
+    substitutions (so a test can move addresses to loopback and mounts to temp dirs)."""
+    objs = load(args.file)
+    obj = find(objs, args.kind, args.name)
+    if not obj:
+        print(f"{args.file}: no {args.kind}/{args.name}", file=sys.stderr)
+        return 1
+    container = obj["spec"]["template"]["spec"]["containers"][0]
+    env = {}
+    for e in container.get("env", []):
+        source = e.get("valueFrom", {})
+        if "value" in e:
+            env[e["name"]] = e["value"]
+        elif "configMapKeyRef" in source:
+            ref = source["configMapKeyRef"]
+            env[e["name"]] = find(objs, "ConfigMap", ref["name"])["data"][ref["key"]]
+        elif source.get("fieldRef", {}).get("fieldPath") == "metadata.namespace":
+            env[e["name"]] = obj["metadata"]["namespace"]
+    argv = [re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), a)
+            for a in container.get("command", []) + container.get("args", [])]
+    for override in args.flag:
+        flag, value = override.split("=", 1)
+        hits = [i for i, a in enumerate(argv) if a.startswith(f"--{flag}=")]
+        if not hits:
+            print(f"{ident(obj)}: no --{flag}= to override", file=sys.stderr)
+            return 1
+        for i in hits:
+            argv[i] = f"--{flag}={value}"
+    for pair in args.replace:
+        old, new = pair.split("=", 1)
+        argv = [a.replace(old, new) for a in argv]
+    print("\n".join(argv))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # helpers for the Prometheus part of the test
 
 
@@ -297,18 +388,23 @@ def cmd_extract_proxy_config(args):
 def cmd_prometheus_test_config(args):
     with open(args.snippet, encoding="utf-8") as f:
         snippet = yaml.safe_load(f)
-    job = next((j for j in snippet.get("scrape_configs", []) if j.get("job_name") == args.job), None)
-    if job is None:
-        print(f"{args.snippet}: no job {args.job}", file=sys.stderr)
-        return 1
-    # Only discovery (static, for the test) and the interval (fast, for a short test) change;
-    # path, scheme and relabelling stay as users get them.
-    for key in [k for k in job if k.endswith("_sd_configs")]:
-        del job[key]
-    job["static_configs"] = [{"targets": [args.target]}]
-    job["scrape_interval"] = "1s"
+    jobs = {j.get("job_name"): j for j in snippet.get("scrape_configs", [])}
+    scrape_configs = []
+    for pair in args.targets:
+        name, target = pair.split("=", 1)
+        job = jobs.get(name)
+        if job is None:
+            print(f"{args.snippet}: no job {name}", file=sys.stderr)
+            return 1
+        # Only discovery (static, for the test) and the interval (fast, for a short test)
+        # change; path, scheme and relabelling stay as users get them.
+        for key in [k for k in job if k.endswith("_sd_configs")]:
+            del job[key]
+        job["static_configs"] = [{"targets": [target]}]
+        job["scrape_interval"] = "1s"
+        scrape_configs.append(job)
     config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-              "scrape_configs": [job]}
+              "scrape_configs": scrape_configs}
     with open(args.out, "w", encoding="utf-8") as f:
         yaml.safe_dump(config, f, sort_keys=False)
     return 0
@@ -324,15 +420,25 @@ def main():
     g = sub.add_parser("gateway")
     g.add_argument("file")
     g.set_defaults(func=cmd_gateway)
+    a = sub.add_parser("args")
+    a.add_argument("--binary", action="append", default=[], help="NAME=PATH")
+    a.add_argument("files", nargs="+")
+    a.set_defaults(func=cmd_args)
+    c = sub.add_parser("argv")
+    c.add_argument("file")
+    c.add_argument("kind")
+    c.add_argument("name")
+    c.add_argument("--flag", action="append", default=[], help="NAME=VALUE")
+    c.add_argument("--replace", action="append", default=[], help="OLD=NEW")
+    c.set_defaults(func=cmd_argv)
     e = sub.add_parser("extract-proxy-config")
     e.add_argument("file")
     e.add_argument("out")
     e.set_defaults(func=cmd_extract_proxy_config)
     t = sub.add_parser("prometheus-test-config")
     t.add_argument("snippet")
-    t.add_argument("job")
-    t.add_argument("target")
     t.add_argument("out")
+    t.add_argument("targets", nargs="+", metavar="JOB=HOST:PORT")
     t.set_defaults(func=cmd_prometheus_test_config)
     args = p.parse_args()
     sys.exit(args.func(args))

@@ -84,6 +84,7 @@ mod tests {
             upstreams: upstreams.into_boxed_slice(),
             bytes_to_upstream: metrics::Counter::noop(),
             bytes_to_downstream: metrics::Counter::noop(),
+            connect_duration: metrics::Histogram::noop(),
         }
     }
 

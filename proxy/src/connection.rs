@@ -119,7 +119,7 @@ pub(crate) async fn serve(
             return finish(&shared, &stats, report, started);
         }
     };
-    metrics::histogram!(m::CONNECT_DURATION, "route" => set.route.to_string())
+    set.connect_duration
         .record(connect_started.elapsed().as_secs_f64());
     report.endpoint = Some(connected.peer);
     let mut upstream = connected.stream;
@@ -175,7 +175,8 @@ async fn read_hello(
                 Ok(_) => {}
             }
             match client_hello::parse(buf) {
-                Ok(Parse::NeedMore) if buf.len() <= MAX_HELLO_BYTES + 5 => continue,
+                // Slack for the record headers of a hello split over several records.
+                Ok(Parse::NeedMore) if buf.len() <= MAX_HELLO_BYTES + 1024 => continue,
                 Ok(Parse::NeedMore) | Err(HelloError::TooLarge) => return Err(Outcome::Malformed),
                 // Done, or an error the caller reports with its reason.
                 _ => return Ok(()),

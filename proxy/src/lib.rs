@@ -10,6 +10,7 @@ mod balance;
 pub mod client_hello;
 mod connect;
 mod connection;
+pub mod control_client;
 mod copy;
 pub mod istio_sni;
 mod listener;
@@ -147,6 +148,15 @@ impl Proxy {
         let removed = {
             let _apply = Shared::lock(&self.shared.apply);
             let old = self.shared.routing.load_full();
+            if self.shared.config_version.load(Ordering::SeqCst) > 0
+                && old.config.admin.address != config.admin.address
+            {
+                tracing::warn!(
+                    old = %old.config.admin.address,
+                    new = %config.admin.address,
+                    "admin.address changes take effect at the next restart"
+                );
+            }
             if self.shared.routes_from_control.load(Ordering::SeqCst) {
                 config.routes = old.config.routes.clone();
             }

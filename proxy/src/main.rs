@@ -2,7 +2,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use eastwest_proxy::Proxy;
+use eastwest_proxy::{control_client, Proxy};
 
 /// SNI-routing TLS passthrough east-west gateway, Istio-compatible.
 #[derive(Debug, Parser)]
@@ -14,6 +14,33 @@ struct Cli {
     /// Validate the config and exit: 0 when usable, 1 with every problem listed otherwise.
     #[arg(long)]
     check: bool,
+    /// eastwest-control to take route tables from (`https://host:15010`, or
+    /// `http://127.0.0.1:port` for plain text on loopback). The config file's routes are used
+    /// until the first table arrives.
+    #[arg(long, env = "EASTWEST_CONTROL_URL", requires_all = ["cluster", "network"])]
+    control: Option<String>,
+    /// This gateway's cluster, as eastwest-control knows it (e.g. `ash`).
+    #[arg(long, env = "EASTWEST_CLUSTER")]
+    cluster: Option<String>,
+    /// This gateway's network (e.g. `network2`).
+    #[arg(long, env = "EASTWEST_NETWORK")]
+    network: Option<String>,
+    /// Certificate chain (PEM) of this gateway's mesh identity, for mTLS to eastwest-control.
+    #[arg(long, requires_all = ["control_key", "control_root"])]
+    control_cert: Option<PathBuf>,
+    /// Private key (PEM) for --control-cert.
+    #[arg(long)]
+    control_key: Option<PathBuf>,
+    /// Mesh root certificate (PEM); eastwest-control must chain to it and be in its trust domain.
+    #[arg(long)]
+    control_root: Option<PathBuf>,
+    /// Keeps the last table from eastwest-control here, so a restart while control is down
+    /// still routes.
+    #[arg(long, env = "EASTWEST_ROUTE_CACHE")]
+    route_cache: Option<PathBuf>,
+    /// Threads relaying traffic (default: one per CPU the process may run on).
+    #[arg(long, env = "EASTWEST_WORKER_THREADS")]
+    worker_threads: Option<usize>,
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -58,13 +85,66 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli, config: eastwest_routes::ProxyConfig) -> anyhow::Result<()> {
+    // Read everything that can fail before binding, so a mistake exits at once.
+    let control = control_client_config(&cli)?;
+    let cached = match &cli.route_cache {
+        Some(path) => control_client::load_route_cache(path)?,
+        None => None,
+    };
     let proxy = Proxy::start(config).await?;
     proxy.set_config_file(cli.config.clone());
     tracing::info!(admin = %proxy.admin_addr(), "eastwest-proxy started");
     eastwest_proxy::watch_config_file(proxy.clone(), cli.config.clone())?;
+    if let Some(control) = control {
+        // Not ready until there are routes from control (or from the cache of its last table).
+        proxy.set_ready(false);
+        if let Some(table) = cached {
+            let version = table.version;
+            match proxy.apply_routes(table) {
+                Ok(()) => {
+                    tracing::info!(
+                        version,
+                        "routing with the cached table until control answers"
+                    );
+                    proxy.set_ready(true);
+                }
+                Err(why) => tracing::warn!(%why, "ignoring the route cache"),
+            }
+        }
+        let applier = proxy.clone();
+        tokio::spawn(control_client::run(control, move |table| {
+            applier.apply_routes(table)?;
+            applier.set_ready(true);
+            Ok(())
+        }));
+    }
     shutdown_signal().await?;
     proxy.shutdown().await;
     Ok(())
+}
+
+fn control_client_config(cli: &Cli) -> anyhow::Result<Option<control_client::ControlClientConfig>> {
+    let Some(url) = cli.control.clone() else {
+        return Ok(None);
+    };
+    let tls = match (&cli.control_cert, &cli.control_key, &cli.control_root) {
+        (Some(cert), Some(key), Some(root)) => {
+            let identity = eastwest_certs::Identity::load(cert, key, root)?;
+            let trust_domain = identity.spiffe_id().trust_domain.clone();
+            Some(identity.client_config(eastwest_certs::PeerPolicy::TrustDomain(trust_domain))?)
+        }
+        _ if url.starts_with("https://") => {
+            anyhow::bail!("--control {url} needs --control-cert, --control-key and --control-root")
+        }
+        _ => None,
+    };
+    Ok(Some(control_client::ControlClientConfig {
+        url,
+        cluster: cli.cluster.clone().unwrap_or_default(),
+        network: cli.network.clone().unwrap_or_default(),
+        tls,
+        route_cache: cli.route_cache.clone(),
+    }))
 }
 
 async fn shutdown_signal() -> anyhow::Result<()> {

@@ -7,7 +7,7 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
 use eastwest_routes::{ListenerMode, ProxyConfig, SniPattern};
-use metrics::Counter;
+use metrics::{Counter, Histogram};
 
 use crate::istio_sni::IstioSni;
 use crate::metrics as m;
@@ -44,6 +44,7 @@ pub struct UpstreamSet {
     pub upstreams: Box<[Upstream]>,
     pub bytes_to_upstream: Counter,
     pub bytes_to_downstream: Counter,
+    pub connect_duration: Histogram,
 }
 
 /// Why an auto-passthrough SNI did not route.
@@ -75,16 +76,7 @@ impl Routing {
     /// Compiles `config` (already validated). Connection counts of upstreams that `previous`
     /// also had are carried over.
     pub fn compile(config: ProxyConfig, previous: Option<&Routing>) -> Routing {
-        let mut counters: HashMap<Target, Arc<AtomicUsize>> = HashMap::new();
-        if let Some(prev) = previous {
-            for set in prev.all_sets() {
-                for u in set.upstreams.iter() {
-                    counters.insert(u.target.clone(), u.active.clone());
-                }
-            }
-        }
-        let mut counter_for = |t: &Target| counters.entry(t.clone()).or_default().clone();
-
+        let mut build = SetBuilder::carrying_over(previous);
         let mut services: HashMap<String, HashMap<u16, PortRoutes>> = HashMap::new();
         for svc in &config.routes.services {
             let ports = services
@@ -92,27 +84,17 @@ impl Routing {
                 .or_default();
             for port in &svc.ports {
                 let route: Arc<str> = format!("{}:{}", svc.hostname, port.port).into();
-                let make =
-                    |endpoints: &mut dyn Iterator<Item = &eastwest_routes::Endpoint>,
-                     counter_for: &mut dyn FnMut(&Target) -> Arc<AtomicUsize>| {
-                        let upstreams = endpoints
-                            .map(|ep| {
-                                let target = Target::Addr(ep.address);
-                                Upstream {
-                                    active: counter_for(&target),
-                                    target,
-                                }
-                            })
-                            .collect();
-                        Arc::new(upstream_set(route.clone(), upstreams))
-                    };
+                let addrs = |eps: &mut dyn Iterator<Item = &eastwest_routes::Endpoint>| {
+                    eps.map(|ep| Target::Addr(ep.address)).collect::<Vec<_>>()
+                };
                 let entry = ports.entry(port.port).or_default();
-                entry.all = Some(make(&mut port.endpoints.iter(), &mut counter_for));
+                entry.all = Some(build.set(&route, addrs(&mut port.endpoints.iter())));
                 for subset in &svc.subsets {
-                    let mut selected = port.endpoints.iter().filter(|ep| subset.selects(ep));
+                    let selected =
+                        addrs(&mut port.endpoints.iter().filter(|ep| subset.selects(ep)));
                     entry
                         .subsets
-                        .insert(subset.name.clone(), make(&mut selected, &mut counter_for));
+                        .insert(subset.name.clone(), build.set(&route, selected));
                 }
             }
         }
@@ -126,22 +108,16 @@ impl Routing {
                 .rules
                 .iter()
                 .map(|rule| {
-                    let upstreams = rule
+                    let targets = rule
                         .upstreams
                         .iter()
-                        .map(|u| {
-                            let target = match u.parse::<SocketAddr>() {
-                                Ok(addr) => Target::Addr(addr),
-                                Err(_) => Target::Name(u.clone()),
-                            };
-                            Upstream {
-                                active: counter_for(&target),
-                                target,
-                            }
+                        .map(|u| match u.parse::<SocketAddr>() {
+                            Ok(addr) => Target::Addr(addr),
+                            Err(_) => Target::Name(u.clone()),
                         })
                         .collect();
-                    let route = format!("{}/{}", listener.name, rule.sni).into();
-                    (rule.sni.clone(), Arc::new(upstream_set(route, upstreams)))
+                    let route: Arc<str> = format!("{}/{}", listener.name, rule.sni).into();
+                    (rule.sni.clone(), build.set(&route, targets))
                 })
                 .collect();
             rules.sort_by_key(|(pattern, _)| std::cmp::Reverse(pattern.specificity()));
@@ -197,11 +173,75 @@ impl Routing {
     }
 }
 
-fn upstream_set(route: Arc<str>, upstreams: Vec<Upstream>) -> UpstreamSet {
-    UpstreamSet {
-        bytes_to_upstream: m::bytes(&route, m::TO_UPSTREAM),
-        bytes_to_downstream: m::bytes(&route, m::TO_DOWNSTREAM),
-        route,
-        upstreams: upstreams.into_boxed_slice(),
+/// Makes upstream sets, reusing what the previous snapshot already had: each upstream's
+/// connection count (so balancing survives swaps) and each route's metric handles (so a big
+/// table update does not re-register thousands of series).
+struct SetBuilder {
+    active: HashMap<Target, Arc<AtomicUsize>>,
+    metrics: HashMap<Arc<str>, RouteMetrics>,
+}
+
+impl SetBuilder {
+    fn carrying_over(previous: Option<&Routing>) -> Self {
+        let mut builder = SetBuilder {
+            active: HashMap::new(),
+            metrics: HashMap::new(),
+        };
+        for set in previous.iter().flat_map(|p| p.all_sets()) {
+            for u in set.upstreams.iter() {
+                builder.active.insert(u.target.clone(), u.active.clone());
+            }
+            builder
+                .metrics
+                .insert(set.route.clone(), RouteMetrics::of(set));
+        }
+        builder
+    }
+
+    fn set(&mut self, route: &Arc<str>, targets: Vec<Target>) -> Arc<UpstreamSet> {
+        let upstreams = targets
+            .into_iter()
+            .map(|target| Upstream {
+                active: self.active.entry(target.clone()).or_default().clone(),
+                target,
+            })
+            .collect();
+        let metrics = self
+            .metrics
+            .entry(route.clone())
+            .or_insert_with(|| RouteMetrics::new(route))
+            .clone();
+        Arc::new(UpstreamSet {
+            route: route.clone(),
+            upstreams,
+            bytes_to_upstream: metrics.bytes_to_upstream,
+            bytes_to_downstream: metrics.bytes_to_downstream,
+            connect_duration: metrics.connect_duration,
+        })
+    }
+}
+
+#[derive(Clone)]
+struct RouteMetrics {
+    bytes_to_upstream: Counter,
+    bytes_to_downstream: Counter,
+    connect_duration: Histogram,
+}
+
+impl RouteMetrics {
+    fn new(route: &str) -> Self {
+        RouteMetrics {
+            bytes_to_upstream: m::bytes(route, m::TO_UPSTREAM),
+            bytes_to_downstream: m::bytes(route, m::TO_DOWNSTREAM),
+            connect_duration: metrics::histogram!(m::CONNECT_DURATION, "route" => route.to_string()),
+        }
+    }
+
+    fn of(set: &UpstreamSet) -> Self {
+        RouteMetrics {
+            bytes_to_upstream: set.bytes_to_upstream.clone(),
+            bytes_to_downstream: set.bytes_to_downstream.clone(),
+            connect_duration: set.connect_duration.clone(),
+        }
     }
 }

@@ -63,3 +63,122 @@ fn missing_file_is_named() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/gw.yaml: cannot read"));
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some((
+        out.get(9..12)?.parse().ok()?,
+        out.split_once("\r\n\r\n")?.1.to_string(),
+    ))
+}
+
+/// Kills the child when the test ends, pass or fail.
+struct Running(std::process::Child);
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn restart_while_control_is_down_routes_from_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_port();
+    let config = dir.path().join("gw.yaml");
+    std::fs::write(
+        &config,
+        format!("admin: {{address: 127.0.0.1:{admin}}}\nlisteners:\n  - name: tls\n    address: 127.0.0.1:0\n"),
+    )
+    .unwrap();
+    let cache = dir.path().join("routes.json");
+    std::fs::write(
+        &cache,
+        r#"{"version": 42, "services": [{"hostname": "sglang.demo.svc.cluster.local",
+            "ports": [{"port": 8000, "endpoints": [{"address": "10.0.0.9:8000"}]}]}]}"#,
+    )
+    .unwrap();
+    // Nothing listens on the control port: control is down.
+    let control = format!("http://127.0.0.1:{}", free_port());
+    let _proxy = Running(
+        proxy()
+            .arg("--config")
+            .arg(&config)
+            .args([
+                "--control",
+                &control,
+                "--cluster",
+                "ash",
+                "--network",
+                "network2",
+            ])
+            .arg("--route-cache")
+            .arg(&cache)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        if let Some((200, _)) = http_get(admin, "/healthz/ready") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never became ready from the cache"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let (_, dump) = http_get(admin, "/config_dump").unwrap();
+    let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    assert_eq!(dump["route_table_version"], 42);
+    assert_eq!(dump["routes_source"], "control");
+    assert_eq!(
+        dump["config"]["routes"]["services"][0]["hostname"],
+        "sglang.demo.svc.cluster.local"
+    );
+}
+
+#[test]
+fn https_control_without_an_identity_is_refused_up_front() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gw.yaml");
+    std::fs::write(
+        &path,
+        "admin: {address: 127.0.0.1:0}\nlisteners:\n  - name: tls\n    address: 127.0.0.1:0\n",
+    )
+    .unwrap();
+    let out = proxy()
+        .arg("--config")
+        .arg(&path)
+        .args([
+            "--control",
+            "https://control:15010",
+            "--cluster",
+            "ash",
+            "--network",
+            "n2",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs --control-cert"));
+}

@@ -63,6 +63,16 @@ async fn file_reload_under_traffic_keeps_established_connections() {
     let mut established = istio_connect(gw, &pki.client, &sni).await.unwrap();
     assert!(greeting(&mut established).await.starts_with("old "));
     echo_roundtrip(&mut established, b"before").await;
+    // Traffic keeps flowing on it while the reloads happen.
+    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let traffic = tokio::spawn(async move {
+        let mut roundtrips = 0u32;
+        while stop_rx.try_recv().is_err() && roundtrips < 100_000 {
+            echo_roundtrip(&mut established, b"tick").await;
+            roundtrips += 1;
+        }
+        (established, roundtrips)
+    });
 
     // A broken file is refused and counted; the old config keeps routing.
     std::fs::write(&path, "listeners: [{name: reload, address: nope}]\n").unwrap();
@@ -84,7 +94,10 @@ async fn file_reload_under_traffic_keeps_established_connections() {
     let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
     assert!(dump["config_version"].as_u64().unwrap() >= 2);
 
-    // The connection made before both reloads still flows.
+    // The connection made before both reloads flowed throughout and still does.
+    stop_tx.send(()).unwrap();
+    let (mut established, roundtrips) = traffic.await.unwrap();
+    assert!(roundtrips > 0);
     echo_roundtrip(&mut established, b"after two reloads").await;
 }
 

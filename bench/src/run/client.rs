@@ -99,16 +99,26 @@ impl Target {
 
     /// A connection ready to send: an idle pooled one (keepalive) or a new one.
     pub async fn checkout(&self) -> Result<Sender, Failure> {
+        Ok(self.checkout_reused().await?.0)
+    }
+
+    /// Like [`Target::checkout`]; also says whether the connection came from the pool.
+    pub async fn checkout_reused(&self) -> Result<(Sender, bool), Failure> {
         if self.mode == ConnectionMode::Keepalive {
             loop {
                 let candidate = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
                 let Some(mut sender) = candidate else { break };
                 // A connection the server closed while idle is dropped, not used.
                 if sender.ready().await.is_ok() {
-                    return Ok(sender);
+                    return Ok((sender, true));
                 }
             }
         }
+        Ok((self.connect().await?, false))
+    }
+
+    /// A new connection, bypassing the pool.
+    pub async fn connect_new(&self) -> Result<Sender, Failure> {
         self.connect().await
     }
 

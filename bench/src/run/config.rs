@@ -116,15 +116,21 @@ pub struct TlsFiles<'a> {
     pub spiffe_ids: &'a [String],
     /// Verify that the server's SPIFFE ID is in this trust domain instead of its name.
     pub spiffe_trust_domain: Option<&'a str>,
+    /// Check the server's host name even when the client certificate is a mesh (SPIFFE) one.
+    pub verify_hostname: bool,
 }
 
 impl TlsClient {
     /// Builds the client config: SPIFFE verification (eastwest-certs) when a SPIFFE policy is
-    /// given, else WebPKI hostname verification against `--cacert` or the system roots.
+    /// given, or when the client certificate is a mesh one (its SPIFFE ID's trust domain is
+    /// then required of the server, as mesh certificates carry no DNS names); else WebPKI
+    /// hostname verification against `--cacert` or the system roots.
     pub fn from_files(files: &TlsFiles<'_>) -> anyhow::Result<TlsClient> {
         let spiffe = !files.spiffe_ids.is_empty() || files.spiffe_trust_domain.is_some();
         let mut config = if spiffe {
             spiffe_config(files)?
+        } else if let Some(config) = mesh_config(files)? {
+            config
         } else {
             webpki_config(files)?
         };
@@ -153,6 +159,31 @@ fn spiffe_config(files: &TlsFiles<'_>) -> anyhow::Result<Arc<rustls::ClientConfi
     identity
         .client_config(policy)
         .context("building the SPIFFE client config")
+}
+
+/// SPIFFE verification within the client's own trust domain, if the client certificate is
+/// a mesh one and host-name checks were not asked for.
+fn mesh_config(files: &TlsFiles<'_>) -> anyhow::Result<Option<Arc<rustls::ClientConfig>>> {
+    let (Some(cert), Some(key), Some(ca)) = (files.cert, files.key, files.cacert) else {
+        return Ok(None);
+    };
+    if files.verify_hostname {
+        return Ok(None);
+    }
+    // Not a mesh identity (no SPIFFE ID, or a CA bundle of several roots): plain WebPKI.
+    let Ok(identity) = eastwest_certs::Identity::load(cert, key, ca) else {
+        return Ok(None);
+    };
+    let td = identity.spiffe_id().trust_domain.clone();
+    tracing::info!(
+        "client certificate is {}: verifying the server's SPIFFE ID is in trust domain {td} \
+         (not its host name; --verify-hostname to change)",
+        identity.spiffe_id()
+    );
+    let config = identity
+        .client_config(eastwest_certs::PeerPolicy::TrustDomain(td))
+        .context("building the SPIFFE client config")?;
+    Ok(Some(config))
 }
 
 fn webpki_config(files: &TlsFiles<'_>) -> anyhow::Result<Arc<rustls::ClientConfig>> {

@@ -207,21 +207,25 @@ async fn stream(
     body: Bytes,
     state: &mut StreamState,
 ) -> Result<(), Failure> {
-    let mut sender = target.checkout().await?;
-    let mut req = http::Request::post(format!("{}{}", target.path_prefix, backend.path()))
-        .header(http::header::HOST, target.authority.as_str())
-        .header(http::header::CONTENT_TYPE, "application/json")
-        .header(http::header::ACCEPT, "text/event-stream");
-    if let Ok(key) = std::env::var("OPENAI_API_KEY") {
-        req = req.header(http::header::AUTHORIZATION, format!("Bearer {key}"));
-    }
-    let req = req
-        .body(Full::new(body))
-        .map_err(|e| Failure::new("request", e.to_string()))?;
-    let resp = sender
-        .send_request(req)
+    let (mut sender, reused) = target.checkout_reused().await?;
+    let resp = match sender
+        .send_request(build_request(target, backend, body.clone())?)
         .await
-        .map_err(|e| Failure::new("send", e.to_string()))?;
+    {
+        Ok(resp) => resp,
+        // A pooled connection the server closed just as we sent (idle timeout race): the
+        // request never reached it, so retry once on a new connection, like HTTP clients
+        // do. The clock keeps running from the first attempt.
+        Err(e) if reused && (e.is_canceled() || e.is_closed() || e.is_incomplete_message()) => {
+            tracing::debug!("pooled connection closed under us ({e}); retrying on a new one");
+            sender = target.connect_new().await?;
+            sender
+                .send_request(build_request(target, backend, body)?)
+                .await
+                .map_err(|e| Failure::new("send", e.to_string()))?
+        }
+        Err(e) => return Err(Failure::new("send", e.to_string())),
+    };
     let status = resp.status();
     if status != http::StatusCode::OK {
         let snippet = read_snippet(resp.into_body()).await;
@@ -273,6 +277,22 @@ async fn stream(
     drop(body);
     target.checkin(sender);
     Ok(())
+}
+
+fn build_request(
+    target: &Target,
+    backend: Backend,
+    body: Bytes,
+) -> Result<http::Request<Full<Bytes>>, Failure> {
+    let mut req = http::Request::post(format!("{}{}", target.path_prefix, backend.path()))
+        .header(http::header::HOST, target.authority.as_str())
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .header(http::header::ACCEPT, "text/event-stream");
+    if let Ok(key) = std::env::var("OPENAI_API_KEY") {
+        req = req.header(http::header::AUTHORIZATION, format!("Bearer {key}"));
+    }
+    req.body(Full::new(body))
+        .map_err(|e| Failure::new("request", e.to_string()))
 }
 
 /// Up to ~200 bytes of an error body, for the failure detail.

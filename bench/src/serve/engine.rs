@@ -4,6 +4,8 @@
 //!
 //! Chunk `c` is due at `start + ttft + itl * (index of its last token)`, computed from the
 //! request's start rather than from the previous chunk, so timer lateness never accumulates.
+//! Due times are kept with the WAN link's sub-millisecond timer rather than tokio's 1 ms
+//! wheel, which would make every token up to 1 ms late.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -14,13 +16,14 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use tokio::sync::{mpsc, Semaphore, SemaphorePermit};
-use tokio::time::{sleep_until, Instant};
+use tokio::time::Instant;
 
 use super::wire::{
     ChatChoice, ChatChunk, ChatResponse, ChatStreamChoice, CompletionChoice, CompletionChunk,
     CompletionResponse, CompletionStreamChoice, Delta, ResponseMessage, Usage,
 };
 use super::{ServeConfig, ServeStats};
+use crate::wan::timer::Alarm;
 
 /// Output tokens: short English words, so streamed text looks like text.
 const WORDS: [&str; 32] = [
@@ -215,17 +218,18 @@ impl Engine {
             chunks: &self.counters.chunks,
         };
         let mut text = String::with_capacity(per_chunk * 12);
+        let mut alarm = Alarm::new();
         let model = job.model.as_str();
         let id = req.id.as_str();
 
         if n == 0 {
-            sleep_or_closed(first, &tx).await;
+            sleep_or_closed(&mut alarm, first, &tx).await;
         }
         let mut emitted = 0usize;
         while emitted < n {
             let in_chunk = per_chunk.min(n - emitted);
             let due = first + self.cfg.itl * (emitted + in_chunk - 1) as u32;
-            if !sleep_or_closed(due, &tx).await {
+            if !sleep_or_closed(&mut alarm, due, &tx).await {
                 return;
             }
             if emitted == 0
@@ -319,7 +323,7 @@ impl Engine {
         let first = start + self.sample_ttft(&mut req.rng);
         let n = job.output_tokens;
         let last = first + self.cfg.itl * n.saturating_sub(1) as u32;
-        sleep_until(last).await;
+        Alarm::new().sleep_until(last).await;
         let mut text = String::with_capacity(n * 10);
         for i in 0..n {
             push_token(&mut text, i, &mut req.rng);
@@ -373,9 +377,9 @@ fn push_token(text: &mut String, index: usize, rng: &mut StdRng) {
 }
 
 /// Sleeps until `deadline`; false if the client went away first.
-async fn sleep_or_closed(deadline: Instant, tx: &mpsc::Sender<Bytes>) -> bool {
+async fn sleep_or_closed(alarm: &mut Alarm, deadline: Instant, tx: &mpsc::Sender<Bytes>) -> bool {
     tokio::select! {
-        _ = sleep_until(deadline) => true,
+        _ = alarm.sleep_until(deadline) => true,
         _ = tx.closed() => false,
     }
 }

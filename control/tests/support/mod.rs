@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod apiserver;
+pub mod control;
 pub mod objects;
 
 use std::future::Future;

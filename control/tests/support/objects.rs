@@ -113,3 +113,14 @@ mod base64_lite {
         out
     }
 }
+
+/// A Pod with labels (control reads only its metadata).
+pub fn pod(ns: &str, name: &str, labels: &[(&str, &str)]) -> Value {
+    let labels: serde_json::Map<String, Value> = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), json!(v)))
+        .collect();
+    json!({"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": name, "namespace": ns, "labels": labels},
+           "spec": {"containers": [{"name": "app", "image": "app"}]}})
+}

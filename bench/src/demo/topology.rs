@@ -1,0 +1,143 @@
+//! The seed's two-region path, in-process on 127.0.0.1:
+//! fra client --(WAN link, RTT)--> ash east-west gateway (eastwest-proxy, AUTO_PASSTHROUGH)
+//! --> ash model server (mTLS, SPIFFE certs from one mesh root, per-cluster intermediates).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use eastwest_certs::{Mesh, PeerPolicy, SpiffeId};
+use eastwest_routes::{
+    Endpoint, ListenerConfig, ListenerMode, ProxyConfig, RouteTable, Service, ServicePort,
+};
+
+use crate::run::TlsClient;
+use crate::serve::{ModelServer, ServeConfig};
+use crate::wan::{WanLink, WanOptions};
+
+pub const TRUST_DOMAIN: &str = "cluster.local";
+pub const SERVICE_HOST: &str = "sglang.demo.svc.cluster.local";
+pub const SERVICE_PORT: u16 = 8000;
+/// What an Istio sidecar in fra sends to the remote east-west gateway.
+pub const GATEWAY_SNI: &str = "outbound_.8000_._.sglang.demo.svc.cluster.local";
+
+/// What the demo's model behaves like and how far away it is.
+#[derive(Debug, Clone)]
+pub struct TopologyOptions {
+    pub rtt: Duration,
+    pub ttft: Duration,
+    pub itl: Duration,
+}
+
+pub struct Topology {
+    pub server: ModelServer,
+    pub proxy: eastwest_proxy::Proxy,
+    pub wan: WanLink,
+    /// fra's open-webui identity, verifying the server's SPIFFE ID (not its name).
+    pub client_tls: TlsClient,
+    pub server_addr: SocketAddr,
+    pub gateway_addr: SocketAddr,
+    pub wan_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub server_id: SpiffeId,
+    pub client_id: SpiffeId,
+}
+
+impl Topology {
+    pub async fn start(opts: &TopologyOptions) -> anyhow::Result<Topology> {
+        let mesh = Mesh::generate(TRUST_DOMAIN, &["fra", "ash"]).context("generating mesh PKI")?;
+        let server_id = SpiffeId::workload(TRUST_DOMAIN, "demo", "sglang");
+        let client_id = SpiffeId::workload(TRUST_DOMAIN, "demo", "open-webui");
+        let server_identity = mesh
+            .workload("ash", &server_id)
+            .context("issuing the ash sglang certificate")?;
+        let client_identity = mesh
+            .workload("fra", &client_id)
+            .context("issuing the fra open-webui certificate")?;
+        let server_tls = server_identity
+            .server_config(PeerPolicy::Exact(vec![client_id.clone()]))
+            .context("server TLS config")?;
+        let mut client_config = client_identity
+            .client_config(PeerPolicy::Exact(vec![server_id.clone()]))
+            .context("client TLS config")?;
+        std::sync::Arc::make_mut(&mut client_config).alpn_protocols = vec![b"http/1.1".to_vec()];
+
+        let loopback: SocketAddr = "127.0.0.1:0".parse()?;
+        let server = ModelServer::start(
+            loopback,
+            ServeConfig {
+                ttft: opts.ttft,
+                itl: opts.itl,
+                model: "demo-model".into(),
+                tls: Some(server_tls),
+                ..ServeConfig::default()
+            },
+        )
+        .await
+        .context("starting the ash model server")?;
+        let server_addr = server.local_addr();
+
+        let mut cfg = ProxyConfig::with_listeners(vec![ListenerConfig::new(
+            "tls",
+            loopback,
+            ListenerMode::AutoPassthrough,
+        )]);
+        cfg.admin.address = loopback;
+        cfg.routes = RouteTable {
+            services: vec![Service {
+                hostname: SERVICE_HOST.into(),
+                subsets: vec![],
+                ports: vec![ServicePort {
+                    port: SERVICE_PORT,
+                    name: None,
+                    endpoints: vec![Endpoint {
+                        address: server_addr,
+                        labels: Default::default(),
+                    }],
+                }],
+            }],
+            ..Default::default()
+        };
+        let proxy = eastwest_proxy::Proxy::start(cfg)
+            .await
+            .context("starting the ash east-west gateway")?;
+        let gateway_addr = proxy
+            .listener_addr("tls")
+            .context("gateway has no \"tls\" listener")?;
+        let admin_addr = proxy.admin_addr();
+
+        let wan = WanLink::start(
+            loopback,
+            gateway_addr,
+            WanOptions {
+                rtt: opts.rtt,
+                ..WanOptions::default()
+            },
+        )
+        .await
+        .context("starting the fra->ash WAN link")?;
+        let wan_addr = wan.local_addr();
+
+        Ok(Topology {
+            server,
+            proxy,
+            wan,
+            client_tls: TlsClient {
+                config: client_config,
+            },
+            server_addr,
+            gateway_addr,
+            wan_addr,
+            admin_addr,
+            server_id,
+            client_id,
+        })
+    }
+
+    /// Gateway drains first (clients are done), then the link and the server.
+    pub async fn shutdown(self) {
+        self.proxy.shutdown().await;
+        self.wan.shutdown().await;
+        self.server.shutdown().await;
+    }
+}

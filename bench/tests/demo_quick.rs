@@ -1,0 +1,61 @@
+//! `eastwest-bench demo --quick` runs the whole two-region path and writes its outputs.
+
+#[test]
+fn quick_demo_writes_results_and_plots() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("demo-out");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_eastwest-bench"))
+        .args(["demo", "--quick", "--rtt-ms", "20"])
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for name in [
+        "direct (in-region)",
+        "cross-region keepalive",
+        "cross-region cold",
+    ] {
+        assert!(stdout.contains(name), "table lacks {name}:\n{stdout}");
+    }
+
+    let results: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("results.json")).unwrap()).unwrap();
+    let scenarios = results["scenarios"].as_array().unwrap();
+    assert_eq!(scenarios.len(), 3);
+    for sc in scenarios {
+        let m = &sc["metrics"];
+        assert_eq!(m["completed"], 8, "{}", sc["name"]);
+        assert_eq!(m["failed"], 0);
+        assert_eq!(m["total_output_tokens"], 64);
+        assert!(m["mean_ttft_ms"].as_f64().unwrap() > 0.0);
+        assert!(m["mean_itl_ms"].as_f64().unwrap() > 0.0);
+        assert_eq!(sc["ttfts_ms"].as_array().unwrap().len(), 8);
+        assert_eq!(sc["itls_ms"].as_array().unwrap().len(), 8 * 7);
+    }
+    assert_eq!(
+        results["checks"]["server_sse_events"],
+        results["checks"]["client_sse_events"]
+    );
+    assert!(results["gateway_counters"].as_object().is_some());
+
+    for svg in ["ttft_cdf.svg", "itl_cdf.svg"] {
+        let text = std::fs::read_to_string(out.join(svg)).unwrap();
+        assert!(text.starts_with("<svg"), "{svg}");
+        let doc = roxmltree::Document::parse(&text).unwrap_or_else(|e| panic!("{svg}: {e}"));
+        assert_eq!(doc.root_element().tag_name().name(), "svg");
+        // One curve per scenario, and a legend naming each.
+        assert_eq!(
+            doc.descendants()
+                .filter(|n| n.has_tag_name("polyline"))
+                .count(),
+            3
+        );
+        assert!(text.contains("cross-region cold"));
+    }
+}

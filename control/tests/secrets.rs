@@ -1,0 +1,164 @@
+//! Remote clusters from `istio/multiCluster=true` secrets joining and leaving at runtime, and
+//! readiness that waits for every configured cluster.
+
+mod support;
+
+use eastwest_control::RemoteCluster;
+use support::apiserver::ApiServer;
+use support::control::start_control;
+use support::objects::*;
+use support::{http_get, wait_for};
+
+const RATINGS: &str = "ratings.sample.svc.cluster.local";
+
+async fn remote(network: &str, gateway_ip: &str, ratings_ip: &str) -> ApiServer {
+    let s = ApiServer::start().await;
+    s.apply("namespaces", namespace("istio-system", Some(network)));
+    s.apply(
+        "services",
+        gateway_service("istio-system", "istio-eastwestgateway", gateway_ip),
+    );
+    s.apply("services", service("sample", "ratings", &[("http", 9080)]));
+    s.apply(
+        "endpointslices",
+        slice(
+            "sample",
+            "ratings-1",
+            "ratings",
+            &[("http", 9080)],
+            &[ready(ratings_ip)],
+        ),
+    );
+    s
+}
+
+#[tokio::test]
+async fn remote_secret_cluster_joins_changes_and_leaves_at_runtime() {
+    let fra = ApiServer::start().await;
+    fra.apply(
+        "services",
+        service("sample", "helloworld", &[("http", 5000)]),
+    );
+    let ash = remote("network2", "192.0.2.20", "10.2.0.1").await;
+    let ash_moved = remote("network3", "192.0.2.30", "10.3.0.1").await;
+    let dir = tempfile::tempdir().unwrap();
+    let control = start_control(&fra, dir.path(), |c| {
+        c.secret_namespace = Some("istio-system".into())
+    })
+    .await;
+    wait_for("ready without secrets", || async {
+        control.not_synced().is_empty()
+    })
+    .await;
+    let table = || control.current_table("network1").unwrap_or_default();
+    wait_for("first table", || async {
+        table()
+            .service("helloworld.sample.svc.cluster.local")
+            .is_some()
+    })
+    .await;
+    assert!(table().remote_services.is_empty());
+
+    // Joins: the secret istioctl create-remote-secret writes for ash.
+    fra.apply(
+        "secrets",
+        remote_secret("istio-system", "ash", &ash.kubeconfig("ash")),
+    );
+    wait_for("ash's services", || async {
+        let t = table();
+        t.remote_services
+            .iter()
+            .any(|r| r.hostname == RATINGS && r.network == "network2")
+            && t.network_gateways
+                .iter()
+                .any(|g| g.address == "192.0.2.20:15443")
+    })
+    .await;
+    wait_for("ready with ash", || async {
+        control.not_synced().is_empty()
+    })
+    .await;
+
+    // Changes: the secret now points at another API server (another network).
+    fra.apply(
+        "secrets",
+        remote_secret("istio-system", "ash", &ash_moved.kubeconfig("ash")),
+    );
+    wait_for("ash moved", || async {
+        let t = table();
+        t.remote_services.iter().any(|r| r.network == "network3")
+            && t.network_gateways
+                .iter()
+                .all(|g| g.address == "192.0.2.30:15443")
+    })
+    .await;
+
+    // Leaves.
+    fra.delete("secrets", "istio-system", "istio-remote-secret-ash");
+    wait_for("ash gone", || async {
+        let t = table();
+        t.remote_services.is_empty() && t.network_gateways.is_empty()
+    })
+    .await;
+    let (_, metrics) = http_get(control.admin_addr(), "/metrics").await;
+    assert!(!metrics.contains("cluster=\"ash\""), "{metrics}");
+}
+
+#[tokio::test]
+async fn unusable_remote_secret_is_counted_and_skipped() {
+    let fra = ApiServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let control = start_control(&fra, dir.path(), |c| {
+        c.secret_namespace = Some("istio-system".into())
+    })
+    .await;
+    fra.apply(
+        "secrets",
+        remote_secret("istio-system", "bad", "this: [is not a kubeconfig"),
+    );
+    wait_for("error counted", || async {
+        let (_, m) = http_get(control.admin_addr(), "/metrics").await;
+        m.contains("eastwest_control_remote_secret_errors_total 1")
+    })
+    .await;
+    assert!(
+        control.not_synced().is_empty(),
+        "{:?}",
+        control.not_synced()
+    );
+}
+
+#[tokio::test]
+async fn readiness_waits_for_every_cluster_and_names_the_missing_one() {
+    let fra = ApiServer::start().await;
+    let ash = remote("network2", "192.0.2.20", "10.2.0.1").await;
+    ash.go_down().await;
+    let dir = tempfile::tempdir().unwrap();
+    let kc = dir.path().join("ash.yaml");
+    std::fs::write(&kc, ash.kubeconfig("ash")).unwrap();
+    let control = start_control(&fra, dir.path(), |c| {
+        c.remotes.push(RemoteCluster {
+            name: "ash".into(),
+            kubeconfig: kc,
+        })
+    })
+    .await;
+    wait_for("fra synced", || async {
+        control.not_synced() == ["cluster ash".to_string()]
+    })
+    .await;
+    let (status, body) = http_get(control.admin_addr(), "/healthz/ready").await;
+    assert_eq!((status, body.as_str()), (503, "not synced: cluster ash\n"));
+    assert!(
+        control.current_table("network1").is_none(),
+        "no partial table before sync"
+    );
+
+    ash.come_back().await;
+    wait_for("ready", || async {
+        http_get(control.admin_addr(), "/healthz/ready").await.0 == 200
+    })
+    .await;
+    let t = control.current_table("network1").unwrap();
+    assert_eq!(t.remote_services.len(), 1);
+}

@@ -1,0 +1,29 @@
+//! Starting a control against in-process API servers.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use eastwest_control::{Control, ControlConfig};
+
+use super::apiserver::ApiServer;
+
+/// A control for cluster fra / network1 whose local API server is `fra`; plain text on
+/// loopback, 10 ms debounce, no remote secrets unless `tweak` says otherwise.
+pub async fn start_control(
+    fra: &ApiServer,
+    dir: &Path,
+    tweak: impl FnOnce(&mut ControlConfig),
+) -> Control {
+    let kc = dir.join("fra-local.yaml");
+    std::fs::write(&kc, fra.kubeconfig("fra")).unwrap();
+    let mut cfg = ControlConfig::new("fra", "network1");
+    cfg.kubeconfig = Some(kc);
+    cfg.secret_namespace = None;
+    cfg.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    cfg.admin = SocketAddr::from(([127, 0, 0, 1], 0));
+    cfg.debounce = Duration::from_millis(10);
+    tweak(&mut cfg);
+    Control::start(cfg).await.unwrap()
+}

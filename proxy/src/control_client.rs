@@ -1,0 +1,310 @@
+//! Subscription to eastwest-control's route stream.
+//!
+//! `GET /v1/routes?cluster=C&network=N` over HTTP/2 (mTLS, or h2c on loopback) returns one JSON
+//! [`RouteTable`] per line: the full current table, then every new version. Each table goes to
+//! `apply` (which validates and swaps it in atomically, leaving existing connections alone); a
+//! refused table keeps the old one. While control is unreachable the proxy keeps routing with the
+//! last table it applied, reconnecting with exponential backoff; with a route cache that table
+//! also survives a proxy restart.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, bail, Context};
+use bytes::{Bytes, BytesMut};
+use eastwest_routes::{RouteTable, ROUTES_STREAM_PATH};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+/// Counter of stream (re)connection failures.
+pub const CONTROL_STREAM_ERRORS: &str = "eastwest_control_stream_errors_total";
+/// 1 while a route stream is open.
+pub const CONTROL_CONNECTED: &str = "eastwest_control_connected";
+
+/// A table larger than this is refused (and the stream restarted) rather than buffered.
+const MAX_LINE: usize = 512 << 20;
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+pub struct ControlClientConfig {
+    /// `https://host:port`, or `http://127.0.0.1:port` (plain text only on loopback).
+    pub url: String,
+    pub cluster: String,
+    pub network: String,
+    /// Client identity and trusted root for `https` (ALPN is set to h2 here).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// Where the last applied table is kept for restarts while control is down.
+    pub route_cache: Option<PathBuf>,
+}
+
+/// Loads the cached table at startup: `None` if the file does not exist, an error naming the
+/// file (and line/column) if it is unreadable or corrupt.
+pub fn load_route_cache(path: &Path) -> anyhow::Result<Option<RouteTable>> {
+    let data = match std::fs::read(path) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("reading route cache {}", path.display())),
+    };
+    let table = serde_json::from_slice(&data)
+        .with_context(|| format!("route cache {} is corrupt", path.display()))?;
+    Ok(Some(table))
+}
+
+/// Runs forever: connects, applies every table received, caches applied tables, reconnects
+/// with exponential backoff (100 ms .. 30 s, jittered) after any error.
+pub async fn run(
+    cfg: ControlClientConfig,
+    apply: impl Fn(RouteTable) -> Result<(), String> + Send + Sync + 'static,
+) {
+    let cache = cfg.route_cache.clone().map(spawn_cache_writer);
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let mut applied_any = false;
+        let result = session(&cfg, &apply, cache.as_ref(), &mut applied_any).await;
+        ::metrics::gauge!(CONTROL_CONNECTED).set(0.0);
+        match result {
+            Ok(()) => info!(url = %cfg.url, "control closed the route stream; reconnecting"),
+            Err(e) => {
+                ::metrics::counter!(CONTROL_STREAM_ERRORS).increment(1);
+                warn!(url = %cfg.url, error = format!("{e:#}"),
+                      "route stream failed; keeping the last table and retrying");
+            }
+        }
+        if applied_any {
+            backoff = BACKOFF_MIN;
+        }
+        tokio::time::sleep(jitter(backoff)).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// A value in `[d/2, d]` so that many proxies do not reconnect in lockstep.
+fn jitter(d: Duration) -> Duration {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|t| t.subsec_nanos())
+        .unwrap_or(0);
+    d.mul_f64(0.5 + f64::from(nanos % 1024) / 2048.0)
+}
+
+struct Target {
+    tls: bool,
+    host: String,
+    port: u16,
+    authority: String,
+}
+
+fn parse_url(url: &str, have_tls: bool) -> anyhow::Result<Target> {
+    let uri: http::Uri = url
+        .parse()
+        .with_context(|| format!("control URL {url:?}"))?;
+    let tls = match uri.scheme_str() {
+        Some("https") => true,
+        Some("http") => false,
+        _ => bail!("control URL {url:?}: scheme must be https or http"),
+    };
+    let host = uri
+        .host()
+        .ok_or_else(|| anyhow!("control URL {url:?} has no host"))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    if tls && !have_tls {
+        bail!("control URL {url:?} is https but no TLS identity was configured");
+    }
+    if !tls {
+        let loopback =
+            host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
+        if !loopback {
+            bail!("control URL {url:?}: plain http is only allowed to a loopback address");
+        }
+    }
+    let authority = uri
+        .authority()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|| format!("{host}:{port}"));
+    Ok(Target {
+        tls,
+        host,
+        port,
+        authority,
+    })
+}
+
+type Sender = hyper::client::conn::http2::SendRequest<Empty<Bytes>>;
+
+async fn handshake<IO>(io: IO) -> anyhow::Result<Sender>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        // Notice a control plane that vanished without closing the connection.
+        .keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .keep_alive_while_idle(true)
+        // Tables of 100 000 endpoints are megabytes: large windows avoid stalls.
+        .initial_stream_window_size(8 << 20)
+        .initial_connection_window_size(16 << 20)
+        .handshake(TokioIo::new(io))
+        .await
+        .context("HTTP/2 handshake")?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            debug!(error = %e, "control connection ended");
+        }
+    });
+    Ok(sender)
+}
+
+async fn session(
+    cfg: &ControlClientConfig,
+    apply: &(impl Fn(RouteTable) -> Result<(), String> + Send + Sync),
+    cache: Option<&watch::Sender<Option<Bytes>>>,
+    applied_any: &mut bool,
+) -> anyhow::Result<()> {
+    let target = parse_url(&cfg.url, cfg.tls.is_some())?;
+    let tcp = TcpStream::connect((target.host.as_str(), target.port))
+        .await
+        .with_context(|| format!("connecting to {}", target.authority))?;
+    let _ = tcp.set_nodelay(true);
+    let mut sender = match (&cfg.tls, target.tls) {
+        (Some(tls), true) => {
+            let mut tls = (**tls).clone();
+            tls.alpn_protocols = vec![b"h2".to_vec()];
+            let name = rustls::pki_types::ServerName::try_from(target.host.clone())
+                .with_context(|| format!("{:?} is not a valid TLS server name", target.host))?;
+            let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
+                .connect(name, tcp)
+                .await
+                .with_context(|| format!("TLS handshake with {}", target.authority))?;
+            handshake(stream).await?
+        }
+        _ => handshake(tcp).await?,
+    };
+    let scheme = if target.tls { "https" } else { "http" };
+    let uri = format!(
+        "{scheme}://{}{ROUTES_STREAM_PATH}?cluster={}&network={}",
+        target.authority, cfg.cluster, cfg.network
+    );
+    let req = http::Request::get(uri)
+        .body(Empty::new())
+        .context("building request")?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .context("sending subscription")?;
+    let status = resp.status();
+    let mut body = resp.into_body();
+    if status != http::StatusCode::OK {
+        let text = body
+            .collect()
+            .await
+            .map(|b| String::from_utf8_lossy(&b.to_bytes()).trim().to_string())
+            .unwrap_or_default();
+        bail!("control answered {status}: {text}");
+    }
+    info!(url = %cfg.url, cluster = %cfg.cluster, network = %cfg.network, "subscribed to control");
+    ::metrics::gauge!(CONTROL_CONNECTED).set(1.0);
+
+    let mut buf = BytesMut::new();
+    // Bytes of `buf` already searched for a newline.
+    let mut scanned = 0;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.context("reading route stream")?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        buf.extend_from_slice(&data);
+        while let Some(pos) = buf[scanned..].iter().position(|&b| b == b'\n') {
+            let line = buf.split_to(scanned + pos + 1).freeze();
+            scanned = 0;
+            if handle_line(line, apply, cache) {
+                *applied_any = true;
+            }
+        }
+        scanned = buf.len();
+        if buf.len() > MAX_LINE {
+            bail!("route table line exceeds {MAX_LINE} bytes");
+        }
+    }
+    Ok(())
+}
+
+/// Parses and applies one table; returns whether it was applied.
+fn handle_line(
+    line: Bytes,
+    apply: &impl Fn(RouteTable) -> Result<(), String>,
+    cache: Option<&watch::Sender<Option<Bytes>>>,
+) -> bool {
+    let json = line.strip_suffix(b"\n").unwrap_or(&line);
+    if json.iter().all(u8::is_ascii_whitespace) {
+        return false;
+    }
+    let table: RouteTable = match serde_json::from_slice(json) {
+        Ok(t) => t,
+        Err(e) => {
+            warn!(error = %e, "control sent an unparsable route table; keeping the old one");
+            // Same counter the proxy bumps for tables that fail validation.
+            ::metrics::counter!("eastwest_route_tables_rejected_total").increment(1);
+            return false;
+        }
+    };
+    let version = table.version;
+    match apply(table) {
+        Ok(()) => {
+            info!(version, "applied route table from control");
+            if let Some(cache) = cache {
+                cache.send_replace(Some(line));
+            }
+            true
+        }
+        Err(why) => {
+            warn!(version, reason = %why, "route table from control refused; keeping the old one");
+            false
+        }
+    }
+}
+
+/// Writes the newest applied table to `path` (temp file + rename, so a crash never leaves a
+/// torn cache). Coalesces: a burst of tables costs one write of the last.
+fn spawn_cache_writer(path: PathBuf) -> watch::Sender<Option<Bytes>> {
+    let (tx, mut rx) = watch::channel::<Option<Bytes>>(None);
+    tokio::spawn(async move {
+        while rx.changed().await.is_ok() {
+            let Some(line) = rx.borrow_and_update().clone() else {
+                continue;
+            };
+            let path = path.clone();
+            let result = tokio::task::spawn_blocking(move || write_atomically(&path, &line)).await;
+            match result {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!(error = format!("{e:#}"), "writing the route cache failed"),
+                Err(e) => warn!(error = %e, "route cache writer panicked"),
+            }
+        }
+    });
+    tx
+}
+
+fn write_atomically(path: &Path, data: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut f =
+        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(data)
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    Ok(())
+}

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Runs every check eastwest has, on a fresh Debian machine with only the Rust toolchain:
+#
+#   bash scripts/test.sh
+#
+# 1. installs what the tests need beyond cargo (Debian: prometheus for promtool, openssl,
+#    python3-venv; PyPI into a cached venv: the OpenAI client for the wire-compatibility test);
+# 2. cargo fmt --check and cargo clippy -D warnings over the whole workspace;
+# 3. cargo test over the whole workspace (unit, integration, fuzz-corpus replay, CLI tests);
+# 4. deploy/test.sh: kustomize render, Kubernetes schema validation, Prometheus scraping a
+#    real eastwest-proxy.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+say() { printf '\n=== %s\n' "$*"; }
+
+say "tools"
+missing=()
+command -v promtool >/dev/null || missing+=(prometheus)
+command -v openssl >/dev/null || missing+=(openssl)
+python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+command -v python3 >/dev/null || missing+=(python3)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing from Debian: ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+VENV="${EASTWEST_TEST_VENV:-${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/eastwest-test-venv}"
+if ! "$VENV/bin/python" -c 'import openai' 2>/dev/null; then
+  echo "creating $VENV with the OpenAI Python client"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check openai
+fi
+export EASTWEST_PYTHON="$VENV/bin/python"
+
+say "cargo fmt --check"
+cargo fmt --all -- --check
+
+say "cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+say "cargo test --workspace"
+cargo test --workspace --locked
+
+say "deploy/test.sh"
+EASTWEST_BIN=target/debug bash deploy/test.sh
+
+say "all checks passed"
