@@ -128,29 +128,33 @@ port_free() {
 }
 for a in $BACKEND_ADDR $EASTWEST_ADDR $EASTWEST_ADMIN $NGINX_ADDR $HAPROXY_ADDR; do port_free "$a"; done
 
+# fill DIR TEMPLATE LISTEN: writes DIR/TEMPLATE-without-.in with the @...@ filled in.
 fill() {
     sed -e "s|@WORK@|$WORK|g" -e "s|@BACKEND@|$BACKEND_ADDR|g" -e "s|@NOFILE@|$NOFILE|g" \
         -e "s|@MAXCONN@|$MAX_IDLE|g" -e "s|@ADMIN@|$EASTWEST_ADMIN|g" \
-        -e "s|@LISTEN@|$2|g" "$HERE/$1" >"$WORK/${1%.in}"
-    echo "$WORK/${1%.in}"
+        -e "s|@LISTEN@|$3|g" "$HERE/$2" >"$1/${2%.in}"
+    echo "$1/${2%.in}"
 }
 
 start_gateway() {
     case $1 in
     eastwest)
-        cfg=$(fill eastwest.yaml.in "$EASTWEST_ADDR")
+        # Its own directory: eastwest-proxy watches the config file's directory for reloads,
+        # and the files this script writes to $WORK would wake it.
+        mkdir -p "$WORK/eastwest"
+        cfg=$(fill "$WORK/eastwest" eastwest.yaml.in "$EASTWEST_ADDR")
         # One tokio worker thread, like nginx's one worker and haproxy's one thread.
-        TOKIO_WORKER_THREADS=1 RUST_LOG=warn "${ON_GW[@]}" "$PROXY" --config "$cfg" \
+        EASTWEST_WORKER_THREADS=1 TOKIO_WORKER_THREADS=1 RUST_LOG=warn "${ON_GW[@]}" "$PROXY" --config "$cfg" \
             2>"$WORK/eastwest.log" &
         GATEWAY_PID=$! ADDR=$EASTWEST_ADDR
         ;;
     nginx)
-        cfg=$(fill nginx.conf.in "$NGINX_ADDR")
+        cfg=$(fill "$WORK" nginx.conf.in "$NGINX_ADDR")
         "${ON_GW[@]}" nginx -p "$WORK" -e stderr -c "$cfg" 2>"$WORK/nginx.log" &
         GATEWAY_PID=$! ADDR=$NGINX_ADDR
         ;;
     haproxy)
-        cfg=$(fill haproxy.cfg.in "$HAPROXY_ADDR")
+        cfg=$(fill "$WORK" haproxy.cfg.in "$HAPROXY_ADDR")
         "${ON_GW[@]}" haproxy -db -f "$cfg" 2>"$WORK/haproxy.log" &
         GATEWAY_PID=$! ADDR=$HAPROXY_ADDR
         ;;
