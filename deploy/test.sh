@@ -193,6 +193,17 @@ if [ ! -x "$PROXY" ]; then
   exit 1
 fi
 
+log "every flag the manifests pass is one the binaries accept"
+ARGS_BINARIES=()
+for b in eastwest-proxy eastwest-control eastwest-bench; do
+  ARGS_BINARIES+=(--binary "$b=$BIN/$b")
+done
+if "${MANIFESTS[@]}" args "${ARGS_BINARIES[@]}" "${RENDERED[@]}"; then
+  pass "container args match eastwest-proxy, eastwest-control and eastwest-bench --help"
+else
+  fail "container args name flags the binaries do not have"
+fi
+
 log "eastwest-proxy --check on the rendered ConfigMaps"
 for cluster in fra ash; do
   cfg="$WORK/proxy-$cluster.yaml"
@@ -279,24 +290,28 @@ routes:
 EOF
 }
 
-# eastwest-control on loopback, for its scrape job. No API server runs here: its kubeconfig
-# points at a closed loopback port, and its admin endpoint serves /metrics all the same
-# (/healthz/ready stays 503 until it has synced, so wait for /metrics).
-start_control() {
-  local control="$BIN/eastwest-control" dead_port
-  if [ ! -x "$control" ]; then
-    fail "no eastwest-control at $control"
-    return 1
-  fi
-  dead_port="$(free_port)"
+# A kubeconfig whose API server is a closed loopback port.
+write_unreachable_kubeconfig() {
   cat >"$WORK/unreachable-kubeconfig.yaml" <<EOF
 apiVersion: v1
 kind: Config
-clusters: [{name: none, cluster: {server: "http://127.0.0.1:$dead_port"}}]
+clusters: [{name: none, cluster: {server: "http://127.0.0.1:$(free_port)"}}]
 users: [{name: none, user: {token: none}}]
 contexts: [{name: none, context: {cluster: none, user: none}}]
 current-context: none
 EOF
+}
+
+# eastwest-control on loopback, for its scrape job. No API server runs here: its kubeconfig
+# points at a closed loopback port, and its admin endpoint serves /metrics all the same
+# (/healthz/ready stays 503 until it has synced, so wait for /metrics).
+start_control() {
+  local control="$BIN/eastwest-control"
+  if [ ! -x "$control" ]; then
+    fail "no eastwest-control at $control"
+    return 1
+  fi
+  write_unreachable_kubeconfig
   CONTROL_ADMIN_PORT="$(free_port)"
   "$control" --cluster fra --network network1 --kubeconfig "$WORK/unreachable-kubeconfig.yaml" \
     --plaintext --listen "127.0.0.1:$(free_port)" --admin "127.0.0.1:$CONTROL_ADMIN_PORT" \
@@ -382,6 +397,62 @@ configmap_reload() {
   fi
 }
 
+# The manifests' own command lines, run: eastwest-control as overlays/fra's Deployment starts
+# it and eastwest-proxy as overlays/ash's DaemonSet does, with the README's certificates where
+# the pods mount them (temp dirs here), listen addresses moved to loopback, and no API server
+# (control publishes its first, empty table after --sync-timeout). A gateway started with
+# --control turns ready only once it holds a route table from control, here over mTLS.
+manifests_wiring() {
+  if [ ! -d "$WORK/certs/gateway-ash" ] || [ ! -d "$WORK/certs/control-fra" ]; then
+    fail "no certificates from the README's commands to run the manifests with"
+    return
+  fi
+  local control_port control_admin admin_port pod="$WORK/ash-pod"
+  control_port="$(free_port)"
+  control_admin="$(free_port)"
+  admin_port="$(free_port)"
+  write_unreachable_kubeconfig
+  local control_argv proxy_argv
+  mapfile -t control_argv < <("${MANIFESTS[@]}" argv "$WORK/render/overlays-fra.yaml" \
+    Deployment eastwest-control \
+    --flag "listen=127.0.0.1:$control_port" --flag "admin=127.0.0.1:$control_admin" \
+    --replace "/usr/local/bin/=$BIN/" --replace "/etc/eastwest/certs/=$WORK/certs/control-fra/")
+  mkdir -p "$pod/config" "$pod/cache"
+  cat >"$pod/config/config.yaml" <<EOF
+admin:
+  address: 127.0.0.1:$admin_port
+drain_period: 1s
+listeners:
+  - name: tls-passthrough
+    address: 127.0.0.1:$(free_port)
+    mode: auto-passthrough
+EOF
+  mapfile -t proxy_argv < <("${MANIFESTS[@]}" argv "$WORK/render/overlays-ash.yaml" \
+    DaemonSet istio-eastwestgateway --flag "control=https://127.0.0.1:$control_port" \
+    --replace "/usr/local/bin/=$BIN/" --replace "/etc/eastwest/certs/=$WORK/certs/gateway-ash/" \
+    --replace "/etc/eastwest/proxy/=$pod/config/" --replace "/var/lib/eastwest/=$pod/cache/")
+  if [ "${#control_argv[@]}" -lt 2 ] || [ "${#proxy_argv[@]}" -lt 2 ]; then
+    fail "could not read the command lines from the rendered overlays"
+    return
+  fi
+  "${control_argv[@]}" --kubeconfig "$WORK/unreachable-kubeconfig.yaml" --sync-timeout 1s \
+    >"$WORK/wiring-control.log" 2>&1 &
+  PIDS+=($!)
+  "${proxy_argv[@]}" >"$WORK/wiring-proxy.log" 2>&1 &
+  local proxy_pid=$!
+  PIDS+=("$proxy_pid")
+  local metrics
+  if wait_for 30 "$proxy_pid" http_get "http://127.0.0.1:$admin_port/healthz/ready" &&
+    metrics="$(http_get "http://127.0.0.1:$admin_port/metrics")" &&
+    grep -q '^eastwest_control_connected 1' <<<"$metrics" &&
+    [ -s "$pod/cache/routes.json" ]; then
+    pass "ash's DaemonSet command line took its route table from fra's Deployment over mTLS (cached in routes.json)"
+  else
+    fail "ash's gateway, run as its DaemonSet says, got no routes from control within 30s; logs:"
+    tail -5 "$WORK/wiring-proxy.log" "$WORK/wiring-control.log"
+  fi
+}
+
 log "Prometheus scrapes a running eastwest-proxy"
 PROXY_PID=""
 prometheus_scrape
@@ -389,6 +460,9 @@ if [ -n "$PROXY_PID" ] && kill -0 "$PROXY_PID" 2>/dev/null; then
   log "ConfigMap update reloads the running proxy"
   configmap_reload
 fi
+
+log "the manifests' command lines, run: ash's gateway <- mTLS -> fra's eastwest-control"
+manifests_wiring
 
 echo "deploy: $PASSED passed, $FAILED failed"
 [ "$FAILED" = 0 ]

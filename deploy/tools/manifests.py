@@ -6,6 +6,10 @@
                                            against the Prometheus Operator's API models
   gateway FILE                             the rendered gateway overlay keeps the promises
                                            deploy/README.md makes (labels, ports, probes, ...)
+  args --binary NAME=PATH... FILE...       every --flag a container passes to an eastwest
+                                           binary is listed by that binary's --help
+  argv FILE KIND NAME [--flag F=V] [--replace OLD=NEW]
+                                           the container's command line, env-expanded
   extract-proxy-config FILE OUT            writes the eastwest-proxy ConfigMap's config.yaml
   prometheus-test-config SNIPPET OUT JOB=HOST:PORT...
                                            the snippet's jobs with static targets instead of
@@ -15,6 +19,7 @@ Every failure is printed as `FILE: Kind/name: what`; the exit code is 1 if there
 """
 
 import argparse
+import os
 import re
 import sys
 
@@ -258,7 +263,8 @@ def check_control(path, objs, fails):
     if not find(objs, "ServiceAccount", sa):
         fails.add(path, dep, f"ServiceAccount {sa} is not in the render")
     watch = {"list", "watch"}
-    cluster = {("", "services"): watch, ("discovery.k8s.io", "endpointslices"): watch,
+    cluster = {("", "services"): watch, ("", "pods"): watch,
+               ("discovery.k8s.io", "endpointslices"): watch,
                ("", "namespaces"): ({"get"}, {"istio-system"})}
     bound = set()
     for obj in objs:
@@ -285,6 +291,85 @@ def cmd_gateway(args):
     check_proxy(args.file, objs, fails)
     check_control(args.file, objs, fails)
     return fails.finish(f"{args.file}: gateway checks passed")
+
+
+# ---------------------------------------------------------------------------------------------
+# args
+
+
+def cmd_args(args):
+    """Every --flag a rendered container passes to an eastwest binary is one that binary's
+    --help lists (for its subcommand, if the args start with one)."""
+    import subprocess
+
+    binaries = dict(b.split("=", 1) for b in args.binary)
+    fails = Failures()
+    checked = 0
+    for path in args.files:
+        for obj in load(path):
+            pod = obj.get("spec", {}).get("template", {}).get("spec", {})
+            for c in pod.get("containers", []):
+                name = os.path.basename((c.get("command") or [""])[0])
+                if name not in binaries:
+                    continue
+                argv = c.get("args", [])
+                sub = []
+                while len(sub) < len(argv) and not argv[len(sub)].startswith("-"):
+                    sub.append(argv[len(sub)])
+                if not os.access(binaries[name], os.X_OK):
+                    fails.add(path, obj, f"no executable {name} at {binaries[name]}")
+                    continue
+                run = subprocess.run([binaries[name], *sub, "--help"], capture_output=True,
+                                     text=True, timeout=30)
+                if run.returncode != 0:
+                    fails.add(path, obj, f"{' '.join([name, *sub])} --help failed: {run.stderr.strip()}")
+                    continue
+                for arg in argv[len(sub):]:
+                    if not arg.startswith("--"):
+                        continue
+                    flag = arg.split("=", 1)[0]
+                    if not re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", run.stdout):
+                        fails.add(path, obj, f"container {c['name']}: {' '.join([name, *sub])} has no {flag}")
+                checked += 1
+    return fails.finish(f"{checked} containers: every flag is one the binary accepts")
+
+
+def cmd_argv(args):
+    """The command line Kubernetes would run for KIND/NAME's first container, one argument a
+    line: $(VAR) expanded from the container's env (literal values, ConfigMap keys from the
+    same render, the pod's namespace), then --flag NAME=VALUE overrides and --replace OLD=NEW
+    substitutions (so a test can move addresses to loopback and mounts to temp dirs)."""
+    objs = load(args.file)
+    obj = find(objs, args.kind, args.name)
+    if not obj:
+        print(f"{args.file}: no {args.kind}/{args.name}", file=sys.stderr)
+        return 1
+    container = obj["spec"]["template"]["spec"]["containers"][0]
+    env = {}
+    for e in container.get("env", []):
+        source = e.get("valueFrom", {})
+        if "value" in e:
+            env[e["name"]] = e["value"]
+        elif "configMapKeyRef" in source:
+            ref = source["configMapKeyRef"]
+            env[e["name"]] = find(objs, "ConfigMap", ref["name"])["data"][ref["key"]]
+        elif source.get("fieldRef", {}).get("fieldPath") == "metadata.namespace":
+            env[e["name"]] = obj["metadata"]["namespace"]
+    argv = [re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), a)
+            for a in container.get("command", []) + container.get("args", [])]
+    for override in args.flag:
+        flag, value = override.split("=", 1)
+        hits = [i for i, a in enumerate(argv) if a.startswith(f"--{flag}=")]
+        if not hits:
+            print(f"{ident(obj)}: no --{flag}= to override", file=sys.stderr)
+            return 1
+        for i in hits:
+            argv[i] = f"--{flag}={value}"
+    for pair in args.replace:
+        old, new = pair.split("=", 1)
+        argv = [a.replace(old, new) for a in argv]
+    print("\n".join(argv))
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,6 +421,17 @@ def main():
     g = sub.add_parser("gateway")
     g.add_argument("file")
     g.set_defaults(func=cmd_gateway)
+    a = sub.add_parser("args")
+    a.add_argument("--binary", action="append", default=[], help="NAME=PATH")
+    a.add_argument("files", nargs="+")
+    a.set_defaults(func=cmd_args)
+    c = sub.add_parser("argv")
+    c.add_argument("file")
+    c.add_argument("kind")
+    c.add_argument("name")
+    c.add_argument("--flag", action="append", default=[], help="NAME=VALUE")
+    c.add_argument("--replace", action="append", default=[], help="OLD=NEW")
+    c.set_defaults(func=cmd_argv)
     e = sub.add_parser("extract-proxy-config")
     e.add_argument("file")
     e.add_argument("out")
