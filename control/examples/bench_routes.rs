@@ -4,8 +4,8 @@
 //! `cargo run --release -p eastwest-control --example bench_routes [-- ITERATIONS]`
 //!
 //! Three processes so memory is measured per component: this one runs the two in-process
-//! Kubernetes API servers (fra, ash: 5 000 Services and 5 000 EndpointSlices of 10 endpoints
-//! each), a child runs eastwest-control, another child runs eastwest-proxy fed by
+//! Kubernetes API servers (fra, ash: 5 000 Services, 5 000 EndpointSlices of 10 endpoints and
+//! 50 000 Pods labelled `version=v1` each), a child runs eastwest-control, another child runs eastwest-proxy fed by
 //! control_client. Both clusters are in network1, so the proxy's table holds all 100 000
 //! endpoints (the heaviest table). Each iteration changes one endpoint of one slice in ash and
 //! waits for the proxy process to report the table containing it; changes are spaced beyond the
@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use apiserver::ApiServer;
 use eastwest_control::{Control, ControlConfig, RemoteCluster};
-use objects::{ready, service, slice, Ep};
+use objects::{pod, ready, service, slice, Ep};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, ChildStdout, Command};
 
@@ -52,13 +52,25 @@ fn ip(cluster: u8, n: usize) -> String {
     format!("10.{cluster}.{}.{}", n / 256 % 256, n % 256)
 }
 
+fn pod_name(i: usize, j: usize) -> String {
+    format!("bench-{i}-{j}")
+}
+
 fn bench_slice(cluster: u8, i: usize, first_ip: Option<&str>) -> serde_json::Value {
     let ips: Vec<String> = (0..ENDPOINTS_PER_SLICE)
         .map(|j| ip(cluster, i * ENDPOINTS_PER_SLICE + j))
         .collect();
-    let mut eps: Vec<Ep> = ips.iter().map(|a| ready(a)).collect();
+    let pods: Vec<String> = (0..ENDPOINTS_PER_SLICE).map(|j| pod_name(i, j)).collect();
+    let mut eps: Vec<Ep> = ips
+        .iter()
+        .zip(&pods)
+        .map(|(a, p)| Ep {
+            pod: Some(p),
+            ..ready(a)
+        })
+        .collect();
     if let Some(first) = first_ip {
-        eps[0] = ready(first);
+        eps[0].ip = first;
     }
     let name = format!("bench-{i}");
     slice(
@@ -74,6 +86,10 @@ async fn populate(server: &ApiServer, cluster: u8) {
     for i in 0..SERVICES_PER_CLUSTER {
         let name = format!("bench-{i}");
         server.apply("services", service("bench", &name, &[("http", 80)]));
+        for j in 0..ENDPOINTS_PER_SLICE {
+            let labels = [("app", name.as_str()), ("version", "v1")];
+            server.apply("pods", pod("bench", &pod_name(i, j), &labels));
+        }
         server.apply("endpointslices", bench_slice(cluster, i, None));
     }
 }
@@ -132,7 +148,7 @@ async fn driver(iterations: usize) -> anyhow::Result<()> {
     populate(&fra, 1).await;
     populate(&ash, 2).await;
     println!(
-        "populated 2 API servers: {} services, {} endpoints in {:?}",
+        "populated 2 API servers: {} services, {} endpoints (and as many Pods) in {:?}",
         2 * SERVICES_PER_CLUSTER,
         2 * SERVICES_PER_CLUSTER * ENDPOINTS_PER_SLICE,
         t.elapsed()

@@ -301,6 +301,8 @@ pub struct PodLabels {
     /// namespace -> pod name -> kept labels (Pods with none of the kept labels are left out).
     pub by_namespace: PodsByNamespace,
     pending: Option<PodsByNamespace>,
+    /// Distinct kept-label sets (bounded by the combinations of `--subset-labels` values).
+    interned: HashSet<Arc<BTreeMap<String, String>>>,
     pub synced: bool,
 }
 
@@ -320,14 +322,24 @@ impl PodLabels {
         event: watcher::Event<K>,
         keep: &[String],
     ) -> HashSet<ObjKey> {
-        let kept = |o: &K| -> Option<Arc<BTreeMap<String, String>>> {
+        // Most Pods share their kept labels (e.g. version=v1): store each distinct set once.
+        let interned = &mut self.interned;
+        let mut kept = |o: &K| -> Option<Arc<BTreeMap<String, String>>> {
             let labels: BTreeMap<String, String> = o
                 .labels()
                 .iter()
                 .filter(|(k, _)| keep.contains(k))
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect();
-            (!labels.is_empty()).then(|| Arc::new(labels))
+            if labels.is_empty() {
+                return None;
+            }
+            if let Some(l) = interned.get(&labels) {
+                return Some(l.clone());
+            }
+            let l = Arc::new(labels);
+            interned.insert(l.clone());
+            Some(l)
         };
         let mut changed = HashSet::new();
         match event {

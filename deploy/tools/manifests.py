@@ -263,7 +263,8 @@ def check_control(path, objs, fails):
     if not find(objs, "ServiceAccount", sa):
         fails.add(path, dep, f"ServiceAccount {sa} is not in the render")
     watch = {"list", "watch"}
-    cluster = {("", "services"): watch, ("discovery.k8s.io", "endpointslices"): watch,
+    cluster = {("", "services"): watch, ("", "pods"): watch,
+               ("discovery.k8s.io", "endpointslices"): watch,
                ("", "namespaces"): ({"get"}, {"istio-system"})}
     bound = set()
     for obj in objs:

@@ -79,13 +79,7 @@ mod tests {
                 active: Arc::new(AtomicUsize::new(l)),
             })
             .collect::<Vec<_>>();
-        UpstreamSet {
-            route: "t".into(),
-            upstreams: upstreams.into_boxed_slice(),
-            bytes_to_upstream: metrics::Counter::noop(),
-            bytes_to_downstream: metrics::Counter::noop(),
-            connect_duration: metrics::Histogram::noop(),
-        }
+        UpstreamSet::for_test(upstreams)
     }
 
     #[test]

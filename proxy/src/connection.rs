@@ -119,7 +119,9 @@ pub(crate) async fn serve(
             return finish(&shared, &stats, report, started);
         }
     };
-    set.connect_duration
+    let route_metrics = set.metrics();
+    route_metrics
+        .connect_duration
         .record(connect_started.elapsed().as_secs_f64());
     report.endpoint = Some(connected.peer);
     let mut upstream = connected.stream;
@@ -133,13 +135,16 @@ pub(crate) async fn serve(
         report.detail = format!("writing ClientHello upstream: {err}");
         return finish(&shared, &stats, report, started);
     }
-    set.bytes_to_upstream.increment(buf.len() as u64);
+    route_metrics.bytes_to_upstream.increment(buf.len() as u64);
     let hello_len = buf.len() as u64;
     drop(buf);
     let result = relay(
         &mut downstream,
         &mut upstream,
-        (&set.bytes_to_upstream, &set.bytes_to_downstream),
+        (
+            &route_metrics.bytes_to_upstream,
+            &route_metrics.bytes_to_downstream,
+        ),
         idle,
         shared.hard_stop.cancelled(),
     )

@@ -4,9 +4,9 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicUsize;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
-use eastwest_routes::{ListenerMode, ProxyConfig, SniPattern};
+use eastwest_routes::{Endpoint, ListenerMode, ProxyConfig, Service, SniPattern};
 use metrics::{Counter, Histogram};
 
 use crate::istio_sni::IstioSni;
@@ -36,15 +36,33 @@ pub struct Upstream {
     pub active: Arc<AtomicUsize>,
 }
 
-/// The endpoints one route may use, with that route's byte counters.
+/// The endpoints one route may use.
 #[derive(Debug)]
 pub struct UpstreamSet {
     /// Metrics/log label: `<service fqdn>:<port>` or `<listener>/<sni pattern>`.
     pub route: Arc<str>,
     pub upstreams: Box<[Upstream]>,
+    /// Registered on first use, shared by the route's subsets and carried across swaps, so a
+    /// table of thousands of services costs no metric registrations until traffic arrives.
+    metrics: Arc<OnceLock<RouteMetrics>>,
+}
+
+/// Per-route metric handles: touching them is an atomic add, never a registry lookup.
+#[derive(Debug)]
+pub struct RouteMetrics {
     pub bytes_to_upstream: Counter,
     pub bytes_to_downstream: Counter,
     pub connect_duration: Histogram,
+}
+
+impl UpstreamSet {
+    pub fn metrics(&self) -> &RouteMetrics {
+        self.metrics.get_or_init(|| RouteMetrics {
+            bytes_to_upstream: m::bytes(&self.route, m::TO_UPSTREAM),
+            bytes_to_downstream: m::bytes(&self.route, m::TO_DOWNSTREAM),
+            connect_duration: metrics::histogram!(m::CONNECT_DURATION, "route" => self.route.to_string()),
+        })
+    }
 }
 
 /// Why an auto-passthrough SNI did not route.
@@ -63,42 +81,51 @@ struct PortRoutes {
     subsets: HashMap<String, Arc<UpstreamSet>>,
 }
 
+/// One service's compiled routes, shared between snapshots while the service is unchanged.
+#[derive(Default)]
+struct ServiceRoutes {
+    ports: HashMap<u16, PortRoutes>,
+}
+
 pub struct Routing {
     /// The config this was compiled from, served by `/config_dump`.
     pub config: Arc<ProxyConfig>,
-    /// Keyed by lowercase service FQDN, then service port.
-    services: HashMap<String, HashMap<u16, PortRoutes>>,
+    /// Keyed by lowercase service FQDN.
+    services: HashMap<String, Arc<ServiceRoutes>>,
     /// Per `sni` listener: rules, most specific first.
     sni_rules: HashMap<String, Vec<(SniPattern, Arc<UpstreamSet>)>>,
 }
 
 impl Routing {
-    /// Compiles `config` (already validated). Connection counts of upstreams that `previous`
-    /// also had are carried over.
+    /// Compiles `config` (already validated). Services equal to those of `previous` reuse
+    /// their compiled routes, so a table where one endpoint moved costs one service's work;
+    /// changed ones carry over their upstreams' connection counts and their metric handles.
     pub fn compile(config: ProxyConfig, previous: Option<&Routing>) -> Routing {
-        let mut build = SetBuilder::carrying_over(previous);
-        let mut services: HashMap<String, HashMap<u16, PortRoutes>> = HashMap::new();
+        let old_by_host: HashMap<&str, &Service> = previous
+            .map(|p| {
+                p.config
+                    .routes
+                    .services
+                    .iter()
+                    .map(|s| (s.hostname.as_str(), s))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut services = HashMap::with_capacity(config.routes.services.len());
         for svc in &config.routes.services {
-            let ports = services
-                .entry(svc.hostname.to_ascii_lowercase())
-                .or_default();
-            for port in &svc.ports {
-                let route: Arc<str> = format!("{}:{}", svc.hostname, port.port).into();
-                let addrs = |eps: &mut dyn Iterator<Item = &eastwest_routes::Endpoint>| {
-                    eps.map(|ep| Target::Addr(ep.address)).collect::<Vec<_>>()
-                };
-                let entry = ports.entry(port.port).or_default();
-                entry.all = Some(build.set(&route, addrs(&mut port.endpoints.iter())));
-                for subset in &svc.subsets {
-                    let selected =
-                        addrs(&mut port.endpoints.iter().filter(|ep| subset.selects(ep)));
-                    entry
-                        .subsets
-                        .insert(subset.name.clone(), build.set(&route, selected));
-                }
-            }
+            let key = svc.hostname.to_ascii_lowercase();
+            let old = previous.and_then(|p| p.services.get(&key));
+            let compiled = match (old, old_by_host.get(svc.hostname.as_str())) {
+                (Some(old), Some(old_svc)) if *old_svc == svc => old.clone(),
+                _ => Arc::new(compile_service(svc, old.map(|o| &**o))),
+            };
+            services.insert(key, compiled);
         }
 
+        let mut carry = Carry::default();
+        for (_, set) in previous.iter().flat_map(|p| p.sni_rules.values().flatten()) {
+            carry.add(set);
+        }
         let mut sni_rules = HashMap::new();
         for listener in &config.listeners {
             if listener.mode != ListenerMode::Sni {
@@ -117,7 +144,7 @@ impl Routing {
                         })
                         .collect();
                     let route: Arc<str> = format!("{}/{}", listener.name, rule.sni).into();
-                    (rule.sni.clone(), build.set(&route, targets))
+                    (rule.sni.clone(), carry.set(&route, targets))
                 })
                 .collect();
             rules.sort_by_key(|(pattern, _)| std::cmp::Reverse(pattern.specificity()));
@@ -133,13 +160,13 @@ impl Routing {
 
     /// Routes an Istio AUTO_PASSTHROUGH SNI to the endpoints of that service port (and subset).
     pub fn auto_passthrough(&self, sni: &IstioSni<'_>) -> Result<Arc<UpstreamSet>, RouteMiss> {
-        let ports = if sni.hostname.bytes().any(|b| b.is_ascii_uppercase()) {
+        let service = if sni.hostname.bytes().any(|b| b.is_ascii_uppercase()) {
             self.services.get(&sni.hostname.to_ascii_lowercase())
         } else {
             self.services.get(sni.hostname)
         }
         .ok_or(RouteMiss::UnknownService)?;
-        let port = ports.get(&sni.port).ok_or(RouteMiss::UnknownPort)?;
+        let port = service.ports.get(&sni.port).ok_or(RouteMiss::UnknownPort)?;
         let set = if sni.subset.is_empty() {
             port.all.as_ref().ok_or(RouteMiss::UnknownPort)?
         } else {
@@ -161,41 +188,47 @@ impl Routing {
             .find(|(pattern, _)| pattern.matches(sni))
             .map(|(_, set)| set.clone())
     }
-
-    fn all_sets(&self) -> impl Iterator<Item = &Arc<UpstreamSet>> {
-        let services = self.services.values().flat_map(|ports| {
-            ports
-                .values()
-                .flat_map(|p| p.all.iter().chain(p.subsets.values()))
-        });
-        let rules = self.sni_rules.values().flatten().map(|(_, set)| set);
-        services.chain(rules)
-    }
 }
 
-/// Makes upstream sets, reusing what the previous snapshot already had: each upstream's
-/// connection count (so balancing survives swaps) and each route's metric handles (so a big
-/// table update does not re-register thousands of series).
-struct SetBuilder {
-    active: HashMap<Target, Arc<AtomicUsize>>,
-    metrics: HashMap<Arc<str>, RouteMetrics>,
-}
-
-impl SetBuilder {
-    fn carrying_over(previous: Option<&Routing>) -> Self {
-        let mut builder = SetBuilder {
-            active: HashMap::new(),
-            metrics: HashMap::new(),
-        };
-        for set in previous.iter().flat_map(|p| p.all_sets()) {
-            for u in set.upstreams.iter() {
-                builder.active.insert(u.target.clone(), u.active.clone());
-            }
-            builder
-                .metrics
-                .insert(set.route.clone(), RouteMetrics::of(set));
+fn compile_service(svc: &Service, old: Option<&ServiceRoutes>) -> ServiceRoutes {
+    let mut carry = Carry::default();
+    for port in old.iter().flat_map(|o| o.ports.values()) {
+        for set in port.all.iter().chain(port.subsets.values()) {
+            carry.add(set);
         }
-        builder
+    }
+    let mut compiled = ServiceRoutes::default();
+    for port in &svc.ports {
+        let route: Arc<str> = format!("{}:{}", svc.hostname, port.port).into();
+        let targets = |eps: &mut dyn Iterator<Item = &Endpoint>| {
+            eps.map(|ep| Target::Addr(ep.address)).collect::<Vec<_>>()
+        };
+        let entry = compiled.ports.entry(port.port).or_default();
+        entry.all = Some(carry.set(&route, targets(&mut port.endpoints.iter())));
+        for subset in &svc.subsets {
+            let selected = targets(&mut port.endpoints.iter().filter(|ep| subset.selects(ep)));
+            entry
+                .subsets
+                .insert(subset.name.clone(), carry.set(&route, selected));
+        }
+    }
+    compiled
+}
+
+/// What a rebuilt route keeps from its previous version: each upstream's connection count
+/// (so balancing survives swaps) and the route's metric handles.
+#[derive(Default)]
+struct Carry {
+    active: HashMap<Target, Arc<AtomicUsize>>,
+    metrics: HashMap<Arc<str>, Arc<OnceLock<RouteMetrics>>>,
+}
+
+impl Carry {
+    fn add(&mut self, set: &UpstreamSet) {
+        for u in set.upstreams.iter() {
+            self.active.insert(u.target.clone(), u.active.clone());
+        }
+        self.metrics.insert(set.route.clone(), set.metrics.clone());
     }
 
     fn set(&mut self, route: &Arc<str>, targets: Vec<Target>) -> Arc<UpstreamSet> {
@@ -206,42 +239,21 @@ impl SetBuilder {
                 target,
             })
             .collect();
-        let metrics = self
-            .metrics
-            .entry(route.clone())
-            .or_insert_with(|| RouteMetrics::new(route))
-            .clone();
         Arc::new(UpstreamSet {
             route: route.clone(),
             upstreams,
-            bytes_to_upstream: metrics.bytes_to_upstream,
-            bytes_to_downstream: metrics.bytes_to_downstream,
-            connect_duration: metrics.connect_duration,
+            metrics: self.metrics.entry(route.clone()).or_default().clone(),
         })
     }
 }
 
-#[derive(Clone)]
-struct RouteMetrics {
-    bytes_to_upstream: Counter,
-    bytes_to_downstream: Counter,
-    connect_duration: Histogram,
-}
-
-impl RouteMetrics {
-    fn new(route: &str) -> Self {
-        RouteMetrics {
-            bytes_to_upstream: m::bytes(route, m::TO_UPSTREAM),
-            bytes_to_downstream: m::bytes(route, m::TO_DOWNSTREAM),
-            connect_duration: metrics::histogram!(m::CONNECT_DURATION, "route" => route.to_string()),
-        }
-    }
-
-    fn of(set: &UpstreamSet) -> Self {
-        RouteMetrics {
-            bytes_to_upstream: set.bytes_to_upstream.clone(),
-            bytes_to_downstream: set.bytes_to_downstream.clone(),
-            connect_duration: set.connect_duration.clone(),
+#[cfg(test)]
+impl UpstreamSet {
+    pub fn for_test(upstreams: Vec<Upstream>) -> Self {
+        UpstreamSet {
+            route: "test".into(),
+            upstreams: upstreams.into_boxed_slice(),
+            metrics: Arc::default(),
         }
     }
 }

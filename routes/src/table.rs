@@ -97,24 +97,24 @@ impl RouteTable {
     pub fn validate(&self, prefix: &str, errors: &mut Vec<Invalid>) {
         let mut hostnames = HashSet::new();
         for (i, svc) in self.services.iter().enumerate() {
-            let at = format!("{prefix}services[{i}]");
+            let at = || format!("{prefix}services[{i}]");
             if !is_dns_name(&svc.hostname) {
                 errors.push(Invalid::new(
-                    format!("{at}.hostname"),
+                    format!("{}.hostname", at()),
                     format!("not a DNS name: {:?}", svc.hostname),
                 ));
-            } else if !hostnames.insert(svc.hostname.to_ascii_lowercase()) {
+            } else if !hostnames.insert(lowercase(&svc.hostname)) {
                 errors.push(Invalid::new(
-                    format!("{at}.hostname"),
+                    format!("{}.hostname", at()),
                     format!("service {} is listed twice", svc.hostname),
                 ));
             }
             let mut subsets = HashSet::new();
             for (j, subset) in svc.subsets.iter().enumerate() {
-                let at = format!("{at}.subsets[{j}]");
+                let at = || format!("{}.subsets[{j}]", at());
                 if !is_subset_name(&subset.name) {
                     errors.push(Invalid::new(
-                        format!("{at}.name"),
+                        format!("{}.name", at()),
                         format!(
                             "subset names are lowercase letters, digits and '-': {:?}",
                             subset.name
@@ -122,34 +122,34 @@ impl RouteTable {
                     ));
                 } else if !subsets.insert(subset.name.as_str()) {
                     errors.push(Invalid::new(
-                        format!("{at}.name"),
+                        format!("{}.name", at()),
                         format!("subset {} is defined twice", subset.name),
                     ));
                 }
                 if subset.labels.is_empty() {
                     errors.push(Invalid::new(
-                        format!("{at}.labels"),
+                        format!("{}.labels", at()),
                         "a subset needs at least one label",
                     ));
                 }
             }
             if svc.ports.is_empty() {
                 errors.push(Invalid::new(
-                    format!("{at}.ports"),
+                    format!("{}.ports", at()),
                     "a service needs at least one port",
                 ));
             }
             let mut ports = HashSet::new();
             for (j, port) in svc.ports.iter().enumerate() {
-                let at = format!("{at}.ports[{j}]");
+                let at = || format!("{}.ports[{j}]", at());
                 if port.port == 0 {
                     errors.push(Invalid::new(
-                        format!("{at}.port"),
+                        format!("{}.port", at()),
                         "port 0 is not a service port",
                     ));
                 } else if !ports.insert(port.port) {
                     errors.push(Invalid::new(
-                        format!("{at}.port"),
+                        format!("{}.port", at()),
                         format!("port {} is listed twice", port.port),
                     ));
                 }
@@ -157,12 +157,12 @@ impl RouteTable {
                 for (k, ep) in port.endpoints.iter().enumerate() {
                     if ep.address.port() == 0 {
                         errors.push(Invalid::new(
-                            format!("{at}.endpoints[{k}].address"),
+                            format!("{}.endpoints[{k}].address", at()),
                             "endpoint needs a port",
                         ));
                     } else if !seen.insert(ep.address) {
                         errors.push(Invalid::new(
-                            format!("{at}.endpoints[{k}].address"),
+                            format!("{}.endpoints[{k}].address", at()),
                             format!("endpoint {} is listed twice", ep.address),
                         ));
                     }
@@ -170,30 +170,30 @@ impl RouteTable {
             }
         }
         for (i, remote) in self.remote_services.iter().enumerate() {
-            let at = format!("{prefix}remote_services[{i}]");
+            let at = || format!("{prefix}remote_services[{i}]");
             if !is_dns_name(&remote.hostname) {
                 errors.push(Invalid::new(
-                    format!("{at}.hostname"),
+                    format!("{}.hostname", at()),
                     format!("not a DNS name: {:?}", remote.hostname),
                 ));
             }
             if remote.network.is_empty() {
                 errors.push(Invalid::new(
-                    format!("{at}.network"),
+                    format!("{}.network", at()),
                     "network must not be empty",
                 ));
             }
         }
         for (i, gw) in self.network_gateways.iter().enumerate() {
-            let at = format!("{prefix}network_gateways[{i}]");
+            let at = || format!("{prefix}network_gateways[{i}]");
             if gw.network.is_empty() {
                 errors.push(Invalid::new(
-                    format!("{at}.network"),
+                    format!("{}.network", at()),
                     "network must not be empty",
                 ));
             }
             if let Err(why) = check_host_port(&gw.address) {
-                errors.push(Invalid::new(format!("{at}.address"), why));
+                errors.push(Invalid::new(format!("{}.address", at()), why));
             }
         }
     }
@@ -203,6 +203,15 @@ impl RouteTable {
         self.services
             .iter()
             .find(|s| s.hostname.eq_ignore_ascii_case(hostname))
+    }
+}
+
+/// Borrowed when already lowercase, as hostnames nearly always are: no allocation per service.
+fn lowercase(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(s.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(s)
     }
 }
 
