@@ -13,9 +13,7 @@
 
 #[path = "../tests/support/apiserver.rs"]
 mod apiserver;
-#[path = "../../proxy/src/control_client.rs"]
-#[allow(dead_code)]
-mod control_client;
+use eastwest_proxy::control_client;
 #[path = "../tests/support/objects.rs"]
 mod objects;
 

@@ -5,9 +5,7 @@
 
 mod support;
 
-#[path = "../../proxy/src/control_client.rs"]
-#[allow(dead_code)]
-mod control_client;
+use eastwest_proxy::control_client;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
