@@ -81,15 +81,19 @@ async fn dial(target: &Target) -> io::Result<(TcpStream, SocketAddr)> {
 }
 
 /// TCP_NODELAY so a token leaves the moment it arrives; keepalive to notice dead peers on
-/// connections that idle for minutes.
+/// connections that idle for minutes. (Downstream sockets get both from their listener.)
 pub fn tune(stream: &TcpStream, keepalive: Duration) {
     if let Err(err) = stream.set_nodelay(true) {
         tracing::debug!(%err, "cannot set TCP_NODELAY");
     }
-    let ka = TcpKeepalive::new()
-        .with_time(keepalive)
-        .with_interval(keepalive.min(Duration::from_secs(15)));
-    if let Err(err) = SockRef::from(stream).set_tcp_keepalive(&ka) {
+    if let Err(err) = SockRef::from(stream).set_tcp_keepalive(&self::keepalive(keepalive)) {
         tracing::debug!(%err, "cannot set TCP keepalive");
     }
+}
+
+/// First probe after `idle`, then every 15 s at most.
+pub fn keepalive(idle: Duration) -> TcpKeepalive {
+    TcpKeepalive::new()
+        .with_time(idle)
+        .with_interval(idle.min(Duration::from_secs(15)))
 }

@@ -10,11 +10,11 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::client_hello::{self, HelloError, Parse, MAX_HELLO_BYTES};
-use crate::connect::{connect, tune};
+use crate::connect::connect;
 use crate::copy::{relay, CopyEnd};
 use crate::istio_sni;
 use crate::listener::ListenerStats;
-use crate::metrics::{self as m, Outcome};
+use crate::metrics::Outcome;
 use crate::routing::{RouteMiss, Routing, UpstreamSet};
 use crate::Shared;
 
@@ -55,7 +55,6 @@ pub(crate) async fn serve(
         // Removed by a reload between accept and now: nothing routes here any more.
         return;
     };
-    tune(&downstream, routing.config.upstream.tcp_keepalive);
     let mut report = Report {
         listener: &stats.name,
         peer,
@@ -224,13 +223,7 @@ fn route(
 
 fn finish(shared: &Shared, stats: &ListenerStats, report: Report<'_>, started: Instant) {
     let route = report.route.as_deref().unwrap_or("");
-    metrics::counter!(
-        m::CONNECTIONS_CLOSED,
-        "listener" => stats.name.to_string(),
-        "route" => route.to_string(),
-        "result" => report.outcome.as_str()
-    )
-    .increment(1);
+    stats.closed(report.outcome, route).increment(1);
     if report.outcome != Outcome::Routed {
         tracing::debug!(listener = report.listener, peer = %report.peer, result = report.outcome.as_str(), detail = %report.detail, "connection closed");
     }

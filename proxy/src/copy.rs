@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use metrics::Counter;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -74,40 +74,70 @@ pub async fn relay(
     }
 }
 
-async fn pump<R, W>(
-    reader: &mut R,
-    writer: &mut W,
+thread_local! {
+    /// Small buffers lent to connections while bytes are moving, so idle connections hold none.
+    static POOL: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+const POOL_MAX: usize = 1024;
+
+fn take() -> Vec<u8> {
+    POOL.with(|p| p.borrow_mut().pop())
+        .unwrap_or_else(|| vec![0u8; INITIAL_BUFFER])
+}
+
+fn give(b: Vec<u8>) {
+    if b.len() == INITIAL_BUFFER {
+        POOL.with(|p| {
+            let mut p = p.borrow_mut();
+            if p.len() < POOL_MAX {
+                p.push(b);
+            }
+        });
+    }
+}
+
+async fn pump(
+    reader: &mut tokio::net::tcp::ReadHalf<'_>,
+    writer: &mut tokio::net::tcp::WriteHalf<'_>,
     counter: &Counter,
     total: &AtomicU64,
     activity: &Activity,
-) -> io::Result<()>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut buf = vec![0u8; INITIAL_BUFFER];
+) -> io::Result<()> {
+    let mut buf: Option<Vec<u8>> = None;
     let mut moved: u64 = 0;
     loop {
-        let n = reader.read(&mut buf).await?;
+        if buf.is_none() {
+            // Hold no buffer while the connection is quiet.
+            reader.readable().await?;
+        }
+        let b = buf.get_or_insert_with(take);
+        // AsyncRead (not try_read): a short read clears tokio's readiness, so the next
+        // readable() waits for the kernel instead of costing an extra EAGAIN recv.
+        let n = reader.read(b).await?;
         if n == 0 {
-            // Pass the half-close on; the peer may already be gone, which is fine.
+            if let Some(b) = buf.take() {
+                give(b);
+            }
             return match writer.shutdown().await {
                 Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(e),
                 _ => Ok(()),
             };
         }
-        writer.write_all(&buf[..n]).await?;
+        writer.write_all(&b[..n]).await?;
         activity.touch();
         counter.increment(n as u64);
         total.fetch_add(n as u64, Ordering::Relaxed);
         moved += n as u64;
-        // A full read means more is waiting: grow, but only past thresholds, so the
-        // buffer reallocates at most twice per connection.
-        if n == buf.len() {
-            if moved >= JUMBO_AFTER && buf.len() < JUMBO_BUFFER {
-                buf.resize(JUMBO_BUFFER, 0);
-            } else if moved >= LARGE_AFTER && buf.len() < LARGE_BUFFER {
-                buf.resize(LARGE_BUFFER, 0);
+        if n == b.len() {
+            if moved >= JUMBO_AFTER && b.len() < JUMBO_BUFFER {
+                b.resize(JUMBO_BUFFER, 0);
+            } else if moved >= LARGE_AFTER && b.len() < LARGE_BUFFER {
+                b.resize(LARGE_BUFFER, 0);
+            }
+        } else if b.len() == INITIAL_BUFFER {
+            // A short read: the socket is probably drained. Hand the buffer back while we wait.
+            if let Some(b) = buf.take() {
+                give(b);
             }
         }
     }

@@ -134,6 +134,7 @@ impl Proxy {
         let proxy = Proxy { shared, admin_addr };
         proxy.apply_config(config).await?;
         admin::spawn(proxy.shared.clone(), admin_listener, prometheus.clone());
+        metrics::spawn_upkeep(prometheus);
         proxy.shared.ready.store(true, Ordering::SeqCst);
         Ok(proxy)
     }
@@ -152,11 +153,8 @@ impl Proxy {
                 .get(&l.name)
                 .is_some_and(|r| r.address == l.address);
             if !existing {
-                fresh.push((
-                    l.name.clone(),
-                    l.address,
-                    listener::bind(&l.name, l.address).await?,
-                ));
+                let socket = listener::bind(&l.name, l.address, config.upstream.tcp_keepalive)?;
+                fresh.push((l.name.clone(), l.address, socket));
             }
         }
         let removed = {

@@ -70,6 +70,22 @@ pub fn recorder() -> &'static PrometheusHandle {
     })
 }
 
+/// Histogram samples accumulate until drained; drain them every few seconds even when nobody
+/// scrapes `/metrics`, so memory stays flat. Once per process.
+pub(crate) fn spawn_upkeep(handle: &'static PrometheusHandle) {
+    static STARTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if STARTED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        return;
+    }
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            every.tick().await;
+            handle.run_upkeep();
+        }
+    });
+}
+
 fn describe() {
     describe_counter!(
         CONNECTIONS_OPENED,
@@ -145,6 +161,17 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    pub const ALL: [Outcome; 8] = [
+        Outcome::Routed,
+        Outcome::NoSni,
+        Outcome::BadSni,
+        Outcome::UnknownRoute,
+        Outcome::HelloTimeout,
+        Outcome::Malformed,
+        Outcome::UpstreamFailed,
+        Outcome::Overloaded,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Routed => "routed",

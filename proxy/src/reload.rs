@@ -21,8 +21,10 @@ pub fn watch_config_file(proxy: Proxy, path: PathBuf) -> anyhow::Result<()> {
         .unwrap_or(Path::new("."))
         .to_path_buf();
     let file_tx = tx.clone();
+    let file_name = path.file_name().map(|n| n.to_os_string());
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
+        let Ok(event) = event else { return };
+        if concerns(&event, file_name.as_deref()) {
             // A full channel already holds a pending reload; that one will read the new file.
             let _ = file_tx.try_send(());
         }
@@ -53,7 +55,7 @@ pub fn watch_config_file(proxy: Proxy, path: PathBuf) -> anyhow::Result<()> {
             // Editors and ConfigMap updates write in several steps; let them settle.
             tokio::time::sleep(Duration::from_millis(100)).await;
             while rx.try_recv().is_ok() {}
-            let current = match std::fs::read(&path) {
+            let current = match tokio::fs::read(&path).await {
                 Ok(bytes) => bytes,
                 Err(err) => {
                     // Mid-swap the file can be briefly missing; the next event retries.
@@ -69,6 +71,27 @@ pub fn watch_config_file(proxy: Proxy, path: PathBuf) -> anyhow::Result<()> {
         }
     });
     Ok(())
+}
+
+/// True for changes to the config file itself, or to Kubernetes' `..data` symlink through
+/// which a mounted ConfigMap is swapped. Our own reads (access events) and other files in
+/// the directory (a route cache, say) are not changes.
+fn concerns(event: &notify::Event, file_name: Option<&std::ffi::OsStr>) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind};
+    let writes = matches!(
+        event.kind,
+        EventKind::Create(_)
+            | EventKind::Modify(_)
+            | EventKind::Remove(_)
+            | EventKind::Access(AccessKind::Close(AccessMode::Write))
+            | EventKind::Any
+            | EventKind::Other
+    );
+    writes
+        && event.paths.iter().any(|p| {
+            let name = p.file_name();
+            name == file_name || name.is_some_and(|n| n.as_encoded_bytes().starts_with(b".."))
+        })
 }
 
 async fn reload(proxy: &Proxy, path: &Path) {
