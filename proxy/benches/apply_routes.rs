@@ -67,6 +67,12 @@ fn bench(c: &mut Criterion) {
             BatchSize::LargeInput,
         )
     });
+    // The other half of the proxy's share: parsing the table as it arrives from control.
+    let line = serde_json::to_vec(&table(1, 8080)).unwrap();
+    group.throughput(criterion::Throughput::Bytes(line.len() as u64));
+    group.bench_function("parse_json_10k_services_100k_endpoints", |b| {
+        b.iter(|| serde_json::from_slice::<RouteTable>(std::hint::black_box(&line)).unwrap())
+    });
     group.finish();
 }
 
