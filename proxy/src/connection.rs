@@ -36,6 +36,8 @@ struct Report<'a> {
     to_downstream: u64,
     outcome: Outcome,
     detail: String,
+    /// The route's cached `closed_total{result="routed"}` series, once relayed.
+    closed_routed: Option<metrics::Counter>,
 }
 
 pub(crate) async fn serve(
@@ -65,6 +67,7 @@ pub(crate) async fn serve(
         to_downstream: 0,
         outcome: Outcome::Malformed,
         detail: String::new(),
+        closed_routed: None,
     };
 
     // 1. The ClientHello, within the listener's timeout.
@@ -150,6 +153,7 @@ pub(crate) async fn serve(
     .await;
     drop(connected.guard);
     report.outcome = Outcome::Routed;
+    report.closed_routed = Some(route_metrics.closed_routed(&set.route, &stats.name));
     report.to_upstream = hello_len + result.to_upstream;
     report.to_downstream = result.to_downstream;
     report.detail = match result.end {
@@ -173,7 +177,9 @@ async fn read_hello(
     let read = async {
         loop {
             // Grows only for hellos beyond 4 KiB (post-quantum key shares); capped below.
-            buf.reserve(4096);
+            if buf.len() == buf.capacity() {
+                buf.reserve(4096);
+            }
             match stream.read_buf(buf).await {
                 Ok(0) | Err(_) => return Err(Outcome::Malformed),
                 Ok(_) => {}
@@ -223,7 +229,11 @@ fn route(
 
 fn finish(shared: &Shared, stats: &ListenerStats, report: Report<'_>, started: Instant) {
     let route = report.route.as_deref().unwrap_or("");
-    stats.closed(report.outcome, route).increment(1);
+    match report.closed_routed {
+        Some(counter) => counter,
+        None => stats.closed(report.outcome, route),
+    }
+    .increment(1);
     if report.outcome != Outcome::Routed {
         tracing::debug!(listener = report.listener, peer = %report.peer, result = report.outcome.as_str(), detail = %report.detail, "connection closed");
     }

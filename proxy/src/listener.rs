@@ -39,7 +39,7 @@ impl ListenerStats {
             active_gauge: metrics::gauge!(m::CONNECTIONS_ACTIVE, &[label()]),
             hello_duration: metrics::histogram!(m::HELLO_DURATION, &[label()]),
             connection_duration: metrics::histogram!(m::CONNECTION_DURATION, &[label()]),
-            unrouted: Outcome::ALL.map(|outcome| closed_counter(name, "", outcome)),
+            unrouted: Outcome::ALL.map(|outcome| m::closed(name, "", outcome)),
         }
     }
 
@@ -48,18 +48,9 @@ impl ListenerStats {
         if route.is_empty() {
             self.unrouted[outcome as usize].clone()
         } else {
-            closed_counter(&self.name, route, outcome)
+            m::closed(&self.name, route, outcome)
         }
     }
-}
-
-fn closed_counter(listener: &str, route: &str, outcome: Outcome) -> Counter {
-    metrics::counter!(
-        m::CONNECTIONS_CLOSED,
-        "listener" => listener.to_string(),
-        "route" => route.to_string(),
-        "result" => outcome.as_str()
-    )
 }
 
 /// A bound listener whose accept loop runs until `stop` is cancelled.

@@ -143,6 +143,16 @@ fn describe() {
     );
 }
 
+/// The `eastwest_connections_closed_total` series of one listener, route and result.
+pub fn closed(listener: &str, route: &str, outcome: Outcome) -> Counter {
+    counter!(
+        CONNECTIONS_CLOSED,
+        "listener" => listener.to_string(),
+        "route" => route.to_string(),
+        "result" => outcome.as_str()
+    )
+}
+
 pub fn bytes(route: &str, direction: &'static str) -> Counter {
     counter!(BYTES, "route" => route.to_string(), "direction" => direction)
 }

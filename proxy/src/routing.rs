@@ -53,6 +53,23 @@ pub struct RouteMetrics {
     pub bytes_to_upstream: Counter,
     pub bytes_to_downstream: Counter,
     pub connect_duration: Histogram,
+    /// `closed_total{result="routed"}` for the first listener that routed here (nearly
+    /// always the only one).
+    closed_routed: OnceLock<(Arc<str>, Counter)>,
+}
+
+impl RouteMetrics {
+    pub fn closed_routed(&self, route: &str, listener: &Arc<str>) -> Counter {
+        let (first, counter) = self.closed_routed.get_or_init(|| {
+            let counter = m::closed(listener, route, m::Outcome::Routed);
+            (listener.clone(), counter)
+        });
+        if first == listener {
+            counter.clone()
+        } else {
+            m::closed(listener, route, m::Outcome::Routed)
+        }
+    }
 }
 
 impl UpstreamSet {
@@ -61,6 +78,7 @@ impl UpstreamSet {
             bytes_to_upstream: m::bytes(&self.route, m::TO_UPSTREAM),
             bytes_to_downstream: m::bytes(&self.route, m::TO_DOWNSTREAM),
             connect_duration: metrics::histogram!(m::CONNECT_DURATION, "route" => self.route.to_string()),
+            closed_routed: OnceLock::new(),
         })
     }
 }
