@@ -8,4 +8,5 @@
 pub mod demo;
 pub mod run;
 pub mod serve;
+mod stoppable;
 pub mod wan;

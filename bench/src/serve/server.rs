@@ -11,7 +11,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinSet;
+
+use crate::stoppable::StoppableTask;
 use tokio_rustls::TlsAcceptor;
 
 use super::engine::Engine;
@@ -26,8 +28,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct ModelServer {
     addr: SocketAddr,
     engine: Arc<Engine>,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<()>>,
+    task: StoppableTask,
 }
 
 impl ModelServer {
@@ -47,14 +48,9 @@ impl ModelServer {
             TlsAcceptor::from(Arc::new(tls))
         });
         let engine = Arc::new(Engine::new(cfg));
-        let (stop, stopped) = oneshot::channel();
-        let task = tokio::spawn(accept_loop(listener, engine.clone(), tls, stopped));
-        Ok(ModelServer {
-            addr,
-            engine,
-            stop: Some(stop),
-            task: Some(task),
-        })
+        let task =
+            StoppableTask::spawn(|stopped| accept_loop(listener, engine.clone(), tls, stopped));
+        Ok(ModelServer { addr, engine, task })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -66,21 +62,8 @@ impl ModelServer {
     }
 
     /// Stops accepting and closes every connection.
-    pub async fn shutdown(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
-        }
-    }
-}
-
-impl Drop for ModelServer {
-    fn drop(&mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
-        }
+    pub async fn shutdown(self) {
+        self.task.shutdown().await;
     }
 }
 

@@ -11,7 +11,9 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinSet;
+
+use crate::stoppable::StoppableTask;
 use tokio::time::Instant;
 
 use super::pipe::{self, PipeCounters, Shape};
@@ -30,8 +32,7 @@ struct Counters {
 pub struct WanLink {
     addr: SocketAddr,
     counters: Arc<Counters>,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<()>>,
+    task: StoppableTask,
 }
 
 impl WanLink {
@@ -46,19 +47,13 @@ impl WanLink {
             .with_context(|| format!("binding WAN link to {listen}"))?;
         let addr = listener.local_addr().context("WAN link local address")?;
         let counters = Arc::new(Counters::default());
-        let (stop, stopped) = oneshot::channel();
-        let task = tokio::spawn(accept_loop(
-            listener,
-            upstream,
-            opts,
-            counters.clone(),
-            stopped,
-        ));
+        let task = StoppableTask::spawn(|stopped| {
+            accept_loop(listener, upstream, opts, counters.clone(), stopped)
+        });
         Ok(WanLink {
             addr,
             counters,
-            stop: Some(stop),
-            task: Some(task),
+            task,
         })
     }
 
@@ -78,21 +73,8 @@ impl WanLink {
     }
 
     /// Stops accepting and closes every relayed connection.
-    pub async fn shutdown(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
-        }
-    }
-}
-
-impl Drop for WanLink {
-    fn drop(&mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
-        }
+    pub async fn shutdown(self) {
+        self.task.shutdown().await;
     }
 }
 
