@@ -11,9 +11,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
-use tokio::task::JoinSet;
 
-use crate::stoppable::StoppableTask;
+use crate::stoppable::{accept_until_stopped, StoppableTask};
 use tokio_rustls::TlsAcceptor;
 
 use super::engine::Engine;
@@ -71,26 +70,12 @@ async fn accept_loop(
     listener: TcpListener,
     engine: Arc<Engine>,
     tls: Option<TlsAcceptor>,
-    mut stopped: oneshot::Receiver<()>,
+    stopped: oneshot::Receiver<()>,
 ) {
-    let mut conns = JoinSet::new();
-    loop {
-        tokio::select! {
-            _ = &mut stopped => break,
-            accepted = listener.accept() => match accepted {
-                Ok((tcp, peer)) => {
-                    conns.spawn(serve_connection(tcp, peer, engine.clone(), tls.clone()));
-                }
-                Err(err) => {
-                    // Typically out of file descriptors: back off rather than spin.
-                    tracing::warn!(%err, "model server accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-        }
-    }
-    conns.shutdown().await;
+    accept_until_stopped(listener, stopped, "model server", |tcp, peer| {
+        serve_connection(tcp, peer, engine.clone(), tls.clone())
+    })
+    .await
 }
 
 async fn serve_connection(

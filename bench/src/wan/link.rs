@@ -11,9 +11,8 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
-use tokio::task::JoinSet;
 
-use crate::stoppable::StoppableTask;
+use crate::stoppable::{accept_until_stopped, StoppableTask};
 use tokio::time::Instant;
 
 use super::pipe::{self, PipeCounters, Shape};
@@ -83,33 +82,19 @@ async fn accept_loop(
     upstream: SocketAddr,
     opts: WanOptions,
     counters: Arc<Counters>,
-    mut stopped: oneshot::Receiver<()>,
+    stopped: oneshot::Receiver<()>,
 ) {
-    let mut conns = JoinSet::new();
-    loop {
-        tokio::select! {
-            _ = &mut stopped => break,
-            accepted = listener.accept() => match accepted {
-                Ok((tcp, peer)) => {
-                    let accepted_at = Instant::now();
-                    counters.connections.fetch_add(1, Ordering::Relaxed);
-                    let (opts, counters) = (opts.clone(), counters.clone());
-                    conns.spawn(async move {
-                        if let Err(err) = relay(tcp, upstream, accepted_at, &opts, &counters).await {
-                            tracing::debug!(%peer, error = %format!("{err:#}"), "WAN relay ended");
-                        }
-                    });
-                }
-                Err(err) => {
-                    // Typically out of file descriptors: back off rather than spin.
-                    tracing::warn!(%err, "WAN link accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+    accept_until_stopped(listener, stopped, "WAN link", |tcp, peer| {
+        let accepted_at = Instant::now();
+        counters.connections.fetch_add(1, Ordering::Relaxed);
+        let (opts, counters) = (opts.clone(), counters.clone());
+        async move {
+            if let Err(err) = relay(tcp, upstream, accepted_at, &opts, &counters).await {
+                tracing::debug!(%peer, error = %format!("{err:#}"), "WAN relay ended");
+            }
         }
-    }
-    conns.shutdown().await;
+    })
+    .await
 }
 
 async fn relay(
