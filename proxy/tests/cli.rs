@@ -6,21 +6,23 @@ fn proxy() -> Command {
     Command::new(env!("CARGO_BIN_EXE_eastwest-proxy"))
 }
 
-#[test]
-fn check_accepts_a_good_file() {
+/// Writes `yaml` to a file and runs `--check` on it; returns the output and the file's path.
+fn check(yaml: &str) -> (std::process::Output, String, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("gw.yaml");
-    std::fs::write(
-        &path,
-        "listeners:\n  - name: tls\n    address: 0.0.0.0:15443\n",
-    )
-    .unwrap();
+    std::fs::write(&path, yaml).unwrap();
     let out = proxy()
         .arg("--config")
         .arg(&path)
         .arg("--check")
         .output()
         .unwrap();
+    (out, path.display().to_string(), dir)
+}
+
+#[test]
+fn check_accepts_a_good_file() {
+    let (out, _, _dir) = check("listeners:\n  - name: tls\n    address: 0.0.0.0:15443\n");
     assert!(
         out.status.success(),
         "{}",
@@ -31,23 +33,12 @@ fn check_accepts_a_good_file() {
 
 #[test]
 fn check_names_file_line_and_field() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("gw.yaml");
-    std::fs::write(
-        &path,
-        "listeners:\n  - name: tls\n    address: 0.0.0.0:15443\n    mode: passthru\n",
-    )
-    .unwrap();
-    let out = proxy()
-        .arg("--config")
-        .arg(&path)
-        .arg("--check")
-        .output()
-        .unwrap();
+    let (out, path, _dir) =
+        check("listeners:\n  - name: tls\n    address: 0.0.0.0:15443\n    mode: passthru\n");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains(&format!("{}:4:", path.display()))
+        err.contains(&format!("{path}:4:"))
             && err.contains("listeners[0].mode")
             && err.contains("passthru"),
         "{err}"

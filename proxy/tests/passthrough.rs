@@ -270,20 +270,21 @@ async fn a_dead_endpoint_is_skipped() {
     .await
     .unwrap();
     let gw = proxy.listener_addr("retry").unwrap();
-    for _ in 0..6 {
+    let failures = format!("eastwest_upstream_connect_failures_total{{route=\"{SGLANG}:8000\"}}");
+    // The balancer starts at a random endpoint: keep connecting until the dead one was tried
+    // at least once (each try is a coin flip, so 64 bounds it safely). Every client is served.
+    let mut dead_tried = false;
+    for _ in 0..64 {
         let mut tls = istio_connect(gw, &pki.client, &istio_sni(8000, "", SGLANG))
             .await
             .unwrap();
         assert!(greeting(&mut tls).await.starts_with("live "));
+        if metric(&proxy, &failures).await >= 1.0 {
+            dead_tried = true;
+            break;
+        }
     }
-    assert!(
-        metric(
-            &proxy,
-            &format!("eastwest_upstream_connect_failures_total{{route=\"{SGLANG}:8000\"}}")
-        )
-        .await
-            >= 1.0
-    );
+    assert!(dead_tried, "the dead endpoint was never tried");
 }
 
 #[tokio::test]
