@@ -336,6 +336,20 @@ mod tests {
     /// The hand-assembled line parses to exactly what serde would have produced.
     #[test]
     fn assembled_line_is_the_serde_table() {
+        let model = two_clusters();
+        let snapshot = snapshot_of(&model);
+        let line = table_line(42, &snapshot);
+        let parsed: RouteTable = serde_json::from_slice(&line).unwrap();
+        let mut expected = route_table(&model, "network1", "cluster.local");
+        expected.version = 42;
+        assert_eq!(parsed, expected);
+        assert_eq!(parsed.services.len(), 1);
+        assert_eq!(parsed.remote_services.len(), 1);
+        assert_eq!(parsed.network_gateways.len(), 1);
+    }
+
+    /// fra (network1) has Service ns/local, ash (network2) has ns/remote, one endpoint each.
+    fn two_clusters() -> Model {
         let mut model = Model::default();
         for (cluster, net, ip) in [
             ("fra", "network1", "10.0.0.1"),
@@ -377,14 +391,74 @@ mod tests {
                 .insert(key("ns", &format!("{svc}-1")));
             model.clusters.insert(cluster.to_string(), c);
         }
-        let snapshot = snapshot_of(&model);
-        let line = table_line(42, &snapshot);
-        let parsed: RouteTable = serde_json::from_slice(&line).unwrap();
-        let mut expected = route_table(&model, "network1", "cluster.local");
-        expected.version = 42;
-        assert_eq!(parsed, expected);
-        assert_eq!(parsed.services.len(), 1);
-        assert_eq!(parsed.remote_services.len(), 1);
-        assert_eq!(parsed.network_gateways.len(), 1);
+        model
+    }
+
+    fn set_endpoints(shared: &Shared, cluster: &str, svc: &str, ips: &[&str]) {
+        shared.update(|m| {
+            let c = m.clusters.get_mut(cluster).unwrap();
+            let slice = c
+                .slices
+                .objects
+                .get_mut(&key("ns", &format!("{svc}-1")))
+                .unwrap();
+            slice.endpoints = ips
+                .iter()
+                .map(|ip| ReadyEndpoint {
+                    ip: ip.parse().unwrap(),
+                    pod: None,
+                })
+                .collect();
+            m.services_changed(vec![key("ns", svc)])
+        });
+    }
+
+    /// The watch channel keeps only the newest publication; a stream still at an older one
+    /// gets a single delta covering every version it skipped, until those are forgotten.
+    #[test]
+    fn a_stream_that_skipped_versions_gets_one_composed_delta() {
+        let settings = crate::state::Settings {
+            network: "network1".into(),
+            cluster_domain: "cluster.local".into(),
+            debounce: std::time::Duration::from_millis(10),
+            sync_timeout: std::time::Duration::from_secs(1),
+            watch_secrets: false,
+            subset_labels: Vec::new(),
+        };
+        let shared = Shared::new(settings, two_clusters());
+        let (_rx, _) = shared.publisher.subscribe("network1");
+        publish_all(&shared);
+        let first = shared.publisher.current("network1").unwrap();
+        let base = eastwest_routes::SharedRouteTable::from(first.table().unwrap());
+
+        set_endpoints(&shared, "fra", "local", &["10.0.0.1", "10.0.0.3"]);
+        publish_all(&shared);
+        // The remote service loses its last endpoint: gone from remote_services.
+        set_endpoints(&shared, "ash", "remote", &[]);
+        publish_all(&shared);
+        let last = shared.publisher.current("network1").unwrap();
+        assert!(last.version > first.version + 1);
+
+        let line = last.delta_from(first.version).unwrap();
+        let Ok(eastwest_routes::RouteUpdate::Delta(delta)) = serde_json::from_slice(&line) else {
+            panic!("not a delta: {}", String::from_utf8_lossy(&line));
+        };
+        assert_eq!((delta.base, delta.version), (first.version, last.version));
+        let mut invalid = Vec::new();
+        delta.validate("", &mut invalid);
+        assert!(invalid.is_empty(), "{invalid:?}");
+        let composed = delta.apply_to(&base).unwrap().to_table();
+        assert_eq!(composed, last.table().unwrap());
+        assert_eq!(composed.services[0].ports[0].endpoints.len(), 2);
+        assert!(composed.remote_services.is_empty());
+
+        // Once more versions passed than are remembered, only a full table will do.
+        for i in 0..RECENT_MAX {
+            set_endpoints(&shared, "fra", "local", &[&format!("10.0.1.{i}")]);
+            publish_all(&shared);
+        }
+        let newest = shared.publisher.current("network1").unwrap();
+        assert!(newest.delta_from(first.version).is_none());
+        assert!(newest.delta_from(last.version).is_some());
     }
 }

@@ -29,6 +29,8 @@ use tracing::{debug, info, warn};
 pub const CONTROL_STREAM_ERRORS: &str = "eastwest_control_stream_errors_total";
 /// 1 while a route stream is open.
 pub const CONTROL_CONNECTED: &str = "eastwest_control_connected";
+/// Route updates received from control that could be used, by `kind`: `full` or `delta`.
+pub const ROUTE_UPDATES: &str = "eastwest_route_updates_total";
 /// Same counter the proxy bumps for tables that fail validation.
 const ROUTE_TABLES_REJECTED: &str = "eastwest_route_tables_rejected_total";
 
@@ -264,6 +266,7 @@ fn handle_line(
             if !table.is_sorted() {
                 table.sort();
             }
+            ::metrics::counter!(ROUTE_UPDATES, "kind" => "full").increment(1);
             table
         }
         Ok(RouteUpdate::Delta(delta)) => {
@@ -279,7 +282,10 @@ fn handle_line(
                 (true, Some(base)) => delta.apply_to(base).map_err(|e| e.to_string()),
             };
             match result {
-                Ok(table) => table,
+                Ok(table) => {
+                    ::metrics::counter!(ROUTE_UPDATES, "kind" => "delta").increment(1);
+                    table
+                }
                 Err(why) => {
                     ::metrics::counter!(ROUTE_TABLES_REJECTED).increment(1);
                     bail!(
