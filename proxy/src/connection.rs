@@ -91,13 +91,16 @@ pub(crate) async fn serve(
     };
     stats.hello_duration.record(started.elapsed().as_secs_f64());
     let ch = hello.client_hello();
-    report.hello = HelloSummary {
-        sni: ch.sni.map(str::to_string),
-        alpn: ch
-            .alpn_protocols()
-            .next()
-            .map(|p| String::from_utf8_lossy(p).into_owned()),
-    };
+    // Copied out only for the access log: two allocations per connection otherwise wasted.
+    if routing.config.access_log {
+        report.hello = HelloSummary {
+            sni: ch.sni.map(str::to_string),
+            alpn: ch
+                .alpn_protocols()
+                .next()
+                .map(|p| String::from_utf8_lossy(p).into_owned()),
+        };
+    }
 
     // 2. The route.
     let set = match route(&routing, listener, ch.sni) {
