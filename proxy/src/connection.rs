@@ -48,11 +48,12 @@ pub(crate) async fn serve(
 ) {
     let started = Instant::now();
     let routing = shared.routing.load_full();
-    let Some(listener) = routing
-        .config
-        .listeners
+    let listeners = &routing.config.listeners;
+    let Some(listener) = listeners
         .iter()
         .find(|l| *l.name == *stats.name)
+        // Renamed by a reload between accept and now: the socket went to the new name.
+        .or_else(|| listeners.iter().find(|l| l.address == stats.address))
     else {
         // Removed by a reload between accept and now: nothing routes here any more.
         return;
