@@ -5,7 +5,7 @@ import json
 import statistics
 import sys
 
-ORDER = ["direct", "eastwest", "nginx", "haproxy"]
+ORDER = ["direct", "eastwest", "nginx", "nginx-halfclose", "haproxy"]
 
 
 def load(path):

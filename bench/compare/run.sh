@@ -9,6 +9,7 @@
 #
 #   bench/compare/run.sh                       # everything, ~5 minutes
 #   PHASE_SECS=3 TARGETS="eastwest nginx" bench/compare/run.sh
+#   PHASES="connect" TARGETS="eastwest nginx" ROUNDS=5 bench/compare/run.sh   # one figure only
 #
 # Needs: nginx with the stream module (Debian: libnginx-mod-stream), haproxy, taskset, jq,
 # python3. Builds eastwest-proxy and the loadgen example in release mode unless SKIP_BUILD=1.
@@ -20,7 +21,8 @@ TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 PROXY=${PROXY:-$TARGET_DIR/release/eastwest-proxy}
 LOADGEN=${LOADGEN:-$TARGET_DIR/release/examples/loadgen}
 
-TARGETS=${TARGETS:-"direct eastwest nginx haproxy"}
+TARGETS=${TARGETS:-"direct eastwest nginx nginx-halfclose haproxy"}
+PHASES=${PHASES:-"idle latency keepalive connect bulk"}
 PHASE_SECS=${PHASE_SECS:-4}
 # Every target is measured ROUNDS times, interleaved; the report shows medians.
 ROUNDS=${ROUNDS:-3}
@@ -148,8 +150,13 @@ start_gateway() {
             2>"$WORK/eastwest.log" &
         GATEWAY_PID=$! ADDR=$EASTWEST_ADDR
         ;;
-    nginx)
+    nginx | nginx-halfclose)
         cfg=$(fill "$WORK" nginx.conf.in "$NGINX_ADDR")
+        # nginx's default closes both directions at the first FIN; eastwest and haproxy pass
+        # the half-close on. nginx-halfclose is nginx doing that same job.
+        if [ "$1" = nginx-halfclose ]; then
+            sed -i 's/^\( *\)proxy_timeout 1h;/&\n\1proxy_half_close on;/' "$cfg"
+        fi
         "${ON_GW[@]}" nginx -p "$WORK" -e stderr -c "$cfg" 2>"$WORK/nginx.log" &
         GATEWAY_PID=$! ADDR=$NGINX_ADDR
         ;;
@@ -165,7 +172,7 @@ start_gateway() {
     esac
     wait_port "$ADDR"
     # nginx forks its worker after binding: wait for it so its CPU and memory count.
-    if [ "$1" = nginx ]; then
+    if [[ $1 == nginx* ]]; then
         for _ in $(seq 1 50); do pgrep -P "$GATEWAY_PID" >/dev/null && break; sleep 0.1; done
     fi
 }
@@ -236,6 +243,8 @@ idle_phase() {
     sleep 2
 }
 
+has_phase() { [[ " $PHASES " == *" $1 "* ]]; }
+
 log "work dir $WORK; phases ${PHASE_SECS}s; gateway on CPU $GW_CPU, loadgen+backend on CPU $LG_CPU"
 "$LOADGEN" certs --out "$WORK/certs"
 "${ON_LG[@]}" "$LOADGEN" backend --listen "$BACKEND_ADDR" --certs "$WORK/certs" \
@@ -248,11 +257,15 @@ for ROUND in $(seq 1 "$ROUNDS"); do
         log "== $target (round $ROUND of $ROUNDS)"
         start_gateway "$target"
         # Memory is the same every round (checked); measure it once, on a fresh gateway.
-        if [ -n "$GATEWAY_PID" ] && [ "$ROUND" = 1 ]; then idle_phase "$target"; fi
-        phase "$target" latency --mode keepalive --connections 1 --duration "$PHASE_SECS"
-        phase "$target" keepalive --mode keepalive --connections "$KEEPALIVE_CONNS" --duration "$PHASE_SECS"
-        phase "$target" connect --mode connect --connections "$CONNECT_CONNS" --duration "$PHASE_SECS"
-        phase "$target" bulk --mode bulk --connections "$BULK_CONNS" --duration "$PHASE_SECS"
+        if [ -n "$GATEWAY_PID" ] && [ "$ROUND" = 1 ] && has_phase idle; then idle_phase "$target"; fi
+        ! has_phase latency ||
+            phase "$target" latency --mode keepalive --connections 1 --duration "$PHASE_SECS"
+        ! has_phase keepalive ||
+            phase "$target" keepalive --mode keepalive --connections "$KEEPALIVE_CONNS" --duration "$PHASE_SECS"
+        ! has_phase connect ||
+            phase "$target" connect --mode connect --connections "$CONNECT_CONNS" --duration "$PHASE_SECS"
+        ! has_phase bulk ||
+            phase "$target" bulk --mode bulk --connections "$BULK_CONNS" --duration "$PHASE_SECS"
         stop_gateway
     done
 done

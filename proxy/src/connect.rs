@@ -30,13 +30,15 @@ pub struct ConnectFailed {
 /// Connects to one upstream of `set`. No byte has been sent yet, so every failure may be
 /// retried on another endpoint.
 pub async fn connect(set: &UpstreamSet, cfg: &UpstreamConfig) -> Result<Connected, ConnectFailed> {
+    // Filled only on failure, so the usual first-try success allocates nothing.
     let mut tried = Vec::new();
+    let mut attempts = 0;
     let mut last = io::Error::new(io::ErrorKind::NotFound, "route has no endpoints");
     for _ in 0..cfg.connect_attempts {
         let Some(i) = balance::pick(set, cfg.load_balancing, &tried) else {
             break;
         };
-        tried.push(i);
+        attempts += 1;
         let upstream = &set.upstreams[i];
         // Count the attempt as load right away so concurrent picks spread out.
         let guard = ActiveGuard::new(&upstream.active);
@@ -57,12 +59,13 @@ pub async fn connect(set: &UpstreamSet, cfg: &UpstreamConfig) -> Result<Connecte
                 )
             }
         }
+        tried.push(i);
         tracing::debug!(route = %set.route, upstream = %upstream.target, error = %last, "upstream connect failed");
         metrics::counter!(m::CONNECT_FAILURES, "route" => set.route.to_string()).increment(1);
     }
     Err(ConnectFailed {
         route: set.route.to_string(),
-        attempts: tried.len() as u32,
+        attempts,
         last,
     })
 }

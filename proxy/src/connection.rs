@@ -48,11 +48,12 @@ pub(crate) async fn serve(
 ) {
     let started = Instant::now();
     let routing = shared.routing.load_full();
-    let Some(listener) = routing
-        .config
-        .listeners
+    let listeners = &routing.config.listeners;
+    let Some(listener) = listeners
         .iter()
         .find(|l| *l.name == *stats.name)
+        // Renamed by a reload between accept and now: the socket went to the new name.
+        .or_else(|| listeners.iter().find(|l| l.address == stats.address))
     else {
         // Removed by a reload between accept and now: nothing routes here any more.
         return;
@@ -91,13 +92,16 @@ pub(crate) async fn serve(
     };
     stats.hello_duration.record(started.elapsed().as_secs_f64());
     let ch = hello.client_hello();
-    report.hello = HelloSummary {
-        sni: ch.sni.map(str::to_string),
-        alpn: ch
-            .alpn_protocols()
-            .next()
-            .map(|p| String::from_utf8_lossy(p).into_owned()),
-    };
+    // Copied out only for the access log: two allocations per connection otherwise wasted.
+    if routing.config.access_log {
+        report.hello = HelloSummary {
+            sni: ch.sni.map(str::to_string),
+            alpn: ch
+                .alpn_protocols()
+                .next()
+                .map(|p| String::from_utf8_lossy(p).into_owned()),
+        };
+    }
 
     // 2. The route.
     let set = match route(&routing, listener, ch.sni) {

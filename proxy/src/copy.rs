@@ -7,7 +7,7 @@
 //! other direction keeps flowing.
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use metrics::Counter;
@@ -48,6 +48,7 @@ pub async fn relay(
     cancel: impl std::future::Future<Output = ()>,
 ) -> CopyResult {
     let activity = Activity::new();
+    let one_side_done = AtomicBool::new(false);
     let sent = AtomicU64::new(0);
     let received = AtomicU64::new(0);
     let (mut dr, mut dw) = downstream.split();
@@ -55,8 +56,22 @@ pub async fn relay(
     let both = async {
         // try_join: an error on either side ends both; a clean EOF waits for the other side.
         tokio::try_join!(
-            pump(&mut dr, &mut uw, counters.0, &sent, &activity),
-            pump(&mut ur, &mut dw, counters.1, &received, &activity),
+            pump(
+                &mut dr,
+                &mut uw,
+                counters.0,
+                &sent,
+                &activity,
+                &one_side_done
+            ),
+            pump(
+                &mut ur,
+                &mut dw,
+                counters.1,
+                &received,
+                &activity,
+                &one_side_done
+            ),
         )
     };
     let end = tokio::select! {
@@ -102,6 +117,7 @@ async fn pump(
     counter: &Counter,
     total: &AtomicU64,
     activity: &Activity,
+    one_side_done: &AtomicBool,
 ) -> io::Result<()> {
     let mut buf: Option<Vec<u8>> = None;
     let mut moved: u64 = 0;
@@ -117,6 +133,11 @@ async fn pump(
         if n == 0 {
             if let Some(b) = buf.take() {
                 give(b);
+            }
+            if one_side_done.swap(true, Ordering::Relaxed) {
+                // The other direction ended first: the relay is over, and closing the socket
+                // right after sends this FIN without a shutdown call of its own.
+                return Ok(());
             }
             return match writer.shutdown().await {
                 Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(e),

@@ -150,13 +150,27 @@ impl Proxy {
         // Bind what is new before changing anything, so a failed bind keeps the old config.
         let mut fresh = Vec::new();
         for l in &config.listeners {
-            let existing = Shared::lock(&self.shared.listeners)
-                .get(&l.name)
-                .is_some_and(|r| r.address == l.address);
-            if !existing {
-                let socket = listener::bind(&l.name, l.address, config.upstream.tcp_keepalive)?;
-                fresh.push((l.name.clone(), l.address, socket));
-            }
+            let handed_over = {
+                let running = Shared::lock(&self.shared.listeners);
+                if running.get(&l.name).is_some_and(|r| r.address == l.address) {
+                    continue;
+                }
+                // A rename keeps the address another listener holds: take over its socket,
+                // since binding the address a second time would fail.
+                running
+                    .values()
+                    .find(|r| r.address == l.address && l.address.port() != 0)
+                    .map(|r| r.socket.clone())
+            };
+            let socket = match handed_over {
+                Some(socket) => socket,
+                None => Arc::new(listener::bind(
+                    &l.name,
+                    l.address,
+                    config.upstream.tcp_keepalive,
+                )?),
+            };
+            fresh.push((l.name.clone(), l.address, socket));
         }
         let removed = {
             let _apply = Shared::lock(&self.shared.apply);
@@ -289,6 +303,9 @@ impl Proxy {
         let period = self.shared.routing.load().config.drain_period;
         self.shared.ready.store(false, Ordering::SeqCst);
         self.shared.stop_accepting.cancel();
+        // The accept loops hold the sockets too; once they stop, the sockets close and new
+        // connections are refused instead of queueing.
+        Shared::lock(&self.shared.listeners).clear();
         self.shared.connections.close();
         let active = self.shared.connections.len();
         tracing::info!(active, ?period, "draining");

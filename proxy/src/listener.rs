@@ -18,6 +18,8 @@ use crate::{connect, connection};
 /// Per-listener metric handles and the live connection count, made once per listener.
 pub(crate) struct ListenerStats {
     pub name: Arc<str>,
+    /// As configured: after a rename, the listener now configured here owns the socket.
+    pub address: SocketAddr,
     pub active: AtomicUsize,
     opened: Counter,
     refused: Counter,
@@ -29,10 +31,11 @@ pub(crate) struct ListenerStats {
 }
 
 impl ListenerStats {
-    fn new(name: &str) -> Self {
+    fn new(name: &str, address: SocketAddr) -> Self {
         let label = || ("listener", name.to_string());
         ListenerStats {
             name: name.into(),
+            address,
             active: AtomicUsize::new(0),
             opened: metrics::counter!(m::CONNECTIONS_OPENED, &[label()]),
             refused: metrics::counter!(m::CONNECTIONS_REFUSED, &[label()]),
@@ -59,6 +62,8 @@ pub(crate) struct RunningListener {
     pub address: SocketAddr,
     pub local_addr: SocketAddr,
     pub stop: CancellationToken,
+    /// Shared so a reload that renames the listener hands the bound socket over.
+    pub socket: Arc<TcpListener>,
 }
 
 /// Binds a listener whose accepted sockets start out tuned: Linux copies TCP_NODELAY and the
@@ -95,15 +100,16 @@ pub(crate) fn start(
     shared: &Arc<Shared>,
     name: &str,
     address: SocketAddr,
-    listener: TcpListener,
+    listener: Arc<TcpListener>,
 ) -> io::Result<RunningListener> {
     let local_addr = listener.local_addr()?;
     let stop = shared.stop_accepting.child_token();
-    let stats = Arc::new(ListenerStats::new(name));
+    let stats = Arc::new(ListenerStats::new(name, address));
     let running = RunningListener {
         address,
         local_addr,
         stop: stop.clone(),
+        socket: listener.clone(),
     };
     let shared = shared.clone();
     tokio::spawn(async move {
@@ -111,6 +117,7 @@ pub(crate) fn start(
         let mut backoff = Duration::ZERO;
         loop {
             let accepted = tokio::select! {
+                biased;
                 _ = stop.cancelled() => break,
                 accepted = listener.accept() => accepted,
             };

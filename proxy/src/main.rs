@@ -1,6 +1,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::Parser;
 use eastwest_proxy::{control_client, Proxy};
 
@@ -65,10 +66,7 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime(cli.worker_threads) {
         Ok(rt) => rt,
         Err(err) => {
             eprintln!("eastwest-proxy: cannot start the runtime: {err}");
@@ -84,7 +82,30 @@ fn main() -> ExitCode {
     }
 }
 
+/// One worker gets tokio's single-threaded scheduler: the same event loop without the
+/// work-stealing bookkeeping (atomics, idle/park transitions) it would pay for on every wake-up.
+fn runtime(worker_threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+    let threads = worker_threads
+        .or_else(|| std::thread::available_parallelism().ok().map(Into::into))
+        .unwrap_or(1)
+        .max(1);
+    if threads == 1 {
+        return tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build();
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+}
+
 async fn run(cli: Cli, config: eastwest_routes::ProxyConfig) -> anyhow::Result<()> {
+    // Handlers first: a SIGTERM or SIGHUP that arrives while starting must not kill the process
+    // the default way. (A SIGHUP before the config watcher runs is moot: the file was just read.)
+    let shutdown = shutdown_signal()?;
+    let _hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("cannot listen for SIGHUP")?;
     // Read everything that can fail before binding, so a mistake exits at once.
     let control = control_client_config(&cli)?;
     let cached = match &cli.route_cache {
@@ -118,7 +139,7 @@ async fn run(cli: Cli, config: eastwest_routes::ProxyConfig) -> anyhow::Result<(
             Ok(())
         }));
     }
-    shutdown_signal().await?;
+    shutdown.await;
     proxy.shutdown().await;
     Ok(())
 }
@@ -147,15 +168,17 @@ fn control_client_config(cli: &Cli) -> anyhow::Result<Option<control_client::Con
     }))
 }
 
-async fn shutdown_signal() -> anyhow::Result<()> {
+/// Registers for SIGTERM and SIGINT now; the future resolves on the first of them.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: draining"),
-        _ = int.recv() => tracing::info!("SIGINT: draining"),
-    }
-    Ok(())
+    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: draining"),
+            _ = int.recv() => tracing::info!("SIGINT: draining"),
+        }
+    })
 }
 
 fn init_logging(format: &str) {

@@ -173,3 +173,65 @@ fn https_control_without_an_identity_is_refused_up_front() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("needs --control-cert"));
 }
+
+/// A config reached through a symlink into another directory changes where the file watcher
+/// does not look (it watches the link's directory); SIGHUP is how an operator applies it.
+#[test]
+fn sighup_applies_a_change_the_file_watcher_cannot_see() {
+    let watched = tempfile::tempdir().unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let admin = free_port();
+    let real = elsewhere.path().join("real.yaml");
+    let base = format!(
+        "admin: {{address: 127.0.0.1:{admin}}}\nlisteners:\n  - name: tls\n    address: 127.0.0.1:0\n"
+    );
+    std::fs::write(&real, &base).unwrap();
+    let config = watched.path().join("gw.yaml");
+    std::os::unix::fs::symlink(&real, &config).unwrap();
+    let proxy = Running(
+        proxy()
+            .arg("--config")
+            .arg(&config)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !matches!(http_get(admin, "/healthz/ready"), Some((200, _))) {
+        assert!(std::time::Instant::now() < deadline, "never became ready");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::fs::write(
+        &real,
+        format!("{base}routes:\n  services:\n    - hostname: added.ns.svc.cluster.local\n      ports: [{{port: 80, endpoints: [{{address: 10.0.0.1:80}}]}}]\n"),
+    )
+    .unwrap();
+    let service = |dump: &serde_json::Value| {
+        dump["config"]["routes"]["services"][0]["hostname"]
+            .as_str()
+            .map(str::to_string)
+    };
+    // Signalled until applied: a SIGHUP that lands before the reload task runs is dropped.
+    loop {
+        let hup = Command::new("kill")
+            .args(["-HUP", &proxy.0.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(hup.success());
+        let (_, dump) = http_get(admin, "/config_dump").unwrap();
+        let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
+        if service(&dump).as_deref() == Some("added.ns.svc.cluster.local") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "SIGHUP never applied the change: {dump}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let (_, metrics) = http_get(admin, "/metrics").unwrap();
+    assert!(
+        metrics.contains("eastwest_config_reloads_total 1"),
+        "{metrics}"
+    );
+}

@@ -226,3 +226,38 @@ async fn metrics_pass_promtool() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test]
+async fn renaming_a_listener_keeps_its_address_and_its_connections() {
+    let pki = pki();
+    let backend = tls_echo_backend("b", &pki.server).await;
+    let services = vec![service(SGLANG, 8000, &[(backend, &[])])];
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut cfg = passthrough_config("before", services.clone());
+    cfg.listeners[0].address = format!("127.0.0.1:{port}").parse().unwrap();
+    let proxy = Proxy::start(cfg.clone()).await.unwrap();
+    let gw = proxy.listener_addr("before").unwrap();
+    let sni = istio_sni(8000, "", SGLANG);
+    let mut established = istio_connect(gw, &pki.client, &sni).await.unwrap();
+    assert!(greeting(&mut established).await.starts_with("b "));
+
+    // Same address, new name: applied (binding the address twice would have failed it).
+    cfg.listeners[0].name = "after".into();
+    proxy.apply_config(cfg).await.unwrap();
+    assert_eq!(proxy.listener_addr("after"), Some(gw));
+    assert_eq!(proxy.listener_addr("before"), None);
+
+    let mut tls = istio_connect(gw, &pki.client, &sni).await.unwrap();
+    assert!(greeting(&mut tls).await.starts_with("b "));
+    echo_roundtrip(&mut established, b"across the rename").await;
+    wait_metric(
+        &proxy,
+        "eastwest_connections_opened_total{listener=\"after\"}",
+        1.0,
+    )
+    .await;
+}
