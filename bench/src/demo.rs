@@ -9,7 +9,7 @@
 
 mod report;
 mod svg;
-mod topology;
+pub mod topology;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
+use crate::millis::{ms, parse_ms};
 pub use server::ModelServer;
 pub use tls::server_config as tls_server_config;
 
@@ -118,20 +119,6 @@ pub struct Args {
     /// Require a client certificate chaining to --tls-root (mTLS).
     #[arg(long, requires_all = ["tls_cert", "tls_root"])]
     pub require_client_cert: bool,
-}
-
-fn parse_ms(s: &str) -> Result<f64, String> {
-    let v: f64 = s
-        .parse()
-        .map_err(|e| format!("{s:?} is not a number: {e}"))?;
-    if !v.is_finite() || v < 0.0 {
-        return Err(format!("{s:?}: milliseconds must be a finite number >= 0"));
-    }
-    Ok(v)
-}
-
-fn ms(v: f64) -> Duration {
-    Duration::from_secs_f64(v / 1000.0)
 }
 
 impl Args {

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
+use crate::millis::{ms, parse_ms};
 pub use link::WanLink;
 pub use measure::{measure, Measurement};
 pub use pipe::QUEUE_BYTES;
@@ -71,16 +72,6 @@ pub struct Args {
     pub measure_bytes: usize,
 }
 
-fn parse_ms(s: &str) -> Result<f64, String> {
-    let v: f64 = s
-        .parse()
-        .map_err(|e| format!("{s:?} is not a number: {e}"))?;
-    if !v.is_finite() || v < 0.0 {
-        return Err(format!("{s:?}: milliseconds must be a finite number >= 0"));
-    }
-    Ok(v)
-}
-
 impl Args {
     pub fn options(&self) -> anyhow::Result<WanOptions> {
         let bandwidth_bytes_per_sec = match self.bandwidth_mbps {
@@ -89,8 +80,8 @@ impl Args {
             Some(m) => anyhow::bail!("--bandwidth-mbps {m}: must be a positive number"),
         };
         Ok(WanOptions {
-            rtt: Duration::from_secs_f64(self.rtt_ms / 1000.0),
-            jitter: Duration::from_secs_f64(self.jitter_ms / 1000.0),
+            rtt: ms(self.rtt_ms),
+            jitter: ms(self.jitter_ms),
             bandwidth_bytes_per_sec,
         })
     }

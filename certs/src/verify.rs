@@ -234,6 +234,10 @@ impl ServerCertVerifier for SpiffeServerVerifier {
 const VERSIONS: &[&rustls::SupportedProtocolVersion] =
     &[&rustls::version::TLS13, &rustls::version::TLS12];
 
+fn versions_error(e: rustls::Error) -> CertError {
+    CertError::Tls(e.to_string())
+}
+
 impl Identity {
     /// mTLS server config: requires a client certificate chained to the mesh root whose
     /// SPIFFE ID satisfies `peers`.
@@ -259,12 +263,10 @@ impl Identity {
         });
         let mut cfg = ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(VERSIONS)
-            .map_err(|e| CertError::Tls(e.to_string()))?
+            .map_err(versions_error)?
             .with_client_cert_verifier(verifier)
             .with_single_cert(self.chain_der(), self.key_der())
-            .map_err(|e| {
-                CertError::Tls(format!("certificate/key for {}: {e}", self.spiffe_id()))
-            })?;
+            .map_err(|e| self.cert_key_error(e))?;
         cfg.alpn_protocols = alpn;
         Ok(Arc::new(cfg))
     }
@@ -288,14 +290,17 @@ impl Identity {
         });
         let mut cfg = ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(VERSIONS)
-            .map_err(|e| CertError::Tls(e.to_string()))?
+            .map_err(versions_error)?
             .dangerous()
             .with_custom_certificate_verifier(verifier)
             .with_client_auth_cert(self.chain_der(), self.key_der())
-            .map_err(|e| {
-                CertError::Tls(format!("certificate/key for {}: {e}", self.spiffe_id()))
-            })?;
+            .map_err(|e| self.cert_key_error(e))?;
         cfg.alpn_protocols = alpn;
         Ok(Arc::new(cfg))
+    }
+
+    /// rustls refused this identity's chain or key.
+    fn cert_key_error(&self, e: rustls::Error) -> CertError {
+        CertError::Tls(format!("certificate/key for {}: {e}", self.spiffe_id()))
     }
 }

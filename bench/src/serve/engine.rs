@@ -19,8 +19,8 @@ use tokio::sync::{mpsc, Semaphore, SemaphorePermit};
 use tokio::time::Instant;
 
 use super::wire::{
-    ChatChoice, ChatChunk, ChatResponse, ChatStreamChoice, CompletionChoice, CompletionChunk,
-    CompletionResponse, CompletionStreamChoice, Delta, ResponseMessage, Usage,
+    ChatChoice, ChatStreamChoice, CompletionChoice, CompletionStreamChoice, Delta, Response,
+    ResponseMessage, StreamChunk, Usage,
 };
 use super::{ServeConfig, ServeStats};
 use crate::wan::timer::Alarm;
@@ -65,6 +65,16 @@ const WORDS: [&str; 32] = [
 pub enum Kind {
     Chat,
     Completion,
+}
+
+impl Kind {
+    /// The `object` of this kind's streamed chunks.
+    fn chunk_object(self) -> &'static str {
+        match self {
+            Kind::Chat => "chat.completion.chunk",
+            Kind::Completion => "text_completion",
+        }
+    }
 }
 
 /// One validated generation request.
@@ -274,32 +284,16 @@ impl Engine {
             return;
         }
         if job.include_usage {
-            let usage = Usage::new(job.prompt_tokens, n as u64);
-            let ok = match job.kind {
-                Kind::Chat => {
-                    out.send(&ChatChunk {
-                        id,
-                        object: "chat.completion.chunk",
-                        created: req.created,
-                        model,
-                        choices: &[],
-                        usage: Some(usage),
-                    })
-                    .await
-                }
-                Kind::Completion => {
-                    out.send(&CompletionChunk {
-                        id,
-                        object: "text_completion",
-                        created: req.created,
-                        model,
-                        choices: &[],
-                        usage: Some(usage),
-                    })
-                    .await
-                }
+            // No choices, so the choice type is immaterial: both kinds share this chunk.
+            let usage = StreamChunk::<ChatStreamChoice> {
+                id,
+                object: job.kind.chunk_object(),
+                created: req.created,
+                model,
+                choices: &[],
+                usage: Some(Usage::new(job.prompt_tokens, n as u64)),
             };
-            if !ok {
+            if !out.send(&usage).await {
                 return;
             }
         }
@@ -330,7 +324,7 @@ impl Engine {
         }
         let usage = Usage::new(job.prompt_tokens, n as u64);
         let body = match job.kind {
-            Kind::Chat => serde_json::to_vec(&ChatResponse {
+            Kind::Chat => serde_json::to_vec(&Response {
                 id: &req.id,
                 object: "chat.completion",
                 created: req.created,
@@ -349,7 +343,7 @@ impl Engine {
                 }],
                 usage,
             })?,
-            Kind::Completion => serde_json::to_vec(&CompletionResponse {
+            Kind::Completion => serde_json::to_vec(&Response {
                 id: &req.id,
                 object: "text_completion",
                 created: req.created,
@@ -471,9 +465,9 @@ impl Events<'_> {
             finish_reason,
             matched_stop: None,
         }];
-        self.send(&ChatChunk {
+        self.send(&StreamChunk {
             id,
-            object: "chat.completion.chunk",
+            object: Kind::Chat.chunk_object(),
             created,
             model,
             choices: &choices,
@@ -497,9 +491,9 @@ impl Events<'_> {
             finish_reason,
             matched_stop: None,
         }];
-        self.send(&CompletionChunk {
+        self.send(&StreamChunk {
             id,
-            object: "text_completion",
+            object: Kind::Completion.chunk_object(),
             created,
             model,
             choices: &choices,

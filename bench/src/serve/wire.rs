@@ -120,17 +120,6 @@ pub struct ChatStreamChoice<'a> {
     pub matched_stop: Option<u32>,
 }
 
-/// `ChatCompletionStreamResponse`, object `chat.completion.chunk`.
-#[derive(Debug, Serialize)]
-pub struct ChatChunk<'a> {
-    pub id: &'a str,
-    pub object: &'static str,
-    pub created: u64,
-    pub model: &'a str,
-    pub choices: &'a [ChatStreamChoice<'a>],
-    pub usage: Option<Usage>,
-}
-
 /// `CompletionResponseStreamChoice`.
 #[derive(Debug, Serialize)]
 pub struct CompletionStreamChoice<'a> {
@@ -141,14 +130,16 @@ pub struct CompletionStreamChoice<'a> {
     pub matched_stop: Option<u32>,
 }
 
-/// `CompletionStreamResponse`, object `text_completion`.
+/// A streamed chunk: `ChatCompletionStreamResponse` (object `chat.completion.chunk`,
+/// choices [`ChatStreamChoice`]) and `CompletionStreamResponse` (object
+/// `text_completion`, choices [`CompletionStreamChoice`]) share this envelope.
 #[derive(Debug, Serialize)]
-pub struct CompletionChunk<'a> {
+pub struct StreamChunk<'a, C> {
     pub id: &'a str,
     pub object: &'static str,
     pub created: u64,
     pub model: &'a str,
-    pub choices: &'a [CompletionStreamChoice<'a>],
+    pub choices: &'a [C],
     pub usage: Option<Usage>,
 }
 
@@ -170,17 +161,6 @@ pub struct ChatChoice<'a> {
     pub matched_stop: Option<u32>,
 }
 
-/// `ChatCompletionResponse`, object `chat.completion`.
-#[derive(Debug, Serialize)]
-pub struct ChatResponse<'a> {
-    pub id: &'a str,
-    pub object: &'static str,
-    pub created: u64,
-    pub model: &'a str,
-    pub choices: [ChatChoice<'a>; 1],
-    pub usage: Usage,
-}
-
 #[derive(Debug, Serialize)]
 pub struct CompletionChoice<'a> {
     pub index: u32,
@@ -190,14 +170,16 @@ pub struct CompletionChoice<'a> {
     pub matched_stop: Option<u32>,
 }
 
-/// `CompletionResponse`, object `text_completion`.
+/// A whole response: `ChatCompletionResponse` (object `chat.completion`, choice
+/// [`ChatChoice`]) and `CompletionResponse` (object `text_completion`, choice
+/// [`CompletionChoice`]) share this envelope.
 #[derive(Debug, Serialize)]
-pub struct CompletionResponse<'a> {
+pub struct Response<'a, C> {
     pub id: &'a str,
     pub object: &'static str,
     pub created: u64,
     pub model: &'a str,
-    pub choices: [CompletionChoice<'a>; 1],
+    pub choices: [C; 1],
     pub usage: Usage,
 }
 

@@ -41,6 +41,15 @@ fn quantile(sorted: &[Duration], q: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
+/// The quantiles of the added delay that the report shows, by name.
+const REPORTED_QUANTILES: [(&str, f64); 5] = [
+    ("min", 0.0),
+    ("p50", 0.5),
+    ("p90", 0.9),
+    ("p99", 0.99),
+    ("max", 1.0),
+];
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -60,24 +69,12 @@ impl fmt::Display for Measurement {
             ms(self.direct_p99)
         )?;
         write!(f, "  added RTT (via link)")?;
-        for (name, q) in [
-            ("min", 0.0),
-            ("p50", 0.5),
-            ("p90", 0.9),
-            ("p99", 0.99),
-            ("max", 1.0),
-        ] {
+        for (name, q) in REPORTED_QUANTILES {
             write!(f, "  {name} {:.3} ms", ms(self.added_quantile(q)))?;
         }
         writeln!(f)?;
         write!(f, "  error vs configured ")?;
-        for (name, q) in [
-            ("min", 0.0),
-            ("p50", 0.5),
-            ("p90", 0.9),
-            ("p99", 0.99),
-            ("max", 1.0),
-        ] {
+        for (name, q) in REPORTED_QUANTILES {
             write!(f, "  {name} {:+.3} ms", ms(self.added_quantile(q)) - rtt)?;
         }
         Ok(())
