@@ -33,7 +33,7 @@ use tokio_util::task::TaskTracker;
 pub use reload::watch_config_file;
 
 use crate::listener::RunningListener;
-use crate::routing::Routing;
+use crate::routing::{Routing, Update};
 
 /// A running gateway: listeners, admin server and the live routing state. Clones share it.
 #[derive(Clone)]
@@ -93,6 +93,13 @@ fn drop_in_background(old: Arc<Routing>) {
     if let Err(err) = spawned {
         tracing::debug!(%err, "freeing the old route table inline");
     }
+}
+
+/// Counts a refused route table; the reasons, joined.
+fn rejected(invalid: &[eastwest_routes::Invalid]) -> String {
+    ::metrics::counter!(metrics::ROUTE_TABLES_REJECTED).increment(1);
+    let why: Vec<String> = invalid.iter().map(|i| i.to_string()).collect();
+    why.join("; ")
 }
 
 /// Why a new config was not applied (the old one stays).
@@ -237,22 +244,23 @@ impl Proxy {
     /// changed services plus a pointer comparison per service.
     pub fn apply_routes(&self, table: impl Into<SharedRouteTable>) -> Result<(), String> {
         let table = table.into();
+        let version = table.version;
         let _apply = Shared::lock(&self.shared.apply);
         let old = self.shared.routing.load_full();
-        let mut invalid = Vec::new();
-        table.validate_changed("", |svc| old.has_service(svc), &mut invalid);
-        if !invalid.is_empty() {
-            ::metrics::counter!(metrics::ROUTE_TABLES_REJECTED).increment(1);
-            let why: Vec<String> = invalid.iter().map(|i| i.to_string()).collect();
-            return Err(why.join("; "));
-        }
-        let version = table.version;
-        // The settings stay as they are, shared.
-        self.shared.routing.store(Arc::new(Routing::compile(
-            old.config.clone(),
-            table,
-            Some(&old),
-        )));
+        let routing = match old.update(table) {
+            Update::Built(routing) => routing,
+            Update::Invalid(invalid) => return Err(rejected(&invalid)),
+            Update::NotIncremental(table) => {
+                let mut invalid = Vec::new();
+                table.validate_changed("", |svc| old.has_service(svc), &mut invalid);
+                if !invalid.is_empty() {
+                    return Err(rejected(&invalid));
+                }
+                // The settings stay as they are, shared.
+                Routing::compile(old.config.clone(), table, Some(&old))
+            }
+        };
+        self.shared.routing.store(Arc::new(routing));
         self.shared
             .routes_from_control
             .store(true, Ordering::SeqCst);

@@ -8,7 +8,9 @@ use std::net::SocketAddr;
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, OnceLock};
 
-use eastwest_routes::{Endpoint, ListenerMode, ProxyConfig, Service, SharedRouteTable, SniPattern};
+use eastwest_routes::{
+    Endpoint, Invalid, ListenerMode, ProxyConfig, Service, SharedRouteTable, SniPattern,
+};
 use metrics::{Counter, Histogram};
 
 use crate::istio_sni::IstioSni;
@@ -108,6 +110,7 @@ struct ServiceRoutes {
 }
 
 /// A service of the table and its compiled routes.
+#[derive(Clone)]
 struct CompiledService {
     /// What `routes` were compiled from (validated then).
     source: Arc<Service>,
@@ -123,6 +126,18 @@ pub struct Routing {
     services: HashMap<Arc<str>, CompiledService>,
     /// Per `sni` listener: rules, most specific first.
     sni_rules: HashMap<String, Vec<(SniPattern, Arc<UpstreamSet>)>>,
+    /// Whether `routes.services` are in strict hostname order (then the next table may be
+    /// applied by [`Routing::update`]).
+    sorted: bool,
+}
+
+/// The outcome of [`Routing::update`].
+pub enum Update {
+    Built(Routing),
+    /// What is wrong with the services that changed (or the rest of the table).
+    Invalid(Vec<Invalid>),
+    /// Not derived from the table in force in hostname order: validate and compile it whole.
+    NotIncremental(SharedRouteTable),
 }
 
 impl Routing {
@@ -188,12 +203,75 @@ impl Routing {
             sni_rules.insert(listener.name.clone(), rules);
         }
 
+        let sorted = is_strictly_sorted(&routes.services);
         Routing {
             config,
             routes,
             services,
             sni_rules,
+            sorted,
         }
+    }
+
+    /// Validates and compiles `routes` on top of this routing in O(changed services): when
+    /// both tables are in strict hostname order (as eastwest-control's are), one walk over
+    /// both finds the services that are not the very `Arc` this routing holds; only those are
+    /// validated and compiled, and the rest of the compiled map is shared.
+    pub fn update(&self, routes: SharedRouteTable) -> Update {
+        if !self.sorted {
+            return Update::NotIncremental(routes);
+        }
+        let Some((changed, removed)) = diff(&self.routes.services, &routes.services) else {
+            return Update::NotIncremental(routes);
+        };
+        let mut errors = Vec::new();
+        routes.validate_remote_and_gateways("", &mut errors);
+        let mut services = self.services.clone();
+        for &i in &removed {
+            services.remove(&*lowercase(&self.routes.services[i].hostname));
+        }
+        for &j in &changed {
+            let svc = &routes.services[j];
+            let at = format!("services[{j}]");
+            let before = errors.len();
+            svc.validate(&at, &mut errors);
+            let lower = lowercase(&svc.hostname);
+            let (key, compiled) = match services.get_key_value(&*lower) {
+                // Another spelling of a hostname still in the table.
+                Some((_, other)) if other.source.hostname != svc.hostname => {
+                    errors.push(Invalid::new(
+                        format!("{at}.hostname"),
+                        format!("service {} is listed twice", svc.hostname),
+                    ));
+                    continue;
+                }
+                _ if errors.len() > before => continue,
+                Some((key, old)) if *old.source == **svc => (key.clone(), old.routes.clone()),
+                Some((key, old)) => (
+                    key.clone(),
+                    Arc::new(compile_service(svc, Some(&old.routes))),
+                ),
+                None => (Arc::from(&*lower), Arc::new(compile_service(svc, None))),
+            };
+            let source = svc.clone();
+            services.insert(
+                key,
+                CompiledService {
+                    source,
+                    routes: compiled,
+                },
+            );
+        }
+        if !errors.is_empty() {
+            return Update::Invalid(errors);
+        }
+        Update::Built(Routing {
+            config: self.config.clone(),
+            routes,
+            services,
+            sni_rules: self.sni_rules.clone(),
+            sorted: true,
+        })
     }
 
     /// Whether `svc` is the very service this routing was compiled from (and so validated).
@@ -246,6 +324,50 @@ impl Routing {
             .find(|(pattern, _)| pattern.matches(sni))
             .map(|(_, set)| set.clone())
     }
+}
+
+fn is_strictly_sorted(services: &[Arc<Service>]) -> bool {
+    services.windows(2).all(|w| w[0].hostname < w[1].hostname)
+}
+
+/// How `new` differs from `old` (strictly sorted by hostname): the indices of the services of
+/// `new` that are not the same `Arc` as `old`'s, and of those of `old` that are gone. `None`
+/// unless `new` is strictly sorted too — checked next to each changed service only, as the
+/// unchanged ones keep `old`'s order.
+fn diff(old: &[Arc<Service>], new: &[Arc<Service>]) -> Option<(Vec<usize>, Vec<usize>)> {
+    let (mut changed, mut removed) = (Vec::new(), Vec::new());
+    let (mut i, mut j) = (0, 0);
+    while i < old.len() && j < new.len() {
+        if Arc::ptr_eq(&old[i], &new[j]) {
+            i += 1;
+            j += 1;
+            continue;
+        }
+        match old[i].hostname.cmp(&new[j].hostname) {
+            std::cmp::Ordering::Less => {
+                removed.push(i);
+                i += 1;
+            }
+            std::cmp::Ordering::Greater => {
+                changed.push(j);
+                j += 1;
+            }
+            std::cmp::Ordering::Equal => {
+                changed.push(j);
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    removed.extend(i..old.len());
+    changed.extend(j..new.len());
+    let ordered = changed.iter().all(|&j| {
+        (j == 0 || new[j - 1].hostname < new[j].hostname)
+            && new
+                .get(j + 1)
+                .is_none_or(|next| new[j].hostname < next.hostname)
+    });
+    ordered.then_some((changed, removed))
 }
 
 /// Borrowed when already lowercase, as hostnames nearly always are.

@@ -257,3 +257,44 @@ async fn an_invalid_delta_is_refused_counted_and_the_old_routes_keep_working() {
     wait_version(&proxy, 2).await;
     assert_eq!(routed_to(&proxy, &pki).await, "two");
 }
+
+/// A delta that is fine on its own but whose table would list a service twice (hostnames
+/// differing only in case) is refused like a bad table: the old routes stay, and the stream
+/// goes on with control's next delta.
+#[tokio::test]
+async fn a_delta_making_a_duplicate_hostname_is_refused_and_the_stream_goes_on() {
+    let pki = pki();
+    let one = tls_echo_backend("one", &pki.server).await;
+    let two = tls_echo_backend("two", &pki.server).await;
+    let (control, mut subs) = scripted_control().await;
+    let proxy = subscribed_proxy(control).await;
+
+    let sub = next_subscription(&mut subs).await;
+    sub.lines
+        .send(full(1, vec![service(SGLANG, 8000, &[(one, &[])])]))
+        .unwrap();
+    wait_version(&proxy, 1).await;
+    let shouting = SGLANG.to_uppercase();
+    sub.lines
+        .send(delta(
+            2,
+            1,
+            vec![service(&shouting, 8000, &[(two, &[])])],
+            &[],
+        ))
+        .unwrap();
+    // Then control takes it back and changes the real one.
+    sub.lines
+        .send(delta(
+            3,
+            2,
+            vec![service(SGLANG, 8000, &[(two, &[])])],
+            &[&shouting],
+        ))
+        .unwrap();
+    wait_version(&proxy, 3).await;
+    assert_eq!(routed_to(&proxy, &pki).await, "two");
+    assert_eq!(proxy.routes().services.len(), 1);
+    // No resubscription was needed.
+    assert!(subs.try_recv().is_err());
+}

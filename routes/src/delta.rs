@@ -60,17 +60,18 @@ impl RouteDelta {
                 ),
             ));
         }
-        let mut changed = HashSet::new();
+        let mut lowercase_names = HashSet::new();
         for (i, svc) in self.services.iter().enumerate() {
             let at = format!("{prefix}services[{i}]");
             svc.validate(&at, errors);
-            if !changed.insert(lowercase(&svc.hostname)) {
+            if !lowercase_names.insert(lowercase(&svc.hostname)) {
                 errors.push(Invalid::new(
                     format!("{at}.hostname"),
                     format!("service {} is listed twice", svc.hostname),
                 ));
             }
         }
+        let changed: HashSet<&str> = self.services.iter().map(|s| s.hostname.as_str()).collect();
         check_removed(
             &format!("{prefix}removed_services"),
             &self.removed_services,
@@ -78,10 +79,10 @@ impl RouteDelta {
             errors,
         );
         validate_remote_services(prefix, self.remote_services.iter().map(|r| &**r), errors);
-        let changed: HashSet<_> = self
+        let changed: HashSet<&str> = self
             .remote_services
             .iter()
-            .map(|r| lowercase(&r.hostname))
+            .map(|r| r.hostname.as_str())
             .collect();
         check_removed(
             &format!("{prefix}removed_remote_services"),
@@ -146,19 +147,16 @@ impl RouteDelta {
 }
 
 /// Removed hostnames are DNS names, each listed once and not also among the changed ones.
-fn check_removed(
-    at: &str,
-    removed: &[String],
-    changed: &HashSet<std::borrow::Cow<'_, str>>,
-    errors: &mut Vec<Invalid>,
-) {
+/// Exact comparisons: a delta replaces and removes by exact hostname (a service spelt in
+/// another case is another entry, which the table's validation then refuses as a repeat).
+fn check_removed(at: &str, removed: &[String], changed: &HashSet<&str>, errors: &mut Vec<Invalid>) {
     let mut seen = HashSet::new();
     for (i, hostname) in removed.iter().enumerate() {
         let why = if !is_dns_name(hostname) {
             format!("not a DNS name: {hostname:?}")
-        } else if changed.contains(&lowercase(hostname)) {
+        } else if changed.contains(hostname.as_str()) {
             format!("{hostname} is both changed and removed")
-        } else if !seen.insert(lowercase(hostname)) {
+        } else if !seen.insert(hostname.as_str()) {
             format!("{hostname} is listed twice")
         } else {
             continue;

@@ -59,6 +59,11 @@ impl SharedRouteTable {
             self.services.iter().map(|s| (&**s, checked(s))),
             errors,
         );
+        self.validate_remote_and_gateways(prefix, errors);
+    }
+
+    /// Everything [`validate_changed`](Self::validate_changed) checks but the services.
+    pub fn validate_remote_and_gateways(&self, prefix: &str, errors: &mut Vec<Invalid>) {
         validate_remote_services(prefix, self.remote_services.iter().map(|r| &**r), errors);
         validate_network_gateways(prefix, &self.network_gateways, errors);
     }

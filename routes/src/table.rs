@@ -115,15 +115,15 @@ pub(crate) fn validate_services<'a>(
     services: impl Iterator<Item = (&'a Service, bool)>,
     errors: &mut Vec<Invalid>,
 ) {
-    let mut hostnames = HashSet::new();
+    let mut hostnames = HashSet::with_capacity(services.size_hint().0);
     for (i, (svc, checked)) in services.enumerate() {
-        let at = format!("{prefix}services[{i}]");
+        let at = || format!("{prefix}services[{i}]");
         if !checked {
-            svc.validate(&at, errors);
+            svc.validate(&at(), errors);
         }
         if is_dns_name(&svc.hostname) && !hostnames.insert(lowercase(&svc.hostname)) {
             errors.push(Invalid::new(
-                format!("{at}.hostname"),
+                format!("{}.hostname", at()),
                 format!("service {} is listed twice", svc.hostname),
             ));
         }
