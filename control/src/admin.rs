@@ -55,7 +55,7 @@ fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
             match shared.publisher.current(network) {
                 Some(p) => text(
                     StatusCode::OK,
-                    String::from_utf8_lossy(&p.line).into_owned(),
+                    String::from_utf8_lossy(&p.line()).into_owned(),
                 ),
                 None => text(
                     StatusCode::NOT_FOUND,

@@ -21,16 +21,30 @@ pub struct Entry {
     pub remote: Vec<RemoteService>,
 }
 
-/// The route table (version 0) for gateways of `network`, computed from scratch.
+/// The route table (version 0) for gateways of `network`, computed from scratch, in hostname
+/// order (the order published tables have, so that deltas merge in one pass).
 pub fn route_table(model: &Model, network: &str, cluster_domain: &str) -> RouteTable {
+    let mut entries: Vec<(String, Entry)> = model
+        .all_service_keys()
+        .into_iter()
+        .map(|key| {
+            let entry = service_entry(model, network, &key, cluster_domain);
+            (hostname(&key, cluster_domain), entry)
+        })
+        .collect();
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
     let mut table = RouteTable::default();
-    for key in model.all_service_keys() {
-        let entry = service_entry(model, network, &key, cluster_domain);
+    for (_, entry) in entries {
         table.services.extend(entry.service);
         table.remote_services.extend(entry.remote);
     }
     table.network_gateways = network_gateways(model, network);
     table
+}
+
+/// The FQDN of Service `key`, as sidecars put it in the SNI.
+pub fn hostname(key: &ObjKey, cluster_domain: &str) -> String {
+    format!("{}.{}.svc.{}", key.1, key.0, cluster_domain)
 }
 
 /// Service `key` as gateways of `network` see it.
@@ -53,7 +67,7 @@ pub fn service_entry(model: &Model, network: &str, key: &ObjKey, cluster_domain:
     if def.ports.is_empty() {
         return Entry::default();
     }
-    let hostname = format!("{}.{}.svc.{}", key.1, key.0, cluster_domain);
+    let hostname = hostname(key, cluster_domain);
     let local: Vec<(&ClusterState, &SliceDef)> = clusters()
         .filter(|(_, c)| in_network(c))
         .flat_map(|(_, c)| c.slices.of_service(key).map(move |s| (c, s)))

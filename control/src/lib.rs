@@ -7,6 +7,7 @@ mod admin;
 mod backoff;
 mod cluster;
 pub mod compute;
+mod encode;
 mod metrics;
 pub mod model;
 mod publish;

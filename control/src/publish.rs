@@ -6,9 +6,9 @@
 //! to the last one is not republished. Each table is serialised once and shared by all streams
 //! of its network; a slow stream skips straight to the newest version.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -16,53 +16,104 @@ use eastwest_routes::{NetworkGateway, RouteTable};
 use tokio::sync::watch;
 use tracing::{debug, error, info};
 
-use crate::compute::{network_gateways, service_entry, Entry};
-use crate::model::ObjKey;
+use crate::compute::{hostname, network_gateways, service_entry};
+use crate::encode::{delta_line, table_line, Fragment, Snapshot};
 use crate::state::Shared;
 
-/// A serialised table: one NDJSON line.
+/// Publications whose changes are kept, so a stream that skipped versions still gets a delta.
+const RECENT_MAX: usize = 16;
+/// ... but not more hostnames than this in all (a full recomputation may change thousands).
+const RECENT_MAX_HOSTNAMES: usize = 20_000;
+
+/// One publication of a network's table.
 #[derive(Debug)]
 pub struct Published {
-    pub line: Bytes,
+    pub version: u64,
+    /// The delta line from the previous publication (`base`), absent for the first.
+    delta: Option<(u64, Bytes)>,
+    snapshot: Snapshot,
+    /// The changes of recent publications, oldest first, ending with this one's.
+    recent: Vec<Arc<Change>>,
+    /// The full table line, assembled when a stream first needs it.
+    line: OnceLock<Bytes>,
+}
+
+/// What one publication changed.
+#[derive(Debug)]
+struct Change {
+    version: u64,
+    base: u64,
+    /// Sorted.
+    hostnames: Vec<String>,
+    gateways: bool,
 }
 
 impl Published {
+    /// The full table: one NDJSON line.
+    pub fn line(&self) -> Bytes {
+        self.line
+            .get_or_init(|| Bytes::from(table_line(self.version, &self.snapshot)))
+            .clone()
+    }
+
     /// The table itself (parsed back; for tests and debugging, not the hot path).
     pub fn table(&self) -> Option<RouteTable> {
-        serde_json::from_slice(&self.line).ok()
+        serde_json::from_slice(&self.line()).ok()
+    }
+
+    /// The delta line that takes a proxy holding version `from` to this version, when the
+    /// changes since `from` are still known.
+    pub fn delta_from(&self, from: u64) -> Option<Bytes> {
+        if let Some((base, line)) = &self.delta {
+            if *base == from {
+                return Some(line.clone());
+            }
+        }
+        let start = self.recent.iter().position(|c| c.base == from)?;
+        let chain = &self.recent[start..];
+        let linked = chain.windows(2).all(|w| w[1].base == w[0].version);
+        if !linked || chain.last()?.version != self.version {
+            return None;
+        }
+        let mut hostnames: Vec<&str> = chain
+            .iter()
+            .flat_map(|c| c.hostnames.iter().map(String::as_str))
+            .collect();
+        hostnames.sort_unstable();
+        hostnames.dedup();
+        let gateways = chain.iter().any(|c| c.gateways);
+        Some(Bytes::from(delta_line(
+            self.version,
+            from,
+            &self.snapshot,
+            &hostnames,
+            gateways,
+        )))
     }
 }
 
 pub type TableRx = watch::Receiver<Option<Arc<Published>>>;
 
-/// A Service's part of a table, serialised once and reused until the Service changes.
-#[derive(Debug, Default, PartialEq, Eq)]
-struct Fragment {
-    service: Option<Vec<u8>>,
-    remote: Vec<Vec<u8>>,
-}
-
-impl Fragment {
-    fn of(entry: Entry) -> Option<Fragment> {
-        if entry.service.is_none() && entry.remote.is_empty() {
-            return None;
-        }
-        Some(Fragment {
-            service: entry.service.and_then(|s| serde_json::to_vec(&s).ok()),
-            remote: entry
-                .remote
-                .iter()
-                .filter_map(|r| serde_json::to_vec(r).ok())
-                .collect(),
-        })
-    }
-}
-
-/// What was last published for a network, by Service, so a change re-serialises one Service.
+/// What was last published for a network, by hostname, so a change re-serialises one Service.
 #[derive(Debug, Default)]
 struct NetCache {
-    fragments: BTreeMap<ObjKey, Fragment>,
+    fragments: BTreeMap<String, Arc<Fragment>>,
     gateways: Vec<NetworkGateway>,
+    recent: VecDeque<Arc<Change>>,
+}
+
+impl NetCache {
+    fn remember(&mut self, change: Change) {
+        self.recent.push_back(Arc::new(change));
+        let mut hostnames: usize = self.recent.iter().map(|c| c.hostnames.len()).sum();
+        while self.recent.len() > 1
+            && (self.recent.len() > RECENT_MAX || hostnames > RECENT_MAX_HOSTNAMES)
+        {
+            if let Some(old) = self.recent.pop_front() {
+                hostnames -= old.hostnames.len();
+            }
+        }
+    }
 }
 
 struct Channel {
@@ -160,96 +211,95 @@ fn publish_all(shared: &Shared) {
     // Forget networks nobody listens to any more (the local one always stays).
     channels.retain(|net, ch| *net == shared.settings.network || ch.tx.receiver_count() > 0);
     for (net, ch) in channels.iter_mut() {
-        let never_published = ch.tx.borrow().is_none();
-        let mut changed = never_published;
+        let previous = ch.tx.borrow().as_ref().map(|p| p.version);
+        // Hostnames whose fragment changed.
+        let mut changed = Vec::new();
         let cache = match (&mut ch.cache, all) {
             (Some(cache), false) => {
                 for key in &dirty {
-                    let fragment = Fragment::of(service_entry(&model, net, key, domain));
+                    let host = hostname(key, domain);
+                    let fragment =
+                        Fragment::of(host.clone(), service_entry(&model, net, key, domain));
                     let old = match fragment {
-                        Some(f) => cache.fragments.insert(key.clone(), f),
-                        None => cache.fragments.remove(key),
+                        Some(f) => cache.fragments.insert(host.clone(), Arc::new(f)),
+                        None => cache.fragments.remove(&host),
                     };
-                    changed |= old.as_ref() != cache.fragments.get(key);
+                    if old.as_ref() != cache.fragments.get(&host) {
+                        changed.push(host);
+                    }
                 }
                 cache
             }
             (slot, _) => {
-                let fragments: BTreeMap<ObjKey, Fragment> = model
+                let fresh: BTreeMap<String, Arc<Fragment>> = model
                     .all_service_keys()
                     .into_iter()
                     .filter_map(|k| {
-                        let f = Fragment::of(service_entry(&model, net, &k, domain))?;
-                        Some((k, f))
+                        let host = hostname(&k, domain);
+                        let f = Fragment::of(host.clone(), service_entry(&model, net, &k, domain))?;
+                        Some((host, Arc::new(f)))
                     })
                     .collect();
-                changed |= slot.as_ref().is_none_or(|c| c.fragments != fragments);
                 let cache = slot.get_or_insert_with(NetCache::default);
-                cache.fragments = fragments;
+                for (host, f) in &fresh {
+                    if cache.fragments.get(host) != Some(f) {
+                        changed.push(host.clone());
+                    }
+                }
+                changed.extend(
+                    cache
+                        .fragments
+                        .keys()
+                        .filter(|h| !fresh.contains_key(*h))
+                        .cloned(),
+                );
+                cache.fragments = fresh;
                 cache
             }
         };
         let gateways = network_gateways(&model, net);
-        if gateways != cache.gateways {
+        let gateways_changed = gateways != cache.gateways;
+        if gateways_changed {
             cache.gateways = gateways;
-            changed = true;
         }
-        if !changed {
+        if previous.is_some() && changed.is_empty() && !gateways_changed {
             continue;
         }
+        changed.sort_unstable();
+        changed.dedup();
         let version = shared
             .publisher
             .next_version
             .fetch_add(1, Ordering::Relaxed);
-        let capacity = ch
-            .tx
-            .borrow()
-            .as_ref()
-            .map_or(4096, |p| p.line.len() + 4096);
-        let line = assemble(version, cache, capacity);
-        debug!(network = %net, version, bytes = line.len(), "publishing route table");
+        let snapshot = Snapshot {
+            fragments: cache.fragments.values().cloned().collect(),
+            gateways: cache.gateways.clone(),
+        };
+        let delta = previous.map(|base| {
+            let hostnames: Vec<&str> = changed.iter().map(String::as_str).collect();
+            let line = delta_line(version, base, &snapshot, &hostnames, gateways_changed);
+            (base, Bytes::from(line))
+        });
+        if let Some(base) = previous {
+            cache.remember(Change {
+                version,
+                base,
+                hostnames: changed,
+                gateways: gateways_changed,
+            });
+        }
+        debug!(network = %net, version, services = snapshot.fragments.len(),
+               delta_bytes = delta.as_ref().map(|(_, d)| d.len()), "publishing route table");
         ch.tx.send_replace(Some(Arc::new(Published {
-            line: Bytes::from(line),
+            version,
+            delta,
+            snapshot,
+            recent: cache.recent.iter().cloned().collect(),
+            line: OnceLock::new(),
         })));
         shared
             .metrics
             .published(version, dirty_since.map(|t| t.elapsed()));
-    }
-}
-
-/// The NDJSON line of a `RouteTable` from its cached parts (same JSON serde would write).
-fn assemble(version: u64, cache: &NetCache, capacity: usize) -> Vec<u8> {
-    let mut line = Vec::with_capacity(capacity);
-    line.extend_from_slice(format!("{{\"version\":{version},\"services\":[").as_bytes());
-    let services = cache
-        .fragments
-        .values()
-        .filter_map(|f| f.service.as_deref());
-    join(&mut line, services);
-    line.extend_from_slice(b"],\"remote_services\":[");
-    let remote = cache
-        .fragments
-        .values()
-        .flat_map(|f| f.remote.iter().map(Vec::as_slice));
-    join(&mut line, remote);
-    line.extend_from_slice(b"],\"network_gateways\":");
-    match serde_json::to_vec(&cache.gateways) {
-        Ok(g) => line.extend_from_slice(&g),
-        Err(e) => {
-            error!(error = %e, "serialising network gateways failed");
-            line.extend_from_slice(b"[]");
-        }
-    }
-    line.extend_from_slice(b"}\n");
-    line
-}
-
-fn join<'a>(out: &mut Vec<u8>, parts: impl Iterator<Item = &'a [u8]>) {
-    for (i, part) in parts.enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        out.extend_from_slice(part);
     }
 }
 
@@ -258,7 +308,26 @@ mod tests {
 
     use super::*;
     use crate::compute::route_table;
-    use crate::model::{ClusterState, Model, ReadyEndpoint, ServiceDef, ServicePortDef, SliceDef};
+    use crate::model::{
+        ClusterState, Model, ObjKey, ReadyEndpoint, ServiceDef, ServicePortDef, SliceDef,
+    };
+
+    fn snapshot_of(model: &Model) -> Snapshot {
+        let mut fragments: Vec<Arc<Fragment>> = model
+            .all_service_keys()
+            .iter()
+            .filter_map(|k| {
+                let host = hostname(k, "cluster.local");
+                let entry = service_entry(model, "network1", k, "cluster.local");
+                Fragment::of(host, entry).map(Arc::new)
+            })
+            .collect();
+        fragments.sort_by(|a, b| a.hostname.cmp(&b.hostname));
+        Snapshot {
+            fragments,
+            gateways: network_gateways(model, "network1"),
+        }
+    }
 
     fn key(ns: &str, name: &str) -> ObjKey {
         (ns.to_string(), name.to_string())
@@ -267,6 +336,20 @@ mod tests {
     /// The hand-assembled line parses to exactly what serde would have produced.
     #[test]
     fn assembled_line_is_the_serde_table() {
+        let model = two_clusters();
+        let snapshot = snapshot_of(&model);
+        let line = table_line(42, &snapshot);
+        let parsed: RouteTable = serde_json::from_slice(&line).unwrap();
+        let mut expected = route_table(&model, "network1", "cluster.local");
+        expected.version = 42;
+        assert_eq!(parsed, expected);
+        assert_eq!(parsed.services.len(), 1);
+        assert_eq!(parsed.remote_services.len(), 1);
+        assert_eq!(parsed.network_gateways.len(), 1);
+    }
+
+    /// fra (network1) has Service ns/local, ash (network2) has ns/remote, one endpoint each.
+    fn two_clusters() -> Model {
         let mut model = Model::default();
         for (cluster, net, ip) in [
             ("fra", "network1", "10.0.0.1"),
@@ -308,20 +391,74 @@ mod tests {
                 .insert(key("ns", &format!("{svc}-1")));
             model.clusters.insert(cluster.to_string(), c);
         }
-        let mut cache = NetCache::default();
-        for k in model.all_service_keys() {
-            if let Some(f) = Fragment::of(service_entry(&model, "network1", &k, "cluster.local")) {
-                cache.fragments.insert(k, f);
-            }
+        model
+    }
+
+    fn set_endpoints(shared: &Shared, cluster: &str, svc: &str, ips: &[&str]) {
+        shared.update(|m| {
+            let c = m.clusters.get_mut(cluster).unwrap();
+            let slice = c
+                .slices
+                .objects
+                .get_mut(&key("ns", &format!("{svc}-1")))
+                .unwrap();
+            slice.endpoints = ips
+                .iter()
+                .map(|ip| ReadyEndpoint {
+                    ip: ip.parse().unwrap(),
+                    pod: None,
+                })
+                .collect();
+            m.services_changed(vec![key("ns", svc)])
+        });
+    }
+
+    /// The watch channel keeps only the newest publication; a stream still at an older one
+    /// gets a single delta covering every version it skipped, until those are forgotten.
+    #[test]
+    fn a_stream_that_skipped_versions_gets_one_composed_delta() {
+        let settings = crate::state::Settings {
+            network: "network1".into(),
+            cluster_domain: "cluster.local".into(),
+            debounce: std::time::Duration::from_millis(10),
+            sync_timeout: std::time::Duration::from_secs(1),
+            watch_secrets: false,
+            subset_labels: Vec::new(),
+        };
+        let shared = Shared::new(settings, two_clusters());
+        let (_rx, _) = shared.publisher.subscribe("network1");
+        publish_all(&shared);
+        let first = shared.publisher.current("network1").unwrap();
+        let base = eastwest_routes::SharedRouteTable::from(first.table().unwrap());
+
+        set_endpoints(&shared, "fra", "local", &["10.0.0.1", "10.0.0.3"]);
+        publish_all(&shared);
+        // The remote service loses its last endpoint: gone from remote_services.
+        set_endpoints(&shared, "ash", "remote", &[]);
+        publish_all(&shared);
+        let last = shared.publisher.current("network1").unwrap();
+        assert!(last.version > first.version + 1);
+
+        let line = last.delta_from(first.version).unwrap();
+        let Ok(eastwest_routes::RouteUpdate::Delta(delta)) = serde_json::from_slice(&line) else {
+            panic!("not a delta: {}", String::from_utf8_lossy(&line));
+        };
+        assert_eq!((delta.base, delta.version), (first.version, last.version));
+        let mut invalid = Vec::new();
+        delta.validate("", &mut invalid);
+        assert!(invalid.is_empty(), "{invalid:?}");
+        let composed = delta.apply_to(&base).unwrap().to_table();
+        assert_eq!(composed, last.table().unwrap());
+        assert_eq!(composed.services[0].ports[0].endpoints.len(), 2);
+        assert!(composed.remote_services.is_empty());
+
+        // Once more versions passed than are remembered, only a full table will do.
+        for i in 0..RECENT_MAX {
+            set_endpoints(&shared, "fra", "local", &[&format!("10.0.1.{i}")]);
+            publish_all(&shared);
         }
-        cache.gateways = network_gateways(&model, "network1");
-        let line = assemble(42, &cache, 0);
-        let parsed: RouteTable = serde_json::from_slice(&line).unwrap();
-        let mut expected = route_table(&model, "network1", "cluster.local");
-        expected.version = 42;
-        assert_eq!(parsed, expected);
-        assert_eq!(parsed.services.len(), 1);
-        assert_eq!(parsed.remote_services.len(), 1);
-        assert_eq!(parsed.network_gateways.len(), 1);
+        let newest = shared.publisher.current("network1").unwrap();
+        assert!(newest.delta_from(first.version).is_none());
+        assert!(newest.delta_from(last.version).is_some());
     }
 }

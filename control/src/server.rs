@@ -1,6 +1,9 @@
 //! The route stream: `GET /v1/routes?cluster=C&network=N` over HTTP/2 answers 200 with an
-//! NDJSON body, the current table first and then every new version.
+//! NDJSON body, the current table first and then every new version. With `&delta=1` every
+//! line is a `RouteUpdate`: the full table first, then only what changed since the version the
+//! stream sent last (a full table again if those changes are no longer known).
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -113,7 +116,8 @@ fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
             format!("{ROUTES_STREAM_PATH} needs ?cluster=<name>&network=<name>\n"),
         );
     };
-    info!(%cluster, %network, "proxy subscribed");
+    let delta = query_param(query, "delta") == Some("1");
+    info!(%cluster, %network, delta, "proxy subscribed");
     let (rx, new) = shared.publisher.subscribe(network);
     if new {
         shared.update(|_| true);
@@ -125,11 +129,14 @@ fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     let sub = Subscription {
         rx,
         first: true,
+        delta,
+        sent: None,
+        pending: VecDeque::new(),
         shared: shared.clone(),
     };
     let stream = futures::stream::unfold(sub, |mut sub| async move {
-        let line = sub.next_line().await?;
-        Some((Ok::<_, Infallible>(Frame::data(line)), sub))
+        let data = sub.next_frame().await?;
+        Some((Ok::<_, Infallible>(Frame::data(data)), sub))
     });
     let mut resp = Response::new(BodyExt::boxed(StreamBody::new(stream)));
     resp.headers_mut().insert(
@@ -143,19 +150,54 @@ fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
 struct Subscription {
     rx: TableRx,
     first: bool,
+    /// Whether the proxy asked for deltas.
+    delta: bool,
+    /// The version sent last (delta streams).
+    sent: Option<u64>,
+    /// Frames of the line being sent.
+    pending: VecDeque<Bytes>,
     shared: Arc<Shared>,
 }
 
 impl Subscription {
-    async fn next_line(&mut self) -> Option<Bytes> {
+    async fn next_frame(&mut self) -> Option<Bytes> {
         loop {
+            if let Some(frame) = self.pending.pop_front() {
+                return Some(frame);
+            }
             if !self.first {
                 self.rx.changed().await.ok()?;
             }
             self.first = false;
-            if let Some(p) = self.rx.borrow_and_update().as_ref() {
-                return Some(p.line.clone());
+            let Some(p) = self.rx.borrow_and_update().clone() else {
+                continue;
+            };
+            if !self.delta {
+                return Some(p.line());
             }
+            match self.sent {
+                // Already sent (as part of a delta composed from a newer publication).
+                Some(sent) if p.version <= sent => continue,
+                Some(sent) => {
+                    if let Some(line) = p.delta_from(sent) {
+                        self.sent = Some(p.version);
+                        return Some(line);
+                    }
+                    debug!(
+                        sent,
+                        version = p.version,
+                        "changes since the last version sent are gone; sending the full table"
+                    );
+                }
+                None => {}
+            }
+            self.sent = Some(p.version);
+            // `{"full":<table>}`: the shared table line is sent as is, not copied.
+            let line = p.line();
+            let table = line.slice(..line.len().saturating_sub(1));
+            self.pending.push_back(table);
+            self.pending.push_back(Bytes::from_static(b"}\n"));
+            return Some(Bytes::from_static(b"{\"full\":"));
         }
     }
 }

@@ -72,12 +72,15 @@ fn handle(
         }
         "/config_dump" => {
             let routing = shared.routing.load();
+            // The routing keeps its table apart from the settings; show them together.
+            let mut config = serde_json::to_value(&*routing.config).unwrap_or_default();
+            config["routes"] = serde_json::to_value(&routing.routes).unwrap_or_default();
             let dump = serde_json::json!({
                 "config_version": shared.config_version.load(Ordering::SeqCst),
-                "route_table_version": routing.config.routes.version,
+                "route_table_version": routing.routes.version,
                 "routes_source": if shared.routes_from_control.load(Ordering::SeqCst) { "control" } else { "config" },
                 "config_file": S::lock(&shared.config_file).as_ref().map(|p| p.display().to_string()),
-                "config": &*routing.config,
+                "config": config,
             });
             match serde_json::to_vec_pretty(&dump) {
                 Ok(body) => {

@@ -1,11 +1,14 @@
 //! Subscription to eastwest-control's route stream.
 //!
-//! `GET /v1/routes?cluster=C&network=N` over HTTP/2 (mTLS, or h2c on loopback) returns one JSON
-//! [`RouteTable`] per line: the full current table, then every new version. Each table goes to
-//! `apply` (which validates and swaps it in atomically, leaving existing connections alone); a
-//! refused table keeps the old one. While control is unreachable the proxy keeps routing with the
-//! last table it applied, reconnecting with exponential backoff; with a route cache that table
-//! also survives a proxy restart.
+//! `GET /v1/routes?cluster=C&network=N&delta=1` over HTTP/2 (mTLS, or h2c on loopback) returns
+//! one JSON [`RouteUpdate`] per line: the full current table, then per version a delta naming
+//! the version it applies to. The client keeps control's current table (sharing unchanged
+//! services between versions) and hands every new version to `apply` (which validates and swaps
+//! it in atomically, leaving existing connections alone); a refused table keeps the old one. A
+//! delta that is malformed, invalid or meant for another version is refused and counted, and
+//! the client resubscribes to get a full table. While control is unreachable the proxy keeps
+//! routing with the last table it applied, reconnecting with exponential backoff; with a route
+//! cache that table also survives a proxy restart.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -14,7 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context};
 use bytes::{Bytes, BytesMut};
-use eastwest_routes::{RouteTable, ROUTES_STREAM_PATH};
+use eastwest_routes::{RouteTable, RouteUpdate, SharedRouteTable, ROUTES_STREAM_PATH};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -26,6 +29,10 @@ use tracing::{debug, info, warn};
 pub const CONTROL_STREAM_ERRORS: &str = "eastwest_control_stream_errors_total";
 /// 1 while a route stream is open.
 pub const CONTROL_CONNECTED: &str = "eastwest_control_connected";
+/// Route updates received from control that could be used, by `kind`: `full` or `delta`.
+pub const ROUTE_UPDATES: &str = "eastwest_route_updates_total";
+/// Same counter the proxy bumps for tables that fail validation.
+const ROUTE_TABLES_REJECTED: &str = "eastwest_route_tables_rejected_total";
 
 /// A table larger than this is refused (and the stream restarted) rather than buffered.
 const MAX_LINE: usize = 512 << 20;
@@ -60,7 +67,7 @@ pub fn load_route_cache(path: &Path) -> anyhow::Result<Option<RouteTable>> {
 /// with exponential backoff (100 ms .. 30 s, jittered) after any error.
 pub async fn run(
     cfg: ControlClientConfig,
-    apply: impl Fn(RouteTable) -> Result<(), String> + Send + Sync + 'static,
+    apply: impl Fn(SharedRouteTable) -> Result<(), String> + Send + Sync + 'static,
 ) {
     let cache = cfg.route_cache.clone().map(spawn_cache_writer);
     let mut backoff = BACKOFF_MIN;
@@ -166,8 +173,8 @@ where
 
 async fn session(
     cfg: &ControlClientConfig,
-    apply: &(impl Fn(RouteTable) -> Result<(), String> + Send + Sync),
-    cache: Option<&watch::Sender<Option<Bytes>>>,
+    apply: &(impl Fn(SharedRouteTable) -> Result<(), String> + Send + Sync),
+    cache: Option<&watch::Sender<Option<SharedRouteTable>>>,
     applied_any: &mut bool,
 ) -> anyhow::Result<()> {
     let target = parse_url(&cfg.url, cfg.tls.is_some())?;
@@ -191,7 +198,7 @@ async fn session(
     };
     let scheme = if target.tls { "https" } else { "http" };
     let uri = format!(
-        "{scheme}://{}{ROUTES_STREAM_PATH}?cluster={}&network={}",
+        "{scheme}://{}{ROUTES_STREAM_PATH}?cluster={}&network={}&delta=1",
         target.authority, cfg.cluster, cfg.network
     );
     let req = http::Request::get(uri)
@@ -214,6 +221,8 @@ async fn session(
     info!(url = %cfg.url, cluster = %cfg.cluster, network = %cfg.network, "subscribed to control");
     ::metrics::gauge!(CONTROL_CONNECTED).set(1.0);
 
+    // Control's current table (applied or not): what the next delta applies to.
+    let mut current: Option<SharedRouteTable> = None;
     let mut buf = BytesMut::new();
     // Bytes of `buf` already searched for a newline.
     let mut scanned = 0;
@@ -226,7 +235,7 @@ async fn session(
         while let Some(pos) = buf[scanned..].iter().position(|&b| b == b'\n') {
             let line = buf.split_to(scanned + pos + 1).freeze();
             scanned = 0;
-            if handle_line(line, apply, cache) {
+            if handle_line(&line, &mut current, apply, cache)? {
                 *applied_any = true;
             }
         }
@@ -238,52 +247,96 @@ async fn session(
     Ok(())
 }
 
-/// Parses and applies one table; returns whether it was applied.
+/// Parses one update, brings `current` to its version and offers the table to `apply`;
+/// returns whether it was applied. An error (an update that cannot be used) ends the session so
+/// that the next one starts from a full table.
 fn handle_line(
-    line: Bytes,
-    apply: &impl Fn(RouteTable) -> Result<(), String>,
-    cache: Option<&watch::Sender<Option<Bytes>>>,
-) -> bool {
-    let json = line.strip_suffix(b"\n").unwrap_or(&line);
+    line: &[u8],
+    current: &mut Option<SharedRouteTable>,
+    apply: &impl Fn(SharedRouteTable) -> Result<(), String>,
+    cache: Option<&watch::Sender<Option<SharedRouteTable>>>,
+) -> anyhow::Result<bool> {
+    let json = line.strip_suffix(b"\n").unwrap_or(line);
     if json.iter().all(u8::is_ascii_whitespace) {
-        return false;
+        return Ok(false);
     }
-    let table: RouteTable = match serde_json::from_slice(json) {
-        Ok(t) => t,
+    let table = match serde_json::from_slice::<RouteUpdate>(json) {
+        Ok(RouteUpdate::Full(mut table)) => {
+            // Control sends tables in hostname order; deltas merge in that order.
+            if !table.is_sorted() {
+                table.sort();
+            }
+            ::metrics::counter!(ROUTE_UPDATES, "kind" => "full").increment(1);
+            table
+        }
+        Ok(RouteUpdate::Delta(delta)) => {
+            let mut invalid = Vec::new();
+            delta.validate("delta.", &mut invalid);
+            let result = match (invalid.is_empty(), current.as_ref()) {
+                (false, _) => Err(invalid
+                    .iter()
+                    .map(|i| i.to_string())
+                    .collect::<Vec<_>>()
+                    .join("; ")),
+                (true, None) => Err("no full table to apply it to".to_string()),
+                (true, Some(base)) => delta.apply_to(base).map_err(|e| e.to_string()),
+            };
+            match result {
+                Ok(table) => {
+                    ::metrics::counter!(ROUTE_UPDATES, "kind" => "delta").increment(1);
+                    table
+                }
+                Err(why) => {
+                    ::metrics::counter!(ROUTE_TABLES_REJECTED).increment(1);
+                    bail!(
+                        "route delta {} (base {}) refused, keeping the old table and resyncing: {why}",
+                        delta.version,
+                        delta.base
+                    );
+                }
+            }
+        }
         Err(e) => {
-            warn!(error = %e, "control sent an unparsable route table; keeping the old one");
-            // Same counter the proxy bumps for tables that fail validation.
-            ::metrics::counter!("eastwest_route_tables_rejected_total").increment(1);
-            return false;
+            ::metrics::counter!(ROUTE_TABLES_REJECTED).increment(1);
+            return Err(e).context(
+                "control sent an unparsable route update; keeping the old table and resyncing",
+            );
         }
     };
     let version = table.version;
-    match apply(table) {
+    // Deltas apply to control's table even when `apply` refuses it, as control sends them.
+    *current = Some(table.clone());
+    match apply(table.clone()) {
         Ok(()) => {
             info!(version, "applied route table from control");
             if let Some(cache) = cache {
-                cache.send_replace(Some(line));
+                cache.send_replace(Some(table));
             }
-            true
+            Ok(true)
         }
         Err(why) => {
             warn!(version, reason = %why, "route table from control refused; keeping the old one");
-            false
+            Ok(false)
         }
     }
 }
 
-/// Writes the newest applied table to `path` (temp file + rename, so a crash never leaves a
-/// torn cache). Coalesces: a burst of tables costs one write of the last.
-fn spawn_cache_writer(path: PathBuf) -> watch::Sender<Option<Bytes>> {
-    let (tx, mut rx) = watch::channel::<Option<Bytes>>(None);
+/// Writes the newest applied table to `path` (serialised on a blocking thread, then temp file +
+/// rename, so a crash never leaves a torn cache). Coalesces: a burst of tables costs one write
+/// of the last.
+fn spawn_cache_writer(path: PathBuf) -> watch::Sender<Option<SharedRouteTable>> {
+    let (tx, mut rx) = watch::channel::<Option<SharedRouteTable>>(None);
     tokio::spawn(async move {
         while rx.changed().await.is_ok() {
-            let Some(line) = rx.borrow_and_update().clone() else {
+            let Some(table) = rx.borrow_and_update().clone() else {
                 continue;
             };
             let path = path.clone();
-            let result = tokio::task::spawn_blocking(move || write_atomically(&path, &line)).await;
+            let result = tokio::task::spawn_blocking(move || {
+                let json = serde_json::to_vec(&table).context("serialising the route table")?;
+                write_atomically(&path, &json)
+            })
+            .await;
             match result {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => warn!(error = format!("{e:#}"), "writing the route cache failed"),

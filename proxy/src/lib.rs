@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
-use eastwest_routes::{ProxyConfig, RouteTable};
+use eastwest_routes::{ProxyConfig, SharedRouteTable};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -84,7 +84,7 @@ impl Shared {
 /// Frees a big superseded snapshot (100 000 endpoints are as many allocations) on a thread of
 /// its own, so the applier — and the next table — need not wait for it.
 fn drop_in_background(old: Arc<Routing>) {
-    if old.config.routes.services.len() < 1_000 {
+    if old.routes.services.len() < 1_000 {
         return;
     }
     let spawned = std::thread::Builder::new()
@@ -118,7 +118,8 @@ impl Proxy {
         let admin_addr = admin_listener.local_addr()?;
         let shared = Arc::new(Shared {
             routing: ArcSwap::from_pointee(Routing::compile(
-                ProxyConfig::with_listeners(Vec::new()),
+                Arc::new(ProxyConfig::with_listeners(Vec::new())),
+                SharedRouteTable::default(),
                 None,
             )),
             ready: AtomicBool::new(false),
@@ -183,13 +184,19 @@ impl Proxy {
                     "admin.address changes take effect at the next restart"
                 );
             }
-            if self.shared.routes_from_control.load(Ordering::SeqCst) {
-                config.routes = old.config.routes.clone();
-            }
-            let route_version = config.routes.version;
-            self.shared
-                .routing
-                .store(Arc::new(Routing::compile(config, Some(&old))));
+            // The routing keeps the table apart from the settings, sharing its services.
+            let file_routes = SharedRouteTable::from(std::mem::take(&mut config.routes));
+            let routes = if self.shared.routes_from_control.load(Ordering::SeqCst) {
+                old.routes.clone()
+            } else {
+                file_routes
+            };
+            let route_version = routes.version;
+            self.shared.routing.store(Arc::new(Routing::compile(
+                Arc::new(config),
+                routes,
+                Some(&old),
+            )));
             let version = self.shared.config_version.fetch_add(1, Ordering::SeqCst) + 1;
             ::metrics::gauge!(metrics::CONFIG_VERSION).set(version as f64);
             ::metrics::gauge!(metrics::ROUTE_TABLE_VERSION).set(route_version as f64);
@@ -224,31 +231,28 @@ impl Proxy {
     }
 
     /// Applies a route table from eastwest-control: validated, then swapped in atomically.
-    /// From now on, config-file reloads keep the control plane's routes.
-    pub fn apply_routes(&self, table: RouteTable) -> Result<(), String> {
+    /// From now on, config-file reloads keep the control plane's routes. Services shared (the
+    /// same `Arc`) with the table in force were validated and compiled when they arrived and
+    /// are not looked at again, so a table derived from the current one by a delta costs its
+    /// changed services plus a pointer comparison per service.
+    pub fn apply_routes(&self, table: impl Into<SharedRouteTable>) -> Result<(), String> {
+        let table = table.into();
+        let _apply = Shared::lock(&self.shared.apply);
+        let old = self.shared.routing.load_full();
         let mut invalid = Vec::new();
-        table.validate("", &mut invalid);
+        table.validate_changed("", |svc| old.has_service(svc), &mut invalid);
         if !invalid.is_empty() {
             ::metrics::counter!(metrics::ROUTE_TABLES_REJECTED).increment(1);
             let why: Vec<String> = invalid.iter().map(|i| i.to_string()).collect();
             return Err(why.join("; "));
         }
-        let _apply = Shared::lock(&self.shared.apply);
-        let old = self.shared.routing.load_full();
         let version = table.version;
-        // Everything but the routes stays; the old routes are not copied.
-        let settings = &old.config;
-        let config = ProxyConfig {
-            admin: settings.admin.clone(),
-            drain_period: settings.drain_period,
-            access_log: settings.access_log,
-            upstream: settings.upstream.clone(),
-            listeners: settings.listeners.clone(),
-            routes: table,
-        };
-        self.shared
-            .routing
-            .store(Arc::new(Routing::compile(config, Some(&old))));
+        // The settings stay as they are, shared.
+        self.shared.routing.store(Arc::new(Routing::compile(
+            old.config.clone(),
+            table,
+            Some(&old),
+        )));
         self.shared
             .routes_from_control
             .store(true, Ordering::SeqCst);
@@ -268,9 +272,14 @@ impl Proxy {
         self.admin_addr
     }
 
-    /// The config in force, routes included.
+    /// The config in force, routes included (a deep copy of the route table).
     pub fn config(&self) -> Arc<ProxyConfig> {
-        self.shared.routing.load().config.clone()
+        Arc::new(self.shared.routing.load().full_config())
+    }
+
+    /// The route table in force (cheap: services are shared).
+    pub fn routes(&self) -> SharedRouteTable {
+        self.shared.routing.load().routes.clone()
     }
 
     /// Readiness as `/healthz/ready` reports it.

@@ -1,12 +1,14 @@
 //! The compiled, immutable routing state a connection consults: built once per config or
-//! route-table change from plain [`ProxyConfig`] data, then swapped in whole.
+//! route-table change from plain [`ProxyConfig`] data and a [`SharedRouteTable`], then swapped
+//! in whole. Services the new table shares with the previous one (the same `Arc`) cost a
+//! pointer comparison: neither validated nor compiled again.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, OnceLock};
 
-use eastwest_routes::{Endpoint, ListenerMode, ProxyConfig, Service, SniPattern};
+use eastwest_routes::{Endpoint, ListenerMode, ProxyConfig, Service, SharedRouteTable, SniPattern};
 use metrics::{Counter, Histogram};
 
 use crate::istio_sni::IstioSni;
@@ -105,39 +107,56 @@ struct ServiceRoutes {
     ports: HashMap<u16, PortRoutes>,
 }
 
+/// A service of the table and its compiled routes.
+struct CompiledService {
+    /// What `routes` were compiled from (validated then).
+    source: Arc<Service>,
+    routes: Arc<ServiceRoutes>,
+}
+
 pub struct Routing {
-    /// The config this was compiled from, served by `/config_dump`.
+    /// Listeners and settings this was compiled from; its `routes` are empty (see `routes`).
     pub config: Arc<ProxyConfig>,
+    /// The route table in force, from the config file or from eastwest-control.
+    pub routes: SharedRouteTable,
     /// Keyed by lowercase service FQDN.
-    services: HashMap<String, Arc<ServiceRoutes>>,
+    services: HashMap<Arc<str>, CompiledService>,
     /// Per `sni` listener: rules, most specific first.
     sni_rules: HashMap<String, Vec<(SniPattern, Arc<UpstreamSet>)>>,
 }
 
 impl Routing {
-    /// Compiles `config` (already validated). Services equal to those of `previous` reuse
-    /// their compiled routes, so a table where one endpoint moved costs one service's work;
-    /// changed ones carry over their upstreams' connection counts and their metric handles.
-    pub fn compile(config: ProxyConfig, previous: Option<&Routing>) -> Routing {
-        let old_by_host: HashMap<&str, &Service> = previous
-            .map(|p| {
-                p.config
-                    .routes
-                    .services
-                    .iter()
-                    .map(|s| (s.hostname.as_str(), s))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let mut services = HashMap::with_capacity(config.routes.services.len());
-        for svc in &config.routes.services {
-            let key = svc.hostname.to_ascii_lowercase();
-            let old = previous.and_then(|p| p.services.get(&key));
-            let compiled = match (old, old_by_host.get(svc.hostname.as_str())) {
-                (Some(old), Some(old_svc)) if *old_svc == svc => old.clone(),
-                _ => Arc::new(compile_service(svc, old.map(|o| &**o))),
+    /// Compiles `config` and `routes` (both already validated; `config.routes` is ignored).
+    /// Services of `previous` reuse their compiled routes when they are the same `Arc` or
+    /// equal, so a table where one endpoint moved costs one service's work; changed ones carry
+    /// over their upstreams' connection counts and their metric handles.
+    pub fn compile(
+        config: Arc<ProxyConfig>,
+        routes: SharedRouteTable,
+        previous: Option<&Routing>,
+    ) -> Routing {
+        let mut services = HashMap::with_capacity(routes.services.len());
+        for svc in &routes.services {
+            let lower = lowercase(&svc.hostname);
+            let old = previous.and_then(|p| p.services.get_key_value(&*lower));
+            let (key, compiled) = match old {
+                Some((key, old)) if Arc::ptr_eq(&old.source, svc) || *old.source == **svc => {
+                    (key.clone(), old.routes.clone())
+                }
+                Some((key, old)) => (
+                    key.clone(),
+                    Arc::new(compile_service(svc, Some(&old.routes))),
+                ),
+                None => (Arc::from(&*lower), Arc::new(compile_service(svc, None))),
             };
-            services.insert(key, compiled);
+            let source = svc.clone();
+            services.insert(
+                key,
+                CompiledService {
+                    source,
+                    routes: compiled,
+                },
+            );
         }
 
         let mut carry = Carry::default();
@@ -170,21 +189,42 @@ impl Routing {
         }
 
         Routing {
-            config: Arc::new(config),
+            config,
+            routes,
             services,
             sni_rules,
+        }
+    }
+
+    /// Whether `svc` is the very service this routing was compiled from (and so validated).
+    pub fn has_service(&self, svc: &Arc<Service>) -> bool {
+        self.services
+            .get(&*lowercase(&svc.hostname))
+            .is_some_and(|c| Arc::ptr_eq(&c.source, svc))
+    }
+
+    /// The config in force with its route table, as `/config_dump` shows it (a deep copy).
+    pub fn full_config(&self) -> ProxyConfig {
+        ProxyConfig {
+            routes: self.routes.to_table(),
+            ..(*self.config).clone()
         }
     }
 
     /// Routes an Istio AUTO_PASSTHROUGH SNI to the endpoints of that service port (and subset).
     pub fn auto_passthrough(&self, sni: &IstioSni<'_>) -> Result<Arc<UpstreamSet>, RouteMiss> {
         let service = if sni.hostname.bytes().any(|b| b.is_ascii_uppercase()) {
-            self.services.get(&sni.hostname.to_ascii_lowercase())
+            self.services
+                .get(sni.hostname.to_ascii_lowercase().as_str())
         } else {
             self.services.get(sni.hostname)
         }
         .ok_or(RouteMiss::UnknownService)?;
-        let port = service.ports.get(&sni.port).ok_or(RouteMiss::UnknownPort)?;
+        let port = service
+            .routes
+            .ports
+            .get(&sni.port)
+            .ok_or(RouteMiss::UnknownPort)?;
         let set = if sni.subset.is_empty() {
             port.all.as_ref().ok_or(RouteMiss::UnknownPort)?
         } else {
@@ -205,6 +245,15 @@ impl Routing {
             .iter()
             .find(|(pattern, _)| pattern.matches(sni))
             .map(|(_, set)| set.clone())
+    }
+}
+
+/// Borrowed when already lowercase, as hostnames nearly always are.
+fn lowercase(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(s.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(s)
     }
 }
 

@@ -6,14 +6,18 @@
 //! publish the value atomically. Nothing here does I/O except [`load`].
 
 mod config;
+mod delta;
 pub mod load;
+mod shared;
 mod sni;
 mod table;
 
 pub use config::{
     AdminConfig, ListenerConfig, ListenerMode, LoadBalancing, ProxyConfig, SniRule, UpstreamConfig,
 };
+pub use delta::{RouteDelta, RouteUpdate};
 pub use load::{load_proxy_config, parse_proxy_config, ConfigError};
+pub use shared::SharedRouteTable;
 pub use sni::{SniPattern, SniPatternError};
 pub use table::{
     Endpoint, NetworkGateway, RemoteService, RouteTable, Service, ServicePort, Subset,
@@ -38,5 +42,6 @@ impl Invalid {
 }
 
 /// HTTP path on eastwest-control that streams route tables (HTTP/2, newline-delimited JSON,
-/// one [`RouteTable`] per line). Query: `?cluster=<name>&network=<name>`.
+/// one [`RouteTable`] per line). Query: `?cluster=<name>&network=<name>`; with `&delta=1`
+/// each line is a [`RouteUpdate`] instead: a full table first, then [`RouteDelta`]s.
 pub const ROUTES_STREAM_PATH: &str = "/v1/routes";

@@ -95,107 +95,9 @@ impl RouteTable {
     /// Checks everything a proxy relies on; `prefix` is the path of the table in its document
     /// (e.g. `routes`) so errors name the field as the user wrote it.
     pub fn validate(&self, prefix: &str, errors: &mut Vec<Invalid>) {
-        let mut hostnames = HashSet::new();
-        for (i, svc) in self.services.iter().enumerate() {
-            let at = || format!("{prefix}services[{i}]");
-            if !is_dns_name(&svc.hostname) {
-                errors.push(Invalid::new(
-                    format!("{}.hostname", at()),
-                    format!("not a DNS name: {:?}", svc.hostname),
-                ));
-            } else if !hostnames.insert(lowercase(&svc.hostname)) {
-                errors.push(Invalid::new(
-                    format!("{}.hostname", at()),
-                    format!("service {} is listed twice", svc.hostname),
-                ));
-            }
-            let mut subsets = HashSet::new();
-            for (j, subset) in svc.subsets.iter().enumerate() {
-                let at = || format!("{}.subsets[{j}]", at());
-                if !is_subset_name(&subset.name) {
-                    errors.push(Invalid::new(
-                        format!("{}.name", at()),
-                        format!(
-                            "subset names are lowercase letters, digits and '-': {:?}",
-                            subset.name
-                        ),
-                    ));
-                } else if !subsets.insert(subset.name.as_str()) {
-                    errors.push(Invalid::new(
-                        format!("{}.name", at()),
-                        format!("subset {} is defined twice", subset.name),
-                    ));
-                }
-                if subset.labels.is_empty() {
-                    errors.push(Invalid::new(
-                        format!("{}.labels", at()),
-                        "a subset needs at least one label",
-                    ));
-                }
-            }
-            if svc.ports.is_empty() {
-                errors.push(Invalid::new(
-                    format!("{}.ports", at()),
-                    "a service needs at least one port",
-                ));
-            }
-            let mut ports = HashSet::new();
-            for (j, port) in svc.ports.iter().enumerate() {
-                let at = || format!("{}.ports[{j}]", at());
-                if port.port == 0 {
-                    errors.push(Invalid::new(
-                        format!("{}.port", at()),
-                        "port 0 is not a service port",
-                    ));
-                } else if !ports.insert(port.port) {
-                    errors.push(Invalid::new(
-                        format!("{}.port", at()),
-                        format!("port {} is listed twice", port.port),
-                    ));
-                }
-                let mut seen = HashSet::new();
-                for (k, ep) in port.endpoints.iter().enumerate() {
-                    if ep.address.port() == 0 {
-                        errors.push(Invalid::new(
-                            format!("{}.endpoints[{k}].address", at()),
-                            "endpoint needs a port",
-                        ));
-                    } else if !seen.insert(ep.address) {
-                        errors.push(Invalid::new(
-                            format!("{}.endpoints[{k}].address", at()),
-                            format!("endpoint {} is listed twice", ep.address),
-                        ));
-                    }
-                }
-            }
-        }
-        for (i, remote) in self.remote_services.iter().enumerate() {
-            let at = || format!("{prefix}remote_services[{i}]");
-            if !is_dns_name(&remote.hostname) {
-                errors.push(Invalid::new(
-                    format!("{}.hostname", at()),
-                    format!("not a DNS name: {:?}", remote.hostname),
-                ));
-            }
-            if remote.network.is_empty() {
-                errors.push(Invalid::new(
-                    format!("{}.network", at()),
-                    "network must not be empty",
-                ));
-            }
-        }
-        for (i, gw) in self.network_gateways.iter().enumerate() {
-            let at = || format!("{prefix}network_gateways[{i}]");
-            if gw.network.is_empty() {
-                errors.push(Invalid::new(
-                    format!("{}.network", at()),
-                    "network must not be empty",
-                ));
-            }
-            if let Err(why) = check_host_port(&gw.address) {
-                errors.push(Invalid::new(format!("{}.address", at()), why));
-            }
-        }
+        validate_services(prefix, self.services.iter().map(|s| (s, false)), errors);
+        validate_remote_services(prefix, self.remote_services.iter(), errors);
+        validate_network_gateways(prefix, &self.network_gateways, errors);
     }
 
     /// Looks a service up by the FQDN from the SNI (case-insensitive).
@@ -206,8 +108,143 @@ impl RouteTable {
     }
 }
 
+/// Checks each service (those marked `true` were checked when they first arrived and are
+/// skipped) and that no hostname repeats, ignoring case.
+pub(crate) fn validate_services<'a>(
+    prefix: &str,
+    services: impl Iterator<Item = (&'a Service, bool)>,
+    errors: &mut Vec<Invalid>,
+) {
+    let mut hostnames = HashSet::new();
+    for (i, (svc, checked)) in services.enumerate() {
+        let at = format!("{prefix}services[{i}]");
+        if !checked {
+            svc.validate(&at, errors);
+        }
+        if is_dns_name(&svc.hostname) && !hostnames.insert(lowercase(&svc.hostname)) {
+            errors.push(Invalid::new(
+                format!("{at}.hostname"),
+                format!("service {} is listed twice", svc.hostname),
+            ));
+        }
+    }
+}
+
+pub(crate) fn validate_remote_services<'a>(
+    prefix: &str,
+    remote_services: impl Iterator<Item = &'a RemoteService>,
+    errors: &mut Vec<Invalid>,
+) {
+    for (i, remote) in remote_services.enumerate() {
+        let at = || format!("{prefix}remote_services[{i}]");
+        if !is_dns_name(&remote.hostname) {
+            errors.push(Invalid::new(
+                format!("{}.hostname", at()),
+                format!("not a DNS name: {:?}", remote.hostname),
+            ));
+        }
+        if remote.network.is_empty() {
+            errors.push(Invalid::new(
+                format!("{}.network", at()),
+                "network must not be empty",
+            ));
+        }
+    }
+}
+
+pub(crate) fn validate_network_gateways(
+    prefix: &str,
+    gateways: &[NetworkGateway],
+    errors: &mut Vec<Invalid>,
+) {
+    for (i, gw) in gateways.iter().enumerate() {
+        let at = || format!("{prefix}network_gateways[{i}]");
+        if gw.network.is_empty() {
+            errors.push(Invalid::new(
+                format!("{}.network", at()),
+                "network must not be empty",
+            ));
+        }
+        if let Err(why) = check_host_port(&gw.address) {
+            errors.push(Invalid::new(format!("{}.address", at()), why));
+        }
+    }
+}
+
+impl Service {
+    /// Checks one service on its own (not whether its hostname repeats in a table); `at` is
+    /// its path, e.g. `routes.services[3]`.
+    pub fn validate(&self, at: &str, errors: &mut Vec<Invalid>) {
+        if !is_dns_name(&self.hostname) {
+            errors.push(Invalid::new(
+                format!("{at}.hostname"),
+                format!("not a DNS name: {:?}", self.hostname),
+            ));
+        }
+        let mut subsets = HashSet::new();
+        for (j, subset) in self.subsets.iter().enumerate() {
+            let at = || format!("{at}.subsets[{j}]");
+            if !is_subset_name(&subset.name) {
+                errors.push(Invalid::new(
+                    format!("{}.name", at()),
+                    format!(
+                        "subset names are lowercase letters, digits and '-': {:?}",
+                        subset.name
+                    ),
+                ));
+            } else if !subsets.insert(subset.name.as_str()) {
+                errors.push(Invalid::new(
+                    format!("{}.name", at()),
+                    format!("subset {} is defined twice", subset.name),
+                ));
+            }
+            if subset.labels.is_empty() {
+                errors.push(Invalid::new(
+                    format!("{}.labels", at()),
+                    "a subset needs at least one label",
+                ));
+            }
+        }
+        if self.ports.is_empty() {
+            errors.push(Invalid::new(
+                format!("{at}.ports"),
+                "a service needs at least one port",
+            ));
+        }
+        let mut ports = HashSet::new();
+        for (j, port) in self.ports.iter().enumerate() {
+            let at = || format!("{at}.ports[{j}]");
+            if port.port == 0 {
+                errors.push(Invalid::new(
+                    format!("{}.port", at()),
+                    "port 0 is not a service port",
+                ));
+            } else if !ports.insert(port.port) {
+                errors.push(Invalid::new(
+                    format!("{}.port", at()),
+                    format!("port {} is listed twice", port.port),
+                ));
+            }
+            let mut seen = HashSet::new();
+            for (k, ep) in port.endpoints.iter().enumerate() {
+                if ep.address.port() == 0 {
+                    errors.push(Invalid::new(
+                        format!("{}.endpoints[{k}].address", at()),
+                        "endpoint needs a port",
+                    ));
+                } else if !seen.insert(ep.address) {
+                    errors.push(Invalid::new(
+                        format!("{}.endpoints[{k}].address", at()),
+                        format!("endpoint {} is listed twice", ep.address),
+                    ));
+                }
+            }
+        }
+    }
+}
+
 /// Borrowed when already lowercase, as hostnames nearly always are: no allocation per service.
-fn lowercase(s: &str) -> std::borrow::Cow<'_, str> {
+pub(crate) fn lowercase(s: &str) -> std::borrow::Cow<'_, str> {
     if s.bytes().any(|b| b.is_ascii_uppercase()) {
         std::borrow::Cow::Owned(s.to_ascii_lowercase())
     } else {

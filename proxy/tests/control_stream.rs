@@ -1,0 +1,259 @@
+//! The proxy's route subscription (control_client) against an in-process HTTP/2 server that
+//! speaks eastwest-control's wire protocol, scripted line by line: deltas are applied on top of
+//! the full table; a delta for another version, or one failing validation, is refused and
+//! counted, the routes in force keep working, and the proxy resubscribes for a full table.
+
+mod support;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use eastwest_proxy::{control_client, Proxy};
+use eastwest_routes::{RouteDelta, RouteTable, RouteUpdate, Service, SharedRouteTable};
+use hyper::body::Frame;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use support::*;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+const OTHER: &str = "other.demo.svc.cluster.local";
+const REJECTED: &str = "eastwest_route_tables_rejected_total";
+
+/// A subscription the scripted control received: its query, and where to send its lines.
+struct Subscription {
+    query: String,
+    lines: mpsc::UnboundedSender<Bytes>,
+}
+
+/// A response body fed line by line by the test.
+struct Lines(mpsc::UnboundedReceiver<Bytes>);
+
+impl hyper::body::Body for Lines {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|l| l.map(|l| Ok(Frame::data(l))))
+    }
+}
+
+/// An HTTP/2 (h2c) server on loopback that hands every route subscription to the test.
+async fn scripted_control() -> (SocketAddr, mpsc::UnboundedReceiver<Subscription>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (subs_tx, subs_rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let subs_tx = subs_tx.clone();
+            let svc = hyper::service::service_fn(move |req: http::Request<_>| {
+                let (lines, rx) = mpsc::unbounded_channel();
+                let query = req.uri().query().unwrap_or_default().to_string();
+                let _ = subs_tx.send(Subscription { query, lines });
+                async move { Ok::<_, Infallible>(http::Response::new(Lines(rx))) }
+            });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), svc),
+            );
+        }
+    });
+    (addr, subs_rx)
+}
+
+async fn next_subscription(subs: &mut mpsc::UnboundedReceiver<Subscription>) -> Subscription {
+    let sub = tokio::time::timeout(DEADLINE, subs.recv())
+        .await
+        .expect("no subscription in time")
+        .unwrap();
+    assert!(sub.query.contains("delta=1"), "{}", sub.query);
+    sub
+}
+
+/// A proxy with no routes, subscribed to `control`.
+async fn subscribed_proxy(control: SocketAddr) -> Proxy {
+    let proxy = Proxy::start(passthrough_config("gw", vec![]))
+        .await
+        .unwrap();
+    let applier = proxy.clone();
+    tokio::spawn(control_client::run(
+        control_client::ControlClientConfig {
+            url: format!("http://{control}"),
+            cluster: "fra".into(),
+            network: "network1".into(),
+            tls: None,
+            route_cache: None,
+        },
+        move |t| applier.apply_routes(t),
+    ));
+    proxy
+}
+
+fn full(version: u64, services: Vec<Service>) -> Bytes {
+    let table = RouteTable {
+        version,
+        services,
+        ..Default::default()
+    };
+    line(&RouteUpdate::Full(SharedRouteTable::from(table)))
+}
+
+fn delta(version: u64, base: u64, services: Vec<Service>, removed: &[&str]) -> Bytes {
+    line(&RouteUpdate::Delta(RouteDelta {
+        version,
+        base,
+        services: services.into_iter().map(Arc::new).collect(),
+        removed_services: removed.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }))
+}
+
+fn line(update: &RouteUpdate) -> Bytes {
+    let mut l = serde_json::to_vec(update).unwrap();
+    l.push(b'\n');
+    Bytes::from(l)
+}
+
+async fn wait_version(proxy: &Proxy, version: u64) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while proxy.routes().version != version {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "proxy stayed at version {}, wanted {version}",
+            proxy.routes().version
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
+/// Which backend a new connection to SGLANG reaches.
+async fn routed_to(proxy: &Proxy, pki: &Pki) -> String {
+    let gw = proxy.listener_addr("gw").unwrap();
+    let mut tls = istio_connect(gw, &pki.client, &istio_sni(8000, "", SGLANG))
+        .await
+        .unwrap();
+    let greeting = greeting(&mut tls).await;
+    greeting.split(' ').next().unwrap_or_default().to_string()
+}
+
+#[tokio::test]
+async fn deltas_apply_on_the_full_table_and_a_wrong_base_resyncs() {
+    let pki = pki();
+    let one = tls_echo_backend("one", &pki.server).await;
+    let two = tls_echo_backend("two", &pki.server).await;
+    let (control, mut subs) = scripted_control().await;
+    let proxy = subscribed_proxy(control).await;
+
+    let sub = next_subscription(&mut subs).await;
+    sub.lines
+        .send(full(10, vec![service(SGLANG, 8000, &[(one, &[])])]))
+        .unwrap();
+    wait_version(&proxy, 10).await;
+    assert_eq!(routed_to(&proxy, &pki).await, "one");
+
+    // A changed service and an added one.
+    sub.lines
+        .send(delta(
+            11,
+            10,
+            vec![
+                service(SGLANG, 8000, &[(two, &[])]),
+                service(OTHER, 80, &[(one, &[])]),
+            ],
+            &[],
+        ))
+        .unwrap();
+    wait_version(&proxy, 11).await;
+    assert_eq!(routed_to(&proxy, &pki).await, "two");
+    let expected = RouteTable {
+        version: 11,
+        services: vec![
+            service(OTHER, 80, &[(one, &[])]),
+            service(SGLANG, 8000, &[(two, &[])]),
+        ],
+        ..Default::default()
+    };
+    assert_eq!(proxy.config().routes, expected);
+
+    // A removal.
+    sub.lines.send(delta(12, 11, vec![], &[OTHER])).unwrap();
+    wait_version(&proxy, 12).await;
+    assert!(proxy.routes().service(OTHER).is_none());
+
+    // Version 13 never arrived: a delta from 13 must not be applied to 12.
+    sub.lines
+        .send(delta(
+            14,
+            13,
+            vec![service(SGLANG, 8000, &[(one, &[])])],
+            &[],
+        ))
+        .unwrap();
+    let resync = next_subscription(&mut subs).await;
+    assert_eq!(proxy.routes().version, 12);
+    assert_eq!(routed_to(&proxy, &pki).await, "two");
+    resync
+        .lines
+        .send(full(14, vec![service(SGLANG, 8000, &[(one, &[])])]))
+        .unwrap();
+    wait_version(&proxy, 14).await;
+    assert_eq!(routed_to(&proxy, &pki).await, "one");
+    // And deltas go on from the resynced table.
+    resync
+        .lines
+        .send(delta(15, 14, vec![service(OTHER, 80, &[(two, &[])])], &[]))
+        .unwrap();
+    wait_version(&proxy, 15).await;
+    assert_eq!(proxy.routes().services.len(), 2);
+}
+
+#[tokio::test]
+async fn an_invalid_delta_is_refused_counted_and_the_old_routes_keep_working() {
+    let pki = pki();
+    let one = tls_echo_backend("one", &pki.server).await;
+    let two = tls_echo_backend("two", &pki.server).await;
+    let (control, mut subs) = scripted_control().await;
+    let proxy = subscribed_proxy(control).await;
+
+    let sub = next_subscription(&mut subs).await;
+    sub.lines
+        .send(full(1, vec![service(SGLANG, 8000, &[(one, &[])])]))
+        .unwrap();
+    wait_version(&proxy, 1).await;
+    let rejected = metric(&proxy, REJECTED).await;
+
+    // The same endpoint twice: the delta fails validation.
+    sub.lines
+        .send(delta(
+            2,
+            1,
+            vec![service(SGLANG, 8000, &[(two, &[]), (two, &[])])],
+            &[],
+        ))
+        .unwrap();
+    let resync = next_subscription(&mut subs).await;
+    wait_metric(&proxy, REJECTED, rejected + 1.0).await;
+    assert_eq!(proxy.routes().version, 1);
+    assert_eq!(routed_to(&proxy, &pki).await, "one");
+
+    // Not JSON at all: refused the same way.
+    resync
+        .lines
+        .send(Bytes::from_static(b"{\"delta\":\n"))
+        .unwrap();
+    let resync = next_subscription(&mut subs).await;
+    assert_eq!(routed_to(&proxy, &pki).await, "one");
+
+    resync
+        .lines
+        .send(full(2, vec![service(SGLANG, 8000, &[(two, &[])])]))
+        .unwrap();
+    wait_version(&proxy, 2).await;
+    assert_eq!(routed_to(&proxy, &pki).await, "two");
+}
