@@ -113,6 +113,14 @@ async fn serve(listener: TcpListener, behaviours: Vec<&'static str>) {
     }
 }
 
+/// Starts [`serve`] with `behaviours` on a loopback port; returns its base URL.
+async fn scripted_server(behaviours: Vec<&'static str>) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(serve(listener, behaviours));
+    url
+}
+
 fn config(url: String) -> RunConfig {
     let mut cfg = RunConfig::new(url);
     cfg.model = Some("m".into());
@@ -128,9 +136,7 @@ fn config(url: String) -> RunConfig {
 
 #[tokio::test]
 async fn each_bad_response_fails_its_request_only_and_is_counted() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(serve(listener, vec!["404", "json", "cut", "error", "good"]));
+    let url = scripted_server(vec!["404", "json", "cut", "error", "good"]).await;
 
     let result = run_benchmark(&config(url), None).await.unwrap();
     let m = &result.metrics;
@@ -237,9 +243,7 @@ fn cli_exit_codes_bad_flags_vs_failed_requests() {
 
 #[tokio::test]
 async fn without_usage_chunk_tokens_are_content_events() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(serve(listener, vec!["nousage"]));
+    let url = scripted_server(vec!["nousage"]).await;
     let mut cfg = config(url);
     cfg.backend = eastwest_bench::run::Backend::SglangOai;
     let result = run_benchmark(&cfg, None).await.unwrap();
@@ -256,9 +260,7 @@ async fn without_usage_chunk_tokens_are_content_events() {
 async fn keepalive_retries_once_when_a_reused_connection_dies() {
     // The server answers once per connection, then drops the next request unanswered:
     // a reused connection dies under the client, which must retry on a new one, not fail.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(serve(listener, vec!["drop-second"]));
+    let url = scripted_server(vec!["drop-second"]).await;
     let mut cfg = config(url);
     cfg.connection = ConnectionMode::Keepalive;
     cfg.warmup_requests = 1;

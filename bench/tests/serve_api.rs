@@ -29,13 +29,10 @@ async fn chat_stream_is_role_tokens_finish_usage_done() {
         "stream": true,
         "stream_options": {"include_usage": true},
     });
-    let events = sse_events(
-        post(
-            server.local_addr(),
-            "/v1/chat/completions",
-            &body.to_string(),
-        )
-        .await,
+    let events = post_sse(
+        server.local_addr(),
+        "/v1/chat/completions",
+        &body.to_string(),
     )
     .await;
     // role, 5 tokens, finish, usage, [DONE]
@@ -89,13 +86,10 @@ async fn chat_stream_without_usage_and_with_multi_token_chunks() {
         "max_tokens": 7,
         "stream": true,
     });
-    let events = sse_events(
-        post(
-            server.local_addr(),
-            "/v1/chat/completions",
-            &body.to_string(),
-        )
-        .await,
+    let events = post_sse(
+        server.local_addr(),
+        "/v1/chat/completions",
+        &body.to_string(),
     )
     .await;
     // role, 3 content chunks (3 + 3 + 1 tokens), finish, [DONE]; no usage chunk
@@ -119,8 +113,7 @@ async fn completion_stream_puts_finish_on_last_text_chunk() {
         "stream": true,
         "stream_options": {"include_usage": true},
     });
-    let events =
-        sse_events(post(server.local_addr(), "/v1/completions", &body.to_string()).await).await;
+    let events = post_sse(server.local_addr(), "/v1/completions", &body.to_string()).await;
     // 4 text chunks (the last with finish_reason), usage, [DONE]
     assert_eq!(events.len(), 6, "{events:#?}");
     for (i, e) in events[..4].iter().enumerate() {
@@ -146,13 +139,10 @@ async fn default_output_length_ends_with_stop() {
     .await;
     let body =
         json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": true});
-    let events = sse_events(
-        post(
-            server.local_addr(),
-            "/v1/chat/completions",
-            &body.to_string(),
-        )
-        .await,
+    let events = post_sse(
+        server.local_addr(),
+        "/v1/chat/completions",
+        &body.to_string(),
     )
     .await;
     let tokens = events

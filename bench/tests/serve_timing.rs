@@ -27,8 +27,7 @@ async fn tokens_are_never_early() {
             .to_string();
     for _ in 0..3 {
         let sent = Instant::now();
-        let events =
-            sse_events(post(server.local_addr(), "/v1/chat/completions", &body).await).await;
+        let events = post_sse(server.local_addr(), "/v1/chat/completions", &body).await;
         // Only bounds against the send time hold: a receive can be late, never early.
         let tokens: Vec<Instant> = events[1..11].iter().map(|e| e.at).collect();
         assert!(

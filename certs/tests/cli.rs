@@ -60,6 +60,17 @@ fn mode(p: &Path) -> u32 {
     std::fs::metadata(p).unwrap().permissions().mode() & 0o777
 }
 
+/// The fra server leaf that [`mesh_dir`] issues.
+const FRA_SERVER: [&str; 7] = [
+    "workload",
+    "--ca",
+    "pki/fra",
+    "--spiffe",
+    "spiffe://cluster.local/ns/echo/sa/server",
+    "--out",
+    "fra-server",
+];
+
 /// `mesh` + one workload leaf per cluster, in a fresh directory.
 fn mesh_dir(extra: &[&str]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
@@ -80,18 +91,7 @@ fn mesh_dir(extra: &[&str]) -> tempfile::TempDir {
             "ash-client",
         ],
     );
-    ok(
-        dir.path(),
-        &[
-            "workload",
-            "--ca",
-            "pki/fra",
-            "--spiffe",
-            "spiffe://cluster.local/ns/echo/sa/server",
-            "--out",
-            "fra-server",
-        ],
-    );
+    ok(dir.path(), &FRA_SERVER);
     dir
 }
 
@@ -148,19 +148,10 @@ fn existing_files_are_not_overwritten_without_force() {
     );
     assert_eq!(std::fs::read(d.join("pki/fra/ca-key.pem")).unwrap(), before);
 
-    let args = [
-        "workload",
-        "--ca",
-        "pki/fra",
-        "--spiffe",
-        "spiffe://cluster.local/ns/echo/sa/server",
-        "--out",
-        "fra-server",
-    ];
-    let out = run(d, &args);
+    let out = run(d, &FRA_SERVER);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("fra-server-cert-chain.pem"));
-    let mut forced = args.to_vec();
+    let mut forced = FRA_SERVER.to_vec();
     forced.push("--force");
     ok(d, &forced);
     ok(
@@ -171,24 +162,24 @@ fn existing_files_are_not_overwritten_without_force() {
     assert_eq!(mode(&d.join("pki/fra/ca-key.pem")), 0o600);
 }
 
+/// `workload --ca {ca} --spiffe {spiffe}`, which must fail: its stderr.
+fn failed_workload(dir: &Path, ca: &str, spiffe: &str) -> String {
+    let out = run(
+        dir,
+        &["workload", "--ca", ca, "--spiffe", spiffe, "--out", "x"],
+    );
+    assert!(
+        !out.status.success(),
+        "workload --ca {ca} --spiffe {spiffe}"
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[test]
 fn errors_name_the_file_and_the_reason() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let out = run(
-        d,
-        &[
-            "workload",
-            "--ca",
-            "nope",
-            "--spiffe",
-            "spiffe://cluster.local/ns/a/sa/b",
-            "--out",
-            "x",
-        ],
-    );
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let err = failed_workload(d, "nope", "spiffe://cluster.local/ns/a/sa/b");
     assert!(
         err.contains("nope/ca-cert.pem") && err.contains("No such file"),
         "{err}"
@@ -199,34 +190,10 @@ fn errors_name_the_file_and_the_reason() {
         std::fs::write(d.join("bad").join(f), "not a cert").unwrap();
     }
     std::fs::write(d.join("bad/ca-key.pem"), "not a key").unwrap();
-    let out = run(
-        d,
-        &[
-            "workload",
-            "--ca",
-            "bad",
-            "--spiffe",
-            "spiffe://cluster.local/ns/a/sa/b",
-            "--out",
-            "x",
-        ],
-    );
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = failed_workload(d, "bad", "spiffe://cluster.local/ns/a/sa/b");
     assert!(err.contains("bad/ca-cert.pem"), "{err}");
 
-    let out = run(
-        d,
-        &[
-            "workload",
-            "--ca",
-            "bad",
-            "--spiffe",
-            "spiffe://Cluster.local/x",
-            "--out",
-            "x",
-        ],
-    );
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = failed_workload(d, "bad", "spiffe://Cluster.local/x");
     assert!(err.contains("trust domain may only contain"), "{err}");
 }
 

@@ -283,16 +283,7 @@ async fn leaf_without_spiffe_id_is_refused() {
 async fn identity_written_to_files_loads_and_handshakes() {
     let mesh = Mesh::generate(TD, &["fra", "ash"]).unwrap();
     let orig = mesh.workload("fra", &id("a", "s")).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let (c, k, r) = (
-        dir.path().join("cert-chain.pem"),
-        dir.path().join("key.pem"),
-        dir.path().join("root-cert.pem"),
-    );
-    std::fs::write(&c, orig.chain_pem()).unwrap();
-    std::fs::write(&k, orig.key_pem()).unwrap();
-    std::fs::write(&r, orig.root_pem()).unwrap();
-    let loaded = Identity::load(&c, &k, &r).unwrap();
+    let loaded = write_and_load(&orig, &orig.root_pem());
     assert_eq!(loaded.spiffe_id(), orig.spiffe_id());
     assert_eq!(loaded.chain_der(), orig.chain_der());
     let client = mesh.workload("ash", &id("b", "c")).unwrap();
@@ -306,14 +297,20 @@ async fn identity_written_to_files_loads_and_handshakes() {
 
 /// `ident` with `mesh`'s root as its trust anchor (to isolate one side's check).
 fn with_root(ident: &Identity, mesh: &Mesh) -> Identity {
+    write_and_load(ident, mesh.root_pem())
+}
+
+/// `ident`'s chain and key, with `root_pem` as the trust anchor, written to files in
+/// Istio's names and loaded back with [`Identity::load`].
+fn write_and_load(ident: &Identity, root_pem: &str) -> Identity {
     let dir = tempfile::tempdir().unwrap();
     let (c, k, r) = (
-        dir.path().join("c.pem"),
-        dir.path().join("k.pem"),
-        dir.path().join("r.pem"),
+        dir.path().join("cert-chain.pem"),
+        dir.path().join("key.pem"),
+        dir.path().join("root-cert.pem"),
     );
     std::fs::write(&c, ident.chain_pem()).unwrap();
     std::fs::write(&k, ident.key_pem()).unwrap();
-    std::fs::write(&r, mesh.root_pem()).unwrap();
+    std::fs::write(&r, root_pem).unwrap();
     Identity::load(&c, &k, &r).unwrap()
 }

@@ -16,6 +16,12 @@ fn td() -> PeerPolicy {
     PeerPolicy::TrustDomain("cluster.local".into())
 }
 
+/// `spiffe://cluster.local/ns/echo/sa/{name}`, issued by `mesh`'s `cluster` intermediate.
+fn echo_workload(mesh: &Mesh, cluster: &str, name: &str) -> Identity {
+    mesh.workload(cluster, &SpiffeId::workload("cluster.local", "echo", name))
+        .unwrap()
+}
+
 fn write_identity(dir: &Path, name: &str, id: &Identity) {
     std::fs::write(dir.join(format!("{name}-chain.pem")), id.chain_pem()).unwrap();
     std::fs::write(dir.join(format!("{name}-key.pem")), id.key_pem()).unwrap();
@@ -52,18 +58,8 @@ async fn our_server_with_openssl_client(
 ) -> (Result<ServerSaw, String>, Reaper) {
     let dir = tempfile::tempdir().unwrap();
     let mesh = Mesh::generate("cluster.local", &["fra", "ash"]).unwrap();
-    let server = mesh
-        .workload(
-            "fra",
-            &SpiffeId::workload("cluster.local", "echo", "server"),
-        )
-        .unwrap();
-    let client = mesh
-        .workload(
-            "ash",
-            &SpiffeId::workload("cluster.local", "echo", "client"),
-        )
-        .unwrap();
+    let server = echo_workload(&mesh, "fra", "server");
+    let client = echo_workload(&mesh, "ash", "client");
     write_identity(dir.path(), "client", &client);
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -195,18 +191,8 @@ fn openssl_server(dir: &Path, extra: &[&str]) -> (Reaper, String) {
 async fn our_client_completes_tls12_mtls_with_openssl_server() {
     let dir = tempfile::tempdir().unwrap();
     let mesh = Mesh::generate("cluster.local", &["fra", "ash"]).unwrap();
-    let server = mesh
-        .workload(
-            "fra",
-            &SpiffeId::workload("cluster.local", "echo", "server"),
-        )
-        .unwrap();
-    let client = mesh
-        .workload(
-            "ash",
-            &SpiffeId::workload("cluster.local", "echo", "client"),
-        )
-        .unwrap();
+    let server = echo_workload(&mesh, "fra", "server");
+    let client = echo_workload(&mesh, "ash", "client");
     write_identity(dir.path(), "server", &server);
     let (_server, addr) = openssl_server(dir.path(), &["-tls1_2"]);
     let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
@@ -238,18 +224,8 @@ async fn our_client_refuses_openssl_server_from_another_root() {
     let dir = tempfile::tempdir().unwrap();
     let mesh = Mesh::generate("cluster.local", &["ash"]).unwrap();
     let other = Mesh::generate("cluster.local", &["fra"]).unwrap();
-    let server = other
-        .workload(
-            "fra",
-            &SpiffeId::workload("cluster.local", "echo", "server"),
-        )
-        .unwrap();
-    let client = mesh
-        .workload(
-            "ash",
-            &SpiffeId::workload("cluster.local", "echo", "client"),
-        )
-        .unwrap();
+    let server = echo_workload(&other, "fra", "server");
+    let client = echo_workload(&mesh, "ash", "client");
     write_identity(dir.path(), "server", &server);
     let (_server, addr) = openssl_server(dir.path(), &[]);
     let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use rustls_pki_types::CertificateDer;
 
 /// Which OpenAI-compatible endpoint to call (sglang `bench_serving` backend names).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -188,19 +189,12 @@ fn mesh_config(files: &TlsFiles<'_>) -> anyhow::Result<Option<Arc<rustls::Client
 
 fn webpki_config(files: &TlsFiles<'_>) -> anyhow::Result<Arc<rustls::ClientConfig>> {
     use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    use rustls_pki_types::PrivateKeyDer;
 
     let mut roots = rustls::RootCertStore::empty();
     match files.cacert {
         Some(path) => {
-            let certs = CertificateDer::pem_file_iter(path)
-                .with_context(|| format!("--cacert {}", path.display()))?
-                .collect::<Result<Vec<_>, _>>()
-                .with_context(|| format!("--cacert {}: bad PEM", path.display()))?;
-            if certs.is_empty() {
-                bail!("--cacert {}: no CERTIFICATE found", path.display());
-            }
-            for c in certs {
+            for c in read_certs("--cacert", path)? {
                 roots.add(c).with_context(|| {
                     format!("--cacert {}: unusable certificate", path.display())
                 })?;
@@ -224,13 +218,7 @@ fn webpki_config(files: &TlsFiles<'_>) -> anyhow::Result<Arc<rustls::ClientConfi
         .with_root_certificates(roots);
     let config = match (files.cert, files.key) {
         (Some(cert), Some(key)) => {
-            let chain = CertificateDer::pem_file_iter(cert)
-                .with_context(|| format!("--cert {}", cert.display()))?
-                .collect::<Result<Vec<_>, _>>()
-                .with_context(|| format!("--cert {}: bad PEM", cert.display()))?;
-            if chain.is_empty() {
-                bail!("--cert {}: no CERTIFICATE found", cert.display());
-            }
+            let chain = read_certs("--cert", cert)?;
             let key_der = PrivateKeyDer::from_pem_file(key)
                 .with_context(|| format!("--key {}: no PEM private key", key.display()))?;
             builder
@@ -241,6 +229,20 @@ fn webpki_config(files: &TlsFiles<'_>) -> anyhow::Result<Arc<rustls::ClientConfi
         _ => bail!("--cert and --key must be given together"),
     };
     Ok(Arc::new(config))
+}
+
+/// The certificates in the PEM file given as `flag`; at least one.
+fn read_certs(flag: &str, path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    use rustls_pki_types::pem::PemObject;
+
+    let certs = CertificateDer::pem_file_iter(path)
+        .with_context(|| format!("{flag} {}", path.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("{flag} {}: bad PEM", path.display()))?;
+    if certs.is_empty() {
+        bail!("{flag} {}: no CERTIFICATE found", path.display());
+    }
+    Ok(certs)
 }
 
 /// One benchmark run. Build it from the CLI ([`super::Args`]) or directly (the demo).

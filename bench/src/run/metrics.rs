@@ -231,40 +231,34 @@ pub fn summary_table(m: &Metrics, rate: f64, first_errors: &BTreeMap<String, Str
     line("Output token throughput (tok/s):", f2(m.output_throughput));
     line("Total token throughput (tok/s):", f2(m.total_throughput));
     line("Concurrency:", f2(m.concurrency));
-    let sections: [(&str, [(&str, f64); 5]); 4] = [
+    let sections: [(&str, &[(&str, f64)]); 4] = [
         (
             "End-to-End Latency",
-            [
+            &[
                 ("Mean E2E Latency (ms):", m.mean_e2e_latency_ms),
                 ("Median E2E Latency (ms):", m.median_e2e_latency_ms),
                 ("P99 E2E Latency (ms):", m.p99_e2e_latency_ms),
-                ("", 0.0),
-                ("", 0.0),
             ],
         ),
         (
             "Time to First Token",
-            [
+            &[
                 ("Mean TTFT (ms):", m.mean_ttft_ms),
                 ("Median TTFT (ms):", m.median_ttft_ms),
                 ("P99 TTFT (ms):", m.p99_ttft_ms),
-                ("", 0.0),
-                ("", 0.0),
             ],
         ),
         (
             "Time per Output Token (excl. 1st token)",
-            [
+            &[
                 ("Mean TPOT (ms):", m.mean_tpot_ms),
                 ("Median TPOT (ms):", m.median_tpot_ms),
                 ("P99 TPOT (ms):", m.p99_tpot_ms),
-                ("", 0.0),
-                ("", 0.0),
             ],
         ),
         (
             "Inter-Token Latency",
-            [
+            &[
                 ("Mean ITL (ms):", m.mean_itl_ms),
                 ("Median ITL (ms):", m.median_itl_ms),
                 ("P95 ITL (ms):", m.p95_itl_ms),
@@ -275,7 +269,7 @@ pub fn summary_table(m: &Metrics, rate: f64, first_errors: &BTreeMap<String, Str
     ];
     for (title, rows) in sections {
         let _ = writeln!(out, "{title:-^50}");
-        for (label, v) in rows.iter().filter(|(l, _)| !l.is_empty()) {
+        for (label, v) in rows {
             let _ = writeln!(out, "{label:<40} {:<10.2}", v);
         }
     }

@@ -178,6 +178,11 @@ pub async fn sse_events(resp: Response<Incoming>) -> Vec<Event> {
     events
 }
 
+/// POSTs `body` and reads the SSE reply to its end.
+pub async fn post_sse(addr: SocketAddr, path: &str, body: &str) -> Vec<Event> {
+    sse_events(post(addr, path, body).await).await
+}
+
 /// Polls `cond` until it holds; panics after [`DEADLINE`].
 pub async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + DEADLINE;
