@@ -6,7 +6,8 @@
 //! services between versions) and hands every new version to `apply` (which validates and swaps
 //! it in atomically, leaving existing connections alone); a refused table keeps the old one. A
 //! delta that is malformed, invalid or meant for another version is refused and counted, and
-//! the client resubscribes to get a full table. While control is unreachable the proxy keeps
+//! the client resubscribes to get a full table. A control that predates deltas answers with bare
+//! tables, which are applied as full updates. While control is unreachable the proxy keeps
 //! routing with the last table it applied, reconnecting with exponential backoff; with a route
 //! cache that table also survives a proxy restart.
 
@@ -260,7 +261,7 @@ fn handle_line(
     if json.iter().all(u8::is_ascii_whitespace) {
         return Ok(false);
     }
-    let table = match serde_json::from_slice::<RouteUpdate>(json) {
+    let table = match parse_update(json) {
         Ok(RouteUpdate::Full(mut table)) => {
             // Control sends tables in hostname order; deltas merge in that order.
             if !table.is_sorted() {
@@ -319,6 +320,18 @@ fn handle_line(
             Ok(false)
         }
     }
+}
+
+/// A [`RouteUpdate`], or a bare table from a control that predates deltas (it ignores
+/// `&delta=1`), taken as a full update. Telling them apart is cheap: a bare table fails as an
+/// update at its first key.
+fn parse_update(json: &[u8]) -> serde_json::Result<RouteUpdate> {
+    serde_json::from_slice::<RouteUpdate>(json).or_else(|e| {
+        if json.starts_with(b"{\"full\"") || json.starts_with(b"{\"delta\"") {
+            return Err(e);
+        }
+        serde_json::from_slice::<SharedRouteTable>(json).map(RouteUpdate::Full)
+    })
 }
 
 /// Writes the newest applied table to `path` (serialised on a blocking thread, then temp file +

@@ -298,3 +298,28 @@ async fn a_delta_making_a_duplicate_hostname_is_refused_and_the_stream_goes_on()
     // No resubscription was needed.
     assert!(subs.try_recv().is_err());
 }
+
+/// A control from before deltas ignores `&delta=1` and sends bare tables: still applied.
+#[tokio::test]
+async fn bare_tables_from_an_older_control_are_applied() {
+    let pki = pki();
+    let one = tls_echo_backend("one", &pki.server).await;
+    let two = tls_echo_backend("two", &pki.server).await;
+    let (control, mut subs) = scripted_control().await;
+    let proxy = subscribed_proxy(control).await;
+
+    let sub = next_subscription(&mut subs).await;
+    for (version, backend) in [(1, one), (2, two)] {
+        let table = RouteTable {
+            version,
+            services: vec![service(SGLANG, 8000, &[(backend, &[])])],
+            ..Default::default()
+        };
+        let mut line = serde_json::to_vec(&table).unwrap();
+        line.push(b'\n');
+        sub.lines.send(Bytes::from(line)).unwrap();
+        wait_version(&proxy, version).await;
+    }
+    assert_eq!(routed_to(&proxy, &pki).await, "two");
+    assert!(subs.try_recv().is_err());
+}
