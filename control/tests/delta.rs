@@ -174,6 +174,13 @@ async fn a_delta_subscriber_ends_with_the_table_a_fresh_subscriber_gets() {
     recomputed.version = version;
     assert_eq!(followed, recomputed);
     assert_eq!(followed.service(HELLO).unwrap().ports[0].endpoints.len(), 2);
+    // What an operator sees: /config_dump shows the whole table at that version.
+    let (status, dump) = http_get(follower.admin_addr(), "/config_dump").await;
+    assert_eq!(status, 200);
+    let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    assert_eq!(dump["route_table_version"], serde_json::json!(version));
+    let dumped: RouteTable = serde_json::from_value(dump["config"]["routes"].clone()).unwrap();
+    assert_eq!(dumped, followed);
 }
 
 /// Reads NDJSON lines of a raw route subscription.
