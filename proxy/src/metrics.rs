@@ -141,6 +141,18 @@ fn describe() {
         ACCEPT_ERRORS,
         "Errors from accept(), e.g. EMFILE, by listener."
     );
+    describe_counter!(
+        crate::control_client::ROUTE_UPDATES,
+        "Route updates received from the control plane, by kind (full table or delta)."
+    );
+    describe_counter!(
+        crate::control_client::CONTROL_STREAM_ERRORS,
+        "Failures of the route stream from the control plane (each followed by a retry)."
+    );
+    describe_gauge!(
+        crate::control_client::CONTROL_CONNECTED,
+        "1 while the route stream from the control plane is open."
+    );
 }
 
 /// The `eastwest_connections_closed_total` series of one listener, route and result.

@@ -146,6 +146,17 @@ fn restart_while_control_is_down_routes_from_the_cache() {
         dump["config"]["routes"]["services"][0]["hostname"],
         "sglang.demo.svc.cluster.local"
     );
+    // The failed connection attempts to control are counted and described.
+    loop {
+        let (_, metrics) = http_get(admin, "/metrics").unwrap();
+        if metrics.contains("# HELP eastwest_control_stream_errors_total")
+            && metrics.contains("# HELP eastwest_control_connected")
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{metrics}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 #[test]
