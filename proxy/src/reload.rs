@@ -50,7 +50,9 @@ pub fn watch_config_file(proxy: Proxy, path: PathBuf) -> anyhow::Result<()> {
     tokio::spawn(async move {
         // The watcher stops when dropped; keep it for the life of this task.
         let _watcher = watcher;
-        let mut last = std::fs::read(&path).ok();
+        // Unknown at first: the file may have changed between the load at startup and now,
+        // so the first event always reloads.
+        let mut last: Option<Vec<u8>> = None;
         while rx.recv().await.is_some() {
             // Editors and ConfigMap updates write in several steps; let them settle.
             tokio::time::sleep(Duration::from_millis(100)).await;

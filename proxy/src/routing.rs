@@ -140,6 +140,27 @@ pub enum Update {
     NotIncremental(SharedRouteTable),
 }
 
+/// `svc` compiled under the key `lower`: an unchanged service (the same `Arc`, or equal) reuses
+/// `old`'s routes; a changed one carries over their connection counts and metric handles.
+fn compile_entry(
+    svc: &Arc<Service>,
+    lower: &str,
+    old: Option<(&Arc<str>, &CompiledService)>,
+) -> (Arc<str>, CompiledService) {
+    let (key, routes) = match old {
+        Some((key, old)) if Arc::ptr_eq(&old.source, svc) || *old.source == **svc => {
+            (key.clone(), old.routes.clone())
+        }
+        Some((key, old)) => (
+            key.clone(),
+            Arc::new(compile_service(svc, Some(&old.routes))),
+        ),
+        None => (Arc::from(lower), Arc::new(compile_service(svc, None))),
+    };
+    let source = svc.clone();
+    (key, CompiledService { source, routes })
+}
+
 impl Routing {
     /// Compiles `config` and `routes` (both already validated; `config.routes` is ignored).
     /// Services of `previous` reuse their compiled routes when they are the same `Arc` or
@@ -154,24 +175,8 @@ impl Routing {
         for svc in &routes.services {
             let lower = lowercase(&svc.hostname);
             let old = previous.and_then(|p| p.services.get_key_value(&*lower));
-            let (key, compiled) = match old {
-                Some((key, old)) if Arc::ptr_eq(&old.source, svc) || *old.source == **svc => {
-                    (key.clone(), old.routes.clone())
-                }
-                Some((key, old)) => (
-                    key.clone(),
-                    Arc::new(compile_service(svc, Some(&old.routes))),
-                ),
-                None => (Arc::from(&*lower), Arc::new(compile_service(svc, None))),
-            };
-            let source = svc.clone();
-            services.insert(
-                key,
-                CompiledService {
-                    source,
-                    routes: compiled,
-                },
-            );
+            let (key, compiled) = compile_entry(svc, &lower, old);
+            services.insert(key, compiled);
         }
 
         let mut carry = Carry::default();
@@ -236,31 +241,20 @@ impl Routing {
             let before = errors.len();
             svc.validate(&at, &mut errors);
             let lower = lowercase(&svc.hostname);
-            let (key, compiled) = match services.get_key_value(&*lower) {
-                // Another spelling of a hostname still in the table.
-                Some((_, other)) if other.source.hostname != svc.hostname => {
-                    errors.push(Invalid::new(
-                        format!("{at}.hostname"),
-                        format!("service {} is listed twice", svc.hostname),
-                    ));
-                    continue;
-                }
-                _ if errors.len() > before => continue,
-                Some((key, old)) if *old.source == **svc => (key.clone(), old.routes.clone()),
-                Some((key, old)) => (
-                    key.clone(),
-                    Arc::new(compile_service(svc, Some(&old.routes))),
-                ),
-                None => (Arc::from(&*lower), Arc::new(compile_service(svc, None))),
-            };
-            let source = svc.clone();
-            services.insert(
-                key,
-                CompiledService {
-                    source,
-                    routes: compiled,
-                },
-            );
+            let old = services.get_key_value(&*lower);
+            // Another spelling of a hostname still in the table.
+            if old.is_some_and(|(_, other)| other.source.hostname != svc.hostname) {
+                errors.push(Invalid::new(
+                    format!("{at}.hostname"),
+                    format!("service {} is listed twice", svc.hostname),
+                ));
+                continue;
+            }
+            if errors.len() > before {
+                continue;
+            }
+            let (key, compiled) = compile_entry(svc, &lower, old);
+            services.insert(key, compiled);
         }
         if !errors.is_empty() {
             return Update::Invalid(errors);
