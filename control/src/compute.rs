@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use eastwest_routes::{Endpoint, NetworkGateway, RemoteService, RouteTable, Service, ServicePort};
 
@@ -35,8 +36,10 @@ pub fn route_table(model: &Model, network: &str, cluster_domain: &str) -> RouteT
     entries.sort_by(|a, b| a.0.cmp(&b.0));
     let mut table = RouteTable::default();
     for (_, entry) in entries {
-        table.services.extend(entry.service);
-        table.remote_services.extend(entry.remote);
+        table.services.extend(entry.service.map(Arc::new));
+        table
+            .remote_services
+            .extend(entry.remote.into_iter().map(Arc::new));
     }
     table.network_gateways = network_gateways(model, network);
     table

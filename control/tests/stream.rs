@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use control_client::{load_route_cache, ControlClientConfig};
 use eastwest_certs::{Mesh, PeerPolicy, SpiffeId};
-use eastwest_routes::{RouteTable, SharedRouteTable};
+use eastwest_routes::RouteTable;
 use support::apiserver::ApiServer;
 use support::control::start_control;
 use support::objects::*;
@@ -50,8 +50,7 @@ fn subscribe(
     tokio::task::JoinHandle<()>,
 ) {
     let (tx, rx) = mpsc::unbounded_channel();
-    let task = tokio::spawn(control_client::run(cfg, move |t: SharedRouteTable| {
-        let t = t.to_table();
+    let task = tokio::spawn(control_client::run(cfg, move |t: RouteTable| {
         let refused = refuse(&t);
         let _ = tx.send((t, !refused));
         if refused {

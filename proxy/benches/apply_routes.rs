@@ -16,7 +16,9 @@ use eastwest_routes::{
 };
 
 fn table(version: u64, moved: u16) -> RouteTable {
-    let services = (0..10_000u32).map(|s| service(s, moved)).collect();
+    let services = (0..10_000u32)
+        .map(|s| Arc::new(service(s, moved)))
+        .collect();
     RouteTable {
         version,
         services,

@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context};
 use bytes::{Bytes, BytesMut};
-use eastwest_routes::{RouteTable, RouteUpdate, SharedRouteTable, ROUTES_STREAM_PATH};
+use eastwest_routes::{RouteTable, RouteUpdate, ROUTES_STREAM_PATH};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -68,7 +68,7 @@ pub fn load_route_cache(path: &Path) -> anyhow::Result<Option<RouteTable>> {
 /// with exponential backoff (100 ms .. 30 s, jittered) after any error.
 pub async fn run(
     cfg: ControlClientConfig,
-    apply: impl Fn(SharedRouteTable) -> Result<(), String> + Send + Sync + 'static,
+    apply: impl Fn(RouteTable) -> Result<(), String> + Send + Sync + 'static,
 ) {
     let cache = cfg.route_cache.clone().map(spawn_cache_writer);
     let mut backoff = BACKOFF_MIN;
@@ -174,8 +174,8 @@ where
 
 async fn session(
     cfg: &ControlClientConfig,
-    apply: &(impl Fn(SharedRouteTable) -> Result<(), String> + Send + Sync),
-    cache: Option<&watch::Sender<Option<SharedRouteTable>>>,
+    apply: &(impl Fn(RouteTable) -> Result<(), String> + Send + Sync),
+    cache: Option<&watch::Sender<Option<RouteTable>>>,
     applied_any: &mut bool,
 ) -> anyhow::Result<()> {
     let target = parse_url(&cfg.url, cfg.tls.is_some())?;
@@ -223,7 +223,7 @@ async fn session(
     ::metrics::gauge!(CONTROL_CONNECTED).set(1.0);
 
     // Control's current table (applied or not): what the next delta applies to.
-    let mut current: Option<SharedRouteTable> = None;
+    let mut current: Option<RouteTable> = None;
     let mut buf = BytesMut::new();
     // Bytes of `buf` already searched for a newline.
     let mut scanned = 0;
@@ -253,9 +253,9 @@ async fn session(
 /// that the next one starts from a full table.
 fn handle_line(
     line: &[u8],
-    current: &mut Option<SharedRouteTable>,
-    apply: &impl Fn(SharedRouteTable) -> Result<(), String>,
-    cache: Option<&watch::Sender<Option<SharedRouteTable>>>,
+    current: &mut Option<RouteTable>,
+    apply: &impl Fn(RouteTable) -> Result<(), String>,
+    cache: Option<&watch::Sender<Option<RouteTable>>>,
 ) -> anyhow::Result<bool> {
     let json = line.strip_suffix(b"\n").unwrap_or(line);
     if json.iter().all(u8::is_ascii_whitespace) {
@@ -330,15 +330,15 @@ fn parse_update(json: &[u8]) -> serde_json::Result<RouteUpdate> {
         if json.starts_with(b"{\"full\"") || json.starts_with(b"{\"delta\"") {
             return Err(e);
         }
-        serde_json::from_slice::<SharedRouteTable>(json).map(RouteUpdate::Full)
+        serde_json::from_slice::<RouteTable>(json).map(RouteUpdate::Full)
     })
 }
 
 /// Writes the newest applied table to `path` (serialised on a blocking thread, then temp file +
 /// rename, so a crash never leaves a torn cache). Coalesces: a burst of tables costs one write
 /// of the last.
-fn spawn_cache_writer(path: PathBuf) -> watch::Sender<Option<SharedRouteTable>> {
-    let (tx, mut rx) = watch::channel::<Option<SharedRouteTable>>(None);
+fn spawn_cache_writer(path: PathBuf) -> watch::Sender<Option<RouteTable>> {
+    let (tx, mut rx) = watch::channel::<Option<RouteTable>>(None);
     tokio::spawn(async move {
         while rx.changed().await.is_ok() {
             let Some(table) = rx.borrow_and_update().clone() else {

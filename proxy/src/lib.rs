@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
-use eastwest_routes::{ProxyConfig, SharedRouteTable};
+use eastwest_routes::{ProxyConfig, RouteTable};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -126,7 +126,7 @@ impl Proxy {
         let shared = Arc::new(Shared {
             routing: ArcSwap::from_pointee(Routing::compile(
                 Arc::new(ProxyConfig::with_listeners(Vec::new())),
-                SharedRouteTable::default(),
+                RouteTable::default(),
                 None,
             )),
             ready: AtomicBool::new(false),
@@ -192,7 +192,7 @@ impl Proxy {
                 );
             }
             // The routing keeps the table apart from the settings, sharing its services.
-            let file_routes = SharedRouteTable::from(std::mem::take(&mut config.routes));
+            let file_routes = std::mem::take(&mut config.routes);
             let routes = if self.shared.routes_from_control.load(Ordering::SeqCst) {
                 old.routes.clone()
             } else {
@@ -242,8 +242,7 @@ impl Proxy {
     /// same `Arc`) with the table in force were validated and compiled when they arrived and
     /// are not looked at again, so a table derived from the current one by a delta costs its
     /// changed services plus a pointer comparison per service.
-    pub fn apply_routes(&self, table: impl Into<SharedRouteTable>) -> Result<(), String> {
-        let table = table.into();
+    pub fn apply_routes(&self, table: RouteTable) -> Result<(), String> {
         let version = table.version;
         let _apply = Shared::lock(&self.shared.apply);
         let old = self.shared.routing.load_full();
@@ -280,13 +279,13 @@ impl Proxy {
         self.admin_addr
     }
 
-    /// The config in force, routes included (a deep copy of the route table).
+    /// The config in force, routes included (services shared, not copied).
     pub fn config(&self) -> Arc<ProxyConfig> {
         Arc::new(self.shared.routing.load().full_config())
     }
 
     /// The route table in force (cheap: services are shared).
-    pub fn routes(&self) -> SharedRouteTable {
+    pub fn routes(&self) -> RouteTable {
         self.shared.routing.load().routes.clone()
     }
 

@@ -1,5 +1,5 @@
 //! The compiled, immutable routing state a connection consults: built once per config or
-//! route-table change from plain [`ProxyConfig`] data and a [`SharedRouteTable`], then swapped
+//! route-table change from plain [`ProxyConfig`] data and a [`RouteTable`], then swapped
 //! in whole. Services the new table shares with the previous one (the same `Arc`) cost a
 //! pointer comparison: neither validated nor compiled again.
 
@@ -9,7 +9,7 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, OnceLock};
 
 use eastwest_routes::{
-    Endpoint, Invalid, ListenerMode, ProxyConfig, Service, SharedRouteTable, SniPattern,
+    Endpoint, Invalid, ListenerMode, ProxyConfig, RouteTable, Service, SniPattern,
 };
 use metrics::{Counter, Histogram};
 
@@ -121,7 +121,7 @@ pub struct Routing {
     /// Listeners and settings this was compiled from; its `routes` are empty (see `routes`).
     pub config: Arc<ProxyConfig>,
     /// The route table in force, from the config file or from eastwest-control.
-    pub routes: SharedRouteTable,
+    pub routes: RouteTable,
     /// Keyed by lowercase service FQDN.
     services: HashMap<Arc<str>, CompiledService>,
     /// Per `sni` listener: rules, most specific first.
@@ -137,7 +137,7 @@ pub enum Update {
     /// What is wrong with the services that changed (or the rest of the table).
     Invalid(Vec<Invalid>),
     /// Not derived from the table in force in hostname order: validate and compile it whole.
-    NotIncremental(SharedRouteTable),
+    NotIncremental(RouteTable),
 }
 
 /// `svc` compiled under the key `lower`: an unchanged service (the same `Arc`, or equal) reuses
@@ -168,7 +168,7 @@ impl Routing {
     /// over their upstreams' connection counts and their metric handles.
     pub fn compile(
         config: Arc<ProxyConfig>,
-        routes: SharedRouteTable,
+        routes: RouteTable,
         previous: Option<&Routing>,
     ) -> Routing {
         let mut services = HashMap::with_capacity(routes.services.len());
@@ -222,7 +222,7 @@ impl Routing {
     /// both tables are in strict hostname order (as eastwest-control's are), one walk over
     /// both finds the services that are not the very `Arc` this routing holds; only those are
     /// validated and compiled, and the rest of the compiled map is shared.
-    pub fn update(&self, routes: SharedRouteTable) -> Update {
+    pub fn update(&self, routes: RouteTable) -> Update {
         if !self.sorted {
             return Update::NotIncremental(routes);
         }
@@ -275,10 +275,10 @@ impl Routing {
             .is_some_and(|c| Arc::ptr_eq(&c.source, svc))
     }
 
-    /// The config in force with its route table, as `/config_dump` shows it (a deep copy).
+    /// The config in force with its route table, as `/config_dump` shows it.
     pub fn full_config(&self) -> ProxyConfig {
         ProxyConfig {
-            routes: self.routes.to_table(),
+            routes: self.routes.clone(),
             ..(*self.config).clone()
         }
     }

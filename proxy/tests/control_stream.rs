@@ -13,7 +13,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use eastwest_proxy::{control_client, Proxy};
-use eastwest_routes::{RouteDelta, RouteTable, RouteUpdate, Service, SharedRouteTable};
+use eastwest_routes::{RouteDelta, RouteTable, RouteUpdate, Service};
 use hyper::body::Frame;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use support::*;
@@ -98,10 +98,10 @@ async fn subscribed_proxy(control: SocketAddr) -> Proxy {
 fn full(version: u64, services: Vec<Service>) -> Bytes {
     let table = RouteTable {
         version,
-        services,
+        services: services.into_iter().map(Arc::new).collect(),
         ..Default::default()
     };
-    line(&RouteUpdate::Full(SharedRouteTable::from(table)))
+    line(&RouteUpdate::Full(table))
 }
 
 fn delta(version: u64, base: u64, services: Vec<Service>, removed: &[&str]) -> Bytes {
@@ -174,8 +174,8 @@ async fn deltas_apply_on_the_full_table_and_a_wrong_base_resyncs() {
     let expected = RouteTable {
         version: 11,
         services: vec![
-            service(OTHER, 80, &[(one, &[])]),
-            service(SGLANG, 8000, &[(two, &[])]),
+            Arc::new(service(OTHER, 80, &[(one, &[])])),
+            Arc::new(service(SGLANG, 8000, &[(two, &[])])),
         ],
         ..Default::default()
     };
@@ -312,7 +312,7 @@ async fn bare_tables_from_an_older_control_are_applied() {
     for (version, backend) in [(1, one), (2, two)] {
         let table = RouteTable {
             version,
-            services: vec![service(SGLANG, 8000, &[(backend, &[])])],
+            services: vec![Arc::new(service(SGLANG, 8000, &[(backend, &[])]))],
             ..Default::default()
         };
         let mut line = serde_json::to_vec(&table).unwrap();

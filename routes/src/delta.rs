@@ -12,14 +12,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::sni::is_dns_name;
 use crate::table::{lowercase, validate_network_gateways, validate_remote_services};
-use crate::{Invalid, NetworkGateway, RemoteService, Service, SharedRouteTable};
+use crate::{Invalid, NetworkGateway, RemoteService, RouteTable, Service};
 
 /// One line of a delta route stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum RouteUpdate {
     /// The whole table: the first line, and whenever control cannot send a delta.
-    Full(SharedRouteTable),
+    Full(RouteTable),
     Delta(RouteDelta),
 }
 
@@ -98,7 +98,7 @@ impl RouteDelta {
     /// The table after this delta. `base` must be the version the delta names; the result is
     /// in hostname order and shares every unchanged service with `base`. Validate the delta
     /// first: a delta that lists a hostname twice gives an unspecified (but memory-safe) table.
-    pub fn apply_to(&self, base: &SharedRouteTable) -> Result<SharedRouteTable, Invalid> {
+    pub fn apply_to(&self, base: &RouteTable) -> Result<RouteTable, Invalid> {
         if base.version != self.base {
             return Err(Invalid::new(
                 "base",
@@ -132,7 +132,7 @@ impl RouteDelta {
         remote_touched.sort_unstable();
         remote_touched.dedup();
 
-        Ok(SharedRouteTable {
+        Ok(RouteTable {
             version: self.version,
             services: merge(&base.services, &touched, &services, |s| &s.hostname),
             remote_services: merge(&base.remote_services, &remote_touched, &remote, |r| {
@@ -221,25 +221,24 @@ mod tests {
         }
     }
 
-    fn base() -> SharedRouteTable {
+    fn base() -> RouteTable {
         RouteTable {
             version: 1,
             services: vec![
-                svc("b.ns.svc", "10.0.0.2"),
-                svc("d.ns.svc", "10.0.0.4"),
-                svc("f.ns.svc", "10.0.0.6"),
+                Arc::new(svc("b.ns.svc", "10.0.0.2")),
+                Arc::new(svc("d.ns.svc", "10.0.0.4")),
+                Arc::new(svc("f.ns.svc", "10.0.0.6")),
             ],
             remote_services: vec![
-                remote("r1.ns.svc", "n2"),
-                remote("r2.ns.svc", "n2"),
-                remote("r2.ns.svc", "n3"),
+                Arc::new(remote("r1.ns.svc", "n2")),
+                Arc::new(remote("r2.ns.svc", "n2")),
+                Arc::new(remote("r2.ns.svc", "n3")),
             ],
             network_gateways: vec![NetworkGateway {
                 network: "n2".into(),
                 address: "1.2.3.4:15443".into(),
             }],
         }
-        .into()
     }
 
     #[test]
@@ -317,10 +316,7 @@ mod tests {
         let update: RouteUpdate = serde_json::from_str(line).unwrap();
         assert!(matches!(update, RouteUpdate::Delta(ref d) if d.base == 4));
         assert_eq!(serde_json::to_string(&update).unwrap(), line);
-        let full = format!(
-            r#"{{"full":{}}}"#,
-            serde_json::to_string(&base().to_table()).unwrap()
-        );
+        let full = format!(r#"{{"full":{}}}"#, serde_json::to_string(&base()).unwrap());
         let update: RouteUpdate = serde_json::from_str(&full).unwrap();
         assert_eq!(update, RouteUpdate::Full(base()));
     }

@@ -8,7 +8,6 @@
 mod config;
 mod delta;
 pub mod load;
-mod shared;
 mod sni;
 mod table;
 
@@ -17,7 +16,6 @@ pub use config::{
 };
 pub use delta::{RouteDelta, RouteUpdate};
 pub use load::{load_proxy_config, parse_proxy_config, ConfigError};
-pub use shared::SharedRouteTable;
 pub use sni::{SniPattern, SniPatternError};
 pub use table::{
     Endpoint, NetworkGateway, RemoteService, RouteTable, Service, ServicePort, Subset,

@@ -95,7 +95,8 @@ impl Topology {
                         labels: Default::default(),
                     }],
                 }],
-            }],
+            }
+            .into()],
             ..Default::default()
         };
         let proxy = eastwest_proxy::Proxy::start(cfg)

@@ -156,7 +156,7 @@ pub fn passthrough_config(listener: &str, services: Vec<Service>) -> ProxyConfig
     )]);
     cfg.admin.address = "127.0.0.1:0".parse().unwrap();
     cfg.routes = RouteTable {
-        services,
+        services: services.into_iter().map(Arc::new).collect(),
         ..Default::default()
     };
     cfg
