@@ -38,26 +38,31 @@ struct Report<'a> {
     detail: String,
     /// The route's cached `closed_total{result="routed"}` series, once relayed.
     closed_routed: Option<metrics::Counter>,
+    /// Whether to write the access-log line (the setting when the connection was admitted).
+    access_log: bool,
 }
 
+/// Where the listener `stats` counts for sits in `routing`'s config: found by name, or, when a
+/// reload renamed it between accept and now, by address (the socket went to the new name).
+pub(crate) fn listener_index(routing: &Routing, stats: &ListenerStats) -> Option<usize> {
+    let listeners = &routing.config.listeners;
+    listeners
+        .iter()
+        .position(|l| *l.name == *stats.name)
+        .or_else(|| listeners.iter().position(|l| l.address == stats.address))
+}
+
+/// Serves one accepted connection with the routing snapshot it was admitted under.
 pub(crate) async fn serve(
     shared: Arc<Shared>,
     stats: Arc<ListenerStats>,
+    routing: Arc<Routing>,
+    listener: usize,
     mut downstream: TcpStream,
     peer: SocketAddr,
 ) {
     let started = Instant::now();
-    let routing = shared.routing.load_full();
-    let listeners = &routing.config.listeners;
-    let Some(listener) = listeners
-        .iter()
-        .find(|l| *l.name == *stats.name)
-        // Renamed by a reload between accept and now: the socket went to the new name.
-        .or_else(|| listeners.iter().find(|l| l.address == stats.address))
-    else {
-        // Removed by a reload between accept and now: nothing routes here any more.
-        return;
-    };
+    let listener = &routing.config.listeners[listener];
     let mut report = Report {
         listener: &stats.name,
         peer,
@@ -69,6 +74,7 @@ pub(crate) async fn serve(
         outcome: Outcome::Malformed,
         detail: String::new(),
         closed_routed: None,
+        access_log: routing.config.access_log,
     };
 
     // 1. The ClientHello, within the listener's timeout.
@@ -77,7 +83,7 @@ pub(crate) async fn serve(
         Ok(()) => client_hello::parse(&buf),
         Err(outcome) => {
             report.outcome = outcome;
-            return finish(&shared, &stats, report, started);
+            return finish(&stats, report, started);
         }
     };
     let hello = match hello {
@@ -87,13 +93,13 @@ pub(crate) async fn serve(
                 Err(e) => e.to_string(),
                 _ => "incomplete ClientHello".into(),
             };
-            return finish(&shared, &stats, report, started);
+            return finish(&stats, report, started);
         }
     };
     stats.hello_duration.record(started.elapsed().as_secs_f64());
     let ch = hello.client_hello();
     // Copied out only for the access log: two allocations per connection otherwise wasted.
-    if routing.config.access_log {
+    if report.access_log {
         report.hello = HelloSummary {
             sni: ch.sni.map(str::to_string),
             alpn: ch
@@ -109,7 +115,7 @@ pub(crate) async fn serve(
         Err((outcome, detail)) => {
             report.outcome = outcome;
             report.detail = detail;
-            return finish(&shared, &stats, report, started);
+            return finish(&stats, report, started);
         }
     };
     report.route = Some(set.route.clone());
@@ -122,7 +128,7 @@ pub(crate) async fn serve(
         Err(err) => {
             report.outcome = Outcome::UpstreamFailed;
             report.detail = err.to_string();
-            return finish(&shared, &stats, report, started);
+            return finish(&stats, report, started);
         }
     };
     let route_metrics = set.metrics();
@@ -139,7 +145,7 @@ pub(crate) async fn serve(
     if let Err(err) = upstream.write_all(&buf).await {
         report.outcome = Outcome::UpstreamFailed;
         report.detail = format!("writing ClientHello upstream: {err}");
-        return finish(&shared, &stats, report, started);
+        return finish(&stats, report, started);
     }
     route_metrics.bytes_to_upstream.increment(buf.len() as u64);
     let hello_len = buf.len() as u64;
@@ -169,7 +175,7 @@ pub(crate) async fn serve(
     stats
         .connection_duration
         .record(started.elapsed().as_secs_f64());
-    finish(&shared, &stats, report, started)
+    finish(&stats, report, started)
 }
 
 /// Reads until `buf` holds a whole ClientHello (or a verdict that it never will).
@@ -231,7 +237,7 @@ fn route(
     }
 }
 
-fn finish(shared: &Shared, stats: &ListenerStats, report: Report<'_>, started: Instant) {
+fn finish(stats: &ListenerStats, report: Report<'_>, started: Instant) {
     let route = report.route.as_deref().unwrap_or("");
     match report.closed_routed {
         Some(counter) => counter,
@@ -241,7 +247,7 @@ fn finish(shared: &Shared, stats: &ListenerStats, report: Report<'_>, started: I
     if report.outcome != Outcome::Routed {
         tracing::debug!(listener = report.listener, peer = %report.peer, result = report.outcome.as_str(), detail = %report.detail, "connection closed");
     }
-    if shared.access_log() {
+    if report.access_log {
         tracing::info!(
             target: "eastwest::access",
             listener = report.listener,

@@ -65,20 +65,6 @@ impl Shared {
         // A panic while holding these leaves plain data behind; carry on with it.
         m.lock().unwrap_or_else(|p| p.into_inner())
     }
-
-    pub(crate) fn access_log(&self) -> bool {
-        self.routing.load().config.access_log
-    }
-
-    pub(crate) fn max_connections(&self, listener: &str) -> usize {
-        self.routing
-            .load()
-            .config
-            .listeners
-            .iter()
-            .find(|l| l.name == listener)
-            .map_or(0, |l| l.max_connections)
-    }
 }
 
 /// Frees a big superseded snapshot (100 000 endpoints are as many allocations) on a thread of

@@ -147,7 +147,13 @@ pub(crate) fn start(
 
 fn admit(shared: &Arc<Shared>, stats: &Arc<ListenerStats>, stream: TcpStream, peer: SocketAddr) {
     stats.opened.increment(1);
-    let limit = shared.max_connections(&stats.name);
+    // One snapshot per connection: its limit here, its routes and settings in `serve`.
+    let routing = shared.routing.load_full();
+    let Some(listener) = connection::listener_index(&routing, stats) else {
+        // Removed by a reload between accept and now: nothing routes here any more.
+        return;
+    };
+    let limit = routing.config.listeners[listener].max_connections;
     let active = stats.active.fetch_add(1, Ordering::Relaxed) + 1;
     if active > limit {
         stats.active.fetch_sub(1, Ordering::Relaxed);
@@ -162,7 +168,7 @@ fn admit(shared: &Arc<Shared>, stats: &Arc<ListenerStats>, stream: TcpStream, pe
     let stats = stats.clone();
     let shared2 = shared.clone();
     shared.connections.spawn(async move {
-        connection::serve(shared2, stats.clone(), stream, peer).await;
+        connection::serve(shared2, stats.clone(), routing, listener, stream, peer).await;
         stats.active.fetch_sub(1, Ordering::Relaxed);
         stats.active_gauge.decrement(1.0);
     });
