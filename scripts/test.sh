@@ -15,15 +15,23 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 say() { printf '\n=== %s\n' "$*"; }
 
 say "tools"
+# rustup's minimal profile leaves these out; the default profile has them.
+for component in rustfmt clippy; do
+  cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1 || rustup component add "$component"
+done
 missing=()
+command -v cc >/dev/null || missing+=(gcc libc6-dev) # ring's C and assembly parts
 command -v promtool >/dev/null || missing+=(prometheus)
 command -v openssl >/dev/null || missing+=(openssl)
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 command -v python3 >/dev/null || missing+=(python3)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing from Debian: ${missing[*]}"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  sudo=()
+  [ "$(id -u)" = 0 ] || sudo=(sudo)
+  "${sudo[@]}" apt-get update -qq
+  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 VENV="${EASTWEST_TEST_VENV:-${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/eastwest-test-venv}"
 if ! "$VENV/bin/python" -c 'import openai' 2>/dev/null; then
