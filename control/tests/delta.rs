@@ -5,43 +5,23 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use eastwest_control::{Control, ControlConfig, RemoteCluster};
+use eastwest_control::Control;
 use eastwest_proxy::{control_client, Proxy};
-use eastwest_routes::{
-    ListenerConfig, ListenerMode, ProxyConfig, RouteTable, RouteUpdate, ROUTES_STREAM_PATH,
-};
+use eastwest_routes::{ListenerConfig, ListenerMode, ProxyConfig, RouteTable, RouteUpdate};
 use http_body_util::BodyExt;
 use support::apiserver::ApiServer;
+use support::control::start_control_with_remote;
 use support::objects::*;
-use support::{http_get, wait_for};
+use support::{http_get, subscribe_h2c, wait_for};
 
 const HELLO: &str = "helloworld.sample.svc.cluster.local";
 const DETAILS: &str = "details.sample.svc.cluster.local";
 const RATINGS: &str = "ratings.sample.svc.cluster.local";
 const REVIEWS: &str = "reviews.sample.svc.cluster.local";
-
-/// fra (network1, local) and ash (network2, `--remote`), 10 ms debounce.
-async fn start(fra: &ApiServer, ash: &ApiServer, dir: &std::path::Path) -> Control {
-    let (fra_kc, ash_kc) = (dir.join("fra.yaml"), dir.join("ash.yaml"));
-    std::fs::write(&fra_kc, fra.kubeconfig("fra")).unwrap();
-    std::fs::write(&ash_kc, ash.kubeconfig("ash")).unwrap();
-    let mut cfg = ControlConfig::new("fra", "network1");
-    cfg.kubeconfig = Some(fra_kc);
-    cfg.remotes.push(RemoteCluster {
-        name: "ash".into(),
-        kubeconfig: ash_kc,
-    });
-    cfg.secret_namespace = None;
-    cfg.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-    cfg.admin = SocketAddr::from(([127, 0, 0, 1], 0));
-    cfg.debounce = Duration::from_millis(10);
-    Control::start(cfg).await.unwrap()
-}
 
 fn svc_with_slice(api: &ApiServer, name: &str, ips: &[&str]) {
     api.apply("services", service("sample", name, &[("http", 80)]));
@@ -110,7 +90,7 @@ async fn a_delta_subscriber_ends_with_the_table_a_fresh_subscriber_gets() {
     svc_with_slice(&fra, "ratings", &["10.1.1.1", "10.1.1.2"]);
     svc_with_slice(&ash, "reviews", &["10.2.0.1"]);
     let dir = tempfile::tempdir().unwrap();
-    let control = start(&fra, &ash, dir.path()).await;
+    let control = start_control_with_remote(&fra, &ash, dir.path()).await;
     let follower = subscribed_proxy(&control).await;
     step(&control, &follower, "the first table", |t| {
         t.service(HELLO).is_some() && t.remote_services.iter().any(|r| r.hostname == REVIEWS)
@@ -191,29 +171,7 @@ struct RawStream {
 
 impl RawStream {
     async fn open(control: &Control, query: &str) -> RawStream {
-        let tcp = tokio::net::TcpStream::connect(control.routes_addr())
-            .await
-            .unwrap();
-        let (mut send, conn) =
-            hyper::client::conn::http2::handshake::<_, _, http_body_util::Empty<Bytes>>(
-                hyper_util::rt::TokioExecutor::new(),
-                hyper_util::rt::TokioIo::new(tcp),
-            )
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        let uri = format!(
-            "http://{}{ROUTES_STREAM_PATH}?{query}",
-            control.routes_addr()
-        );
-        let resp = send
-            .send_request(
-                http::Request::get(uri)
-                    .body(http_body_util::Empty::new())
-                    .unwrap(),
-            )
-            .await
-            .unwrap();
+        let resp = subscribe_h2c(control.routes_addr(), query).await;
         assert_eq!(resp.status(), 200);
         RawStream {
             body: resp.into_body(),
@@ -245,7 +203,7 @@ async fn delta_lines_only_for_those_who_ask() {
     svc_with_slice(&fra, "helloworld", &["10.1.0.1"]);
     svc_with_slice(&fra, "ratings", &["10.1.1.1"]);
     let dir = tempfile::tempdir().unwrap();
-    let control = start(&fra, &ash, dir.path()).await;
+    let control = start_control_with_remote(&fra, &ash, dir.path()).await;
     let mut plain = RawStream::open(&control, "cluster=fra&network=network1").await;
     let mut delta = RawStream::open(&control, "cluster=fra&network=network1&delta=1").await;
 

@@ -15,7 +15,7 @@ use eastwest_routes::RouteTable;
 use support::apiserver::ApiServer;
 use support::control::start_control;
 use support::objects::*;
-use support::wait_for;
+use support::{subscribe_h2c, wait_for};
 use tokio::sync::mpsc;
 
 const HELLO: &str = "helloworld.sample.svc.cluster.local";
@@ -310,30 +310,7 @@ async fn subscription_without_network_is_a_bad_request() {
     let fra = ApiServer::start().await;
     let dir = tempfile::tempdir().unwrap();
     let control = start_control(&fra, dir.path(), |_| {}).await;
-    let tcp = tokio::net::TcpStream::connect(control.routes_addr())
-        .await
-        .unwrap();
-    let (mut send, conn) =
-        hyper::client::conn::http2::handshake::<_, _, http_body_util::Empty<bytes::Bytes>>(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(tcp),
-        )
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let uri = format!(
-        "http://{}{}?cluster=fra",
-        control.routes_addr(),
-        eastwest_routes::ROUTES_STREAM_PATH
-    );
-    let resp = send
-        .send_request(
-            http::Request::get(uri)
-                .body(http_body_util::Empty::new())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let resp = subscribe_h2c(control.routes_addr(), "cluster=fra").await;
     assert_eq!(resp.status(), 400);
     use http_body_util::BodyExt;
     let body = resp.into_body().collect().await.unwrap().to_bytes();

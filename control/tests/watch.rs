@@ -3,13 +3,13 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use eastwest_control::{Control, ControlConfig, RemoteCluster};
+use eastwest_control::Control;
 use eastwest_routes::RouteTable;
 use support::apiserver::ApiServer;
+use support::control::start_control_with_remote;
 use support::objects::*;
 use support::{http_get, wait_for};
 
@@ -32,21 +32,7 @@ async fn fixture(seed: impl FnOnce(&ApiServer, &ApiServer)) -> Fixture {
     );
     seed(&fra, &ash);
     let dir = tempfile::tempdir().unwrap();
-    let fra_kc = dir.path().join("fra.yaml");
-    let ash_kc = dir.path().join("ash.yaml");
-    std::fs::write(&fra_kc, fra.kubeconfig("fra")).unwrap();
-    std::fs::write(&ash_kc, ash.kubeconfig("ash")).unwrap();
-    let mut cfg = ControlConfig::new("fra", "network1");
-    cfg.kubeconfig = Some(fra_kc);
-    cfg.remotes.push(RemoteCluster {
-        name: "ash".into(),
-        kubeconfig: ash_kc,
-    });
-    cfg.secret_namespace = None;
-    cfg.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-    cfg.admin = SocketAddr::from(([127, 0, 0, 1], 0));
-    cfg.debounce = Duration::from_millis(10);
-    let control = Control::start(cfg).await.unwrap();
+    let control = start_control_with_remote(&fra, &ash, dir.path()).await;
     Fixture {
         fra,
         ash,

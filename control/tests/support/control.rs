@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use eastwest_control::{Control, ControlConfig};
+use eastwest_control::{Control, ControlConfig, RemoteCluster};
 
 use super::apiserver::ApiServer;
 
@@ -26,4 +26,17 @@ pub async fn start_control(
     cfg.debounce = Duration::from_millis(10);
     tweak(&mut cfg);
     Control::start(cfg).await.unwrap()
+}
+
+/// [`start_control`], plus the API server `ash` as the `--remote` cluster ash.
+pub async fn start_control_with_remote(fra: &ApiServer, ash: &ApiServer, dir: &Path) -> Control {
+    let kubeconfig = dir.join("ash-remote.yaml");
+    std::fs::write(&kubeconfig, ash.kubeconfig("ash")).unwrap();
+    start_control(fra, dir, |c| {
+        c.remotes.push(RemoteCluster {
+            name: "ash".into(),
+            kubeconfig,
+        })
+    })
+    .await
 }

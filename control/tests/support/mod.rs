@@ -41,3 +41,28 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
         .unwrap_or_default();
     (status, body)
 }
+
+/// Opens a route subscription with `query` over plain HTTP/2 (h2c on loopback) and returns the
+/// response, whatever its status.
+pub async fn subscribe_h2c(
+    routes_addr: std::net::SocketAddr,
+    query: &str,
+) -> http::Response<hyper::body::Incoming> {
+    let tcp = tokio::net::TcpStream::connect(routes_addr).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake::<_, _, http_body_util::Empty<bytes::Bytes>>(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let uri = format!(
+        "http://{routes_addr}{}?{query}",
+        eastwest_routes::ROUTES_STREAM_PATH
+    );
+    let req = http::Request::get(uri)
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    send.send_request(req).await.unwrap()
+}
