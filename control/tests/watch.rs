@@ -41,6 +41,11 @@ async fn fixture(seed: impl FnOnce(&ApiServer, &ApiServer)) -> Fixture {
     }
 }
 
+/// helloworld's one EndpointSlice in sample, port http 5000, with `eps`.
+fn hw1(eps: &[Ep]) -> serde_json::Value {
+    slice("sample", "hw-1", "helloworld", &[("http", 5000)], eps)
+}
+
 fn endpoints(table: &RouteTable, host: &str, port: u16) -> Vec<String> {
     table
         .service(host)
@@ -168,16 +173,7 @@ async fn endpoint_changes_and_service_deletion_follow() {
             "services",
             service("sample", "helloworld", &[("http", 5000)]),
         );
-        fra.apply(
-            "endpointslices",
-            slice(
-                "sample",
-                "hw-1",
-                "helloworld",
-                &[("http", 5000)],
-                &[ready("10.1.0.1")],
-            ),
-        );
+        fra.apply("endpointslices", hw1(&[ready("10.1.0.1")]));
     })
     .await;
     let t0 = f
@@ -187,13 +183,7 @@ async fn endpoint_changes_and_service_deletion_follow() {
     // Endpoint added.
     f.fra.apply(
         "endpointslices",
-        slice(
-            "sample",
-            "hw-1",
-            "helloworld",
-            &[("http", 5000)],
-            &[ready("10.1.0.1"), ready("10.1.0.2")],
-        ),
+        hw1(&[ready("10.1.0.1"), ready("10.1.0.2")]),
     );
     let t1 = f
         .wait_table("endpoint added", |t| {
@@ -205,13 +195,7 @@ async fn endpoint_changes_and_service_deletion_follow() {
     // Endpoint not ready.
     f.fra.apply(
         "endpointslices",
-        slice(
-            "sample",
-            "hw-1",
-            "helloworld",
-            &[("http", 5000)],
-            &[ready("10.1.0.1"), not_ready("10.1.0.2")],
-        ),
+        hw1(&[ready("10.1.0.1"), not_ready("10.1.0.2")]),
     );
     let t2 = f
         .wait_table("endpoint not ready", |t| {
@@ -241,16 +225,7 @@ async fn watch_cut_and_410_gone_recover() {
             "services",
             service("sample", "helloworld", &[("http", 5000)]),
         );
-        fra.apply(
-            "endpointslices",
-            slice(
-                "sample",
-                "hw-1",
-                "helloworld",
-                &[("http", 5000)],
-                &[ready("10.1.0.1")],
-            ),
-        );
+        fra.apply("endpointslices", hw1(&[ready("10.1.0.1")]));
     })
     .await;
     f.wait_table("first table", |t| !endpoints(t, HELLO, 5000).is_empty())
@@ -264,16 +239,7 @@ async fn watch_cut_and_410_gone_recover() {
         f.fra.watch_count("endpointslices") > watches
     })
     .await;
-    f.fra.apply(
-        "endpointslices",
-        slice(
-            "sample",
-            "hw-1",
-            "helloworld",
-            &[("http", 5000)],
-            &[ready("10.1.0.7")],
-        ),
-    );
+    f.fra.apply("endpointslices", hw1(&[ready("10.1.0.7")]));
     f.wait_table("change after cut", |t| {
         endpoints(t, HELLO, 5000) == ["10.1.0.7:5000"]
     })
@@ -290,16 +256,7 @@ async fn watch_cut_and_410_gone_recover() {
         f.fra.list_count("endpointslices") > lists
     })
     .await;
-    f.fra.apply(
-        "endpointslices",
-        slice(
-            "sample",
-            "hw-1",
-            "helloworld",
-            &[("http", 5000)],
-            &[ready("10.1.0.8")],
-        ),
-    );
+    f.fra.apply("endpointslices", hw1(&[ready("10.1.0.8")]));
     f.wait_table("change after relist", |t| {
         endpoints(t, HELLO, 5000) == ["10.1.0.8:5000"]
     })
@@ -380,13 +337,7 @@ async fn pod_labels_reach_endpoints_for_subsets() {
         );
         fra.apply(
             "endpointslices",
-            slice(
-                "sample",
-                "hw-1",
-                "helloworld",
-                &[("http", 5000)],
-                &[with_pod("10.1.0.1", "hw-v1"), with_pod("10.1.0.2", "hw-v2")],
-            ),
+            hw1(&[with_pod("10.1.0.1", "hw-v1"), with_pod("10.1.0.2", "hw-v2")]),
         );
     })
     .await;
