@@ -28,6 +28,17 @@ fn hello(fra: &ApiServer, ips: &[&str]) {
     );
 }
 
+/// An API server holding helloworld with one ready endpoint, 10.1.0.1.
+async fn helloworld_api_server() -> ApiServer {
+    let fra = ApiServer::start().await;
+    fra.apply(
+        "services",
+        service("sample", "helloworld", &[("http", 5000)]),
+    );
+    hello(&fra, &["10.1.0.1"]);
+    fra
+}
+
 fn addrs(t: &RouteTable) -> Vec<String> {
     t.service(HELLO)
         .map(|s| {
@@ -81,12 +92,7 @@ async fn next(rx: &mut mpsc::UnboundedReceiver<(RouteTable, bool)>) -> (RouteTab
 
 #[tokio::test]
 async fn client_gets_full_table_then_new_versions_and_caches_them() {
-    let fra = ApiServer::start().await;
-    fra.apply(
-        "services",
-        service("sample", "helloworld", &[("http", 5000)]),
-    );
-    hello(&fra, &["10.1.0.1"]);
+    let fra = helloworld_api_server().await;
     let dir = tempfile::tempdir().unwrap();
     let control = start_control(&fra, dir.path(), |_| {}).await;
     let cache = dir.path().join("routes.json");
@@ -136,12 +142,7 @@ async fn client_gets_full_table_then_new_versions_and_caches_them() {
 
 #[tokio::test]
 async fn client_rides_out_a_control_restart() {
-    let fra = ApiServer::start().await;
-    fra.apply(
-        "services",
-        service("sample", "helloworld", &[("http", 5000)]),
-    );
-    hello(&fra, &["10.1.0.1"]);
+    let fra = helloworld_api_server().await;
     let dir = tempfile::tempdir().unwrap();
     let control = start_control(&fra, dir.path(), |_| {}).await;
     let addr = control.routes_addr();
@@ -177,12 +178,7 @@ fn route_cache_missing_and_corrupt() {
 
 #[tokio::test]
 async fn mtls_control_channel_accepts_mesh_identities_only() {
-    let fra = ApiServer::start().await;
-    fra.apply(
-        "services",
-        service("sample", "helloworld", &[("http", 5000)]),
-    );
-    hello(&fra, &["10.1.0.1"]);
+    let fra = helloworld_api_server().await;
     let dir = tempfile::tempdir().unwrap();
     let mesh = Mesh::generate("cluster.local", &["fra"]).unwrap();
     let server = mesh
@@ -271,12 +267,7 @@ async fn mtls_control_channel_accepts_mesh_identities_only() {
 
 #[tokio::test]
 async fn a_burst_of_changes_is_coalesced_into_few_versions() {
-    let fra = ApiServer::start().await;
-    fra.apply(
-        "services",
-        service("sample", "helloworld", &[("http", 5000)]),
-    );
-    hello(&fra, &["10.1.0.1"]);
+    let fra = helloworld_api_server().await;
     let dir = tempfile::tempdir().unwrap();
     let control = start_control(&fra, dir.path(), |c| {
         c.debounce = Duration::from_millis(300)
