@@ -95,6 +95,36 @@ async fn subscribed_proxy(control: SocketAddr) -> Proxy {
     proxy
 }
 
+/// What every test starts from: two TLS echo backends that greet with their names, and a
+/// proxy subscribed to a scripted control.
+struct Setup {
+    pki: Pki,
+    one: SocketAddr,
+    two: SocketAddr,
+    proxy: Proxy,
+    subs: mpsc::UnboundedReceiver<Subscription>,
+}
+
+async fn setup() -> Setup {
+    let pki = pki();
+    let one = tls_echo_backend("one", &pki.server).await;
+    let two = tls_echo_backend("two", &pki.server).await;
+    let (control, subs) = scripted_control().await;
+    let proxy = subscribed_proxy(control).await;
+    Setup {
+        pki,
+        one,
+        two,
+        proxy,
+        subs,
+    }
+}
+
+/// sglang:8000 served by `backend` alone.
+fn sglang_on(backend: SocketAddr) -> Vec<Service> {
+    vec![service(SGLANG, 8000, &[(backend, &[])])]
+}
+
 fn full(version: u64, services: Vec<Service>) -> Bytes {
     let table = RouteTable {
         version,
@@ -144,16 +174,15 @@ async fn routed_to(proxy: &Proxy, pki: &Pki) -> String {
 
 #[tokio::test]
 async fn deltas_apply_on_the_full_table_and_a_wrong_base_resyncs() {
-    let pki = pki();
-    let one = tls_echo_backend("one", &pki.server).await;
-    let two = tls_echo_backend("two", &pki.server).await;
-    let (control, mut subs) = scripted_control().await;
-    let proxy = subscribed_proxy(control).await;
-
+    let Setup {
+        pki,
+        one,
+        two,
+        proxy,
+        mut subs,
+    } = setup().await;
     let sub = next_subscription(&mut subs).await;
-    sub.lines
-        .send(full(10, vec![service(SGLANG, 8000, &[(one, &[])])]))
-        .unwrap();
+    sub.lines.send(full(10, sglang_on(one))).unwrap();
     wait_version(&proxy, 10).await;
     assert_eq!(routed_to(&proxy, &pki).await, "one");
 
@@ -187,21 +216,11 @@ async fn deltas_apply_on_the_full_table_and_a_wrong_base_resyncs() {
     assert!(proxy.routes().service(OTHER).is_none());
 
     // Version 13 never arrived: a delta from 13 must not be applied to 12.
-    sub.lines
-        .send(delta(
-            14,
-            13,
-            vec![service(SGLANG, 8000, &[(one, &[])])],
-            &[],
-        ))
-        .unwrap();
+    sub.lines.send(delta(14, 13, sglang_on(one), &[])).unwrap();
     let resync = next_subscription(&mut subs).await;
     assert_eq!(proxy.routes().version, 12);
     assert_eq!(routed_to(&proxy, &pki).await, "two");
-    resync
-        .lines
-        .send(full(14, vec![service(SGLANG, 8000, &[(one, &[])])]))
-        .unwrap();
+    resync.lines.send(full(14, sglang_on(one))).unwrap();
     wait_version(&proxy, 14).await;
     assert_eq!(routed_to(&proxy, &pki).await, "one");
     // And deltas go on from the resynced table.
@@ -215,16 +234,15 @@ async fn deltas_apply_on_the_full_table_and_a_wrong_base_resyncs() {
 
 #[tokio::test]
 async fn an_invalid_delta_is_refused_counted_and_the_old_routes_keep_working() {
-    let pki = pki();
-    let one = tls_echo_backend("one", &pki.server).await;
-    let two = tls_echo_backend("two", &pki.server).await;
-    let (control, mut subs) = scripted_control().await;
-    let proxy = subscribed_proxy(control).await;
-
+    let Setup {
+        pki,
+        one,
+        two,
+        proxy,
+        mut subs,
+    } = setup().await;
     let sub = next_subscription(&mut subs).await;
-    sub.lines
-        .send(full(1, vec![service(SGLANG, 8000, &[(one, &[])])]))
-        .unwrap();
+    sub.lines.send(full(1, sglang_on(one))).unwrap();
     wait_version(&proxy, 1).await;
     let rejected = metric(&proxy, REJECTED).await;
 
@@ -250,10 +268,7 @@ async fn an_invalid_delta_is_refused_counted_and_the_old_routes_keep_working() {
     let resync = next_subscription(&mut subs).await;
     assert_eq!(routed_to(&proxy, &pki).await, "one");
 
-    resync
-        .lines
-        .send(full(2, vec![service(SGLANG, 8000, &[(two, &[])])]))
-        .unwrap();
+    resync.lines.send(full(2, sglang_on(two))).unwrap();
     wait_version(&proxy, 2).await;
     assert_eq!(routed_to(&proxy, &pki).await, "two");
 }
@@ -263,16 +278,15 @@ async fn an_invalid_delta_is_refused_counted_and_the_old_routes_keep_working() {
 /// goes on with control's next delta.
 #[tokio::test]
 async fn a_delta_making_a_duplicate_hostname_is_refused_and_the_stream_goes_on() {
-    let pki = pki();
-    let one = tls_echo_backend("one", &pki.server).await;
-    let two = tls_echo_backend("two", &pki.server).await;
-    let (control, mut subs) = scripted_control().await;
-    let proxy = subscribed_proxy(control).await;
-
+    let Setup {
+        pki,
+        one,
+        two,
+        proxy,
+        mut subs,
+    } = setup().await;
     let sub = next_subscription(&mut subs).await;
-    sub.lines
-        .send(full(1, vec![service(SGLANG, 8000, &[(one, &[])])]))
-        .unwrap();
+    sub.lines.send(full(1, sglang_on(one))).unwrap();
     wait_version(&proxy, 1).await;
     let shouting = SGLANG.to_uppercase();
     sub.lines
@@ -285,12 +299,7 @@ async fn a_delta_making_a_duplicate_hostname_is_refused_and_the_stream_goes_on()
         .unwrap();
     // Then control takes it back and changes the real one.
     sub.lines
-        .send(delta(
-            3,
-            2,
-            vec![service(SGLANG, 8000, &[(two, &[])])],
-            &[&shouting],
-        ))
+        .send(delta(3, 2, sglang_on(two), &[&shouting]))
         .unwrap();
     wait_version(&proxy, 3).await;
     assert_eq!(routed_to(&proxy, &pki).await, "two");
@@ -302,12 +311,13 @@ async fn a_delta_making_a_duplicate_hostname_is_refused_and_the_stream_goes_on()
 /// A control from before deltas ignores `&delta=1` and sends bare tables: still applied.
 #[tokio::test]
 async fn bare_tables_from_an_older_control_are_applied() {
-    let pki = pki();
-    let one = tls_echo_backend("one", &pki.server).await;
-    let two = tls_echo_backend("two", &pki.server).await;
-    let (control, mut subs) = scripted_control().await;
-    let proxy = subscribed_proxy(control).await;
-
+    let Setup {
+        pki,
+        one,
+        two,
+        proxy,
+        mut subs,
+    } = setup().await;
     let sub = next_subscription(&mut subs).await;
     for (version, backend) in [(1, one), (2, two)] {
         let table = RouteTable {
