@@ -7,8 +7,6 @@ use std::sync::{Arc, Mutex};
 
 use eastwest_proxy::Proxy;
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tracing_subscriber::util::SubscriberInitExt;
 
 /// Collects what the proxy logs (the test's runtime runs every proxy task on this thread, so
@@ -36,19 +34,6 @@ impl Captured {
     }
 }
 
-/// Sends `hello`, half-closes, and reads until the proxy closes.
-async fn exchange(gw: std::net::SocketAddr, hello: &[u8]) -> Vec<u8> {
-    let mut s = TcpStream::connect(gw).await.unwrap();
-    s.write_all(hello).await.unwrap();
-    s.shutdown().await.unwrap();
-    let mut got = Vec::new();
-    tokio::time::timeout(DEADLINE, s.read_to_end(&mut got))
-        .await
-        .unwrap()
-        .unwrap();
-    got
-}
-
 #[tokio::test]
 async fn one_line_per_connection_with_sni_alpn_route_endpoint_bytes_and_result() {
     let log = Captured::default();
@@ -67,12 +52,12 @@ async fn one_line_per_connection_with_sni_alpn_route_endpoint_bytes_and_result()
     let gw = proxy.listener_addr("logged").unwrap();
 
     let hello = client_hello_bytes(&pki.client, &istio_sni(8000, "", SGLANG));
-    assert_eq!(exchange(gw, &hello).await, b"answer");
+    assert_eq!(half_closed_exchange(gw, &[&hello]).await, b"answer");
     let unknown = client_hello_bytes(
         &pki.client,
         &istio_sni(8000, "", "nope.ns.svc.cluster.local"),
     );
-    assert!(exchange(gw, &unknown).await.is_empty());
+    assert!(half_closed_exchange(gw, &[&unknown]).await.is_empty());
     wait_metric(
         &proxy,
         "eastwest_connections_closed_total{listener=\"logged\",route=\"\",result=\"unknown_route\"}",

@@ -329,16 +329,8 @@ async fn half_close_is_passed_through() {
     .unwrap();
     let gw = proxy.listener_addr("half").unwrap();
     let hello = client_hello_bytes(&pki.client, &istio_sni(8000, "", SGLANG));
-    let mut s = TcpStream::connect(gw).await.unwrap();
-    s.write_all(&hello).await.unwrap();
-    s.write_all(b"ping").await.unwrap();
     // The backend replies only after it sees our FIN; our read side must stay open.
-    s.shutdown().await.unwrap();
-    let mut got = Vec::new();
-    tokio::time::timeout(DEADLINE, s.read_to_end(&mut got))
-        .await
-        .unwrap()
-        .unwrap();
+    let got = half_closed_exchange(gw, &[&hello, b"ping"]).await;
     assert_eq!(got, b"pong after your FIN");
     let mut sent = hello.clone();
     sent.extend_from_slice(b"ping");

@@ -275,3 +275,19 @@ pub async fn raw_backend(
 pub fn arc<T>(t: T) -> Arc<T> {
     Arc::new(t)
 }
+
+/// Writes `parts` to the gateway, half-closes, and reads until the gateway closes: what a
+/// client that sends its whole request before reading gets back.
+pub async fn half_closed_exchange(gw: SocketAddr, parts: &[&[u8]]) -> Vec<u8> {
+    let mut s = TcpStream::connect(gw).await.unwrap();
+    for part in parts {
+        s.write_all(part).await.unwrap();
+    }
+    s.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(DEADLINE, s.read_to_end(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    got
+}
