@@ -27,6 +27,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use eastwest_routes::{ProxyConfig, RouteTable};
+use socket2::SockRef;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -143,25 +144,34 @@ impl Proxy {
         // Bind what is new before changing anything, so a failed bind keeps the old config.
         let mut fresh = Vec::new();
         for l in &config.listeners {
+            let keepalive = config.upstream.tcp_keepalive;
             let handed_over = {
                 let running = Shared::lock(&self.shared.listeners);
-                if running.get(&l.name).is_some_and(|r| r.address == l.address) {
-                    continue;
-                }
                 // A rename keeps the address another listener holds: take over its socket,
                 // since binding the address a second time would fail.
-                running
-                    .values()
-                    .find(|r| r.address == l.address && l.address.port() != 0)
-                    .map(|r| r.socket.clone())
+                let same_name = running.get(&l.name).filter(|r| r.address == l.address);
+                let same_address = || {
+                    running
+                        .values()
+                        .find(|r| r.address == l.address && l.address.port() != 0)
+                };
+                match same_name.or_else(same_address) {
+                    Some(r) => {
+                        // Changed socket settings reach connections accepted from now on.
+                        if let Err(err) = listener::tune(SockRef::from(&*r.socket), l, keepalive) {
+                            tracing::warn!(listener = %l.name, %err, "cannot update socket options");
+                        }
+                        if same_name.is_some() {
+                            continue;
+                        }
+                        Some(r.socket.clone())
+                    }
+                    None => None,
+                }
             };
             let socket = match handed_over {
                 Some(socket) => socket,
-                None => Arc::new(listener::bind(
-                    &l.name,
-                    l.address,
-                    config.upstream.tcp_keepalive,
-                )?),
+                None => Arc::new(listener::bind(l, keepalive)?),
             };
             fresh.push((l.name.clone(), l.address, socket));
         }

@@ -6,8 +6,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use eastwest_routes::ListenerConfig;
 use metrics::{Counter, Gauge, Histogram};
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
@@ -66,13 +67,9 @@ pub(crate) struct RunningListener {
     pub socket: Arc<TcpListener>,
 }
 
-/// Binds a listener whose accepted sockets start out tuned: Linux copies TCP_NODELAY and the
-/// keepalive settings from the listening socket, saving four syscalls per connection.
-pub(crate) fn bind(
-    name: &str,
-    address: SocketAddr,
-    keepalive: Duration,
-) -> io::Result<TcpListener> {
+/// Binds a listener and [`tune`]s it.
+pub(crate) fn bind(listener: &ListenerConfig, keepalive: Duration) -> io::Result<TcpListener> {
+    let address = listener.address;
     let bind = || -> io::Result<TcpListener> {
         let socket = Socket::new(
             Domain::for_address(address),
@@ -81,8 +78,7 @@ pub(crate) fn bind(
         )?;
         // A restarted proxy can bind at once while old connections linger in TIME_WAIT.
         socket.set_reuse_address(true)?;
-        socket.set_tcp_nodelay(true)?;
-        socket.set_tcp_keepalive(&connect::keepalive(keepalive))?;
+        tune(SockRef::from(&socket), listener, keepalive)?;
         socket.set_nonblocking(true)?;
         socket.bind(&address.into())?;
         socket.listen(4096)?;
@@ -91,9 +87,51 @@ pub(crate) fn bind(
     bind().map_err(|e| {
         io::Error::new(
             e.kind(),
-            format!("listener {name}: cannot bind {address}: {e}"),
+            format!("listener {}: cannot bind {address}: {e}", listener.name),
         )
     })
+}
+
+/// Sets what accepted sockets start out with. Linux copies TCP_NODELAY and the keepalive
+/// settings from the listening socket, saving four syscalls per connection; deferred accept
+/// saves a wakeup and a failed read. Also applied to running listeners on reload.
+pub(crate) fn tune(
+    socket: SockRef<'_>,
+    listener: &ListenerConfig,
+    keepalive: Duration,
+) -> io::Result<()> {
+    socket.set_tcp_nodelay(true)?;
+    socket.set_tcp_keepalive(&connect::keepalive(keepalive))?;
+    set_defer_accept(&socket, listener.defer_accept)
+}
+
+/// `TCP_DEFER_ACCEPT` of one second: the kernel hands over a silent connection after its first
+/// SYN-ACK retransmission (about 1 s), so `hello_timeout` still applies to silent clients.
+#[cfg(target_os = "linux")]
+fn set_defer_accept(socket: &SockRef<'_>, on: bool) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let seconds: libc::c_int = on.into();
+    // SAFETY: a live socket descriptor, and a c_int option value of the size passed, as
+    // setsockopt(2) requires for TCP_DEFER_ACCEPT. socket2 has no setter for this option.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            std::ptr::from_ref(&seconds).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn set_defer_accept(_: &SockRef<'_>, _: bool) -> io::Result<()> {
+    Ok(())
 }
 
 pub(crate) fn start(
@@ -176,18 +214,63 @@ fn admit(shared: &Arc<Shared>, stats: &Arc<ListenerStats>, stream: TcpStream, pe
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    use eastwest_routes::{ListenerConfig, ListenerMode};
     use socket2::SockRef;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpStream;
+
+    fn config(defer_accept: bool) -> ListenerConfig {
+        let mut l = ListenerConfig::new(
+            "t",
+            "127.0.0.1:0".parse().unwrap(),
+            ListenerMode::AutoPassthrough,
+        );
+        l.defer_accept = defer_accept;
+        l
+    }
 
     #[tokio::test]
     async fn accepted_sockets_inherit_nodelay_and_keepalive() {
-        let keepalive = std::time::Duration::from_secs(42);
-        let listener = super::bind("t", "127.0.0.1:0".parse().unwrap(), keepalive).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let keepalive = Duration::from_secs(42);
+        let listener = super::bind(&config(true), keepalive).unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        client.write_all(b"\x16").await.unwrap();
         let (accepted, _) = listener.accept().await.unwrap();
         assert!(accepted.nodelay().unwrap());
         let sock = SockRef::from(&accepted);
         assert!(sock.keepalive().unwrap());
         assert_eq!(sock.tcp_keepalive_time().unwrap(), keepalive);
+    }
+
+    /// With deferred accept a client that has sent its first bytes is accepted before an
+    /// earlier one that is still silent; the silent one is still accepted a little later.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn deferred_accept_hands_over_clients_that_have_spoken_first() {
+        for defer in [true, false] {
+            let listener = super::bind(&config(defer), Duration::from_secs(60)).unwrap();
+            let addr = listener.local_addr().unwrap();
+            let silent = TcpStream::connect(addr).await.unwrap();
+            let mut speaking = TcpStream::connect(addr).await.unwrap();
+            speaking.write_all(b"\x16").await.unwrap();
+            let (_, first) = listener.accept().await.unwrap();
+            let expected = if defer { &speaking } else { &silent };
+            assert_eq!(
+                first,
+                expected.local_addr().unwrap(),
+                "defer_accept: {defer}"
+            );
+            let (_, second) = listener.accept().await.unwrap();
+            let expected = if defer { &silent } else { &speaking };
+            assert_eq!(
+                second,
+                expected.local_addr().unwrap(),
+                "defer_accept: {defer}"
+            );
+        }
     }
 }

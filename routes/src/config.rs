@@ -80,6 +80,13 @@ pub struct ListenerConfig {
     /// Connections beyond this are refused (closed at once) and counted.
     #[serde(default = "defaults::max_connections")]
     pub max_connections: usize,
+    /// Hand a connection to the proxy only once its first bytes have arrived (Linux
+    /// `TCP_DEFER_ACCEPT`). TLS clients speak first, so the ClientHello is read at once instead
+    /// of after another wakeup. A client that connects and stays silent is handed over after
+    /// about a second and then gets `hello_timeout`; one that closes before (a TCP health
+    /// check) never reaches the proxy or its metrics.
+    #[serde(default = "defaults::defer_accept")]
+    pub defer_accept: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -128,6 +135,9 @@ mod defaults {
     pub fn max_connections() -> usize {
         100_000
     }
+    pub fn defer_accept() -> bool {
+        true
+    }
 }
 
 impl Default for AdminConfig {
@@ -160,6 +170,7 @@ impl ListenerConfig {
             rules: Vec::new(),
             hello_timeout: defaults::hello_timeout(),
             max_connections: defaults::max_connections(),
+            defer_accept: defaults::defer_accept(),
         }
     }
 }
