@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use eastwest_routes::UpstreamConfig;
-use socket2::{SockRef, TcpKeepalive};
+use socket2::TcpKeepalive;
 use tokio::net::TcpStream;
 
 use crate::balance::{self, ActiveGuard};
@@ -44,7 +44,11 @@ pub async fn connect(set: &UpstreamSet, cfg: &UpstreamConfig) -> Result<Connecte
         let guard = ActiveGuard::new(&upstream.active);
         match tokio::time::timeout(cfg.connect_timeout, dial(&upstream.target)).await {
             Ok(Ok((stream, peer))) => {
-                tune(&stream, cfg.tcp_keepalive);
+                // TCP_NODELAY so a token leaves the moment it arrives. (Keepalive comes later,
+                // from `copy::relay`; downstream sockets get both from their listener.)
+                if let Err(err) = stream.set_nodelay(true) {
+                    tracing::debug!(%err, "cannot set TCP_NODELAY");
+                }
                 return Ok(Connected {
                     stream,
                     peer,
@@ -83,18 +87,8 @@ async fn dial(target: &Target) -> io::Result<(TcpStream, SocketAddr)> {
     Ok((TcpStream::connect(addr).await?, addr))
 }
 
-/// TCP_NODELAY so a token leaves the moment it arrives; keepalive to notice dead peers on
-/// connections that idle for minutes. (Downstream sockets get both from their listener.)
-pub fn tune(stream: &TcpStream, keepalive: Duration) {
-    if let Err(err) = stream.set_nodelay(true) {
-        tracing::debug!(%err, "cannot set TCP_NODELAY");
-    }
-    if let Err(err) = SockRef::from(stream).set_tcp_keepalive(&self::keepalive(keepalive)) {
-        tracing::debug!(%err, "cannot set TCP keepalive");
-    }
-}
-
-/// First probe after `idle`, then every 15 s at most.
+/// Keepalive to notice dead peers on connections that idle for minutes: first probe after
+/// `idle`, then every 15 s at most.
 pub fn keepalive(idle: Duration) -> TcpKeepalive {
     TcpKeepalive::new()
         .with_time(idle)

@@ -138,6 +138,7 @@ pub(crate) async fn serve(
     report.endpoint = Some(connected.peer);
     let mut upstream = connected.stream;
     let idle = routing.config.upstream.idle_timeout;
+    let keepalive = routing.config.upstream.tcp_keepalive;
     // The snapshot is not needed any more; don't pin old configs for the connection's life.
     drop(routing);
 
@@ -158,6 +159,7 @@ pub(crate) async fn serve(
             &route_metrics.bytes_to_downstream,
         ),
         idle,
+        keepalive,
         shared.hard_stop.cancelled(),
     )
     .await;

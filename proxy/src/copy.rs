@@ -10,10 +10,15 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use std::os::fd::{AsRawFd, BorrowedFd};
+
 use metrics::Counter;
+use socket2::SockRef;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+
+use crate::connect::keepalive;
 
 const INITIAL_BUFFER: usize = 4 * 1024;
 const LARGE_BUFFER: usize = 64 * 1024;
@@ -40,14 +45,29 @@ pub struct CopyResult {
 }
 
 /// Relays until both directions end, an error, `idle` without traffic, or `cancel`.
+///
+/// The upstream socket gets its TCP keepalive only once the connection has lived
+/// `upstream_keepalive`: probes can't start before then anyway, and Linux counts the idle time
+/// from the last segment received, so probing is exactly as if it had been set at connect,
+/// while the short connections that are most of them save three syscalls.
 pub async fn relay(
     downstream: &mut TcpStream,
     upstream: &mut TcpStream,
     counters: (&Counter, &Counter),
     idle: Duration,
+    upstream_keepalive: Duration,
     cancel: impl std::future::Future<Output = ()>,
 ) -> CopyResult {
     let activity = Activity::new();
+    let upstream_fd = upstream.as_raw_fd();
+    let arm_keepalive = move || {
+        // SAFETY: `upstream` owns this descriptor and stays borrowed, so open, until relay
+        // returns; the closure runs inside relay. (split() holds the stream itself.)
+        let fd = unsafe { BorrowedFd::borrow_raw(upstream_fd) };
+        if let Err(err) = SockRef::from(&fd).set_tcp_keepalive(&keepalive(upstream_keepalive)) {
+            tracing::debug!(%err, "cannot set TCP keepalive upstream");
+        }
+    };
     let one_side_done = AtomicBool::new(false);
     let sent = AtomicU64::new(0);
     let received = AtomicU64::new(0);
@@ -79,7 +99,7 @@ pub async fn relay(
             Ok(_) => CopyEnd::Closed,
             Err(err) => CopyEnd::Error(err),
         },
-        _ = activity.idle_for(idle) => CopyEnd::Idle,
+        _ = activity.idle_for(idle, Some((upstream_keepalive, arm_keepalive))) => CopyEnd::Idle,
         _ = cancel => CopyEnd::Cancelled,
     };
     CopyResult {
@@ -183,11 +203,22 @@ impl Activity {
         self.last_ms.store(ms, Ordering::Relaxed);
     }
 
-    /// Resolves once nothing has moved for `idle`; wakes at most once per idle period.
-    async fn idle_for(&self, idle: Duration) {
+    /// Resolves once nothing has moved for `idle`; wakes at most once per idle period, and
+    /// once `after` the start to call `at` (one timer either way).
+    async fn idle_for(&self, idle: Duration, mut at: Option<(Duration, impl FnOnce())>) {
         loop {
             let last = self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
             let deadline = last + idle;
+            if let Some(after) = at.as_ref().map(|(after, _)| *after) {
+                let due = self.start + after;
+                if due < deadline {
+                    tokio::time::sleep_until(due).await;
+                    if let Some((_, call)) = at.take() {
+                        call();
+                    }
+                    continue;
+                }
+            }
             if Instant::now() >= deadline {
                 return;
             }

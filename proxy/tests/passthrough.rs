@@ -363,3 +363,61 @@ async fn connections_over_the_limit_are_refused_and_counted() {
     first.read_exact(&mut b).await.unwrap();
     assert_eq!(&b, b"x");
 }
+
+/// What `ss -o` shows as `timer:(keepalive,…)`: the kernel's timer for the IPv4 TCP socket
+/// `local` → `remote` is the keepalive timer (`tr` 2 in /proc/net/tcp).
+fn keepalive_timer_running(local: std::net::SocketAddr, remote: std::net::SocketAddr) -> bool {
+    let hex = |a: std::net::SocketAddr| match a {
+        std::net::SocketAddr::V4(a) => {
+            format!(
+                "{:08X}:{:04X}",
+                u32::from_ne_bytes(a.ip().octets()),
+                a.port()
+            )
+        }
+        std::net::SocketAddr::V6(_) => unreachable!("the test uses 127.0.0.1"),
+    };
+    let (local, remote) = (hex(local), hex(remote));
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    table.lines().skip(1).any(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        f.len() > 5 && f[1] == local && f[2] == remote && f[5].starts_with("02:")
+    })
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn both_sides_of_a_quiet_connection_get_tcp_keepalive() {
+    let pki = pki();
+    let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend_addr = backend.local_addr().unwrap();
+    let mut cfg = passthrough_config("ka", vec![service(SGLANG, 8000, &[(backend_addr, &[])])]);
+    cfg.upstream.tcp_keepalive = Duration::from_secs(1);
+    let proxy = Proxy::start(cfg).await.unwrap();
+    let gw = proxy.listener_addr("ka").unwrap();
+    let mut client = TcpStream::connect(gw).await.unwrap();
+    client
+        .write_all(&client_hello_bytes(
+            &pki.client,
+            &istio_sni(8000, "", SGLANG),
+        ))
+        .await
+        .unwrap();
+    let (_upstream, gateway_side) = backend.accept().await.unwrap();
+    // Nothing moves from now on; within the keepalive time both of the gateway's sockets must
+    // be probing their peers.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let downstream = (gw, client.local_addr().unwrap());
+    let upstream = (gateway_side, backend_addr);
+    while !(keepalive_timer_running(downstream.0, downstream.1)
+        && keepalive_timer_running(upstream.0, upstream.1))
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no keepalive timer on the gateway's sockets (downstream {}, upstream {})",
+            keepalive_timer_running(downstream.0, downstream.1),
+            keepalive_timer_running(upstream.0, upstream.1)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
