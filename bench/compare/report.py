@@ -149,7 +149,57 @@ def main():
             f"| {t} | {n} | {rng('ka')} | {rng('cps')} | {rng('mbps')} | {rng('p99')} "
             f"| {rng('us_req', 1)} | {rng('us_conn', 1)} | {rng('us_mb', 1)} |"
         )
+    out.extend(paired(by, targets))
     print("\n".join(out))
+
+
+# Figure, label, and whether higher is better.
+PAIRED = [
+    ("ka", "keep-alive req/s", True),
+    ("cps", "new TLS conn/s", True),
+    ("mbps", "bulk MB/s", True),
+    ("p50", "p50 µs", False),
+    ("p99", "p99 µs", False),
+    ("us_req", "CPU µs/req", False),
+    ("us_conn", "CPU µs/conn", False),
+    ("us_mb", "CPU µs/MB", False),
+]
+
+
+def paired(by, targets, subject="eastwest"):
+    """Per figure, eastwest against each peer round by round (the rounds interleave the targets,
+    so a round's figures share the machine's load of the moment): the median of the per-round
+    ratios, and in how many rounds eastwest was at least as good."""
+    peers = [t for t in targets if t not in ("direct", subject)]
+    if subject not in by or not peers:
+        return []
+    mine = {r: round_figures(p) for r, p in by[subject].items()}
+    out = [
+        "",
+        f"Paired by round: {subject} ÷ peer, median of the per-round ratios (> 1 is better for "
+        "throughput, < 1 for latency and CPU), and the rounds where "
+        f"{subject} was at least as good:",
+        "",
+        "| | " + " | ".join(label for _, label, _ in PAIRED) + " |",
+        "|---|" + "---:|" * len(PAIRED),
+    ]
+    for peer in peers:
+        theirs = {r: round_figures(p) for r, p in by[peer].items()}
+        cells = []
+        for key, _, higher in PAIRED:
+            pairs = [
+                (mine[r][key], theirs[r][key])
+                for r in mine
+                if r in theirs and mine[r][key] and theirs[r][key]
+            ]
+            if not pairs:
+                cells.append("—")
+                continue
+            ratio = statistics.median(a / b for a, b in pairs)
+            wins = sum(1 for a, b in pairs if (a >= b if higher else a <= b))
+            cells.append(f"{ratio:.3f} ({wins}/{len(pairs)})")
+        out.append(f"| vs {peer} | " + " | ".join(cells) + " |")
+    return out
 
 
 if __name__ == "__main__":
