@@ -9,6 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use crate::balance::ActiveGuard;
 use crate::client_hello::{self, HelloError, Parse, MAX_HELLO_BYTES};
 use crate::connect::connect;
 use crate::copy::{relay, CopyEnd};
@@ -18,8 +19,7 @@ use crate::metrics::Outcome;
 use crate::routing::{RouteMiss, Routing, UpstreamSet};
 use crate::Shared;
 
-/// What the hello said, kept for logs and metrics.
-#[derive(Default)]
+/// What the hello said, kept for the access log.
 struct HelloSummary {
     sni: Option<String>,
     alpn: Option<String>,
@@ -29,7 +29,8 @@ struct HelloSummary {
 struct Report<'a> {
     listener: &'a str,
     peer: SocketAddr,
-    hello: HelloSummary,
+    /// Only with the access log on.
+    hello: Option<Box<HelloSummary>>,
     route: Option<Arc<str>>,
     endpoint: Option<SocketAddr>,
     to_upstream: u64,
@@ -62,11 +63,10 @@ pub(crate) async fn serve(
     peer: SocketAddr,
 ) {
     let started = Instant::now();
-    let listener = &routing.config.listeners[listener];
     let mut report = Report {
         listener: &stats.name,
         peer,
-        hello: HelloSummary::default(),
+        hello: None,
         route: None,
         endpoint: None,
         to_upstream: 0,
@@ -76,81 +76,33 @@ pub(crate) async fn serve(
         closed_routed: None,
         access_log: routing.config.access_log,
     };
-
-    // 1. The ClientHello, within the listener's timeout.
-    let mut buf = Vec::with_capacity(4096);
-    let hello = match read_hello(&mut downstream, &mut buf, listener.hello_timeout).await {
-        Ok(()) => client_hello::parse(&buf),
-        Err(outcome) => {
-            report.outcome = outcome;
-            return finish(&stats, report, started);
-        }
+    // 1–3 in a function of their own: what they need (the hello buffer, the parse, the connect
+    // future) is gone before the relay, which is what an idle connection holds for hours.
+    let Some(opened) = open(
+        &stats,
+        &routing,
+        listener,
+        &mut downstream,
+        &mut report,
+        started,
+    )
+    .await
+    else {
+        return finish(&stats, report, started);
     };
-    let hello = match hello {
-        Ok(Parse::Done(info)) => info,
-        Ok(Parse::NeedMore) | Err(_) => {
-            report.detail = match hello {
-                Err(e) => e.to_string(),
-                _ => "incomplete ClientHello".into(),
-            };
-            return finish(&stats, report, started);
-        }
-    };
-    stats.hello_duration.record(started.elapsed().as_secs_f64());
-    let ch = hello.client_hello();
-    // Copied out only for the access log: two allocations per connection otherwise wasted.
-    if report.access_log {
-        report.hello = HelloSummary {
-            sni: ch.sni.map(str::to_string),
-            alpn: ch
-                .alpn_protocols()
-                .next()
-                .map(|p| String::from_utf8_lossy(p).into_owned()),
-        };
-    }
-
-    // 2. The route.
-    let set = match route(&routing, listener, ch.sni) {
-        Ok(set) => set,
-        Err((outcome, detail)) => {
-            report.outcome = outcome;
-            report.detail = detail;
-            return finish(&stats, report, started);
-        }
-    };
-    report.route = Some(set.route.clone());
-    drop(hello);
-
-    // 3. An upstream that accepts.
-    let connect_started = Instant::now();
-    let connected = match connect(&set, &routing.config.upstream).await {
-        Ok(c) => c,
-        Err(err) => {
-            report.outcome = Outcome::UpstreamFailed;
-            report.detail = err.to_string();
-            return finish(&stats, report, started);
-        }
-    };
-    let route_metrics = set.metrics();
-    route_metrics
-        .connect_duration
-        .record(connect_started.elapsed().as_secs_f64());
-    report.endpoint = Some(connected.peer);
-    let mut upstream = connected.stream;
+    let Opened {
+        mut upstream,
+        guard,
+        set,
+        hello_len,
+    } = opened;
     let idle = routing.config.upstream.idle_timeout;
     let keepalive = routing.config.upstream.tcp_keepalive;
     // The snapshot is not needed any more; don't pin old configs for the connection's life.
     drop(routing);
 
-    // 4. The bytes: first the hello we consumed, then everything else both ways.
-    if let Err(err) = upstream.write_all(&buf).await {
-        report.outcome = Outcome::UpstreamFailed;
-        report.detail = format!("writing ClientHello upstream: {err}");
-        return finish(&stats, report, started);
-    }
-    route_metrics.bytes_to_upstream.increment(buf.len() as u64);
-    let hello_len = buf.len() as u64;
-    drop(buf);
+    // 4. Everything after the hello, both ways.
+    let route_metrics = set.metrics();
     let result = relay(
         &mut downstream,
         &mut upstream,
@@ -163,7 +115,7 @@ pub(crate) async fn serve(
         shared.hard_stop.cancelled(),
     )
     .await;
-    drop(connected.guard);
+    drop(guard);
     report.outcome = Outcome::Routed;
     report.closed_routed = Some(route_metrics.closed_routed(&set.route, &stats.name));
     report.to_upstream = hello_len + result.to_upstream;
@@ -178,6 +130,97 @@ pub(crate) async fn serve(
         .connection_duration
         .record(started.elapsed().as_secs_f64());
     finish(&stats, report, started)
+}
+
+/// A connection whose upstream is connected and has been sent the ClientHello.
+struct Opened {
+    upstream: TcpStream,
+    /// Keeps the connection counted against its upstream endpoint.
+    guard: ActiveGuard,
+    set: Arc<UpstreamSet>,
+    hello_len: u64,
+}
+
+/// Reads the ClientHello, routes it, connects upstream and sends the hello there (steps 1–3).
+/// `None` when the connection ends here, with the reason in `report`.
+async fn open(
+    stats: &ListenerStats,
+    routing: &Routing,
+    listener: usize,
+    downstream: &mut TcpStream,
+    report: &mut Report<'_>,
+    started: Instant,
+) -> Option<Opened> {
+    let listener = &routing.config.listeners[listener];
+    // 1. The ClientHello, within the listener's timeout.
+    let mut buf = Vec::with_capacity(4096);
+    if let Err(outcome) = read_hello(downstream, &mut buf, listener.hello_timeout).await {
+        report.outcome = outcome;
+        return None;
+    }
+    let hello = match client_hello::parse(&buf) {
+        Ok(Parse::Done(info)) => info,
+        Ok(Parse::NeedMore) => {
+            report.detail = "incomplete ClientHello".into();
+            return None;
+        }
+        Err(e) => {
+            report.detail = e.to_string();
+            return None;
+        }
+    };
+    stats.hello_duration.record(started.elapsed().as_secs_f64());
+    let ch = hello.client_hello();
+    // Copied out only for the access log: two allocations per connection otherwise wasted.
+    if report.access_log {
+        report.hello = Some(Box::new(HelloSummary {
+            sni: ch.sni.map(str::to_string),
+            alpn: ch
+                .alpn_protocols()
+                .next()
+                .map(|p| String::from_utf8_lossy(p).into_owned()),
+        }));
+    }
+
+    // 2. The route.
+    let set = match route(routing, listener, ch.sni) {
+        Ok(set) => set,
+        Err((outcome, detail)) => {
+            report.outcome = outcome;
+            report.detail = detail;
+            return None;
+        }
+    };
+    report.route = Some(set.route.clone());
+
+    // 3. An upstream that accepts, and the hello we consumed.
+    let connect_started = Instant::now();
+    let connected = match connect(&set, &routing.config.upstream).await {
+        Ok(c) => c,
+        Err(err) => {
+            report.outcome = Outcome::UpstreamFailed;
+            report.detail = err.to_string();
+            return None;
+        }
+    };
+    let route_metrics = set.metrics();
+    route_metrics
+        .connect_duration
+        .record(connect_started.elapsed().as_secs_f64());
+    report.endpoint = Some(connected.peer);
+    let mut upstream = connected.stream;
+    if let Err(err) = upstream.write_all(&buf).await {
+        report.outcome = Outcome::UpstreamFailed;
+        report.detail = format!("writing ClientHello upstream: {err}");
+        return None;
+    }
+    route_metrics.bytes_to_upstream.increment(buf.len() as u64);
+    Some(Opened {
+        upstream,
+        guard: connected.guard,
+        hello_len: buf.len() as u64,
+        set,
+    })
 }
 
 /// Reads until `buf` holds a whole ClientHello (or a verdict that it never will).
@@ -254,8 +297,8 @@ fn finish(stats: &ListenerStats, report: Report<'_>, started: Instant) {
             target: "eastwest::access",
             listener = report.listener,
             peer = %report.peer,
-            sni = report.hello.sni.as_deref().unwrap_or("-"),
-            alpn = report.hello.alpn.as_deref().unwrap_or("-"),
+            sni = report.hello.as_ref().and_then(|h| h.sni.as_deref()).unwrap_or("-"),
+            alpn = report.hello.as_ref().and_then(|h| h.alpn.as_deref()).unwrap_or("-"),
             route = if route.is_empty() { "-" } else { route },
             endpoint = %report.endpoint.map(|e| e.to_string()).unwrap_or_else(|| "-".into()),
             bytes_to_upstream = report.to_upstream,

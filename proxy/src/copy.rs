@@ -73,7 +73,9 @@ pub async fn relay(
     let received = AtomicU64::new(0);
     let (mut dr, mut dw) = downstream.split();
     let (mut ur, mut uw) = upstream.split();
-    let both = async {
+    // Pinned in place, and polled through references: moving them into select! would keep a
+    // second copy of each in this future (every idle connection holds one).
+    let both = std::pin::pin!(async {
         // try_join: an error on either side ends both; a clean EOF waits for the other side.
         tokio::try_join!(
             pump(
@@ -93,13 +95,15 @@ pub async fn relay(
                 &one_side_done
             ),
         )
-    };
+    });
+    let idle = std::pin::pin!(activity.idle_for(idle, Some((upstream_keepalive, arm_keepalive))));
+    let cancel = std::pin::pin!(cancel);
     let end = tokio::select! {
         res = both => match res {
             Ok(_) => CopyEnd::Closed,
             Err(err) => CopyEnd::Error(err),
         },
-        _ = activity.idle_for(idle, Some((upstream_keepalive, arm_keepalive))) => CopyEnd::Idle,
+        _ = idle => CopyEnd::Idle,
         _ = cancel => CopyEnd::Cancelled,
     };
     CopyResult {
@@ -143,8 +147,10 @@ async fn pump(
     let mut moved: u64 = 0;
     loop {
         if buf.is_none() {
-            // Hold no buffer while the connection is quiet.
-            reader.readable().await?;
+            // Hold no buffer while the connection is quiet. (poll_read_ready keeps the waker in
+            // the socket's own slot; `readable()` would keep a 168-byte waiter in this future,
+            // for every idle connection.)
+            std::future::poll_fn(|cx| reader.as_ref().poll_read_ready(cx)).await?;
         }
         let b = buf.get_or_insert_with(take);
         // AsyncRead (not try_read): a short read clears tokio's readiness, so the next
