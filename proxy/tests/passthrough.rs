@@ -364,9 +364,10 @@ async fn connections_over_the_limit_are_refused_and_counted() {
     assert_eq!(&b, b"x");
 }
 
-/// What `ss -o` shows as `timer:(keepalive,…)`: the kernel's timer for the IPv4 TCP socket
-/// `local` → `remote` is the keepalive timer (`tr` 2 in /proc/net/tcp).
-fn keepalive_timer_running(local: std::net::SocketAddr, remote: std::net::SocketAddr) -> bool {
+/// What `ss -o` shows as `timer:(keepalive,…)` for the IPv4 TCP socket `local` → `remote`:
+/// the time until its next keepalive probe, if the keepalive timer runs (`tr` 2 in
+/// /proc/net/tcp, `tm->when` in clock ticks of 1/100 s).
+fn keepalive_timer(local: std::net::SocketAddr, remote: std::net::SocketAddr) -> Option<Duration> {
     let hex = |a: std::net::SocketAddr| match a {
         std::net::SocketAddr::V4(a) => {
             format!(
@@ -379,22 +380,29 @@ fn keepalive_timer_running(local: std::net::SocketAddr, remote: std::net::Socket
     };
     let (local, remote) = (hex(local), hex(remote));
     let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
-    table.lines().skip(1).any(|line| {
+    table.lines().skip(1).find_map(|line| {
         let f: Vec<&str> = line.split_whitespace().collect();
-        f.len() > 5 && f[1] == local && f[2] == remote && f[5].starts_with("02:")
+        if f.len() <= 5 || f[1] != local || f[2] != remote {
+            return None;
+        }
+        let ticks = f[5].strip_prefix("02:")?;
+        Some(Duration::from_millis(
+            10 * u64::from_str_radix(ticks, 16).ok()?,
+        ))
     })
 }
 
-#[cfg(target_os = "linux")]
-#[tokio::test]
-async fn both_sides_of_a_quiet_connection_get_tcp_keepalive() {
+fn keepalive_timer_running(local: std::net::SocketAddr, remote: std::net::SocketAddr) -> bool {
+    keepalive_timer(local, remote).is_some()
+}
+
+/// A client through the gateway `gw` to the raw `backend`, its hello sent; returns the client
+/// and the gateway's side of the upstream connection, as the backend accepted it.
+async fn relayed_connection(
+    gw: std::net::SocketAddr,
+    backend: &tokio::net::TcpListener,
+) -> (TcpStream, TcpStream, std::net::SocketAddr) {
     let pki = pki();
-    let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let backend_addr = backend.local_addr().unwrap();
-    let mut cfg = passthrough_config("ka", vec![service(SGLANG, 8000, &[(backend_addr, &[])])]);
-    cfg.upstream.tcp_keepalive = Duration::from_secs(1);
-    let proxy = Proxy::start(cfg).await.unwrap();
-    let gw = proxy.listener_addr("ka").unwrap();
     let mut client = TcpStream::connect(gw).await.unwrap();
     client
         .write_all(&client_hello_bytes(
@@ -403,7 +411,48 @@ async fn both_sides_of_a_quiet_connection_get_tcp_keepalive() {
         ))
         .await
         .unwrap();
-    let (_upstream, gateway_side) = backend.accept().await.unwrap();
+    let (upstream, gateway_side) = backend.accept().await.unwrap();
+    (client, upstream, gateway_side)
+}
+
+/// A reload that changes `tcp_keepalive` reaches connections accepted afterwards on a listener
+/// that keeps running (accepted sockets copy the listening socket's settings).
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn a_reloaded_tcp_keepalive_reaches_new_connections() {
+    let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend_addr = backend.local_addr().unwrap();
+    let mut cfg = passthrough_config("ka", vec![service(SGLANG, 8000, &[(backend_addr, &[])])]);
+    cfg.upstream.tcp_keepalive = Duration::from_secs(3600);
+    let proxy = Proxy::start(cfg.clone()).await.unwrap();
+    let gw = proxy.listener_addr("ka").unwrap();
+    let (old, _old_upstream, _) = relayed_connection(gw, &backend).await;
+    cfg.upstream.tcp_keepalive = Duration::from_secs(5);
+    proxy.apply_config(cfg).await.unwrap();
+    let (new, _new_upstream, _) = relayed_connection(gw, &backend).await;
+    let probe_in = |c: &TcpStream| keepalive_timer(gw, c.local_addr().unwrap()).unwrap();
+    assert!(
+        probe_in(&new) <= Duration::from_secs(5),
+        "new: {:?}",
+        probe_in(&new)
+    );
+    assert!(
+        probe_in(&old) > Duration::from_secs(600),
+        "old: {:?}",
+        probe_in(&old)
+    );
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn both_sides_of_a_quiet_connection_get_tcp_keepalive() {
+    let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend_addr = backend.local_addr().unwrap();
+    let mut cfg = passthrough_config("ka", vec![service(SGLANG, 8000, &[(backend_addr, &[])])]);
+    cfg.upstream.tcp_keepalive = Duration::from_secs(1);
+    let proxy = Proxy::start(cfg).await.unwrap();
+    let gw = proxy.listener_addr("ka").unwrap();
+    let (client, _upstream, gateway_side) = relayed_connection(gw, &backend).await;
     // Nothing moves from now on; within the keepalive time both of the gateway's sockets must
     // be probing their peers.
     let deadline = tokio::time::Instant::now() + DEADLINE;
