@@ -415,17 +415,31 @@ async fn relayed_connection(
     (client, upstream, gateway_side)
 }
 
+/// A gateway with `tcp_keepalive` routing SGLANG:8000 to a raw backend that says nothing; also
+/// its config, for reloads.
+async fn keepalive_gateway(
+    tcp_keepalive: Duration,
+) -> (
+    tokio::net::TcpListener,
+    eastwest_routes::ProxyConfig,
+    Proxy,
+    std::net::SocketAddr,
+) {
+    let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend_addr = backend.local_addr().unwrap();
+    let mut cfg = passthrough_config("ka", vec![service(SGLANG, 8000, &[(backend_addr, &[])])]);
+    cfg.upstream.tcp_keepalive = tcp_keepalive;
+    let proxy = Proxy::start(cfg.clone()).await.unwrap();
+    let gw = proxy.listener_addr("ka").unwrap();
+    (backend, cfg, proxy, gw)
+}
+
 /// A reload that changes `tcp_keepalive` reaches connections accepted afterwards on a listener
 /// that keeps running (accepted sockets copy the listening socket's settings).
 #[cfg(target_os = "linux")]
 #[tokio::test]
 async fn a_reloaded_tcp_keepalive_reaches_new_connections() {
-    let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let backend_addr = backend.local_addr().unwrap();
-    let mut cfg = passthrough_config("ka", vec![service(SGLANG, 8000, &[(backend_addr, &[])])]);
-    cfg.upstream.tcp_keepalive = Duration::from_secs(3600);
-    let proxy = Proxy::start(cfg.clone()).await.unwrap();
-    let gw = proxy.listener_addr("ka").unwrap();
+    let (backend, mut cfg, proxy, gw) = keepalive_gateway(Duration::from_secs(3600)).await;
     let (old, _old_upstream, _) = relayed_connection(gw, &backend).await;
     cfg.upstream.tcp_keepalive = Duration::from_secs(5);
     proxy.apply_config(cfg).await.unwrap();
@@ -446,12 +460,8 @@ async fn a_reloaded_tcp_keepalive_reaches_new_connections() {
 #[cfg(target_os = "linux")]
 #[tokio::test]
 async fn both_sides_of_a_quiet_connection_get_tcp_keepalive() {
-    let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (backend, _cfg, _proxy, gw) = keepalive_gateway(Duration::from_secs(1)).await;
     let backend_addr = backend.local_addr().unwrap();
-    let mut cfg = passthrough_config("ka", vec![service(SGLANG, 8000, &[(backend_addr, &[])])]);
-    cfg.upstream.tcp_keepalive = Duration::from_secs(1);
-    let proxy = Proxy::start(cfg).await.unwrap();
-    let gw = proxy.listener_addr("ka").unwrap();
     let (client, _upstream, gateway_side) = relayed_connection(gw, &backend).await;
     // Nothing moves from now on; within the keepalive time both of the gateway's sockets must
     // be probing their peers.
