@@ -7,10 +7,9 @@
 //! other direction keeps flowing.
 
 use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
-
-use std::os::fd::{AsRawFd, BorrowedFd};
 
 use metrics::Counter;
 use socket2::SockRef;
@@ -73,9 +72,7 @@ pub async fn relay(
     let received = AtomicU64::new(0);
     let (mut dr, mut dw) = downstream.split();
     let (mut ur, mut uw) = upstream.split();
-    // Pinned in place, and polled through references: moving them into select! would keep a
-    // second copy of each in this future (every idle connection holds one).
-    let both = std::pin::pin!(async {
+    let both = async {
         // try_join: an error on either side ends both; a clean EOF waits for the other side.
         tokio::try_join!(
             pump(
@@ -95,15 +92,13 @@ pub async fn relay(
                 &one_side_done
             ),
         )
-    });
-    let idle = std::pin::pin!(activity.idle_for(idle, Some((upstream_keepalive, arm_keepalive))));
-    let cancel = std::pin::pin!(cancel);
+    };
     let end = tokio::select! {
         res = both => match res {
             Ok(_) => CopyEnd::Closed,
             Err(err) => CopyEnd::Error(err),
         },
-        _ = idle => CopyEnd::Idle,
+        _ = activity.idle_for(idle, Some((upstream_keepalive, arm_keepalive))) => CopyEnd::Idle,
         _ = cancel => CopyEnd::Cancelled,
     };
     CopyResult {
