@@ -118,26 +118,20 @@ impl RouteDelta {
             &sorted
         };
 
-        let mut services = self.services.clone();
-        services.sort_by(|a, b| a.hostname.cmp(&b.hostname));
-        let mut touched: Vec<&str> = services.iter().map(|s| s.hostname.as_str()).collect();
-        touched.extend(self.removed_services.iter().map(String::as_str));
-        touched.sort_unstable();
-        touched.dedup();
-
-        let mut remote = self.remote_services.clone();
-        remote.sort_by(|a, b| a.hostname.cmp(&b.hostname));
-        let mut remote_touched: Vec<&str> = remote.iter().map(|r| r.hostname.as_str()).collect();
-        remote_touched.extend(self.removed_remote_services.iter().map(String::as_str));
-        remote_touched.sort_unstable();
-        remote_touched.dedup();
-
         Ok(RouteTable {
             version: self.version,
-            services: merge(&base.services, &touched, &services, |s| &s.hostname),
-            remote_services: merge(&base.remote_services, &remote_touched, &remote, |r| {
-                &r.hostname
-            }),
+            services: replace(
+                &base.services,
+                &self.services,
+                &self.removed_services,
+                |s| &s.hostname,
+            ),
+            remote_services: replace(
+                &base.remote_services,
+                &self.remote_services,
+                &self.removed_remote_services,
+                |r| &r.hostname,
+            ),
             network_gateways: self
                 .network_gateways
                 .clone()
@@ -163,6 +157,23 @@ fn check_removed(at: &str, removed: &[String], changed: &HashSet<&str>, errors: 
         };
         errors.push(Invalid::new(format!("{at}[{i}]"), why));
     }
+}
+
+/// `base` (sorted by key) with `changed` entries put in place of those with their key, and
+/// `removed` keys left out; sorted by key.
+fn replace<T>(
+    base: &[Arc<T>],
+    changed: &[Arc<T>],
+    removed: &[String],
+    key: impl Fn(&T) -> &str,
+) -> Vec<Arc<T>> {
+    let mut changed = changed.to_vec();
+    changed.sort_by(|a, b| key(a).cmp(key(b)));
+    let mut touched: Vec<&str> = changed.iter().map(|c| key(c)).collect();
+    touched.extend(removed.iter().map(String::as_str));
+    touched.sort_unstable();
+    touched.dedup();
+    merge(base, &touched, &changed, key)
 }
 
 /// `base` without the entries whose key is in `touched`, merged with `added`; all three sorted
