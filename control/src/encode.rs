@@ -105,12 +105,8 @@ pub fn delta_line(
     line.extend_from_slice(b"],\"removed_services\":[");
     let removed = current
         .iter()
-        .filter(|(_, f)| f.is_none_or(|f| f.service.is_none()))
-        .map(|(h, _)| quoted(h));
-    join(
-        &mut line,
-        removed.collect::<Vec<_>>().iter().map(Vec::as_slice),
-    );
+        .filter(|(_, f)| f.is_none_or(|f| f.service.is_none()));
+    join_quoted(&mut line, removed.map(|(h, _)| *h));
     line.extend_from_slice(b"],\"remote_services\":[");
     let remote = current
         .iter()
@@ -119,12 +115,8 @@ pub fn delta_line(
     line.extend_from_slice(b"],\"removed_remote_services\":[");
     let removed = current
         .iter()
-        .filter(|(_, f)| f.is_none_or(|f| f.remote.is_empty()))
-        .map(|(h, _)| quoted(h));
-    join(
-        &mut line,
-        removed.collect::<Vec<_>>().iter().map(Vec::as_slice),
-    );
+        .filter(|(_, f)| f.is_none_or(|f| f.remote.is_empty()));
+    join_quoted(&mut line, removed.map(|(h, _)| *h));
     line.push(b']');
     if gateways_changed {
         line.extend_from_slice(b",\"network_gateways\":");
@@ -134,8 +126,12 @@ pub fn delta_line(
     line
 }
 
-fn quoted(s: &str) -> Vec<u8> {
-    serde_json::to_vec(s).unwrap_or_else(|_| b"\"\"".to_vec())
+/// `names` as JSON strings, comma-separated.
+fn join_quoted<'a>(out: &mut Vec<u8>, names: impl Iterator<Item = &'a str>) {
+    join_with(out, names, |out, name| {
+        // Writing a str into a Vec cannot fail.
+        let _ = serde_json::to_writer(out, name);
+    });
 }
 
 fn gateways(line: &mut Vec<u8>, gateways: &[NetworkGateway]) {
@@ -149,10 +145,18 @@ fn gateways(line: &mut Vec<u8>, gateways: &[NetworkGateway]) {
 }
 
 fn join<'a>(out: &mut Vec<u8>, parts: impl Iterator<Item = &'a [u8]>) {
-    for (i, part) in parts.enumerate() {
+    join_with(out, parts, |out, part| out.extend_from_slice(part));
+}
+
+fn join_with<T>(
+    out: &mut Vec<u8>,
+    items: impl Iterator<Item = T>,
+    mut write: impl FnMut(&mut Vec<u8>, T),
+) {
+    for (i, item) in items.enumerate() {
         if i > 0 {
             out.push(b',');
         }
-        out.extend_from_slice(part);
+        write(out, item);
     }
 }
