@@ -256,13 +256,11 @@ async fn proxy_role(routes: &str) -> anyhow::Result<()> {
     let proxy = Arc::new(eastwest_proxy::Proxy::start(cfg).await?);
     let applier = proxy.clone();
     tokio::spawn(control_client::run(
-        control_client::ControlClientConfig {
-            url: format!("http://{routes}"),
-            cluster: "fra".into(),
-            network: "network1".into(),
-            tls: None,
-            route_cache: None,
-        },
+        control_client::ControlClientConfig::plain_text(
+            format!("http://{routes}"),
+            "fra",
+            "network1",
+        ),
         move |table| {
             let version = table.version;
             let probe: Vec<String> = table

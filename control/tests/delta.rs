@@ -49,13 +49,11 @@ async fn subscribed_proxy(control: &Control) -> Proxy {
     let proxy = Proxy::start(cfg).await.unwrap();
     let applier = proxy.clone();
     tokio::spawn(control_client::run(
-        control_client::ControlClientConfig {
-            url: format!("http://{}", control.routes_addr()),
-            cluster: "fra".into(),
-            network: "network1".into(),
-            tls: None,
-            route_cache: None,
-        },
+        control_client::ControlClientConfig::plain_text(
+            format!("http://{}", control.routes_addr()),
+            "fra",
+            "network1",
+        ),
         move |t| applier.apply_routes(t),
     ));
     proxy

@@ -143,11 +143,12 @@ async fn remote_endpoint_change_reaches_the_proxy_without_breaking_connections()
     let applier = proxy.clone();
     let client = tokio::spawn(control_client::run(
         control_client::ControlClientConfig {
-            url: format!("http://{}", control.routes_addr()),
-            cluster: "ash".into(),
-            network: "network2".into(),
-            tls: None,
             route_cache: Some(dir.path().join("routes-cache.json")),
+            ..control_client::ControlClientConfig::plain_text(
+                format!("http://{}", control.routes_addr()),
+                "ash",
+                "network2",
+            )
         },
         move |table| applier.apply_routes(table),
     ));

@@ -75,11 +75,8 @@ fn subscribe(
 
 fn plain(url: String, cache: Option<std::path::PathBuf>) -> ControlClientConfig {
     ControlClientConfig {
-        url,
-        cluster: "fra".into(),
-        network: "network1".into(),
-        tls: None,
         route_cache: cache,
+        ..ControlClientConfig::plain_text(url, "fra", "network1")
     }
 }
 

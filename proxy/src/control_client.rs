@@ -51,6 +51,19 @@ pub struct ControlClientConfig {
     pub route_cache: Option<PathBuf>,
 }
 
+impl ControlClientConfig {
+    /// A plain-text subscription (`http://` on loopback) without a route cache.
+    pub fn plain_text(url: String, cluster: &str, network: &str) -> Self {
+        ControlClientConfig {
+            url,
+            cluster: cluster.into(),
+            network: network.into(),
+            tls: None,
+            route_cache: None,
+        }
+    }
+}
+
 /// Loads the cached table at startup: `None` if the file does not exist, an error naming the
 /// file (and line/column) if it is unreadable or corrupt.
 pub fn load_route_cache(path: &Path) -> anyhow::Result<Option<RouteTable>> {

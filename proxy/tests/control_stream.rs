@@ -83,13 +83,11 @@ async fn subscribed_proxy(control: SocketAddr) -> Proxy {
         .unwrap();
     let applier = proxy.clone();
     tokio::spawn(control_client::run(
-        control_client::ControlClientConfig {
-            url: format!("http://{control}"),
-            cluster: "fra".into(),
-            network: "network1".into(),
-            tls: None,
-            route_cache: None,
-        },
+        control_client::ControlClientConfig::plain_text(
+            format!("http://{control}"),
+            "fra",
+            "network1",
+        ),
         move |t| applier.apply_routes(t),
     ));
     proxy
@@ -162,6 +160,20 @@ async fn wait_version(proxy: &Proxy, version: u64) {
     }
 }
 
+/// The proxy's first subscription, answered with a full table at `version` that routes SGLANG
+/// to `backend`; returns once the proxy has applied it.
+async fn first_table(
+    proxy: &Proxy,
+    subs: &mut mpsc::UnboundedReceiver<Subscription>,
+    version: u64,
+    backend: SocketAddr,
+) -> Subscription {
+    let sub = next_subscription(subs).await;
+    sub.lines.send(full(version, sglang_on(backend))).unwrap();
+    wait_version(proxy, version).await;
+    sub
+}
+
 /// Which backend a new connection to SGLANG reaches.
 async fn routed_to(proxy: &Proxy, pki: &Pki) -> String {
     let gw = proxy.listener_addr("gw").unwrap();
@@ -181,9 +193,7 @@ async fn deltas_apply_on_the_full_table_and_a_wrong_base_resyncs() {
         proxy,
         mut subs,
     } = setup().await;
-    let sub = next_subscription(&mut subs).await;
-    sub.lines.send(full(10, sglang_on(one))).unwrap();
-    wait_version(&proxy, 10).await;
+    let sub = first_table(&proxy, &mut subs, 10, one).await;
     assert_eq!(routed_to(&proxy, &pki).await, "one");
 
     // A changed service and an added one.
@@ -241,9 +251,7 @@ async fn an_invalid_delta_is_refused_counted_and_the_old_routes_keep_working() {
         proxy,
         mut subs,
     } = setup().await;
-    let sub = next_subscription(&mut subs).await;
-    sub.lines.send(full(1, sglang_on(one))).unwrap();
-    wait_version(&proxy, 1).await;
+    let sub = first_table(&proxy, &mut subs, 1, one).await;
     let rejected = metric(&proxy, REJECTED).await;
 
     // The same endpoint twice: the delta fails validation.
@@ -285,9 +293,7 @@ async fn a_delta_making_a_duplicate_hostname_is_refused_and_the_stream_goes_on()
         proxy,
         mut subs,
     } = setup().await;
-    let sub = next_subscription(&mut subs).await;
-    sub.lines.send(full(1, sglang_on(one))).unwrap();
-    wait_version(&proxy, 1).await;
+    let sub = first_table(&proxy, &mut subs, 1, one).await;
     let shouting = SGLANG.to_uppercase();
     sub.lines
         .send(delta(
