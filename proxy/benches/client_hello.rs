@@ -6,7 +6,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use eastwest_proxy::client_hello::{parse, Parse};
 use rustls::pki_types::ServerName;
 
-#[path = "../tests/support/hello.rs"]
+#[path = "../tests/integration/support/hello.rs"]
 mod hello;
 
 fn hello_512() -> Vec<u8> {

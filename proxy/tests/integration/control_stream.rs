@@ -3,20 +3,18 @@
 //! the full table; a delta for another version, or one failing validation, is refused and
 //! counted, the routes in force keep working, and the proxy resubscribes for a full table.
 
-mod support;
-
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use crate::support::*;
 use bytes::Bytes;
 use eastwest_proxy::{control_client, Proxy};
 use eastwest_routes::{RouteDelta, RouteTable, RouteUpdate, Service};
 use hyper::body::Frame;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use support::*;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 

@@ -2,20 +2,18 @@
 //! (proxy/src/control_client.rs): versions, refused tables, the route cache, control restarts,
 //! mTLS.
 
-mod support;
-
 use eastwest_proxy::control_client;
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::apiserver::ApiServer;
+use crate::support::control::start_control;
+use crate::support::objects::*;
+use crate::support::{subscribe_h2c, wait_for};
 use control_client::{load_route_cache, ControlClientConfig};
 use eastwest_certs::{Mesh, PeerPolicy, SpiffeId};
 use eastwest_routes::RouteTable;
-use support::apiserver::ApiServer;
-use support::control::start_control;
-use support::objects::*;
-use support::{subscribe_h2c, wait_for};
 use tokio::sync::mpsc;
 
 const HELLO: &str = "helloworld.sample.svc.cluster.local";

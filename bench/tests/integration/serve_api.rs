@@ -1,13 +1,11 @@
 //! `serve` over real HTTP: the sglang SSE shape, non-streamed JSON, models, errors.
 
-mod serve_support;
-
 use std::net::SocketAddr;
 
+use crate::serve_support::*;
 use eastwest_bench::serve::{ModelServer, ServeConfig};
 use http::{Method, StatusCode};
 use serde_json::{json, Value};
-use serve_support::*;
 
 async fn start(cfg: ServeConfig) -> ModelServer {
     ModelServer::start(SocketAddr::from(([127, 0, 0, 1], 0)), cfg)

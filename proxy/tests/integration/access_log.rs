@@ -1,12 +1,10 @@
 //! The optional access log: one line per connection, as an operator greps it.
 
-mod support;
-
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
+use crate::support::*;
 use eastwest_proxy::Proxy;
-use support::*;
 use tracing_subscriber::util::SubscriberInitExt;
 
 /// Collects what the proxy logs (the test's runtime runs every proxy task on this thread, so

@@ -1,14 +1,12 @@
 //! Timing lower bounds (deterministic: a server can be late, never early): the first token
 //! comes no sooner than `ttft - jitter`, the last no sooner than that plus `(n-1) * itl`.
 
-mod serve_support;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::serve_support::*;
 use eastwest_bench::serve::{ModelServer, ServeConfig};
 use serde_json::json;
-use serve_support::*;
 use tokio::time::Instant;
 
 #[tokio::test]

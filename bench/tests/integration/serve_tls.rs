@@ -2,19 +2,17 @@
 //! as the CLI is (`--tls-cert/--tls-key/--tls-root --require-client-cert`), the way the
 //! sidecar-terminated sglang pod stands behind the gateway.
 
-mod serve_support;
-
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::serve_support::*;
 use clap::Parser;
 use eastwest_bench::serve::{self, ModelServer};
 use eastwest_certs::{Identity, Mesh, PeerPolicy, SpiffeId};
 use http::{Method, StatusCode};
 use rustls_pki_types::ServerName;
 use serde_json::json;
-use serve_support::*;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 

@@ -1,5 +1,4 @@
 //! Shared test helpers: the in-process Kubernetes API server, object builders, polling.
-#![allow(dead_code)]
 
 pub mod apiserver;
 pub mod control;

@@ -3,20 +3,18 @@
 //! (local services, remote services, gateways) ends with exactly the table a fresh subscription
 //! gets; streams without `&delta=1` still get whole tables.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::apiserver::ApiServer;
+use crate::support::control::start_control_with_remote;
+use crate::support::objects::*;
+use crate::support::{http_get, subscribe_h2c, wait_for};
 use bytes::{Bytes, BytesMut};
 use eastwest_control::Control;
 use eastwest_proxy::{control_client, Proxy};
 use eastwest_routes::{ListenerConfig, ListenerMode, ProxyConfig, RouteTable, RouteUpdate};
 use http_body_util::BodyExt;
-use support::apiserver::ApiServer;
-use support::control::start_control_with_remote;
-use support::objects::*;
-use support::{http_get, subscribe_h2c, wait_for};
 
 const HELLO: &str = "helloworld.sample.svc.cluster.local";
 const DETAILS: &str = "details.sample.svc.cluster.local";

@@ -1,10 +1,8 @@
 //! The ClientHello parser on what real clients send.
 
-mod support;
-
+use crate::support::hello::with_extension;
+use crate::support::*;
 use eastwest_proxy::client_hello::{parse, HelloError, Parse, MAX_HELLO_BYTES};
-use support::hello::with_extension;
-use support::*;
 
 fn done(bytes: &[u8]) -> (Option<String>, Vec<String>, bool) {
     match parse(bytes) {

@@ -1,13 +1,11 @@
 //! Remote clusters from `istio/multiCluster=true` secrets joining and leaving at runtime, and
 //! readiness that waits for every configured cluster.
 
-mod support;
-
+use crate::support::apiserver::ApiServer;
+use crate::support::control::start_control;
+use crate::support::objects::*;
+use crate::support::{http_get, wait_for};
 use eastwest_control::RemoteCluster;
-use support::apiserver::ApiServer;
-use support::control::start_control;
-use support::objects::*;
-use support::{http_get, wait_for};
 
 const RATINGS: &str = "ratings.sample.svc.cluster.local";
 

@@ -2,14 +2,12 @@
 //! until the first is served; with two slots they overlap. A client that leaves frees
 //! its slot.
 
-mod serve_support;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::serve_support::*;
 use eastwest_bench::serve::{ModelServer, ServeConfig};
 use serde_json::json;
-use serve_support::*;
 
 fn is_content(e: &Event) -> bool {
     e.data != "[DONE]"

@@ -1,5 +1,4 @@
 //! In-process helpers: TLS backends, Istio-like mTLS clients, admin scraping.
-#![allow(dead_code)]
 
 pub mod hello;
 
@@ -25,7 +24,6 @@ pub const ISTIO_ALPN: [&[u8]; 2] = [b"istio-peer-exchange", b"istio"];
 pub const DEADLINE: Duration = Duration::from_secs(10);
 
 pub struct Pki {
-    pub mesh: Mesh,
     pub client: Identity,
     pub server: Identity,
 }
@@ -38,11 +36,7 @@ pub fn pki() -> Pki {
     let server = mesh
         .workload("ash", &SpiffeId::workload(TD, "demo", "sglang"))
         .unwrap();
-    Pki {
-        mesh,
-        client,
-        server,
-    }
+    Pki { client, server }
 }
 
 /// An mTLS backend like a sidecar-fronted pod: requires a mesh client cert, answers each
@@ -270,10 +264,6 @@ pub async fn raw_backend(
         }
     });
     (addr, rx)
-}
-
-pub fn arc<T>(t: T) -> Arc<T> {
-    Arc::new(t)
 }
 
 /// Writes `parts` to the gateway, half-closes, and reads until the gateway closes: what a

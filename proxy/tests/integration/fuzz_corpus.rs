@@ -2,13 +2,11 @@
 //! stable Rust, so a once-found crash stays fixed. `--ignored regenerate_seeds` rewrites the
 //! generated seeds.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 
+use crate::support::*;
 use eastwest_proxy::client_hello::{self, Parse};
 use eastwest_proxy::istio_sni;
-use support::*;
 
 fn corpus(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))

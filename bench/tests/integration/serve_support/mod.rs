@@ -1,6 +1,5 @@
 //! A minimal HTTP client for the serve tests: real hyper over real sockets, reading SSE
 //! events as they arrive.
-#![allow(dead_code)]
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -1,17 +1,15 @@
 //! eastwest-control against in-process Kubernetes API servers: sync, endpoint changes, watch
 //! failures (cut streams, 410 Gone, server down), and the route tables that result.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::apiserver::ApiServer;
+use crate::support::control::start_control_with_remote;
+use crate::support::objects::*;
+use crate::support::{http_get, wait_for};
 use eastwest_control::Control;
 use eastwest_routes::RouteTable;
-use support::apiserver::ApiServer;
-use support::control::start_control_with_remote;
-use support::objects::*;
-use support::{http_get, wait_for};
 
 struct Fixture {
     fra: ApiServer,

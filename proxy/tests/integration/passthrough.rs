@@ -1,12 +1,10 @@
 //! End to end through a real eastwest-proxy: real sockets, real rustls on both ends.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use eastwest_proxy::Proxy;
 use eastwest_routes::{ListenerConfig, ListenerMode, SniPattern, SniRule, Subset};
-use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

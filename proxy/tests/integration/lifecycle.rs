@@ -1,11 +1,9 @@
 //! Reload, drain and metrics as an operator sees them.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use eastwest_proxy::Proxy;
-use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn echo_roundtrip(tls: &mut Tls, msg: &[u8]) {

@@ -3,22 +3,20 @@
 //! An EndpointSlice change in ash's API server moves new connections to the new endpoint while
 //! an established connection keeps flowing.
 
-mod support;
-
 use eastwest_proxy::control_client;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::apiserver::ApiServer;
+use crate::support::control::start_control;
+use crate::support::objects::*;
+use crate::support::{http_get, wait_for};
 use eastwest_certs::{Identity, Mesh, PeerPolicy, SpiffeId};
 use eastwest_proxy::Proxy;
 use eastwest_routes::{ListenerConfig, ListenerMode, ProxyConfig};
 use rustls::pki_types::ServerName;
-use support::apiserver::ApiServer;
-use support::control::start_control;
-use support::objects::*;
-use support::{http_get, wait_for};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};

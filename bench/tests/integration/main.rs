@@ -1,0 +1,15 @@
+//! eastwest-bench end to end: serve, run, wan and demo over real sockets.
+//! One test binary per crate: each links once, which keeps a fresh build small and quick.
+
+mod demo_quick;
+mod run_failures;
+mod run_model_server;
+mod run_through_proxy;
+mod serve_api;
+mod serve_cli;
+mod serve_openai_python;
+mod serve_queue;
+mod serve_support;
+mod serve_timing;
+mod serve_tls;
+mod wan_link;

@@ -1,0 +1,9 @@
+//! eastwest-control end to end against an in-process Kubernetes API server that speaks the real wire protocol.
+//! One test binary per crate: each links once, which keeps a fresh build small and quick.
+
+mod delta;
+mod e2e;
+mod secrets;
+mod stream;
+mod support;
+mod watch;

@@ -1,0 +1,11 @@
+//! eastwest-proxy end to end: real sockets, real rustls, a proxy in process or as a binary.
+//! One test binary per crate: each links once, which keeps a fresh build small and quick.
+
+mod access_log;
+mod cli;
+mod client_hello;
+mod control_stream;
+mod fuzz_corpus;
+mod lifecycle;
+mod passthrough;
+mod support;
