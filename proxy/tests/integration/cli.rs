@@ -246,3 +246,63 @@ fn sighup_applies_a_change_the_file_watcher_cannot_see() {
         "{metrics}"
     );
 }
+
+/// What an operator reads in `kubectl logs`: plain lines without terminal colour codes, and
+/// on SIGTERM a drain that ends in exit status 0.
+#[test]
+fn logs_into_a_pipe_are_plain_text_and_sigterm_exits_zero() {
+    use std::io::{BufRead, BufReader};
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gw.yaml");
+    std::fs::write(
+        &config,
+        "admin: {address: 127.0.0.1:0}\nlisteners:\n  - name: tls\n    address: 127.0.0.1:0\n",
+    )
+    .unwrap();
+    let mut proxy = Running(
+        proxy()
+            .arg("--config")
+            .arg(&config)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stderr = proxy.0.stderr.take().unwrap();
+    let (lines, log_lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut log = String::new();
+    let mut read_until = |what: &str| loop {
+        let line = log_lines
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("no {what:?} line in:\n{log}"));
+        log.push_str(&line);
+        log.push('\n');
+        if line.contains(what) {
+            return log.clone();
+        }
+    };
+    read_until("listening");
+    let term = Command::new("kill")
+        .args(["-TERM", &proxy.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let log = read_until("drained");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = proxy.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "still running after drain");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(status.success(), "{status}\n{log}");
+    assert!(!log.contains('\u{1b}'), "colour codes in:\n{log}");
+}
