@@ -96,6 +96,9 @@ pub enum ApplyError {
     Invalid(Vec<eastwest_routes::Invalid>),
     #[error(transparent)]
     Bind(#[from] std::io::Error),
+    /// Listeners bound now would never be served, yet hold their ports open.
+    #[error("draining: the config is not applied while the proxy shuts down")]
+    Draining,
 }
 
 impl Proxy {
@@ -141,6 +144,9 @@ impl Proxy {
         if !invalid.is_empty() {
             return Err(ApplyError::Invalid(invalid));
         }
+        if self.shared.stop_accepting.is_cancelled() {
+            return Err(ApplyError::Draining);
+        }
         // Bind what is new before changing anything, so a failed bind keeps the old config.
         let mut fresh = Vec::new();
         for l in &config.listeners {
@@ -177,6 +183,12 @@ impl Proxy {
         }
         let removed = {
             let _apply = Shared::lock(&self.shared.apply);
+            let mut running = Shared::lock(&self.shared.listeners);
+            // Shutdown cancels before it empties this map under the same lock, so a drain that
+            // began while we bound is seen here, and the fresh sockets close with `fresh`.
+            if self.shared.stop_accepting.is_cancelled() {
+                return Err(ApplyError::Draining);
+            }
             let old = self.shared.routing.load_full();
             if self.shared.config_version.load(Ordering::SeqCst) > 0
                 && old.config.admin.address != config.admin.address
@@ -205,7 +217,6 @@ impl Proxy {
             ::metrics::gauge!(metrics::ROUTE_TABLE_VERSION).set(route_version as f64);
 
             let routing = self.shared.routing.load();
-            let mut running = Shared::lock(&self.shared.listeners);
             for (name, address, socket) in fresh {
                 let started = listener::start(&self.shared, &name, address, socket)?;
                 if let Some(old) = running.insert(name, started) {
@@ -285,9 +296,15 @@ impl Proxy {
         self.shared.routing.load().routes.clone()
     }
 
-    /// Readiness as `/healthz/ready` reports it.
+    /// Readiness as `/healthz/ready` reports it. Once draining it stays false, whatever a
+    /// route table arriving meanwhile would say.
     pub fn set_ready(&self, ready: bool) {
         self.shared.ready.store(ready, Ordering::SeqCst);
+        // Checked after the store: shutdown cancels first and clears readiness second, so
+        // either it or this line leaves readiness false.
+        if ready && self.shared.stop_accepting.is_cancelled() {
+            self.shared.ready.store(false, Ordering::SeqCst);
+        }
     }
 
     /// Records which file the config came from, for `/config_dump`.
@@ -304,8 +321,9 @@ impl Proxy {
     /// configured drain period to finish, then the rest are closed.
     pub async fn shutdown(self) {
         let period = self.shared.routing.load().config.drain_period;
-        self.shared.ready.store(false, Ordering::SeqCst);
+        // In this order: see set_ready.
         self.shared.stop_accepting.cancel();
+        self.shared.ready.store(false, Ordering::SeqCst);
         // The accept loops hold the sockets too; once they stop, the sockets close and new
         // connections are refused instead of queueing.
         Shared::lock(&self.shared.listeners).clear();

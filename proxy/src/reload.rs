@@ -50,9 +50,9 @@ pub fn watch_config_file(proxy: Proxy, path: PathBuf) -> anyhow::Result<()> {
     tokio::spawn(async move {
         // The watcher stops when dropped; keep it for the life of this task.
         let _watcher = watcher;
-        // Unknown at first: the file may have changed between the load at startup and now,
-        // so the first event always reloads.
-        let mut last: Option<Vec<u8>> = None;
+        // The bytes last applied. Unknown at first: the file may have changed between the load
+        // at startup and now, so the first event always reloads.
+        let mut applied: Option<Vec<u8>> = None;
         while rx.recv().await.is_some() {
             // Editors and ConfigMap updates write in several steps; let them settle.
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -65,11 +65,12 @@ pub fn watch_config_file(proxy: Proxy, path: PathBuf) -> anyhow::Result<()> {
                     continue;
                 }
             };
-            if last.as_deref() == Some(&current[..]) {
+            if applied.as_deref() == Some(&current[..]) {
                 continue;
             }
-            last = Some(current);
-            reload(&proxy, &path).await;
+            // A refused file is not remembered: the next event or SIGHUP tries it again (say,
+            // once the port that made it fail is free).
+            applied = reload(&proxy, &path).await.then_some(current);
         }
     });
     Ok(())
@@ -96,22 +97,28 @@ fn concerns(event: &notify::Event, file_name: Option<&std::ffi::OsStr>) -> bool 
         })
 }
 
-async fn reload(proxy: &Proxy, path: &Path) {
+/// Loads and applies the file; true if it is now in force.
+async fn reload(proxy: &Proxy, path: &Path) -> bool {
     let result = match eastwest_routes::load_proxy_config(path) {
-        Ok(config) => proxy
-            .apply_config(config)
-            .await
-            .map_err(|e| format!("{}: {e}", path.display())),
+        Ok(config) => match proxy.apply_config(config).await {
+            Err(crate::ApplyError::Draining) => {
+                tracing::info!(file = %path.display(), "config change ignored while draining");
+                return false;
+            }
+            applied => applied.map_err(|e| format!("{}: {e}", path.display())),
+        },
         Err(err) => Err(err.to_string()),
     };
     match result {
         Ok(()) => {
             metrics::counter!(m::CONFIG_RELOADS).increment(1);
             tracing::info!(file = %path.display(), "config reloaded");
+            true
         }
         Err(why) => {
             metrics::counter!(m::CONFIG_RELOAD_FAILURES).increment(1);
             tracing::error!("config reload refused, keeping the old config:\n{why}");
+            false
         }
     }
 }

@@ -81,6 +81,28 @@ fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     ))
 }
 
+/// Polls `cond` every 20 ms until it holds; panics with `what` after 20 s.
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !cond() {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+fn config_dump(admin: u16) -> serde_json::Value {
+    let (_, dump) = http_get(admin, "/config_dump").unwrap();
+    serde_json::from_str(&dump).unwrap()
+}
+
+fn signal(proxy: &Running, name: &str) {
+    let sent = Command::new("kill")
+        .args([name, &proxy.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+}
+
 /// Kills the child when the test ends, pass or fail.
 struct Running(std::process::Child);
 impl Drop for Running {
@@ -127,19 +149,10 @@ fn restart_while_control_is_down_routes_from_the_cache() {
             .spawn()
             .unwrap(),
     );
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        if let Some((200, _)) = http_get(admin, "/healthz/ready") {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "never became ready from the cache"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    let (_, dump) = http_get(admin, "/config_dump").unwrap();
-    let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    wait_until("ready from the cache", || {
+        matches!(http_get(admin, "/healthz/ready"), Some((200, _)))
+    });
+    let dump = config_dump(admin);
     assert_eq!(dump["route_table_version"], 42);
     assert_eq!(dump["routes_source"], "control");
     assert_eq!(
@@ -147,16 +160,11 @@ fn restart_while_control_is_down_routes_from_the_cache() {
         "sglang.demo.svc.cluster.local"
     );
     // The failed connection attempts to control are counted and described.
-    loop {
+    wait_until("control's metrics described", || {
         let (_, metrics) = http_get(admin, "/metrics").unwrap();
-        if metrics.contains("# HELP eastwest_control_stream_errors_total")
+        metrics.contains("# HELP eastwest_control_stream_errors_total")
             && metrics.contains("# HELP eastwest_control_connected")
-        {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "{metrics}");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    });
 }
 
 #[test]
@@ -207,11 +215,9 @@ fn sighup_applies_a_change_the_file_watcher_cannot_see() {
             .spawn()
             .unwrap(),
     );
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !matches!(http_get(admin, "/healthz/ready"), Some((200, _))) {
-        assert!(std::time::Instant::now() < deadline, "never became ready");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_until("ready", || {
+        matches!(http_get(admin, "/healthz/ready"), Some((200, _)))
+    });
     std::fs::write(
         &real,
         format!("{base}routes:\n  services:\n    - hostname: added.ns.svc.cluster.local\n      ports: [{{port: 80, endpoints: [{{address: 10.0.0.1:80}}]}}]\n"),
@@ -223,23 +229,10 @@ fn sighup_applies_a_change_the_file_watcher_cannot_see() {
             .map(str::to_string)
     };
     // Signalled until applied: a SIGHUP that lands before the reload task runs is dropped.
-    loop {
-        let hup = Command::new("kill")
-            .args(["-HUP", &proxy.0.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(hup.success());
-        let (_, dump) = http_get(admin, "/config_dump").unwrap();
-        let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
-        if service(&dump).as_deref() == Some("added.ns.svc.cluster.local") {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "SIGHUP never applied the change: {dump}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    wait_until("SIGHUP to apply the change", || {
+        signal(&proxy, "-HUP");
+        service(&config_dump(admin)).as_deref() == Some("added.ns.svc.cluster.local")
+    });
     let (_, metrics) = http_get(admin, "/metrics").unwrap();
     assert!(
         metrics.contains("eastwest_config_reloads_total 1"),
@@ -289,11 +282,7 @@ fn logs_into_a_pipe_are_plain_text_and_sigterm_exits_zero() {
         }
     };
     read_until("listening");
-    let term = Command::new("kill")
-        .args(["-TERM", &proxy.0.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(term.success());
+    signal(&proxy, "-TERM");
     let log = read_until("drained");
     let deadline = Instant::now() + Duration::from_secs(20);
     let status = loop {
@@ -305,4 +294,49 @@ fn logs_into_a_pipe_are_plain_text_and_sigterm_exits_zero() {
     };
     assert!(status.success(), "{status}\n{log}");
     assert!(!log.contains('\u{1b}'), "colour codes in:\n{log}");
+}
+
+/// A reload that failed for a reason outside the file (its new port still taken) is applied
+/// by the next SIGHUP once that reason is gone, though the file has not changed since.
+#[test]
+fn sighup_retries_a_reload_that_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_port();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let base = format!(
+        "admin: {{address: 127.0.0.1:{admin}}}\nlisteners:\n  - name: tls\n    address: 127.0.0.1:0\n"
+    );
+    let config = dir.path().join("gw.yaml");
+    std::fs::write(&config, &base).unwrap();
+    let proxy = Running(
+        proxy()
+            .arg("--config")
+            .arg(&config)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_until("ready", || {
+        matches!(http_get(admin, "/healthz/ready"), Some((200, _)))
+    });
+    // Written aside and renamed, so the watcher sees one whole change.
+    let next = dir.path().join("next.yaml");
+    std::fs::write(
+        &next,
+        format!("{base}  - name: extra\n    address: 127.0.0.1:{port}\n"),
+    )
+    .unwrap();
+    std::fs::rename(&next, &config).unwrap();
+    wait_until("the reload to fail on the taken port", || {
+        let (_, metrics) = http_get(admin, "/metrics").unwrap();
+        metrics.contains("eastwest_config_reload_failures_total 1")
+    });
+    drop(taken);
+    let listeners = |dump: serde_json::Value| dump["config"]["listeners"].as_array().map(Vec::len);
+    wait_until("SIGHUP to apply the unchanged file", || {
+        signal(&proxy, "-HUP");
+        listeners(config_dump(admin)) == Some(2)
+    });
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
 }

@@ -141,6 +141,60 @@ async fn drain_stops_accepting_but_lets_established_streams_finish() {
         .unwrap();
 }
 
+/// What arrives while draining (a config reload, a route table from control) must not
+/// reopen the gateway: its port stays closed and readiness stays false until exit.
+#[tokio::test]
+async fn a_reload_or_a_route_table_during_drain_does_not_reopen_the_gateway() {
+    let pki = pki();
+    let backend = tls_echo_backend("b", &pki.server).await;
+    let mut cfg = passthrough_config(
+        "drain-reload",
+        vec![service(SGLANG, 8000, &[(backend, &[])])],
+    );
+    // A fixed port, as in production: a reload would bind the same address again.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    cfg.listeners[0].address = format!("127.0.0.1:{port}").parse().unwrap();
+    cfg.drain_period = Duration::from_secs(30);
+    let proxy = Proxy::start(cfg.clone()).await.unwrap();
+    let gw = proxy.listener_addr("drain-reload").unwrap();
+    let mut established = istio_connect(gw, &pki.client, &istio_sni(8000, "", SGLANG))
+        .await
+        .unwrap();
+    assert!(greeting(&mut established).await.starts_with("b "));
+
+    let during = proxy.clone();
+    let draining = tokio::spawn(proxy.shutdown());
+    wait_for(
+        async || tokio::net::TcpStream::connect(gw).await.is_err(),
+        "the listener to close",
+    )
+    .await;
+
+    let refused = during.apply_config(cfg).await;
+    assert!(
+        matches!(refused, Err(eastwest_proxy::ApplyError::Draining)),
+        "{refused:?}"
+    );
+    assert!(
+        tokio::net::TcpStream::connect(gw).await.is_err(),
+        "the port was opened again"
+    );
+    // What the binary does when a table from control is applied.
+    during.set_ready(true);
+    assert_eq!(admin_get(&during, "/healthz/ready").await.0, 503);
+
+    echo_roundtrip(&mut established, b"still here").await;
+    drop(established);
+    tokio::time::timeout(DEADLINE, draining)
+        .await
+        .unwrap()
+        .unwrap();
+}
+
 #[tokio::test]
 async fn drain_period_bounds_the_wait() {
     let pki = pki();
