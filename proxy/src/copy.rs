@@ -122,7 +122,10 @@ thread_local! {
 
 /// The buffer size index for a direction that has moved `moved` bytes.
 fn tier(moved: u64) -> usize {
-    SIZES.iter().rposition(|&(_, after)| moved >= after).unwrap_or(0)
+    SIZES
+        .iter()
+        .rposition(|&(_, after)| moved >= after)
+        .unwrap_or(0)
 }
 
 fn take(tier: usize) -> Vec<u8> {
@@ -286,6 +289,9 @@ mod tests {
             pooled = exchange => pooled,
             end = relay => panic!("relay ended: {:?}", end.end),
         };
-        assert!(pooled[1] >= 1, "no 64 KiB buffer back in the pool: {pooled:?}");
+        assert!(
+            pooled[1] >= 1,
+            "no 64 KiB buffer back in the pool: {pooled:?}"
+        );
     }
 }
