@@ -12,6 +12,8 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::watcher;
 use kube::ResourceExt;
 
+use crate::destination_rules::DestinationRules;
+
 /// `(namespace, name)` of an object.
 pub type ObjKey = (String, String);
 
@@ -402,6 +404,7 @@ pub struct ClusterState {
     pub services: Store<ServiceDef>,
     pub slices: Store<SliceDef>,
     pub pods: PodLabels,
+    pub destination_rules: DestinationRules,
     pub watch_restarts: u64,
     pub last_error: Option<String>,
 }
@@ -414,13 +417,18 @@ impl ClusterState {
             services: Store::default(),
             slices: Store::default(),
             pods: PodLabels::default(),
+            destination_rules: DestinationRules::default(),
             watch_restarts: 0,
             last_error: None,
         }
     }
 
     pub fn synced(&self) -> bool {
-        self.network.is_some() && self.services.synced && self.slices.synced && self.pods.synced
+        self.network.is_some()
+            && self.services.synced
+            && self.slices.synced
+            && self.pods.synced
+            && self.destination_rules.synced
     }
 
     /// Services with an endpoint backed by one of `pods`.

@@ -5,5 +5,6 @@ mod delta;
 mod e2e;
 mod secrets;
 mod stream;
+mod subsets;
 mod support;
 mod watch;
