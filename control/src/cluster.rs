@@ -54,7 +54,9 @@ impl ClusterWatch {
             m.clusters.insert(name.clone(), ClusterState::new(id));
             false
         });
-        let task = tokio::spawn(run(shared, name, id, client, network)).abort_handle();
+        let deadline = sync_deadline(shared.clone(), name.clone(), id);
+        let watch = run(shared, name, id, client, network);
+        let task = tokio::spawn(futures::future::join(watch, deadline)).abort_handle();
         ClusterWatch { id, task }
     }
 
@@ -77,6 +79,25 @@ impl Drop for ClusterWatch {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// Waits `sync_timeout`, then stops a remote cluster that has not synced from holding readiness
+/// back (logged once). The local cluster always holds it: see [`Shared::not_synced`].
+async fn sync_deadline(shared: Arc<Shared>, name: String, id: u64) {
+    if name == shared.settings.cluster {
+        return;
+    }
+    let timeout = shared.settings.sync_timeout;
+    tokio::time::sleep(timeout).await;
+    shared.update(|m| {
+        let Some(c) = m.cluster_mut(&name, id).filter(|c| !c.synced()) else {
+            return false;
+        };
+        warn!(cluster = %name, ?timeout, last_error = c.last_error.as_deref().unwrap_or(""),
+              "cluster not synced within the sync timeout; ready without it");
+        c.sync_timed_out = true;
+        true
+    });
 }
 
 async fn run(shared: Arc<Shared>, name: String, id: u64, client: Client, network: NetworkSource) {

@@ -166,6 +166,7 @@ impl Control {
             ..Model::default()
         };
         let settings = Settings {
+            cluster: cfg.cluster.clone(),
             network: cfg.network.clone(),
             cluster_domain: cfg.cluster_domain.clone(),
             debounce: cfg.debounce,
@@ -212,6 +213,7 @@ impl Control {
             let secrets =
                 SecretClusters::new(shared.clone(), reserved, cfg.remote_networks.clone());
             tasks.push(tokio::spawn(secrets.run(local_client, ns.clone())));
+            tasks.push(tokio::spawn(state::secrets_sync_deadline(shared.clone())));
         }
         info!(%routes_addr, %admin_addr, cluster = %cfg.cluster, network = %cfg.network,
               "eastwest-control started");

@@ -102,6 +102,14 @@ pub fn render(shared: &Shared) -> String {
          eastwest_control_remote_secret_errors_total {}",
         m.secret_errors.load(Ordering::Relaxed)
     );
+    if shared.settings.watch_secrets {
+        let _ = writeln!(
+            out,
+            "# TYPE eastwest_control_remote_secrets_synced gauge\n\
+             eastwest_control_remote_secrets_synced {}",
+            u8::from(shared.secrets_synced.load(Ordering::Acquire))
+        );
+    }
     let _ = writeln!(
         out,
         "# TYPE eastwest_control_push_latency_seconds histogram"

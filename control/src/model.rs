@@ -407,6 +407,9 @@ pub struct ClusterState {
     pub destination_rules: DestinationRules,
     pub watch_restarts: u64,
     pub last_error: Option<String>,
+    /// A remote cluster that did not sync within the sync timeout: it no longer holds
+    /// readiness back (it still shows as unsynced in `/metrics`).
+    pub sync_timed_out: bool,
 }
 
 impl ClusterState {
@@ -420,6 +423,7 @@ impl ClusterState {
             destination_rules: DestinationRules::default(),
             watch_restarts: 0,
             last_error: None,
+            sync_timed_out: false,
         }
     }
 

@@ -418,6 +418,7 @@ mod tests {
     #[test]
     fn a_stream_that_skipped_versions_gets_one_composed_delta() {
         let settings = crate::state::Settings {
+            cluster: "fra".into(),
             network: "network1".into(),
             cluster_domain: "cluster.local".into(),
             debounce: std::time::Duration::from_millis(10),

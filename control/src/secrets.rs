@@ -9,7 +9,7 @@ use std::hash::{Hash, Hasher};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -27,13 +27,75 @@ pub const MULTICLUSTER_LABEL: &str = "istio/multiCluster=true";
 /// carries no `topology.istio.io/network` label).
 pub const NETWORK_ANNOTATION: &str = "networking.istio.io/network";
 
-/// Builds a client from kubeconfig text (a remote secret's value or a `--remote` file).
+/// Builds a client from the operator's own kubeconfig text (`--kubeconfig`, `--remote` files):
+/// everything kube-rs supports is honoured, exec plugins and file references included.
 pub async fn client_from_kubeconfig(yaml: &str) -> anyhow::Result<Client> {
     let kubeconfig = Kubeconfig::from_yaml(yaml).context("parsing kubeconfig")?;
+    client_from(kubeconfig).await
+}
+
+/// Builds a client from a remote secret's kubeconfig, which may only carry its credentials
+/// inline. Anyone who can create a labelled Secret in the secret namespace writes these:
+/// exec plugins and auth providers would run commands inside control, file references would
+/// read its files (its own service-account token, its keys). Istio refuses them by default too.
+async fn client_from_secret_kubeconfig(yaml: &str) -> anyhow::Result<Client> {
+    let kubeconfig = Kubeconfig::from_yaml(yaml).context("parsing kubeconfig")?;
+    let refused = refused_fields(&kubeconfig);
+    if !refused.is_empty() {
+        bail!(
+            "refused: {}; a remote secret's kubeconfig may only carry inline credentials \
+             (token, client-certificate-data, client-key-data, certificate-authority-data)",
+            refused.join(", ")
+        );
+    }
+    client_from(kubeconfig).await
+}
+
+async fn client_from(kubeconfig: Kubeconfig) -> anyhow::Result<Client> {
     let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await
         .context("loading kubeconfig")?;
     Client::try_from(config).context("building Kubernetes client")
+}
+
+/// The fields of `kubeconfig` that run commands or read local files, named as in the YAML.
+fn refused_fields(kubeconfig: &Kubeconfig) -> Vec<String> {
+    let mut out = Vec::new();
+    for user in &kubeconfig.auth_infos {
+        let Some(a) = &user.auth_info else { continue };
+        let at = format!("users[{}].user", user.name);
+        if a.exec.is_some() {
+            out.push(format!("{at}.exec (runs a command)"));
+        }
+        if let Some(p) = &a.auth_provider {
+            out.push(format!(
+                "{at}.auth-provider {:?} (may run a command)",
+                p.name
+            ));
+        }
+        for (field, value) in [
+            ("tokenFile", &a.token_file),
+            ("client-certificate", &a.client_certificate),
+            ("client-key", &a.client_key),
+        ] {
+            if value.is_some() {
+                out.push(format!("{at}.{field} (reads a local file)"));
+            }
+        }
+    }
+    for cluster in &kubeconfig.clusters {
+        if cluster
+            .cluster
+            .as_ref()
+            .is_some_and(|c| c.certificate_authority.is_some())
+        {
+            out.push(format!(
+                "clusters[{}].cluster.certificate-authority (reads a local file)",
+                cluster.name
+            ));
+        }
+    }
+    out
 }
 
 struct Running {
@@ -151,7 +213,7 @@ impl SecretClusters {
                 .context("kubeconfig is not UTF-8")
                 .map(str::to_string)
             {
-                Ok(text) => client_from_kubeconfig(&text).await,
+                Ok(text) => client_from_secret_kubeconfig(&text).await,
                 Err(e) => Err(e),
             };
             let client = match client {
@@ -209,4 +271,61 @@ fn fingerprint(kubeconfig: &[u8], network: &NetworkSource) -> u64 {
     kubeconfig.hash(&mut h);
     format!("{network:?}").hash(&mut h);
     h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const INLINE: &str = "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    \
+        server: https://192.0.2.1\n    certificate-authority-data: Zm9v\ncontexts:\n- name: c\n  \
+        context: {cluster: c, user: u}\ncurrent-context: c\nusers:\n- name: u\n  user:\n    \
+        token: t\n";
+
+    fn refused(user: &str, cluster: &str) -> Vec<String> {
+        let yaml = INLINE
+            .replace("    token: t\n", user)
+            .replace("    certificate-authority-data: Zm9v\n", cluster);
+        refused_fields(&Kubeconfig::from_yaml(&yaml).unwrap())
+    }
+
+    #[test]
+    fn inline_credentials_pass_and_commands_or_files_are_named() {
+        assert!(refused_fields(&Kubeconfig::from_yaml(INLINE).unwrap()).is_empty());
+        let ca = "    certificate-authority-data: Zm9v\n";
+        for (user, cluster, expected) in [
+            (
+                "    exec:\n      apiVersion: client.authentication.k8s.io/v1\n      command: sh\n",
+                ca,
+                "users[u].user.exec (runs a command)",
+            ),
+            (
+                "    auth-provider:\n      name: gcp\n      config: {cmd-path: sh}\n",
+                ca,
+                "users[u].user.auth-provider \"gcp\" (may run a command)",
+            ),
+            (
+                "    tokenFile: /var/run/secrets/kubernetes.io/serviceaccount/token\n",
+                ca,
+                "users[u].user.tokenFile (reads a local file)",
+            ),
+            (
+                "    client-certificate: /etc/c.pem\n",
+                ca,
+                "users[u].user.client-certificate (reads a local file)",
+            ),
+            (
+                "    client-key: /etc/k.pem\n",
+                ca,
+                "users[u].user.client-key (reads a local file)",
+            ),
+            (
+                "    token: t\n",
+                "    certificate-authority: /etc/ca.pem\n",
+                "clusters[c].cluster.certificate-authority (reads a local file)",
+            ),
+        ] {
+            assert_eq!(refused(user, cluster), [expected]);
+        }
+    }
 }

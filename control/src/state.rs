@@ -1,10 +1,11 @@
 //! The state every task of a running control shares.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::Notify;
+use tracing::warn;
 
 use crate::metrics::Metrics;
 use crate::model::Model;
@@ -13,10 +14,13 @@ use crate::publish::Publisher;
 /// Settings fixed for the life of the process.
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// The local cluster's name.
+    pub cluster: String,
     pub network: String,
     pub cluster_domain: String,
     pub debounce: Duration,
-    /// Longest the first publication waits for every cluster to sync.
+    /// Longest the first publication waits for every cluster to sync, and longest a remote
+    /// cluster (or the remote-secret list) that has not synced holds readiness back.
     pub sync_timeout: Duration,
     /// Whether remote secrets are watched (then readiness waits for their first list).
     pub watch_secrets: bool,
@@ -34,6 +38,8 @@ pub struct Shared {
     pub metrics: Metrics,
     pub publisher: Publisher,
     pub secrets_synced: AtomicBool,
+    /// The remote-secret list did not sync within `sync_timeout`: it no longer holds readiness.
+    pub secrets_timed_out: AtomicBool,
 }
 
 impl Shared {
@@ -45,6 +51,7 @@ impl Shared {
             metrics: Metrics::default(),
             publisher: Publisher::new(),
             secrets_synced: AtomicBool::new(false),
+            secrets_timed_out: AtomicBool::new(false),
         }
     }
 
@@ -70,18 +77,36 @@ impl Shared {
         }
     }
 
-    /// What has not synced yet (empty when ready).
+    /// What has not synced yet and still holds readiness back (empty when ready). A remote
+    /// cluster, or the remote-secret list, that did not sync within `sync_timeout` of being
+    /// added no longer does (like istiod's PILOT_REMOTE_CLUSTER_TIMEOUT); the local cluster
+    /// always does, since a table without it would withdraw every local route.
     pub fn not_synced(&self) -> Vec<String> {
         let mut out: Vec<String> = self
             .model()
             .clusters
             .iter()
-            .filter(|(_, c)| !c.synced())
+            .filter(|(_, c)| !c.synced() && !c.sync_timed_out)
             .map(|(name, _)| format!("cluster {name}"))
             .collect();
-        if self.settings.watch_secrets && !self.secrets_synced.load(Ordering::Acquire) {
+        if self.settings.watch_secrets
+            && !self.secrets_synced.load(Ordering::Acquire)
+            && !self.secrets_timed_out.load(Ordering::Acquire)
+        {
             out.push("remote secrets".to_string());
         }
         out
+    }
+}
+
+/// Waits `sync_timeout`, then stops the remote-secret list from holding readiness back if it
+/// has not synced by then (logged once).
+pub async fn secrets_sync_deadline(shared: Arc<Shared>) {
+    tokio::time::sleep(shared.settings.sync_timeout).await;
+    if !shared.secrets_synced.load(Ordering::Acquire) {
+        warn!(timeout = ?shared.settings.sync_timeout,
+              "remote secrets not listed within the sync timeout; ready without them");
+        shared.secrets_timed_out.store(true, Ordering::Release);
+        shared.changed.notify_one();
     }
 }

@@ -8,13 +8,23 @@ use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 use crate::{Shared, Shared as S};
 
+/// Admin connections served at once. The port usually sits on the east-west load balancer
+/// (as Istio's status port does): a flood of connections must not take the file descriptors
+/// the gateway's listeners need. Beyond this, new ones are closed at once.
+const MAX_CONNECTIONS: usize = 128;
+/// A connection that has not sent a whole request head this long after opening, or after
+/// its last response, is closed (probes and scrapes send theirs at once).
+const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub(crate) fn spawn(shared: Arc<Shared>, listener: TcpListener, prometheus: PrometheusHandle) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
         loop {
             let (stream, _) = tokio::select! {
@@ -28,16 +38,25 @@ pub(crate) fn spawn(shared: Arc<Shared>, listener: TcpListener, prometheus: Prom
                     }
                 },
             };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                tracing::debug!("admin connection limit reached; closing a new connection");
+                continue;
+            };
             let shared = shared.clone();
             let prometheus = prometheus.clone();
             tokio::spawn(async move {
+                let _slot = slot;
                 let service = hyper::service::service_fn(move |req| {
                     let shared = shared.clone();
                     let prometheus = prometheus.clone();
                     async move { Ok::<_, Infallible>(handle(&shared, &prometheus, req)) }
                 });
-                let conn = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                if let Err(err) = conn.serve_connection(TokioIo::new(stream), service).await {
+                // HTTP/1.1 only: what kubelet probes, Prometheus and curl speak.
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
+                    .serve_connection(TokioIo::new(stream), service);
+                if let Err(err) = conn.await {
                     tracing::debug!(%err, "admin connection error");
                 }
             });

@@ -39,6 +39,12 @@ const ROUTE_TABLES_REJECTED: &str = "eastwest_route_tables_rejected_total";
 const MAX_LINE: usize = 512 << 20;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// A session that applied a table and lasted this long was healthy: the backoff starts over.
+/// A shorter one (control sends a table, then something this proxy can't use, every time) is
+/// a failure like any other, so a skewed or broken control is not hammered 10 times a second.
+const HEALTHY_SESSION: Duration = Duration::from_secs(30);
+/// Default bound on connect + handshakes + response headers.
+pub const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(15);
 
 pub struct ControlClientConfig {
     /// `https://host:port`, or `http://127.0.0.1:port` (plain text only on loopback).
@@ -49,6 +55,9 @@ pub struct ControlClientConfig {
     pub tls: Option<Arc<rustls::ClientConfig>>,
     /// Where the last applied table is kept for restarts while control is down.
     pub route_cache: Option<PathBuf>,
+    /// How long connecting, the TLS and HTTP/2 handshakes and control's response headers may
+    /// take together; a control that accepts but never answers is then left for another try.
+    pub subscribe_timeout: Duration,
 }
 
 impl ControlClientConfig {
@@ -60,6 +69,7 @@ impl ControlClientConfig {
             network: network.into(),
             tls: None,
             route_cache: None,
+            subscribe_timeout: SUBSCRIBE_TIMEOUT,
         }
     }
 }
@@ -84,9 +94,10 @@ pub async fn run(
     apply: impl Fn(RouteTable) -> Result<(), String> + Send + Sync + 'static,
 ) {
     let cache = cfg.route_cache.clone().map(spawn_cache_writer);
-    let mut backoff = BACKOFF_MIN;
+    let mut backoff = Backoff::default();
     loop {
         let mut applied_any = false;
+        let started = tokio::time::Instant::now();
         let result = session(&cfg, &apply, cache.as_ref(), &mut applied_any).await;
         ::metrics::gauge!(CONTROL_CONNECTED).set(0.0);
         match result {
@@ -97,11 +108,31 @@ pub async fn run(
                       "route stream failed; keeping the last table and retrying");
             }
         }
-        if applied_any {
-            backoff = BACKOFF_MIN;
+        let healthy = applied_any && started.elapsed() >= HEALTHY_SESSION;
+        tokio::time::sleep(jitter(backoff.after_session(healthy))).await;
+    }
+}
+
+/// Exponential backoff between sessions, 100 ms .. 30 s.
+struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff { next: BACKOFF_MIN }
+    }
+}
+
+impl Backoff {
+    /// The wait before the next session (before jitter).
+    fn after_session(&mut self, healthy: bool) -> Duration {
+        if healthy {
+            self.next = BACKOFF_MIN;
         }
-        tokio::time::sleep(jitter(backoff)).await;
-        backoff = (backoff * 2).min(BACKOFF_MAX);
+        let wait = self.next;
+        self.next = (self.next * 2).min(BACKOFF_MAX);
+        wait
     }
 }
 
@@ -192,44 +223,22 @@ async fn session(
     applied_any: &mut bool,
 ) -> anyhow::Result<()> {
     let target = parse_url(&cfg.url, cfg.tls.is_some())?;
-    let tcp = TcpStream::connect((target.host.as_str(), target.port))
+    let resp = tokio::time::timeout(cfg.subscribe_timeout, subscribe(cfg, &target))
         .await
-        .with_context(|| format!("connecting to {}", target.authority))?;
-    let _ = tcp.set_nodelay(true);
-    let mut sender = match (&cfg.tls, target.tls) {
-        (Some(tls), true) => {
-            let mut tls = (**tls).clone();
-            tls.alpn_protocols = vec![b"h2".to_vec()];
-            let name = rustls::pki_types::ServerName::try_from(target.host.clone())
-                .with_context(|| format!("{:?} is not a valid TLS server name", target.host))?;
-            let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
-                .connect(name, tcp)
-                .await
-                .with_context(|| format!("TLS handshake with {}", target.authority))?;
-            handshake(stream).await?
-        }
-        _ => handshake(tcp).await?,
-    };
-    let scheme = if target.tls { "https" } else { "http" };
-    let uri = format!(
-        "{scheme}://{}{ROUTES_STREAM_PATH}?cluster={}&network={}&delta=1",
-        target.authority, cfg.cluster, cfg.network
-    );
-    let req = http::Request::get(uri)
-        .body(Empty::new())
-        .context("building request")?;
-    let resp = sender
-        .send_request(req)
-        .await
-        .context("sending subscription")?;
+        .map_err(|_| {
+            anyhow!(
+                "{} did not answer the subscription within {:?}",
+                target.authority,
+                cfg.subscribe_timeout
+            )
+        })??;
     let status = resp.status();
     let mut body = resp.into_body();
     if status != http::StatusCode::OK {
-        let text = body
-            .collect()
-            .await
-            .map(|b| String::from_utf8_lossy(&b.to_bytes()).trim().to_string())
-            .unwrap_or_default();
+        let text = match tokio::time::timeout(cfg.subscribe_timeout, body.collect()).await {
+            Ok(Ok(b)) => String::from_utf8_lossy(&b.to_bytes()).trim().to_string(),
+            _ => String::new(),
+        };
         bail!("control answered {status}: {text}");
     }
     info!(url = %cfg.url, cluster = %cfg.cluster, network = %cfg.network, "subscribed to control");
@@ -259,6 +268,43 @@ async fn session(
         }
     }
     Ok(())
+}
+
+/// Connects, handshakes and sends the subscription; returns control's response (headers).
+async fn subscribe(
+    cfg: &ControlClientConfig,
+    target: &Target,
+) -> anyhow::Result<http::Response<hyper::body::Incoming>> {
+    let tcp = TcpStream::connect((target.host.as_str(), target.port))
+        .await
+        .with_context(|| format!("connecting to {}", target.authority))?;
+    let _ = tcp.set_nodelay(true);
+    let mut sender = match (&cfg.tls, target.tls) {
+        (Some(tls), true) => {
+            let mut tls = (**tls).clone();
+            tls.alpn_protocols = vec![b"h2".to_vec()];
+            let name = rustls::pki_types::ServerName::try_from(target.host.clone())
+                .with_context(|| format!("{:?} is not a valid TLS server name", target.host))?;
+            let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
+                .connect(name, tcp)
+                .await
+                .with_context(|| format!("TLS handshake with {}", target.authority))?;
+            handshake(stream).await?
+        }
+        _ => handshake(tcp).await?,
+    };
+    let scheme = if target.tls { "https" } else { "http" };
+    let uri = format!(
+        "{scheme}://{}{ROUTES_STREAM_PATH}?cluster={}&network={}&delta=1",
+        target.authority, cfg.cluster, cfg.network
+    );
+    let req = http::Request::get(uri)
+        .body(Empty::new())
+        .context("building request")?;
+    sender
+        .send_request(req)
+        .await
+        .context("sending subscription")
 }
 
 /// Parses one update, brings `current` to its version and offers the table to `apply`;
@@ -386,4 +432,24 @@ fn write_atomically(path: &Path, data: &[u8]) -> anyhow::Result<()> {
     std::fs::rename(&tmp, path)
         .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_healthy_session_starts_the_backoff_over() {
+        let mut backoff = Backoff::default();
+        let waits: Vec<_> = (0..4).map(|_| backoff.after_session(false)).collect();
+        assert_eq!(waits, [100, 200, 400, 800].map(Duration::from_millis));
+        // Sessions that applied a table and then failed at once (healthy = false) keep growing
+        // to the cap instead of retrying every 100 ms.
+        for _ in 0..20 {
+            backoff.after_session(false);
+        }
+        assert_eq!(backoff.after_session(false), BACKOFF_MAX);
+        assert_eq!(backoff.after_session(true), BACKOFF_MIN);
+        assert_eq!(backoff.after_session(false), BACKOFF_MIN * 2);
+    }
 }

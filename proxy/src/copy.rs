@@ -3,8 +3,10 @@
 //! Each direction reads into its own buffer and writes what it read at once: nothing waits to
 //! fill a buffer, so a 1-byte token leaves as soon as it arrives. Buffers start small (most
 //! east-west connections are small RPCs or slow token streams) and grow, at most twice, for
-//! connections that move a lot of data. EOF on one side is passed on as a half-close while the
-//! other direction keeps flowing.
+//! connections that move a lot of data. A direction holds its buffer only between a read and
+//! the end of its write: once the socket is drained the buffer goes back to a per-thread pool
+//! of its size, so a quiet connection holds none, whatever it moved before. EOF on one side is
+//! passed on as a half-close while the other direction keeps flowing.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -19,11 +21,15 @@ use tokio::time::Instant;
 
 use crate::connect::keepalive;
 
-const INITIAL_BUFFER: usize = 4 * 1024;
-const LARGE_BUFFER: usize = 64 * 1024;
-const JUMBO_BUFFER: usize = 256 * 1024;
-const LARGE_AFTER: u64 = 128 * 1024;
-const JUMBO_AFTER: u64 = 8 * 1024 * 1024;
+/// Buffer sizes, and how many bytes a direction must have moved to use each.
+const SIZES: [(usize, u64); 3] = [
+    (4 * 1024, 0),
+    (64 * 1024, 128 * 1024),
+    (256 * 1024, 8 * 1024 * 1024),
+];
+/// Idle buffers kept per thread and size (4 MiB, 4 MiB, 4 MiB at most); beyond that they are
+/// freed. Only directions between a read and the end of its write hold one.
+const POOL_MAX: [usize; 3] = [1024, 64, 16];
 
 #[derive(Debug)]
 pub enum CopyEnd {
@@ -109,25 +115,35 @@ pub async fn relay(
 }
 
 thread_local! {
-    /// Small buffers lent to connections while bytes are moving, so idle connections hold none.
-    static POOL: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Buffers lent to connections while bytes are moving, one pool per size.
+    static POOLS: std::cell::RefCell<[Vec<Vec<u8>>; 3]> =
+        const { std::cell::RefCell::new([Vec::new(), Vec::new(), Vec::new()]) };
 }
-const POOL_MAX: usize = 1024;
 
-fn take() -> Vec<u8> {
-    POOL.with(|p| p.borrow_mut().pop())
-        .unwrap_or_else(|| vec![0u8; INITIAL_BUFFER])
+/// The buffer size index for a direction that has moved `moved` bytes.
+fn tier(moved: u64) -> usize {
+    SIZES
+        .iter()
+        .rposition(|&(_, after)| moved >= after)
+        .unwrap_or(0)
+}
+
+fn take(tier: usize) -> Vec<u8> {
+    POOLS
+        .with(|p| p.borrow_mut()[tier].pop())
+        .unwrap_or_else(|| vec![0u8; SIZES[tier].0])
 }
 
 fn give(b: Vec<u8>) {
-    if b.len() == INITIAL_BUFFER {
-        POOL.with(|p| {
-            let mut p = p.borrow_mut();
-            if p.len() < POOL_MAX {
-                p.push(b);
-            }
-        });
-    }
+    let Some(tier) = SIZES.iter().position(|&(size, _)| size == b.len()) else {
+        return;
+    };
+    POOLS.with(|p| {
+        let pool = &mut p.borrow_mut()[tier];
+        if pool.len() < POOL_MAX[tier] {
+            pool.push(b);
+        }
+    });
 }
 
 async fn pump(
@@ -147,7 +163,7 @@ async fn pump(
             // for every idle connection.)
             std::future::poll_fn(|cx| reader.as_ref().poll_read_ready(cx)).await?;
         }
-        let b = buf.get_or_insert_with(take);
+        let b = buf.get_or_insert_with(|| take(tier(moved)));
         // AsyncRead (not try_read): a short read clears tokio's readiness, so the next
         // readable() waits for the kernel instead of costing an extra EAGAIN recv.
         let n = reader.read(b).await?;
@@ -170,14 +186,10 @@ async fn pump(
         counter.increment(n as u64);
         total.fetch_add(n as u64, Ordering::Relaxed);
         moved += n as u64;
-        if n == b.len() {
-            if moved >= JUMBO_AFTER && b.len() < JUMBO_BUFFER {
-                b.resize(JUMBO_BUFFER, 0);
-            } else if moved >= LARGE_AFTER && b.len() < LARGE_BUFFER {
-                b.resize(LARGE_BUFFER, 0);
-            }
-        } else if b.len() == INITIAL_BUFFER {
-            // A short read: the socket is probably drained. Hand the buffer back while we wait.
+        // A full read: more is probably waiting, so keep reading into this buffer unless the
+        // direction has earned a bigger one (taken at the next read). A short read: the
+        // socket is probably drained; hand the buffer back while we wait.
+        if n < b.len() || SIZES[tier(moved)].0 != b.len() {
             if let Some(b) = buf.take() {
                 give(b);
             }
@@ -225,5 +237,61 @@ impl Activity {
             }
             tokio::time::sleep_until(deadline).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        (client, server)
+    }
+
+    fn pooled() -> [usize; 3] {
+        POOLS.with(|p| p.borrow().each_ref().map(Vec::len))
+    }
+
+    /// A direction that moved enough to earn 64 KiB buffers gives its buffer back once the
+    /// socket is drained: a quiet connection holds none, whatever it moved before.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_quiet_connection_holds_no_buffer_whatever_it_moved() {
+        let (mut client, mut downstream) = pair().await;
+        let (mut upstream, mut server) = pair().await;
+        let (sent, received) = (Counter::noop(), Counter::noop());
+        let hour = Duration::from_secs(3600);
+        let relay = relay(
+            &mut downstream,
+            &mut upstream,
+            (&sent, &received),
+            hour,
+            hour,
+            std::future::pending(),
+        );
+        let bulk = vec![7u8; 1 << 20];
+        let exchange = async {
+            let mut got = vec![0u8; bulk.len()];
+            let (wrote, read) = tokio::join!(client.write_all(&bulk), server.read_exact(&mut got));
+            wrote.unwrap();
+            read.unwrap();
+            assert!(got == bulk);
+            // Single-threaded: the relay's last write and its return of the buffer happen in
+            // one poll, before the server could read the last byte.
+            pooled()
+        };
+        let pooled = tokio::select! {
+            pooled = exchange => pooled,
+            end = relay => panic!("relay ended: {:?}", end.end),
+        };
+        assert!(
+            pooled[1] >= 1,
+            "no 64 KiB buffer back in the pool: {pooled:?}"
+        );
     }
 }

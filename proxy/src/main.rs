@@ -162,6 +162,7 @@ fn control_client_config(cli: &Cli) -> anyhow::Result<Option<control_client::Con
         network: cli.network.clone().unwrap_or_default(),
         tls,
         route_cache: cli.route_cache.clone(),
+        subscribe_timeout: control_client::SUBSCRIBE_TIMEOUT,
     }))
 }
 

@@ -48,7 +48,7 @@ pub struct UpstreamConfig {
     /// model may think for minutes between tokens.
     #[serde(default = "defaults::idle_timeout", with = "humantime_serde")]
     pub idle_timeout: Duration,
-    /// TCP keepalive idle time on both sides.
+    /// TCP keepalive idle time on both sides, whole seconds from 1s to 32767s.
     #[serde(default = "defaults::tcp_keepalive", with = "humantime_serde")]
     pub tcp_keepalive: Duration,
     #[serde(default)]
@@ -148,6 +148,9 @@ impl Default for AdminConfig {
     }
 }
 
+/// The largest TCP keepalive idle time Linux accepts (MAX_TCP_KEEPIDLE), about 9 hours.
+pub const MAX_TCP_KEEPALIVE_SECS: u64 = 32767;
+
 impl Default for UpstreamConfig {
     fn default() -> Self {
         UpstreamConfig {
@@ -208,6 +211,14 @@ impl ProxyConfig {
         }
         if self.upstream.idle_timeout.is_zero() {
             errors.push(Invalid::new("upstream.idle_timeout", "must be more than 0"));
+        }
+        // Linux takes TCP_KEEPIDLE in whole seconds, 1 to 32767; outside that every bind and
+        // upstream socket would fail with EINVAL.
+        if !(1..=MAX_TCP_KEEPALIVE_SECS).contains(&self.upstream.tcp_keepalive.as_secs()) {
+            errors.push(Invalid::new(
+                "upstream.tcp_keepalive",
+                format!("must be from 1s to {MAX_TCP_KEEPALIVE_SECS}s"),
+            ));
         }
         let mut names = HashSet::new();
         let mut addresses = HashSet::new();

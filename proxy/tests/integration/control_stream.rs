@@ -337,3 +337,34 @@ async fn bare_tables_from_an_older_control_are_applied() {
     assert_eq!(routed_to(&proxy, &pki).await, "two");
     assert!(subs.try_recv().is_err());
 }
+
+/// A control that accepts the connection but never answers (wedged, or only its kernel's
+/// backlog alive) is given up on after `subscribe_timeout`, and the proxy tries again rather
+/// than waiting on it forever with stale routes.
+#[tokio::test]
+async fn a_control_that_never_answers_is_given_up_on_and_retried() {
+    let wedged = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = wedged.local_addr().unwrap();
+    let proxy = Proxy::start(passthrough_config("gw-wedged", vec![]))
+        .await
+        .unwrap();
+    let cfg = control_client::ControlClientConfig {
+        subscribe_timeout: std::time::Duration::from_millis(200),
+        ..control_client::ControlClientConfig::plain_text(
+            format!("http://{addr}"),
+            "ash",
+            "network2",
+        )
+    };
+    let client = tokio::spawn(control_client::run(cfg, move |t| proxy.apply_routes(t)));
+    // Accepted and held open, never answered.
+    let (_first, _) = tokio::time::timeout(DEADLINE, wedged.accept())
+        .await
+        .expect("the proxy never connected")
+        .unwrap();
+    let (_second, _) = tokio::time::timeout(DEADLINE, wedged.accept())
+        .await
+        .expect("the proxy never gave up on the silent control")
+        .unwrap();
+    client.abort();
+}

@@ -2,6 +2,7 @@
 //! One test binary per crate: each links once, which keeps a fresh build small and quick.
 
 mod access_log;
+mod admin;
 mod cli;
 mod client_hello;
 mod control_stream;

@@ -92,6 +92,22 @@ fn validation_errors_are_located() {
 }
 
 #[test]
+fn tcp_keepalive_must_be_what_linux_accepts() {
+    for bad in ["0s", "500ms", "10h"] {
+        let text = format!("{GOOD}upstream: {{tcp_keepalive: {bad}}}\n");
+        let p = problems(&text);
+        assert!(
+            p.len() == 1
+                && p[0].contains("upstream.tcp_keepalive")
+                && p[0].contains("1s to 32767s"),
+            "{bad}: {p:?}"
+        );
+    }
+    let ok = format!("{GOOD}upstream: {{tcp_keepalive: 9h}}\n");
+    assert!(parse_proxy_config(&ok, "gw.yaml").is_ok());
+}
+
+#[test]
 fn syntax_errors_have_a_position() {
     let p = problems("listeners: [\n  {name: a\n");
     assert!(p[0].starts_with("gw.yaml:"), "{}", p[0]);
