@@ -53,7 +53,7 @@ pub struct SliceDef {
     pub service: String,
     /// `(port name, target port)`; an unnamed port has name `None`.
     pub ports: Vec<(Option<String>, u16)>,
-    /// Endpoints that are serving and not terminating.
+    /// Endpoints whose `ready` condition is true or unset.
     pub endpoints: Vec<ReadyEndpoint>,
 }
 
@@ -128,13 +128,11 @@ impl SliceDef {
             .endpoints
             .iter()
             .filter(|ep| {
-                // Unset conditions mean "ready" (discovery.k8s.io/v1 semantics); `serving`
-                // falls back to `ready` on API servers that predate it.
-                let c = ep.conditions.as_ref();
-                let ready = c.and_then(|c| c.ready).unwrap_or(true);
-                let serving = c.and_then(|c| c.serving).unwrap_or(ready);
-                let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
-                serving && !terminating
+                // Route on `ready`, unset meaning ready (discovery.k8s.io/v1). The EndpointSlice
+                // controller sets it false for terminating endpoints, and true for every
+                // endpoint of a Service with publishNotReadyAddresses (whose `serving` still
+                // follows Pod readiness, so it must not be used).
+                ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true)
             })
             .flat_map(|ep| {
                 let pod: Option<Arc<str>> = ep

@@ -367,3 +367,37 @@ async fn pod_labels_reach_endpoints_for_subsets() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn routes_follow_the_ready_condition_as_publish_not_ready_addresses_sets_it() {
+    let f = fixture(|fra, _| {
+        fra.apply(
+            "services",
+            service("sample", "helloworld", &[("http", 5000)]),
+        );
+        // A Service with publishNotReadyAddresses: the controller sets `ready` on every
+        // endpoint while `serving` follows Pod readiness.
+        let mut s = hw1(&[
+            not_ready("10.1.0.1"),
+            not_ready("10.1.0.2"),
+            ready("10.1.0.3"),
+        ]);
+        s["endpoints"][0]["conditions"]["ready"] = serde_json::json!(true);
+        // No conditions at all: ready, per the API.
+        s["endpoints"][1]
+            .as_object_mut()
+            .unwrap()
+            .remove("conditions");
+        // Terminating (the controller sets ready=false), though still serving.
+        s["endpoints"][2]["conditions"]["terminating"] = serde_json::json!(true);
+        s["endpoints"][2]["conditions"]["ready"] = serde_json::json!(false);
+        fra.apply("endpointslices", s);
+    })
+    .await;
+    f.wait_table("first table", |t| t.service(HELLO).is_some())
+        .await;
+    assert_eq!(
+        endpoints(&f.table(), HELLO, 5000),
+        ["10.1.0.1:5000", "10.1.0.2:5000"]
+    );
+}
