@@ -174,7 +174,9 @@ async fn run(shared: Arc<Shared>, name: String, id: u64, client: Client, network
         )
         .await
     };
-    futures::future::join3(services, slices, pods).await;
+    // DestinationRule subsets (a cluster without Istio's CRD simply has none).
+    let rules = crate::destination_rules::watch::run(&shared, &name, id, client.clone());
+    futures::future::join4(services, slices, pods, rules).await;
 }
 
 /// Reads the network label, retrying with backoff while the API server is unreachable.

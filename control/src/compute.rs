@@ -78,8 +78,8 @@ pub fn service_entry(model: &Model, network: &str, key: &ObjKey, cluster_domain:
     let defined_here = defs.iter().any(|(c, _)| in_network(c));
     if defined_here || local.iter().any(|(_, s)| !s.endpoints.is_empty()) {
         let mut service = Service {
+            subsets: crate::destination_rules::subsets(model, network, key, &hostname),
             hostname,
-            subsets: Vec::new(),
             ports: def
                 .ports
                 .iter()

@@ -7,6 +7,7 @@ mod admin;
 mod backoff;
 mod cluster;
 pub mod compute;
+mod destination_rules;
 mod encode;
 mod metrics;
 pub mod model;
@@ -69,6 +70,8 @@ pub struct ControlConfig {
     /// Pod label keys copied onto endpoints so subsets can select them (`--subset-labels`);
     /// empty: Pods are not watched.
     pub subset_labels: Vec<String>,
+    /// How often a cluster that serves no DestinationRules (no Istio CRD) is asked again.
+    pub destination_rule_recheck: Duration,
 }
 
 impl ControlConfig {
@@ -89,6 +92,7 @@ impl ControlConfig {
             gateways: BTreeMap::new(),
             cluster_domain: "cluster.local".to_string(),
             subset_labels: vec!["version".to_string()],
+            destination_rule_recheck: destination_rules::watch::DEFAULT_RECHECK,
         }
     }
 }
@@ -169,6 +173,7 @@ impl Control {
             sync_timeout: cfg.sync_timeout,
             watch_secrets: cfg.secret_namespace.is_some(),
             subset_labels: cfg.subset_labels.clone(),
+            destination_rule_recheck: cfg.destination_rule_recheck,
         };
         let shared = Arc::new(Shared::new(settings, model));
 

@@ -61,6 +61,10 @@ struct Args {
     /// watched.
     #[arg(long, default_value = "version")]
     subset_labels: String,
+    /// How often a cluster without Istio's DestinationRule CRD (or without access to it) is
+    /// asked again.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    destination_rule_recheck: Duration,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -118,6 +122,7 @@ fn config(args: Args) -> anyhow::Result<ControlConfig> {
     cfg.debounce = args.debounce;
     cfg.sync_timeout = args.sync_timeout;
     cfg.cluster_domain = args.cluster_domain;
+    cfg.destination_rule_recheck = args.destination_rule_recheck;
     cfg.subset_labels = args
         .subset_labels
         .split(',')

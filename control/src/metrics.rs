@@ -67,6 +67,7 @@ pub fn render(shared: &Shared) -> String {
                 ("services", c.services.objects.len()),
                 ("endpointslices", c.slices.objects.len()),
                 ("pods", c.pods.count()),
+                ("destinationrules", c.destination_rules.objects.len()),
             ] {
                 let _ = writeln!(
                     objects,

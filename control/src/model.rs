@@ -12,6 +12,8 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::watcher;
 use kube::ResourceExt;
 
+use crate::destination_rules::DestinationRules;
+
 /// `(namespace, name)` of an object.
 pub type ObjKey = (String, String);
 
@@ -400,6 +402,7 @@ pub struct ClusterState {
     pub services: Store<ServiceDef>,
     pub slices: Store<SliceDef>,
     pub pods: PodLabels,
+    pub destination_rules: DestinationRules,
     pub watch_restarts: u64,
     pub last_error: Option<String>,
     /// A remote cluster that did not sync within the sync timeout: it no longer holds
@@ -415,6 +418,7 @@ impl ClusterState {
             services: Store::default(),
             slices: Store::default(),
             pods: PodLabels::default(),
+            destination_rules: DestinationRules::default(),
             watch_restarts: 0,
             last_error: None,
             sync_timed_out: false,
@@ -422,7 +426,11 @@ impl ClusterState {
     }
 
     pub fn synced(&self) -> bool {
-        self.network.is_some() && self.services.synced && self.slices.synced && self.pods.synced
+        self.network.is_some()
+            && self.services.synced
+            && self.slices.synced
+            && self.pods.synced
+            && self.destination_rules.synced
     }
 
     /// Services with an endpoint backed by one of `pods`.

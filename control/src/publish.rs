@@ -425,6 +425,7 @@ mod tests {
             sync_timeout: std::time::Duration::from_secs(1),
             watch_secrets: false,
             subset_labels: Vec::new(),
+            destination_rule_recheck: std::time::Duration::from_secs(60),
         };
         let shared = Shared::new(settings, two_clusters());
         let (_rx, _) = shared.publisher.subscribe("network1");

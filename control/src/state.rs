@@ -26,6 +26,8 @@ pub struct Settings {
     pub watch_secrets: bool,
     /// Pod label keys copied onto endpoints for subsets (empty: Pods are not watched).
     pub subset_labels: Vec<String>,
+    /// How often a cluster that serves no DestinationRules is asked again.
+    pub destination_rule_recheck: Duration,
 }
 
 pub struct Shared {

@@ -6,5 +6,6 @@ mod e2e;
 mod rotation;
 mod secrets;
 mod stream;
+mod subsets;
 mod support;
 mod watch;

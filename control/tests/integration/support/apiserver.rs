@@ -7,7 +7,7 @@
 //! It is test-only (shared by tests and the benchmark through `#[path]`), never shipped.
 #![allow(dead_code)]
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -48,6 +48,9 @@ struct State {
     oldest_rv: u64,
     lists: HashMap<String, u64>,
     watches: HashMap<String, u64>,
+    /// Resources (`destinationrules`) or resource versions (`destinationrules/v1`) answered
+    /// with 404, as for a CRD that is not installed.
+    not_served: HashSet<String>,
 }
 
 struct Shared {
@@ -238,6 +241,28 @@ impl ApiServer {
         self.drop_watches();
     }
 
+    /// Answers `resource` (every version, or only `resource/version`) with 404 Not Found from
+    /// now on, like an API server without that CRD; open watches are cut.
+    pub fn stop_serving(&self, resource: &str) {
+        self.shared
+            .state
+            .lock()
+            .unwrap()
+            .not_served
+            .insert(resource.to_string());
+        self.drop_watches();
+    }
+
+    /// Serves `resource` (as given to [`ApiServer::stop_serving`]) again: the CRD got installed.
+    pub fn start_serving(&self, resource: &str) {
+        self.shared
+            .state
+            .lock()
+            .unwrap()
+            .not_served
+            .remove(resource);
+    }
+
     pub fn list_count(&self, resource: &str) -> u64 {
         let st = self.shared.state.lock().unwrap();
         st.lists.get(resource).copied().unwrap_or(0)
@@ -315,6 +340,19 @@ fn selector_matches(selector: Option<&str>, object: &Value) -> bool {
     })
 }
 
+/// The API version of a path (`v1`, `v1beta1`).
+fn path_version(path: &str) -> Option<&str> {
+    match path
+        .trim_matches('/')
+        .split('/')
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        ["api", version, ..] | ["apis", _, version, ..] => Some(version),
+        _ => None,
+    }
+}
+
 /// (resource, namespace, single-object name) from an API path.
 fn parse_path(path: &str) -> Option<(String, Option<String>, Option<String>)> {
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
@@ -361,6 +399,22 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
             status(404, "NotFound", "no such path"),
         );
     };
+    {
+        let st = shared.state.lock().unwrap();
+        let version = path_version(req.uri().path()).unwrap_or("");
+        if st.not_served.contains(&resource)
+            || st.not_served.contains(&format!("{resource}/{version}"))
+        {
+            return full(
+                StatusCode::NOT_FOUND,
+                status(
+                    404,
+                    "NotFound",
+                    "the server could not find the requested resource",
+                ),
+            );
+        }
+    }
     if let Some(name) = name {
         let st = shared.state.lock().unwrap();
         let key = (ns.unwrap_or_default(), name.clone());
@@ -550,6 +604,7 @@ fn kind_of(resource: &str) -> &'static str {
         "secrets" => "Secret",
         "namespaces" => "Namespace",
         "pods" => "Pod",
+        "destinationrules" => "DestinationRule",
         _ => "Unknown",
     }
 }

@@ -124,3 +124,15 @@ pub fn pod(ns: &str, name: &str, labels: &[(&str, &str)]) -> Value {
            "metadata": {"name": name, "namespace": ns, "labels": labels},
            "spec": {"containers": [{"name": "app", "image": "app"}]}})
 }
+
+/// An Istio DestinationRule (networking.istio.io/v1) for `host` with `(subset, version label)`
+/// subsets.
+pub fn destination_rule(ns: &str, name: &str, host: &str, subsets: &[(&str, &str)]) -> Value {
+    let subsets: Vec<Value> = subsets
+        .iter()
+        .map(|(n, v)| json!({"name": n, "labels": {"version": v}}))
+        .collect();
+    json!({"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+           "metadata": {"name": name, "namespace": ns},
+           "spec": {"host": host, "subsets": subsets}})
+}

@@ -1,0 +1,165 @@
+//! Following one cluster's DestinationRules through kube-runtime's watcher, like the other
+//! resources (list+watch, atomic relist, counted errors, backoff), except that a cluster which
+//! does not serve them (no Istio CRD: `404`; no access: `403`) is a cluster with no rules: it
+//! counts as synced, is logged once, and is asked again only every `--destination-rule-recheck`.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use kube::api::{ApiResource, DynamicObject};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Api, Client};
+use tracing::{info, warn};
+
+use crate::backoff::JitteredBackoff;
+use crate::state::Shared;
+
+const GROUP: &str = "networking.istio.io";
+/// Newest first: Istio serves `v1` since 1.22; older control planes only the betas.
+const VERSIONS: [&str; 3] = ["v1", "v1beta1", "v1alpha3"];
+
+/// How often a cluster that serves no DestinationRules is asked again, unless configured.
+pub const DEFAULT_RECHECK: Duration = Duration::from_secs(60);
+
+fn api_resource(version: &str) -> ApiResource {
+    ApiResource {
+        group: GROUP.to_string(),
+        version: version.to_string(),
+        api_version: format!("{GROUP}/{version}"),
+        kind: "DestinationRule".to_string(),
+        plural: "destinationrules".to_string(),
+    }
+}
+
+enum Ended {
+    /// The cluster's watch was stopped (removed or restarted).
+    Gone,
+    /// This version is not served (`404`) or not readable (`403`).
+    NotServed(u16),
+}
+
+/// Watches cluster `name`'s rules until its watch task is aborted.
+pub async fn run(shared: &Shared, name: &str, id: u64, client: Client) {
+    loop {
+        let mut forbidden = false;
+        for version in VERSIONS {
+            let api = Api::<DynamicObject>::all_with(client.clone(), &api_resource(version));
+            match follow(shared, name, id, version, api).await {
+                Ended::Gone => return,
+                Ended::NotServed(code) => forbidden |= code == 403,
+            }
+        }
+        let why = if forbidden {
+            format!("403 Forbidden on {GROUP} destinationrules")
+        } else {
+            format!("404 Not Found on every version of {GROUP} destinationrules")
+        };
+        let mut gone = false;
+        let mut newly = false;
+        shared.update(|m| {
+            let domain = &shared.settings.cluster_domain;
+            let Some(c) = m.cluster_mut(name, id) else {
+                gone = true;
+                return false;
+            };
+            let was_synced = c.synced();
+            newly = c.destination_rules.unavailable.as_ref() != Some(&why);
+            let affected = c.destination_rules.set_unavailable(why.clone(), domain);
+            let became_synced = !was_synced && c.synced();
+            if became_synced {
+                info!(cluster = %name, objects = c.objects(), "cluster synced");
+            }
+            m.all_dirty |= affected.all;
+            m.services_changed(affected.services) || affected.all || became_synced
+        });
+        if gone {
+            return;
+        }
+        let recheck = shared.settings.destination_rule_recheck;
+        if newly {
+            if forbidden {
+                warn!(cluster = %name, reason = %why, ?recheck,
+                      "may not list DestinationRules ({GROUP}): no subsets from this cluster; \
+                       grant list/watch on destinationrules to fix");
+            } else {
+                info!(cluster = %name, reason = %why, ?recheck,
+                      "cluster serves no DestinationRules ({GROUP} CRD not installed): no subsets \
+                       from it");
+            }
+        }
+        tokio::time::sleep(recheck).await;
+    }
+}
+
+/// Feeds one version's watcher events into the cluster's rules until the task is aborted or
+/// the version turns out not to be served.
+async fn follow(
+    shared: &Shared,
+    name: &str,
+    id: u64,
+    version: &str,
+    api: Api<DynamicObject>,
+) -> Ended {
+    let stream = watcher(api, watcher::Config::default()).backoff(JitteredBackoff::default());
+    let mut stream = std::pin::pin!(stream);
+    let domain = &shared.settings.cluster_domain;
+    let keep = &shared.settings.subset_labels;
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(event) => {
+                let listed = matches!(event, watcher::Event::InitDone);
+                let mut gone = false;
+                shared.update(|m| {
+                    let Some(c) = m.cluster_mut(name, id) else {
+                        gone = true;
+                        return false;
+                    };
+                    let was_synced = c.synced();
+                    let affected = c.destination_rules.apply(name, event, domain, keep);
+                    if listed {
+                        if let Some(was) = c.destination_rules.unavailable.take() {
+                            info!(cluster = %name, %version, previously = %was,
+                                  "cluster serves DestinationRules now");
+                        }
+                    }
+                    let became_synced = !was_synced && c.synced();
+                    if became_synced {
+                        info!(cluster = %name, objects = c.objects(), "cluster synced");
+                    }
+                    m.all_dirty |= affected.all;
+                    m.services_changed(affected.services) || affected.all || became_synced
+                });
+                if gone {
+                    return Ended::Gone;
+                }
+            }
+            Err(e) => {
+                if let Some(code) = not_served(&e) {
+                    return Ended::NotServed(code);
+                }
+                warn!(cluster = %name, kind = "DestinationRule", error = %e,
+                      "watch failed; kube-runtime retries");
+                shared.update(|m| {
+                    if let Some(c) = m.cluster_mut(name, id) {
+                        c.watch_restarts += 1;
+                        c.last_error = Some(format!("DestinationRule: {e}"));
+                    }
+                    false
+                });
+            }
+        }
+    }
+    Ended::Gone
+}
+
+/// `404 Not Found` (the resource is not served) or `403 Forbidden` (we may not read it).
+fn not_served(e: &watcher::Error) -> Option<u16> {
+    let response = match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(r))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(r))
+        | watcher::Error::WatchFailed(kube::Error::Api(r)) => r,
+        watcher::Error::WatchError(r) => r,
+        _ => return None,
+    };
+    matches!(response.code, 403 | 404).then_some(response.code)
+}
