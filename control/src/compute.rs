@@ -14,6 +14,7 @@ use std::sync::Arc;
 use eastwest_routes::{Endpoint, NetworkGateway, RemoteService, RouteTable, Service, ServicePort};
 
 use crate::model::{ClusterState, Model, ObjKey, ServiceDef, SliceDef};
+use crate::valid;
 
 /// What one Service contributes to the table of a network.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -22,14 +23,17 @@ pub struct Entry {
     pub remote: Vec<RemoteService>,
 }
 
-/// The route table (version 0) for gateways of `network`, computed from scratch, in hostname
-/// order (the order published tables have, so that deltas merge in one pass).
+/// The route table (version 0) for gateways of `network`, computed from scratch (without the
+/// items a proxy would refuse, as published), in hostname order (the order published tables have, so that deltas merge in one pass).
 pub fn route_table(model: &Model, network: &str, cluster_domain: &str) -> RouteTable {
     let mut entries: Vec<(String, Entry)> = model
         .all_service_keys()
         .into_iter()
         .map(|key| {
-            let entry = service_entry(model, network, &key, cluster_domain);
+            let entry = valid::entry(
+                service_entry(model, network, &key, cluster_domain),
+                |_, _| {},
+            );
             (hostname(&key, cluster_domain), entry)
         })
         .collect();
@@ -41,7 +45,7 @@ pub fn route_table(model: &Model, network: &str, cluster_domain: &str) -> RouteT
             .remote_services
             .extend(entry.remote.into_iter().map(Arc::new));
     }
-    table.network_gateways = network_gateways(model, network);
+    table.network_gateways = valid::gateways(network_gateways(model, network), |_, _| {});
     table
 }
 

@@ -16,6 +16,7 @@ mod secrets;
 mod server;
 mod state;
 mod tls;
+mod valid;
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
@@ -116,6 +117,9 @@ impl Control {
                 cfg.listen
             ),
         };
+        if let Err(e) = valid::cluster_domain(&cfg.cluster_domain) {
+            bail!("--cluster-domain: {e}");
+        }
         for (net, addrs) in &cfg.gateways {
             for a in addrs {
                 let mut errors = Vec::new();

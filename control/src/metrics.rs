@@ -18,6 +18,8 @@ pub struct Metrics {
     pub pushes: AtomicU64,
     pub connected_proxies: AtomicI64,
     pub secret_errors: AtomicU64,
+    /// Items left out of published tables because a proxy would refuse them.
+    pub invalid_routes: AtomicU64,
     latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
     latency_count: AtomicU64,
     latency_sum_micros: AtomicU64,
@@ -101,6 +103,12 @@ pub fn render(shared: &Shared) -> String {
         "# TYPE eastwest_control_remote_secret_errors_total counter\n\
          eastwest_control_remote_secret_errors_total {}",
         m.secret_errors.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "# TYPE eastwest_control_invalid_routes_total counter\n\
+         eastwest_control_invalid_routes_total {}",
+        m.invalid_routes.load(Ordering::Relaxed)
     );
     if shared.settings.watch_secrets {
         let _ = writeln!(

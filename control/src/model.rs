@@ -85,7 +85,11 @@ impl ServiceDef {
                 .and_then(|lb| lb.ingress.as_ref())
                 .into_iter()
                 .flatten()
-                .filter_map(|ing| ing.ip.clone().or_else(|| ing.hostname.clone()))
+                .filter_map(|ing| {
+                    // Empty fields are unset ones: an `ip: ""` must not hide the hostname.
+                    let set = |f: &Option<String>| f.clone().filter(|s| !s.is_empty());
+                    set(&ing.ip).or_else(|| set(&ing.hostname))
+                })
                 .map(|host| host_port(&host, GATEWAY_PORT))
                 .collect()
         } else {

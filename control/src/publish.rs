@@ -19,6 +19,7 @@ use tracing::{debug, error, info};
 use crate::compute::{hostname, network_gateways, service_entry};
 use crate::encode::{delta_line, table_line, Fragment, Snapshot};
 use crate::state::Shared;
+use crate::valid;
 
 /// Publications whose changes are kept, so a stream that skipped versions still gets a delta.
 const RECENT_MAX: usize = 16;
@@ -211,6 +212,15 @@ fn publish_all(shared: &Shared) {
     // Forget networks nobody listens to any more (the local one always stays).
     channels.retain(|net, ch| *net == shared.settings.network || ch.tx.receiver_count() > 0);
     for (net, ch) in channels.iter_mut() {
+        // A proxy would refuse the whole table for one invalid item: leave it out instead.
+        let report = |item: &str, e: &eastwest_routes::Invalid| {
+            error!(network = %net, %item, field = %e.path, error = %e.message,
+                   "left out of the route table: a proxy would refuse it");
+            shared
+                .metrics
+                .invalid_routes
+                .fetch_add(1, Ordering::Relaxed);
+        };
         let previous = ch.tx.borrow().as_ref().map(|p| p.version);
         // Hostnames whose fragment changed.
         let mut changed = Vec::new();
@@ -218,8 +228,8 @@ fn publish_all(shared: &Shared) {
             (Some(cache), false) => {
                 for key in &dirty {
                     let host = hostname(key, domain);
-                    let fragment =
-                        Fragment::of(host.clone(), service_entry(&model, net, key, domain));
+                    let entry = valid::entry(service_entry(&model, net, key, domain), &report);
+                    let fragment = Fragment::of(host.clone(), entry);
                     let old = match fragment {
                         Some(f) => cache.fragments.insert(host.clone(), Arc::new(f)),
                         None => cache.fragments.remove(&host),
@@ -236,7 +246,8 @@ fn publish_all(shared: &Shared) {
                     .into_iter()
                     .filter_map(|k| {
                         let host = hostname(&k, domain);
-                        let f = Fragment::of(host.clone(), service_entry(&model, net, &k, domain))?;
+                        let entry = valid::entry(service_entry(&model, net, &k, domain), &report);
+                        let f = Fragment::of(host.clone(), entry)?;
                         Some((host, Arc::new(f)))
                     })
                     .collect();
@@ -257,7 +268,7 @@ fn publish_all(shared: &Shared) {
                 cache
             }
         };
-        let gateways = network_gateways(&model, net);
+        let gateways = valid::gateways(network_gateways(&model, net), &report);
         let gateways_changed = gateways != cache.gateways;
         if gateways_changed {
             cache.gateways = gateways;

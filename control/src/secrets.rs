@@ -169,7 +169,12 @@ impl SecretClusters {
     async fn apply_secret(&mut self, secret: &Secret) {
         let secret_key = key(secret);
         let name = format!("{}/{}", secret_key.0, secret_key.1);
-        let annotated_network = secret.annotations().get(NETWORK_ANNOTATION).cloned();
+        // An empty annotation is no annotation (as with the namespace label).
+        let annotated_network = secret
+            .annotations()
+            .get(NETWORK_ANNOTATION)
+            .filter(|n| !n.is_empty())
+            .cloned();
         let data: BTreeMap<String, Vec<u8>> = secret
             .data
             .iter()

@@ -8,4 +8,5 @@ mod secrets;
 mod stream;
 mod subsets;
 mod support;
+mod validation;
 mod watch;
