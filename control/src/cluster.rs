@@ -33,8 +33,8 @@ pub enum NetworkSource {
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
-/// A running cluster watch. Dropping it stops the watch; [`ClusterWatch::stop`] also forgets
-/// the cluster's objects.
+/// A running cluster watch. Dropping it stops the watch but keeps the cluster's objects (for a
+/// restart); [`ClusterWatch::stop`] also forgets them.
 #[derive(Debug)]
 pub struct ClusterWatch {
     pub id: u64,
@@ -42,7 +42,10 @@ pub struct ClusterWatch {
 }
 
 impl ClusterWatch {
-    /// Starts watching `name` (replacing any previous state of that cluster).
+    /// Starts watching `name`. A restart (a rotated remote secret: the previous watch was
+    /// dropped, not stopped) keeps the cluster's objects, so its routes stay up until the new
+    /// watch's first list replaces them atomically (`Init`..`InitDone`); the previous task's late
+    /// writes are ignored since it no longer owns the state (`id`).
     pub fn start(
         shared: Arc<Shared>,
         name: String,
@@ -51,7 +54,12 @@ impl ClusterWatch {
     ) -> Self {
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         shared.update(|m| {
-            m.clusters.insert(name.clone(), ClusterState::new(id));
+            match m.clusters.get_mut(&name) {
+                Some(c) => c.id = id,
+                None => {
+                    m.clusters.insert(name.clone(), ClusterState::new(id));
+                }
+            }
             false
         });
         let deadline = sync_deadline(shared.clone(), name.clone(), id);

@@ -228,8 +228,15 @@ impl SecretClusters {
                     continue;
                 }
             };
-            self.stop(&cluster);
-            info!(secret = %name, %cluster, "adding cluster from remote secret");
+            // A changed kubeconfig restarts the watch but keeps the cluster's objects (dropping
+            // the old watch does not forget them): its routes stay up across the rotation.
+            match self.running.remove(&cluster) {
+                Some(old) => {
+                    drop(old);
+                    info!(secret = %name, %cluster, "remote secret changed; restarting cluster watch");
+                }
+                None => info!(secret = %name, %cluster, "adding cluster from remote secret"),
+            }
             let watch = ClusterWatch::start(self.shared.clone(), cluster.clone(), client, network);
             self.running.insert(
                 cluster,

@@ -3,6 +3,7 @@
 
 mod delta;
 mod e2e;
+mod rotation;
 mod secrets;
 mod stream;
 mod subsets;
