@@ -189,3 +189,27 @@ fn changes_name_the_services_they_affect() {
     let cleared = drs.set_unavailable("404".into(), DOMAIN);
     assert!(cleared.all && drs.objects.is_empty() && drs.synced);
 }
+
+#[test]
+fn a_rule_for_all_clients_beats_an_older_workload_scoped_one() {
+    let mut scoped = rule(
+        "bookinfo",
+        "a-scoped",
+        "reviews",
+        json!([
+        {"name": "v1", "labels": {"version": "scoped"}}]),
+    );
+    scoped.data["spec"]["workloadSelector"] = json!({"matchLabels": {"app": "productpage"}});
+    scoped.metadata.creation_timestamp = serde_json::from_value(json!("2020-01-01T00:00:00Z")).ok();
+    let mut all = rule(
+        "bookinfo",
+        "b-all",
+        "reviews",
+        version_subsets(&["v1", "v2"]),
+    );
+    all.metadata.creation_timestamp = serde_json::from_value(json!("2024-01-01T00:00:00Z")).ok();
+    let m = model(&[("fra", "network1", vec![scoped, all])]);
+    let got = reviews_subsets(&m);
+    assert_eq!(names(&got), ["v1", "v2"]);
+    assert_eq!(got[0].labels["version"], "v1");
+}
