@@ -112,6 +112,9 @@ pub fn convert(
         Ok(spec) => spec,
         Err(e) => return (None, vec![format!("spec: {e}; rule ignored")]),
     };
+    if spec.host.trim().is_empty() {
+        return (None, vec!["spec.host is empty; rule ignored".to_string()]);
+    }
     let mut subsets: Vec<Subset> = Vec::new();
     for (i, s) in spec.subsets.into_iter().enumerate() {
         let at = format!("spec.subsets[{i}]");

@@ -157,6 +157,10 @@ fn bad_subsets_are_dropped_with_a_reason_and_unkept_label_keys_are_named() {
     let (def, problems) = convert(&no_host, DOMAIN, &keep());
     assert!(def.is_none());
     assert!(problems[0].contains("host"), "{problems:?}");
+    let empty = rule("bookinfo", "e", " ", version_subsets(&["v1"]));
+    let (def, problems) = convert(&empty, DOMAIN, &keep());
+    assert!(def.is_none());
+    assert_eq!(problems, ["spec.host is empty; rule ignored"]);
 }
 
 #[test]
