@@ -101,7 +101,8 @@ pub fn service_entry(model: &Model, network: &str, key: &ObjKey, cluster_domain:
             remote: Vec::new(),
         };
     }
-    // Reachable only through another network's gateway.
+    // Reachable only through another network's gateway. No subsets: the SNI (subset included)
+    // passes through to that gateway, whose own table has them.
     let remote = clusters()
         .filter(|(_, c)| c.slices.of_service(key).any(|s| !s.endpoints.is_empty()))
         .map(|(name, c)| RemoteService {

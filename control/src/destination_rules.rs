@@ -31,6 +31,9 @@ pub const ROOT_NAMESPACE: &str = "istio-system";
 pub struct RuleDef {
     pub host: Host,
     pub subsets: Vec<Subset>,
+    /// Has a `workloadSelector`: meant for some clients only, so it yields to rules for all
+    /// when both define a subset.
+    pub scoped: bool,
     /// `metadata.creationTimestamp` (RFC 3339, so it sorts as text): older rules win merges.
     pub created: String,
 }
@@ -86,6 +89,8 @@ struct Spec {
     host: String,
     #[serde(default)]
     subsets: Vec<SpecSubset>,
+    #[serde(default, rename = "workloadSelector")]
+    workload_selector: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -107,6 +112,9 @@ pub fn convert(
         Ok(spec) => spec,
         Err(e) => return (None, vec![format!("spec: {e}; rule ignored")]),
     };
+    if spec.host.trim().is_empty() {
+        return (None, vec!["spec.host is empty; rule ignored".to_string()]);
+    }
     let mut subsets: Vec<Subset> = Vec::new();
     for (i, s) in spec.subsets.into_iter().enumerate() {
         let at = format!("spec.subsets[{i}]");
@@ -155,6 +163,7 @@ pub fn convert(
         Some(RuleDef {
             host,
             subsets,
+            scoped: spec.workload_selector.is_some(),
             created,
         }),
         problems,
@@ -369,7 +378,10 @@ pub fn subsets(model: &Model, network: &str, key: &ObjKey, hostname: &str) -> Ve
         .iter()
         .filter(|(_, k, _, spec)| &k.0 == best.1 && *spec == best.2 .0)
         .collect();
-    chosen.sort_by(|a, b| (a.0, &a.2.created, &a.1 .1).cmp(&(b.0, &b.2.created, &b.1 .1)));
+    // Clusters of this network first, then rules for all clients, then the oldest.
+    chosen.sort_by(|a, b| {
+        (a.0, a.2.scoped, &a.2.created, &a.1 .1).cmp(&(b.0, b.2.scoped, &b.2.created, &b.1 .1))
+    });
     let mut out: Vec<Subset> = Vec::new();
     for (_, _, def, _) in chosen {
         for s in &def.subsets {

@@ -240,17 +240,26 @@ def check_proxy(path, objs, fails):
 
 def check_rules(path, obj, allowed, fails):
     """`allowed` maps (apiGroup, resource) to the verbs allowed, or to (verbs, resourceNames)
-    when the rule must be limited to those names."""
+    when the rule must be limited to those names. Every allowed verb must also be granted:
+    eastwest-control uses each of them."""
+    granted = {}
     for rule in obj.get("rules", []):
         for group in rule.get("apiGroups", []):
             for res in rule.get("resources", []):
                 grant = allowed.get((group, res), set())
                 verbs, names = grant if isinstance(grant, tuple) else (grant, None)
+                granted.setdefault((group, res), set()).update(rule.get("verbs", []))
                 extra = set(rule.get("verbs", [])) - set(verbs)
                 if extra:
                     fails.add(path, obj, f"grants {sorted(extra)} on {group or 'core'}/{res}")
                 if names is not None and not set(rule.get("resourceNames") or ["*"]) <= names:
                     fails.add(path, obj, f"{group or 'core'}/{res} must be limited to {sorted(names)}")
+    for (group, res), grant in allowed.items():
+        verbs = grant[0] if isinstance(grant, tuple) else grant
+        missing = set(verbs) - granted.get((group, res), set())
+        if missing:
+            fails.add(path, obj, f"does not grant {sorted(missing)} on {group or 'core'}/{res}, "
+                                 "which eastwest-control needs")
 
 
 def check_control(path, objs, fails):
@@ -265,6 +274,7 @@ def check_control(path, objs, fails):
     watch = {"list", "watch"}
     cluster = {("", "services"): watch, ("", "pods"): watch,
                ("discovery.k8s.io", "endpointslices"): watch,
+               ("networking.istio.io", "destinationrules"): watch,
                ("", "namespaces"): ({"get"}, {"istio-system"})}
     bound = set()
     for obj in objs:

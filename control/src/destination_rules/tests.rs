@@ -157,6 +157,10 @@ fn bad_subsets_are_dropped_with_a_reason_and_unkept_label_keys_are_named() {
     let (def, problems) = convert(&no_host, DOMAIN, &keep());
     assert!(def.is_none());
     assert!(problems[0].contains("host"), "{problems:?}");
+    let empty = rule("bookinfo", "e", " ", version_subsets(&["v1"]));
+    let (def, problems) = convert(&empty, DOMAIN, &keep());
+    assert!(def.is_none());
+    assert_eq!(problems, ["spec.host is empty; rule ignored"]);
 }
 
 #[test]
@@ -188,4 +192,28 @@ fn changes_name_the_services_they_affect() {
     assert_eq!(gone.services, [("bookinfo".into(), "ratings".into())]);
     let cleared = drs.set_unavailable("404".into(), DOMAIN);
     assert!(cleared.all && drs.objects.is_empty() && drs.synced);
+}
+
+#[test]
+fn a_rule_for_all_clients_beats_an_older_workload_scoped_one() {
+    let mut scoped = rule(
+        "bookinfo",
+        "a-scoped",
+        "reviews",
+        json!([
+        {"name": "v1", "labels": {"version": "scoped"}}]),
+    );
+    scoped.data["spec"]["workloadSelector"] = json!({"matchLabels": {"app": "productpage"}});
+    scoped.metadata.creation_timestamp = serde_json::from_value(json!("2020-01-01T00:00:00Z")).ok();
+    let mut all = rule(
+        "bookinfo",
+        "b-all",
+        "reviews",
+        version_subsets(&["v1", "v2"]),
+    );
+    all.metadata.creation_timestamp = serde_json::from_value(json!("2024-01-01T00:00:00Z")).ok();
+    let m = model(&[("fra", "network1", vec![scoped, all])]);
+    let got = reviews_subsets(&m);
+    assert_eq!(names(&got), ["v1", "v2"]);
+    assert_eq!(got[0].labels["version"], "v1");
 }

@@ -252,6 +252,16 @@ async fn a_cluster_without_the_crd_syncs_routes_and_picks_rules_up_later() {
     subsets_applied(&control, &proxy, &["v1"]).await;
     assert_eq!(greeting(gw, &d.client, &sni("v1")).await.unwrap(), "v1");
     assert!(greeting(gw, &d.client, &sni("v2")).await.is_err());
+
+    // The CRD goes away while watched: fra's rule is forgotten, the root one applies again.
+    fra.stop_serving("destinationrules");
+    subsets_applied(&control, &proxy, &["v2"]).await;
+    assert_eq!(greeting(gw, &d.client, &sni("v2")).await.unwrap(), "v2");
+    assert!(
+        control.not_synced().is_empty(),
+        "{:?}",
+        control.not_synced()
+    );
 }
 
 #[tokio::test]
