@@ -9,6 +9,10 @@ use std::borrow::Cow;
 
 /// Largest ClientHello we will buffer; a bigger one is treated as malformed.
 pub const MAX_HELLO_BYTES: usize = 64 * 1024;
+/// Most records a ClientHello may span. Clients split one only at the 16 KiB record limit
+/// (a few records for the largest post-quantum hellos); hundreds of tiny records are an
+/// attempt to make every read re-walk them.
+pub const MAX_HELLO_RECORDS: usize = 256;
 
 const RECORD_HEADER: usize = 5;
 const CONTENT_HANDSHAKE: u8 = 22;
@@ -79,29 +83,53 @@ pub fn parse(buf: &[u8]) -> Result<Parse<HelloInfo<'_>>, HelloError> {
         }
         Some(_) => {}
     }
-    // Slow path: the message continues in further records; gather their payloads.
-    let mut message = Vec::with_capacity(first.len() * 2);
+    // Slow path: the message continues in further records. Walk their headers first and copy
+    // the payloads only once all have arrived, so a hello trickling in costs each read a walk
+    // over at most MAX_HELLO_RECORDS headers, not a copy of everything so far.
+    let mut head = [0u8; 4];
+    let mut head_len = 0;
+    let mut have = 0;
     let mut at = 0;
-    loop {
+    let mut records = 0;
+    let total = loop {
         let Some(payload) = record(buf, at)? else {
             return Ok(Parse::NeedMore);
         };
-        message.extend_from_slice(payload);
+        records += 1;
+        if records > MAX_HELLO_RECORDS {
+            return Err(HelloError::Malformed(
+                "ClientHello spread over too many records",
+            ));
+        }
+        let n = payload.len().min(head.len() - head_len);
+        head[head_len..head_len + n].copy_from_slice(&payload[..n]);
+        head_len += n;
+        have += payload.len();
         at += RECORD_HEADER + payload.len();
-        if message.len() > MAX_HELLO_BYTES {
+        if have > MAX_HELLO_BYTES {
             return Err(HelloError::TooLarge);
         }
-        if let Some(total) = handshake_len(&message)? {
-            if message.len() >= total {
-                message.truncate(total);
-                let parsed = parse_client_hello(&message[4..])?;
-                return Ok(Parse::Done(HelloInfo {
-                    message: Cow::Owned(message),
-                    parsed,
-                }));
+        if let Some(total) = handshake_len(&head[..head_len])? {
+            if have >= total {
+                break total;
             }
         }
+    };
+    let mut message = Vec::with_capacity(have);
+    let mut next = 0;
+    while next < at {
+        let Some(payload) = record(buf, next)? else {
+            break;
+        };
+        message.extend_from_slice(payload);
+        next += RECORD_HEADER + payload.len();
     }
+    message.truncate(total);
+    let parsed = parse_client_hello(&message[4..])?;
+    Ok(Parse::Done(HelloInfo {
+        message: Cow::Owned(message),
+        parsed,
+    }))
 }
 
 /// A parsed hello, holding (or borrowing) the handshake message it came from.

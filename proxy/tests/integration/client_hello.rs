@@ -2,7 +2,7 @@
 
 use crate::support::hello::with_extension;
 use crate::support::*;
-use eastwest_proxy::client_hello::{parse, HelloError, Parse, MAX_HELLO_BYTES};
+use eastwest_proxy::client_hello::{parse, HelloError, Parse, MAX_HELLO_BYTES, MAX_HELLO_RECORDS};
 
 fn done(bytes: &[u8]) -> (Option<String>, Vec<String>, bool) {
     match parse(bytes) {
@@ -83,6 +83,25 @@ fn tls12_hello_without_extensions() {
     ];
     rec.extend_from_slice(&body);
     assert_eq!(done(&rec), (None, vec![], false));
+}
+
+#[test]
+fn tiny_records_parse_up_to_a_cap() {
+    let pki = pki();
+    let hello = client_hello_bytes(&pki.client, "tiny.example.com");
+    // Two bytes per record: even the 4-byte handshake header spans records.
+    let two = split_records(&hello, 2);
+    assert!((hello.len() - 5).div_ceil(2) <= MAX_HELLO_RECORDS);
+    assert_eq!(done(&two).0.as_deref(), Some("tiny.example.com"));
+    // One byte per record: more records than any client sends.
+    let one = split_records(&hello, 1);
+    assert!(hello.len() - 5 > MAX_HELLO_RECORDS);
+    assert_eq!(
+        parse(&one),
+        Err(HelloError::Malformed(
+            "ClientHello spread over too many records"
+        ))
+    );
 }
 
 #[test]
