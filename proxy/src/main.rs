@@ -105,10 +105,18 @@ async fn run(cli: Cli, config: eastwest_routes::ProxyConfig) -> anyhow::Result<(
         .context("cannot listen for SIGHUP")?;
     // Read everything that can fail before binding, so a mistake exits at once.
     let control = control_client_config(&cli)?;
-    let cached = match &cli.route_cache {
-        Some(path) => control_client::load_route_cache(path)?,
-        None => None,
-    };
+    // A cache that can't be read (torn by a full disk, or written by another version) must
+    // not keep the gateway down: it starts without it and waits for control.
+    let cached =
+        cli.route_cache
+            .as_deref()
+            .and_then(|path| match control_client::load_route_cache(path) {
+                Ok(table) => table,
+                Err(err) => {
+                    tracing::warn!(error = format!("{err:#}"), "ignoring the route cache");
+                    None
+                }
+            });
     let proxy = Proxy::start(config).await?;
     proxy.set_config_file(cli.config.clone());
     tracing::info!(admin = %proxy.admin_addr(), "eastwest-proxy started");

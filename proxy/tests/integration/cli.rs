@@ -340,3 +340,36 @@ fn sighup_retries_a_reload_that_failed() {
     });
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
 }
+
+/// A route cache that can't be used is ignored: the gateway starts, not ready until control
+/// answers, instead of refusing to start.
+#[test]
+fn a_corrupt_route_cache_does_not_keep_the_gateway_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_port();
+    let config = dir.path().join("gw.yaml");
+    std::fs::write(
+        &config,
+        format!("admin: {{address: 127.0.0.1:{admin}}}\nlisteners:\n  - name: tls\n    address: 127.0.0.1:0\n"),
+    )
+    .unwrap();
+    let cache = dir.path().join("routes.json");
+    std::fs::write(&cache, b"{\"version\": 42, \"servi").unwrap();
+    let mut proxy = Running(
+        proxy()
+            .arg("--config")
+            .arg(&config)
+            .args(["--control", &format!("http://127.0.0.1:{}", free_port())])
+            .args(["--cluster", "ash", "--network", "network2"])
+            .arg("--route-cache")
+            .arg(&cache)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_until("the admin server to answer", || {
+        assert!(proxy.0.try_wait().unwrap().is_none(), "the proxy exited");
+        http_get(admin, "/healthz/ready").is_some()
+    });
+    assert_eq!(http_get(admin, "/healthz/ready").unwrap().0, 503);
+}
