@@ -7,13 +7,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::support::apiserver::ApiServer;
-use crate::support::control::start_control_with_remote;
+use crate::support::control::{gateway_following, start_control_with_remote};
 use crate::support::objects::*;
 use crate::support::{http_get, subscribe_h2c, wait_for};
 use bytes::{Bytes, BytesMut};
 use eastwest_control::Control;
-use eastwest_proxy::{control_client, Proxy};
-use eastwest_routes::{ListenerConfig, ListenerMode, ProxyConfig, RouteTable, RouteUpdate};
+use eastwest_proxy::Proxy;
+use eastwest_routes::{RouteTable, RouteUpdate};
 use http_body_util::BodyExt;
 
 const HELLO: &str = "helloworld.sample.svc.cluster.local";
@@ -34,27 +34,6 @@ fn svc_with_slice(api: &ApiServer, name: &str, ips: &[&str]) {
             &eps,
         ),
     );
-}
-
-/// A real proxy fed by control_client (which asks for deltas).
-async fn subscribed_proxy(control: &Control) -> Proxy {
-    let mut cfg = ProxyConfig::with_listeners(vec![ListenerConfig::new(
-        "gw",
-        "127.0.0.1:0".parse().unwrap(),
-        ListenerMode::AutoPassthrough,
-    )]);
-    cfg.admin.address = "127.0.0.1:0".parse().unwrap();
-    let proxy = Proxy::start(cfg).await.unwrap();
-    let applier = proxy.clone();
-    tokio::spawn(control_client::run(
-        control_client::ControlClientConfig::plain_text(
-            format!("http://{}", control.routes_addr()),
-            "fra",
-            "network1",
-        ),
-        move |t| applier.apply_routes(t),
-    ));
-    proxy
 }
 
 fn current(control: &Control) -> Arc<RouteTable> {
@@ -87,7 +66,7 @@ async fn a_delta_subscriber_ends_with_the_table_a_fresh_subscriber_gets() {
     svc_with_slice(&ash, "reviews", &["10.2.0.1"]);
     let dir = tempfile::tempdir().unwrap();
     let control = start_control_with_remote(&fra, &ash, dir.path()).await;
-    let follower = subscribed_proxy(&control).await;
+    let follower = gateway_following(&control).await;
     step(&control, &follower, "the first table", |t| {
         t.service(HELLO).is_some() && t.remote_services.iter().any(|r| r.hostname == REVIEWS)
     })
@@ -137,7 +116,7 @@ async fn a_delta_subscriber_ends_with_the_table_a_fresh_subscriber_gets() {
         "the follower applied {deltas} deltas\n{metrics}"
     );
 
-    let fresh = subscribed_proxy(&control).await;
+    let fresh = gateway_following(&control).await;
     let version = follower.routes().version;
     wait_for("the fresh subscriber's table", || async {
         fresh.routes().version == version

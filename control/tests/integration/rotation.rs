@@ -9,7 +9,7 @@ use eastwest_routes::RouteTable;
 use crate::support::apiserver::ApiServer;
 use crate::support::control::start_control;
 use crate::support::objects::*;
-use crate::support::{http_get, wait_for};
+use crate::support::{endpoint_addrs, http_get, wait_for};
 
 const RATINGS: &str = "ratings.sample.svc.cluster.local";
 
@@ -23,18 +23,6 @@ async fn ash_api_server(ips: &[&str]) -> ApiServer {
         slice("sample", "ratings-1", "ratings", &[("http", 9080)], &eps),
     );
     s
-}
-
-fn ratings(t: &RouteTable) -> Vec<String> {
-    t.service(RATINGS)
-        .map(|s| {
-            s.ports[0]
-                .endpoints
-                .iter()
-                .map(|e| e.address.to_string())
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 #[tokio::test]
@@ -70,7 +58,7 @@ async fn a_rotated_remote_secret_never_withdraws_the_clusters_routes() {
     ));
     let last = || seen.lock().unwrap().last().cloned().unwrap_or_default();
     wait_for("ash's endpoints at the proxy", || async {
-        ratings(&last()) == ["10.2.0.1:9080"]
+        endpoint_addrs(&last(), RATINGS) == ["10.2.0.1:9080"]
     })
     .await;
     let from = seen.lock().unwrap().len() - 1;
@@ -94,17 +82,17 @@ async fn a_rotated_remote_secret_never_withdraws_the_clusters_routes() {
     // Reachable: the new watch's list replaces ash's objects.
     ash_new.come_back().await;
     wait_for("the new server's endpoints at the proxy", || async {
-        ratings(&last()) == ["10.2.0.1:9080", "10.2.0.2:9080"]
+        endpoint_addrs(&last(), RATINGS) == ["10.2.0.1:9080", "10.2.0.2:9080"]
     })
     .await;
     client.abort();
     let seen = seen.lock().unwrap();
     for t in &seen[from..] {
         assert!(
-            ratings(t).contains(&"10.2.0.1:9080".to_string()),
+            endpoint_addrs(t, RATINGS).contains(&"10.2.0.1:9080".to_string()),
             "version {} lost ash's endpoints: {:?}",
             t.version,
-            ratings(t)
+            endpoint_addrs(t, RATINGS)
         );
     }
     assert!(control.not_synced().is_empty());

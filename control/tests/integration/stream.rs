@@ -10,7 +10,7 @@ use std::time::Duration;
 use crate::support::apiserver::ApiServer;
 use crate::support::control::start_control;
 use crate::support::objects::*;
-use crate::support::{subscribe_h2c, wait_for};
+use crate::support::{endpoint_addrs, subscribe_h2c, wait_for};
 use control_client::{load_route_cache, ControlClientConfig};
 use eastwest_certs::{Mesh, PeerPolicy, SpiffeId};
 use eastwest_routes::RouteTable;
@@ -35,18 +35,6 @@ async fn helloworld_api_server() -> ApiServer {
     );
     hello(&fra, &["10.1.0.1"]);
     fra
-}
-
-fn addrs(t: &RouteTable) -> Vec<String> {
-    t.service(HELLO)
-        .map(|s| {
-            s.ports[0]
-                .endpoints
-                .iter()
-                .map(|e| e.address.to_string())
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// Runs the client; every table it is offered goes to the channel, and `refuse` decides
@@ -94,17 +82,22 @@ async fn client_gets_full_table_then_new_versions_and_caches_them() {
     let url = format!("http://{}", control.routes_addr());
     // Refuse any table routing to 10.1.0.66 (stands in for a table failing validation).
     let (mut rx, client) = subscribe(plain(url, Some(cache.clone())), |t| {
-        addrs(t).iter().any(|a| a.starts_with("10.1.0.66"))
+        endpoint_addrs(t, HELLO)
+            .iter()
+            .any(|a| a.starts_with("10.1.0.66"))
     });
 
     let (t1, applied) = next(&mut rx).await;
     assert!(applied);
-    assert_eq!(addrs(&t1), ["10.1.0.1:5000"]);
+    assert_eq!(endpoint_addrs(&t1, HELLO), ["10.1.0.1:5000"]);
 
     hello(&fra, &["10.1.0.1", "10.1.0.2"]);
     let (t2, _) = next(&mut rx).await;
     assert!(t2.version > t1.version, "versions must increase");
-    assert_eq!(addrs(&t2), ["10.1.0.1:5000", "10.1.0.2:5000"]);
+    assert_eq!(
+        endpoint_addrs(&t2, HELLO),
+        ["10.1.0.1:5000", "10.1.0.2:5000"]
+    );
     wait_for("cache holds t2", || async {
         load_route_cache(&cache)
             .ok()
@@ -129,7 +122,7 @@ async fn client_gets_full_table_then_new_versions_and_caches_them() {
     })
     .await;
     assert_eq!(
-        addrs(&load_route_cache(&cache).unwrap().unwrap()),
+        endpoint_addrs(&load_route_cache(&cache).unwrap().unwrap(), HELLO),
         ["10.1.0.3:5000"]
     );
     client.abort();
@@ -149,7 +142,7 @@ async fn client_rides_out_a_control_restart() {
     hello(&fra, &["10.1.0.9"]);
     let control = start_control(&fra, dir.path(), |c| c.listen = addr).await;
     let (t2, _) = next(&mut rx).await;
-    assert_eq!(addrs(&t2), ["10.1.0.9:5000"]);
+    assert_eq!(endpoint_addrs(&t2, HELLO), ["10.1.0.9:5000"]);
     assert!(
         t2.version > t1.version,
         "a restarted control still moves versions forward"
@@ -209,7 +202,7 @@ async fn mtls_control_channel_accepts_mesh_identities_only() {
     cfg.tls = Some(tls);
     let (mut rx, good) = subscribe(cfg, |_| false);
     let (t, _) = next(&mut rx).await;
-    assert_eq!(addrs(&t), ["10.1.0.1:5000"]);
+    assert_eq!(endpoint_addrs(&t, HELLO), ["10.1.0.1:5000"]);
 
     // A client of another mesh is turned away at the TLS layer.
     let other = Mesh::generate("cluster.local", &["fra"]).unwrap();
@@ -280,7 +273,7 @@ async fn a_burst_of_changes_is_coalesced_into_few_versions() {
         let (t, _) = next(&mut rx).await;
         assert!(t.version > first.version);
         seen += 1;
-        if addrs(&t) == ["10.1.1.40:5000"] {
+        if endpoint_addrs(&t, HELLO) == ["10.1.1.40:5000"] {
             break;
         }
     }

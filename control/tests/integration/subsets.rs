@@ -7,13 +7,13 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::support::apiserver::ApiServer;
-use crate::support::control::{start_control, start_control_with_remote};
+use crate::support::control::{gateway_following, start_control, start_control_with_remote};
 use crate::support::objects::*;
 use crate::support::{http_get, wait_for};
 use eastwest_certs::{Identity, Mesh, PeerPolicy, SpiffeId};
 use eastwest_control::Control;
-use eastwest_proxy::{control_client, Proxy};
-use eastwest_routes::{ListenerConfig, ListenerMode, ProxyConfig, RouteTable};
+use eastwest_proxy::Proxy;
+use eastwest_routes::RouteTable;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -60,27 +60,6 @@ async fn greeting(gw: SocketAddr, id: &Identity, sni: &str) -> std::io::Result<S
     let mut out = String::new();
     tokio::time::timeout(Duration::from_secs(10), tls.read_to_string(&mut out)).await??;
     Ok(out.trim_end().to_string())
-}
-
-/// fra's gateway, following control.
-async fn gateway(control: &Control) -> Proxy {
-    let mut cfg = ProxyConfig::with_listeners(vec![ListenerConfig::new(
-        "gw",
-        "127.0.0.1:0".parse().unwrap(),
-        ListenerMode::AutoPassthrough,
-    )]);
-    cfg.admin.address = "127.0.0.1:0".parse().unwrap();
-    let proxy = Proxy::start(cfg).await.unwrap();
-    let applier = proxy.clone();
-    tokio::spawn(control_client::run(
-        control_client::ControlClientConfig::plain_text(
-            format!("http://{}", control.routes_addr()),
-            "fra",
-            "network1",
-        ),
-        move |t| applier.apply_routes(t),
-    ));
-    proxy
 }
 
 /// Waits until control publishes a table whose sglang subsets are `want` and `proxy` applied it.
@@ -167,7 +146,7 @@ async fn subset_sni_reaches_only_that_subsets_pods_until_the_rule_goes() {
     );
     let dir = tempfile::tempdir().unwrap();
     let control = start_control(&fra, dir.path(), |_| {}).await;
-    let proxy = gateway(&control).await;
+    let proxy = gateway_following(&control).await;
     let gw = proxy.listener_addr("gw").unwrap();
 
     let table = subsets_applied(&control, &proxy, &["v1", "v2"]).await;
@@ -216,7 +195,7 @@ async fn a_cluster_without_the_crd_syncs_routes_and_picks_rules_up_later() {
         c.destination_rule_recheck = Duration::from_millis(200);
     })
     .await;
-    let proxy = gateway(&control).await;
+    let proxy = gateway_following(&control).await;
     let gw = proxy.listener_addr("gw").unwrap();
 
     // No CRD in fra: ready all the same, and the service routes without subsets.

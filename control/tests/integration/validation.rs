@@ -12,7 +12,7 @@ use serde_json::json;
 use crate::support::apiserver::ApiServer;
 use crate::support::control::start_control;
 use crate::support::objects::*;
-use crate::support::{http_get, wait_for};
+use crate::support::{endpoint_addrs, http_get, wait_for};
 
 const HELLO: &str = "helloworld.sample.svc.cluster.local";
 
@@ -94,17 +94,7 @@ async fn invalid_objects_are_left_out_and_updates_keep_flowing() {
             .map(|(t, _)| t.clone())
             .unwrap_or_default()
     };
-    let endpoint = |t: &RouteTable| -> Vec<String> {
-        t.service(HELLO)
-            .map(|s| {
-                s.ports[0]
-                    .endpoints
-                    .iter()
-                    .map(|e| e.address.to_string())
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
+    let endpoint = |t: &RouteTable| endpoint_addrs(t, HELLO);
     wait_for("first table applied", || async {
         endpoint(&applied()) == ["10.1.0.1:5000"]
     })

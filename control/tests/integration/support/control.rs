@@ -6,6 +6,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use eastwest_control::{Control, ControlConfig, RemoteCluster};
+use eastwest_proxy::{control_client, Proxy};
+use eastwest_routes::{ListenerConfig, ListenerMode, ProxyConfig};
 
 use super::apiserver::ApiServer;
 
@@ -39,4 +41,26 @@ pub async fn start_control_with_remote(fra: &ApiServer, ash: &ApiServer, dir: &P
         })
     })
     .await
+}
+
+/// fra's gateway: a real proxy (one auto-passthrough listener "gw") fed by control_client,
+/// which asks for deltas.
+pub async fn gateway_following(control: &Control) -> Proxy {
+    let mut cfg = ProxyConfig::with_listeners(vec![ListenerConfig::new(
+        "gw",
+        "127.0.0.1:0".parse().unwrap(),
+        ListenerMode::AutoPassthrough,
+    )]);
+    cfg.admin.address = "127.0.0.1:0".parse().unwrap();
+    let proxy = Proxy::start(cfg).await.unwrap();
+    let applier = proxy.clone();
+    tokio::spawn(control_client::run(
+        control_client::ControlClientConfig::plain_text(
+            format!("http://{}", control.routes_addr()),
+            "fra",
+            "network1",
+        ),
+        move |t| applier.apply_routes(t),
+    ));
+    proxy
 }

@@ -65,3 +65,17 @@ pub async fn subscribe_h2c(
         .unwrap();
     send.send_request(req).await.unwrap()
 }
+
+/// The endpoint addresses of `host`'s first port in `table` (empty if it has none).
+pub fn endpoint_addrs(table: &eastwest_routes::RouteTable, host: &str) -> Vec<String> {
+    table
+        .service(host)
+        .map(|s| {
+            s.ports[0]
+                .endpoints
+                .iter()
+                .map(|e| e.address.to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
