@@ -103,6 +103,50 @@ fn signal(proxy: &Running, name: &str) {
     assert!(sent.success());
 }
 
+/// Writes `gw.yaml` in `dir`: the admin server on a free port, one listener on any port.
+/// Returns its path, the admin port and the text (for tests that extend it).
+fn base_config(dir: &std::path::Path) -> (std::path::PathBuf, u16, String) {
+    let admin = free_port();
+    let base = format!(
+        "admin: {{address: 127.0.0.1:{admin}}}\nlisteners:\n  - name: tls\n    address: 127.0.0.1:0\n"
+    );
+    let config = dir.join("gw.yaml");
+    std::fs::write(&config, &base).unwrap();
+    (config, admin, base)
+}
+
+/// The proxy serving `config`, with `args` added and its log discarded.
+fn start(config: &std::path::Path, args: &[std::ffi::OsString]) -> Running {
+    Running(
+        proxy()
+            .arg("--config")
+            .arg(config)
+            .args(args)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// The arguments that subscribe to a control that is down (nothing listens on its port),
+/// with `cache` as the route cache.
+fn down_control_with_cache(cache: &std::path::Path) -> Vec<std::ffi::OsString> {
+    let control = format!("http://127.0.0.1:{}", free_port());
+    [
+        "--control",
+        &control,
+        "--cluster",
+        "ash",
+        "--network",
+        "network2",
+        "--route-cache",
+    ]
+    .iter()
+    .map(Into::into)
+    .chain([cache.as_os_str().to_owned()])
+    .collect()
+}
+
 /// Kills the child when the test ends, pass or fail.
 struct Running(std::process::Child);
 impl Drop for Running {
@@ -115,13 +159,7 @@ impl Drop for Running {
 #[test]
 fn restart_while_control_is_down_routes_from_the_cache() {
     let dir = tempfile::tempdir().unwrap();
-    let admin = free_port();
-    let config = dir.path().join("gw.yaml");
-    std::fs::write(
-        &config,
-        format!("admin: {{address: 127.0.0.1:{admin}}}\nlisteners:\n  - name: tls\n    address: 127.0.0.1:0\n"),
-    )
-    .unwrap();
+    let (config, admin, _) = base_config(dir.path());
     let cache = dir.path().join("routes.json");
     std::fs::write(
         &cache,
@@ -129,26 +167,7 @@ fn restart_while_control_is_down_routes_from_the_cache() {
             "ports": [{"port": 8000, "endpoints": [{"address": "10.0.0.9:8000"}]}]}]}"#,
     )
     .unwrap();
-    // Nothing listens on the control port: control is down.
-    let control = format!("http://127.0.0.1:{}", free_port());
-    let _proxy = Running(
-        proxy()
-            .arg("--config")
-            .arg(&config)
-            .args([
-                "--control",
-                &control,
-                "--cluster",
-                "ash",
-                "--network",
-                "network2",
-            ])
-            .arg("--route-cache")
-            .arg(&cache)
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _proxy = start(&config, &down_control_with_cache(&cache));
     wait_until("ready from the cache", || {
         matches!(http_get(admin, "/healthz/ready"), Some((200, _)))
     });
@@ -199,22 +218,10 @@ fn https_control_without_an_identity_is_refused_up_front() {
 fn sighup_applies_a_change_the_file_watcher_cannot_see() {
     let watched = tempfile::tempdir().unwrap();
     let elsewhere = tempfile::tempdir().unwrap();
-    let admin = free_port();
-    let real = elsewhere.path().join("real.yaml");
-    let base = format!(
-        "admin: {{address: 127.0.0.1:{admin}}}\nlisteners:\n  - name: tls\n    address: 127.0.0.1:0\n"
-    );
-    std::fs::write(&real, &base).unwrap();
+    let (real, admin, base) = base_config(elsewhere.path());
     let config = watched.path().join("gw.yaml");
     std::os::unix::fs::symlink(&real, &config).unwrap();
-    let proxy = Running(
-        proxy()
-            .arg("--config")
-            .arg(&config)
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let proxy = start(&config, &[]);
     wait_until("ready", || {
         matches!(http_get(admin, "/healthz/ready"), Some((200, _)))
     });
@@ -301,22 +308,10 @@ fn logs_into_a_pipe_are_plain_text_and_sigterm_exits_zero() {
 #[test]
 fn sighup_retries_a_reload_that_failed() {
     let dir = tempfile::tempdir().unwrap();
-    let admin = free_port();
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
-    let base = format!(
-        "admin: {{address: 127.0.0.1:{admin}}}\nlisteners:\n  - name: tls\n    address: 127.0.0.1:0\n"
-    );
-    let config = dir.path().join("gw.yaml");
-    std::fs::write(&config, &base).unwrap();
-    let proxy = Running(
-        proxy()
-            .arg("--config")
-            .arg(&config)
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let (config, admin, base) = base_config(dir.path());
+    let proxy = start(&config, &[]);
     wait_until("ready", || {
         matches!(http_get(admin, "/healthz/ready"), Some((200, _)))
     });
@@ -346,27 +341,10 @@ fn sighup_retries_a_reload_that_failed() {
 #[test]
 fn a_corrupt_route_cache_does_not_keep_the_gateway_down() {
     let dir = tempfile::tempdir().unwrap();
-    let admin = free_port();
-    let config = dir.path().join("gw.yaml");
-    std::fs::write(
-        &config,
-        format!("admin: {{address: 127.0.0.1:{admin}}}\nlisteners:\n  - name: tls\n    address: 127.0.0.1:0\n"),
-    )
-    .unwrap();
+    let (config, admin, _) = base_config(dir.path());
     let cache = dir.path().join("routes.json");
     std::fs::write(&cache, b"{\"version\": 42, \"servi").unwrap();
-    let mut proxy = Running(
-        proxy()
-            .arg("--config")
-            .arg(&config)
-            .args(["--control", &format!("http://127.0.0.1:{}", free_port())])
-            .args(["--cluster", "ash", "--network", "network2"])
-            .arg("--route-cache")
-            .arg(&cache)
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let mut proxy = start(&config, &down_control_with_cache(&cache));
     wait_until("the admin server to answer", || {
         assert!(proxy.0.try_wait().unwrap().is_none(), "the proxy exited");
         http_get(admin, "/healthz/ready").is_some()

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use crate::support::*;
 use eastwest_proxy::Proxy;
+use eastwest_routes::ProxyConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn echo_roundtrip(tls: &mut Tls, msg: &[u8]) {
@@ -99,20 +100,30 @@ async fn file_reload_under_traffic_keeps_established_connections() {
     echo_roundtrip(&mut established, b"after two reloads").await;
 }
 
-#[tokio::test]
-async fn drain_stops_accepting_but_lets_established_streams_finish() {
+/// A gateway on listener `name` routing SGLANG:8000 to an echo backend (its config changed by
+/// `tweak` first), and one stream established through it. Also returns the config.
+async fn gateway_with_a_stream(
+    name: &str,
+    tweak: impl FnOnce(&mut ProxyConfig),
+) -> (Proxy, ProxyConfig, std::net::SocketAddr, Tls) {
     let pki = pki();
     let backend = tls_echo_backend("b", &pki.server).await;
-    let mut cfg = passthrough_config("drain", vec![service(SGLANG, 8000, &[(backend, &[])])]);
-    cfg.drain_period = Duration::from_secs(30);
-    let proxy = Proxy::start(cfg).await.unwrap();
-    let gw = proxy.listener_addr("drain").unwrap();
-    assert_eq!(admin_get(&proxy, "/healthz/ready").await.0, 200);
-
+    let mut cfg = passthrough_config(name, vec![service(SGLANG, 8000, &[(backend, &[])])]);
+    tweak(&mut cfg);
+    let proxy = Proxy::start(cfg.clone()).await.unwrap();
+    let gw = proxy.listener_addr(name).unwrap();
     let mut established = istio_connect(gw, &pki.client, &istio_sni(8000, "", SGLANG))
         .await
         .unwrap();
     assert!(greeting(&mut established).await.starts_with("b "));
+    (proxy, cfg, gw, established)
+}
+
+#[tokio::test]
+async fn drain_stops_accepting_but_lets_established_streams_finish() {
+    let (proxy, _, gw, mut established) =
+        gateway_with_a_stream("drain", |cfg| cfg.drain_period = Duration::from_secs(30)).await;
+    assert_eq!(admin_get(&proxy, "/healthz/ready").await.0, 200);
 
     let watcher = proxy.clone();
     let draining = tokio::spawn(proxy.shutdown());
@@ -145,26 +156,17 @@ async fn drain_stops_accepting_but_lets_established_streams_finish() {
 /// reopen the gateway: its port stays closed and readiness stays false until exit.
 #[tokio::test]
 async fn a_reload_or_a_route_table_during_drain_does_not_reopen_the_gateway() {
-    let pki = pki();
-    let backend = tls_echo_backend("b", &pki.server).await;
-    let mut cfg = passthrough_config(
-        "drain-reload",
-        vec![service(SGLANG, 8000, &[(backend, &[])])],
-    );
     // A fixed port, as in production: a reload would bind the same address again.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    cfg.listeners[0].address = format!("127.0.0.1:{port}").parse().unwrap();
-    cfg.drain_period = Duration::from_secs(30);
-    let proxy = Proxy::start(cfg.clone()).await.unwrap();
-    let gw = proxy.listener_addr("drain-reload").unwrap();
-    let mut established = istio_connect(gw, &pki.client, &istio_sni(8000, "", SGLANG))
-        .await
-        .unwrap();
-    assert!(greeting(&mut established).await.starts_with("b "));
+    let (proxy, cfg, gw, mut established) = gateway_with_a_stream("drain-reload", |cfg| {
+        cfg.listeners[0].address = format!("127.0.0.1:{port}").parse().unwrap();
+        cfg.drain_period = Duration::from_secs(30);
+    })
+    .await;
 
     let during = proxy.clone();
     let draining = tokio::spawn(proxy.shutdown());
@@ -197,19 +199,10 @@ async fn a_reload_or_a_route_table_during_drain_does_not_reopen_the_gateway() {
 
 #[tokio::test]
 async fn drain_period_bounds_the_wait() {
-    let pki = pki();
-    let backend = tls_echo_backend("b", &pki.server).await;
-    let mut cfg = passthrough_config(
-        "drain-bound",
-        vec![service(SGLANG, 8000, &[(backend, &[])])],
-    );
-    cfg.drain_period = Duration::from_millis(200);
-    let proxy = Proxy::start(cfg).await.unwrap();
-    let gw = proxy.listener_addr("drain-bound").unwrap();
-    let mut stuck = istio_connect(gw, &pki.client, &istio_sni(8000, "", SGLANG))
-        .await
-        .unwrap();
-    assert!(greeting(&mut stuck).await.starts_with("b "));
+    let (proxy, _, _, mut stuck) = gateway_with_a_stream("drain-bound", |cfg| {
+        cfg.drain_period = Duration::from_millis(200)
+    })
+    .await;
     tokio::time::timeout(DEADLINE, proxy.shutdown())
         .await
         .unwrap();
