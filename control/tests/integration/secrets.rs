@@ -2,7 +2,9 @@
 //! readiness that waits for every configured cluster.
 
 use crate::support::apiserver::ApiServer;
-use crate::support::control::start_control;
+use crate::support::control::{
+    start_control, start_control_with_remote, start_control_with_remote_and,
+};
 use crate::support::objects::*;
 use crate::support::{http_get, wait_for};
 use eastwest_control::RemoteCluster;
@@ -132,15 +134,7 @@ async fn readiness_waits_for_every_cluster_and_names_the_missing_one() {
     let ash = remote("network2", "192.0.2.20", "10.2.0.1").await;
     ash.go_down().await;
     let dir = tempfile::tempdir().unwrap();
-    let kc = dir.path().join("ash.yaml");
-    std::fs::write(&kc, ash.kubeconfig("ash")).unwrap();
-    let control = start_control(&fra, dir.path(), |c| {
-        c.remotes.push(RemoteCluster {
-            name: "ash".into(),
-            kubeconfig: kc,
-        })
-    })
-    .await;
+    let control = start_control_with_remote(&fra, &ash, dir.path()).await;
     wait_for("fra synced", || async {
         control.not_synced() == ["cluster ash".to_string()]
     })
@@ -188,13 +182,7 @@ async fn remote_clusters_that_never_sync_stop_holding_readiness_after_the_sync_t
         remote_secret("istio-system", "bel", &bel.kubeconfig("bel")),
     );
     let dir = tempfile::tempdir().unwrap();
-    let kc = dir.path().join("ash.yaml");
-    std::fs::write(&kc, ash.kubeconfig("ash")).unwrap();
-    let control = start_control(&fra, dir.path(), |c| {
-        c.remotes.push(RemoteCluster {
-            name: "ash".into(),
-            kubeconfig: kc,
-        });
+    let control = start_control_with_remote_and(&fra, &ash, dir.path(), |c| {
         c.secret_namespace = Some("istio-system".into());
         c.sync_timeout = std::time::Duration::from_millis(300);
     })

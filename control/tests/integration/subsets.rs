@@ -7,7 +7,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::support::apiserver::ApiServer;
-use crate::support::control::{gateway_following, start_control, start_control_with_remote};
+use crate::support::control::{
+    gateway_following, start_control, start_control_with_remote, start_control_with_remote_and,
+};
 use crate::support::objects::*;
 use crate::support::{http_get, wait_for};
 use eastwest_certs::{Identity, Mesh, PeerPolicy, SpiffeId};
@@ -185,13 +187,7 @@ async fn a_cluster_without_the_crd_syncs_routes_and_picks_rules_up_later() {
     ash.apply("namespaces", namespace("istio-system", Some("network2")));
     let d = demo(&fra).await;
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("ash-remote.yaml");
-    std::fs::write(&kubeconfig, ash.kubeconfig("ash")).unwrap();
-    let control = start_control(&fra, dir.path(), |c| {
-        c.remotes.push(eastwest_control::RemoteCluster {
-            name: "ash".into(),
-            kubeconfig,
-        });
+    let control = start_control_with_remote_and(&fra, &ash, dir.path(), |c| {
         c.destination_rule_recheck = Duration::from_millis(200);
     })
     .await;

@@ -4,13 +4,13 @@
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use eastwest_control::{Control, ControlConfig, RemoteCluster};
+use eastwest_control::{Control, ControlConfig};
 use eastwest_proxy::control_client::{self, ControlClientConfig};
 use eastwest_routes::RouteTable;
 use serde_json::json;
 
 use crate::support::apiserver::ApiServer;
-use crate::support::control::start_control;
+use crate::support::control::{start_control, start_control_with_remote};
 use crate::support::objects::*;
 use crate::support::{endpoint_addrs, http_get, wait_for};
 
@@ -57,15 +57,7 @@ async fn invalid_objects_are_left_out_and_updates_keep_flowing() {
         gateway_with_ingress("gw-2", json!([{"hostname": "not a host"}])),
     );
     let dir = tempfile::tempdir().unwrap();
-    let kc = dir.path().join("ash.yaml");
-    std::fs::write(&kc, ash.kubeconfig("ash")).unwrap();
-    let control = start_control(&fra, dir.path(), |c| {
-        c.remotes.push(RemoteCluster {
-            name: "ash".into(),
-            kubeconfig: kc,
-        })
-    })
-    .await;
+    let control = start_control_with_remote(&fra, &ash, dir.path()).await;
 
     // What a proxy is offered; it refuses any invalid table, as eastwest-proxy does.
     let seen: Arc<Mutex<Vec<(RouteTable, bool)>>> = Arc::default();

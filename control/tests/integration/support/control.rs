@@ -32,13 +32,24 @@ pub async fn start_control(
 
 /// [`start_control`], plus the API server `ash` as the `--remote` cluster ash.
 pub async fn start_control_with_remote(fra: &ApiServer, ash: &ApiServer, dir: &Path) -> Control {
+    start_control_with_remote_and(fra, ash, dir, |_| {}).await
+}
+
+/// [`start_control_with_remote`], with `tweak` applied to the config last.
+pub async fn start_control_with_remote_and(
+    fra: &ApiServer,
+    ash: &ApiServer,
+    dir: &Path,
+    tweak: impl FnOnce(&mut ControlConfig),
+) -> Control {
     let kubeconfig = dir.join("ash-remote.yaml");
     std::fs::write(&kubeconfig, ash.kubeconfig("ash")).unwrap();
     start_control(fra, dir, |c| {
         c.remotes.push(RemoteCluster {
             name: "ash".into(),
             kubeconfig,
-        })
+        });
+        tweak(c);
     })
     .await
 }
