@@ -188,7 +188,9 @@ fn admit(shared: &Arc<Shared>, stats: &Arc<ListenerStats>, stream: TcpStream, pe
     // One snapshot per connection: its limit here, its routes and settings in `serve`.
     let routing = shared.routing.load_full();
     let Some(listener) = connection::listener_index(&routing, stats) else {
-        // Removed by a reload between accept and now: nothing routes here any more.
+        // Removed by a reload between accept and now: nothing routes here any more. Counted
+        // as closed too, so opened - closed still adds up to the connections open.
+        stats.closed(Outcome::UnknownRoute, "").increment(1);
         return;
     };
     let limit = routing.config.listeners[listener].max_connections;
