@@ -151,7 +151,7 @@ impl Proxy {
         let mut fresh = Vec::new();
         for l in &config.listeners {
             let keepalive = config.upstream.tcp_keepalive;
-            let handed_over = {
+            let (handed_over, carried) = {
                 let running = Shared::lock(&self.shared.listeners);
                 // A rename keeps the address another listener holds: take over its socket,
                 // since binding the address a second time would fail.
@@ -170,16 +170,20 @@ impl Proxy {
                         if same_name.is_some() {
                             continue;
                         }
-                        Some(r.socket.clone())
+                        // The replaced listener's connections keep counting against
+                        // max_connections until they end: on a rename, those on this address;
+                        // on an address change, those of this name.
+                        (Some(r.socket.clone()), Some(r.active.clone()))
                     }
-                    None => None,
+                    None => (None, running.get(&l.name).map(|r| r.active.clone())),
                 }
             };
             let socket = match handed_over {
                 Some(socket) => socket,
                 None => Arc::new(listener::bind(l, keepalive)?),
             };
-            fresh.push((l.name.clone(), l.address, socket));
+            let active = carried.unwrap_or_default();
+            fresh.push((l.name.clone(), l.address, socket, active));
         }
         let removed = {
             let _apply = Shared::lock(&self.shared.apply);
@@ -217,8 +221,8 @@ impl Proxy {
             ::metrics::gauge!(metrics::ROUTE_TABLE_VERSION).set(route_version as f64);
 
             let routing = self.shared.routing.load();
-            for (name, address, socket) in fresh {
-                let started = listener::start(&self.shared, &name, address, socket)?;
+            for (name, address, socket, active) in fresh {
+                let started = listener::start(&self.shared, &name, address, socket, active)?;
                 if let Some(old) = running.insert(name, started) {
                     old.stop.cancel();
                 }

@@ -21,7 +21,10 @@ pub(crate) struct ListenerStats {
     pub name: Arc<str>,
     /// As configured: after a rename, the listener now configured here owns the socket.
     pub address: SocketAddr,
-    pub active: AtomicUsize,
+    /// Connections open, counted against `max_connections`. Shared with the listener this
+    /// one replaced (same name, or same address under a new name), whose connections still
+    /// count until they end.
+    pub active: Arc<AtomicUsize>,
     opened: Counter,
     refused: Counter,
     active_gauge: Gauge,
@@ -32,12 +35,12 @@ pub(crate) struct ListenerStats {
 }
 
 impl ListenerStats {
-    fn new(name: &str, address: SocketAddr) -> Self {
+    fn new(name: &str, address: SocketAddr, active: Arc<AtomicUsize>) -> Self {
         let label = || ("listener", name.to_string());
         ListenerStats {
             name: name.into(),
             address,
-            active: AtomicUsize::new(0),
+            active,
             opened: metrics::counter!(m::CONNECTIONS_OPENED, &[label()]),
             refused: metrics::counter!(m::CONNECTIONS_REFUSED, &[label()]),
             active_gauge: metrics::gauge!(m::CONNECTIONS_ACTIVE, &[label()]),
@@ -65,6 +68,8 @@ pub(crate) struct RunningListener {
     pub stop: CancellationToken,
     /// Shared so a reload that renames the listener hands the bound socket over.
     pub socket: Arc<TcpListener>,
+    /// The open-connection count, handed to the listener that replaces this one.
+    pub active: Arc<AtomicUsize>,
 }
 
 /// Binds a listener and [`tune`]s it.
@@ -139,15 +144,17 @@ pub(crate) fn start(
     name: &str,
     address: SocketAddr,
     listener: Arc<TcpListener>,
+    active: Arc<AtomicUsize>,
 ) -> io::Result<RunningListener> {
     let local_addr = listener.local_addr()?;
     let stop = shared.stop_accepting.child_token();
-    let stats = Arc::new(ListenerStats::new(name, address));
+    let stats = Arc::new(ListenerStats::new(name, address, active.clone()));
     let running = RunningListener {
         address,
         local_addr,
         stop: stop.clone(),
         socket: listener.clone(),
+        active,
     };
     let shared = shared.clone();
     tokio::spawn(async move {

@@ -6,6 +6,7 @@ use crate::support::*;
 use eastwest_proxy::Proxy;
 use eastwest_routes::ProxyConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 async fn echo_roundtrip(tls: &mut Tls, msg: &[u8]) {
     tls.write_all(msg).await.unwrap();
@@ -101,11 +102,16 @@ async fn file_reload_under_traffic_keeps_established_connections() {
 }
 
 /// A gateway on listener `name` routing SGLANG:8000 to an echo backend (its config changed by
-/// `tweak` first), and one stream established through it. Also returns the config.
-async fn gateway_with_a_stream(
-    name: &str,
-    tweak: impl FnOnce(&mut ProxyConfig),
-) -> (Proxy, ProxyConfig, std::net::SocketAddr, Tls) {
+/// `tweak` first), and one stream established through it.
+struct WithStream {
+    proxy: Proxy,
+    cfg: ProxyConfig,
+    gw: std::net::SocketAddr,
+    established: Tls,
+    pki: Pki,
+}
+
+async fn gateway_with_a_stream(name: &str, tweak: impl FnOnce(&mut ProxyConfig)) -> WithStream {
     let pki = pki();
     let backend = tls_echo_backend("b", &pki.server).await;
     let mut cfg = passthrough_config(name, vec![service(SGLANG, 8000, &[(backend, &[])])]);
@@ -116,13 +122,23 @@ async fn gateway_with_a_stream(
         .await
         .unwrap();
     assert!(greeting(&mut established).await.starts_with("b "));
-    (proxy, cfg, gw, established)
+    WithStream {
+        proxy,
+        cfg,
+        gw,
+        established,
+        pki,
+    }
 }
 
 #[tokio::test]
 async fn drain_stops_accepting_but_lets_established_streams_finish() {
-    let (proxy, _, gw, mut established) =
-        gateway_with_a_stream("drain", |cfg| cfg.drain_period = Duration::from_secs(30)).await;
+    let WithStream {
+        proxy,
+        gw,
+        mut established,
+        ..
+    } = gateway_with_a_stream("drain", |cfg| cfg.drain_period = Duration::from_secs(30)).await;
     assert_eq!(admin_get(&proxy, "/healthz/ready").await.0, 200);
 
     let watcher = proxy.clone();
@@ -162,7 +178,13 @@ async fn a_reload_or_a_route_table_during_drain_does_not_reopen_the_gateway() {
         .local_addr()
         .unwrap()
         .port();
-    let (proxy, cfg, gw, mut established) = gateway_with_a_stream("drain-reload", |cfg| {
+    let WithStream {
+        proxy,
+        cfg,
+        gw,
+        mut established,
+        ..
+    } = gateway_with_a_stream("drain-reload", |cfg| {
         cfg.listeners[0].address = format!("127.0.0.1:{port}").parse().unwrap();
         cfg.drain_period = Duration::from_secs(30);
     })
@@ -199,7 +221,11 @@ async fn a_reload_or_a_route_table_during_drain_does_not_reopen_the_gateway() {
 
 #[tokio::test]
 async fn drain_period_bounds_the_wait() {
-    let (proxy, _, _, mut stuck) = gateway_with_a_stream("drain-bound", |cfg| {
+    let WithStream {
+        proxy,
+        established: mut stuck,
+        ..
+    } = gateway_with_a_stream("drain-bound", |cfg| {
         cfg.drain_period = Duration::from_millis(200)
     })
     .await;
@@ -303,6 +329,57 @@ async fn renaming_a_listener_keeps_its_address_and_its_connections() {
         &proxy,
         "eastwest_connections_opened_total{listener=\"after\"}",
         1.0,
+    )
+    .await;
+}
+
+/// max_connections counts the connections of the listener a reload replaced (renamed, or
+/// moved to another address) until they end: a reload is no way around the limit.
+#[tokio::test]
+async fn a_renamed_or_moved_listener_keeps_counting_its_connections() {
+    let port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let WithStream {
+        proxy,
+        mut cfg,
+        gw,
+        mut established,
+        pki,
+    } = gateway_with_a_stream("full", |cfg| {
+        cfg.listeners[0].address = format!("127.0.0.1:{}", port()).parse().unwrap();
+        cfg.listeners[0].max_connections = 1;
+    })
+    .await;
+    // Renamed on the same address, then moved to another: one connection still open.
+    cfg.listeners[0].name = "renamed".into();
+    proxy.apply_config(cfg.clone()).await.unwrap();
+    let refused_on =
+        |listener: &str| format!("eastwest_connections_refused_total{{listener=\"{listener}\"}}");
+    assert!(closed_by_proxy(TcpStream::connect(gw).await.unwrap()).await);
+    wait_metric(&proxy, &refused_on("renamed"), 1.0).await;
+
+    cfg.listeners[0].address = format!("127.0.0.1:{}", port()).parse().unwrap();
+    proxy.apply_config(cfg).await.unwrap();
+    let moved = proxy.listener_addr("renamed").unwrap();
+    assert_ne!(moved, gw);
+    assert!(closed_by_proxy(TcpStream::connect(moved).await.unwrap()).await);
+    wait_metric(&proxy, &refused_on("renamed"), 2.0).await;
+
+    // Once it ends, there is room again.
+    echo_roundtrip(&mut established, b"still counted").await;
+    drop(established);
+    let sni = istio_sni(8000, "", SGLANG);
+    wait_for(
+        async || match istio_connect(moved, &pki.client, &sni).await {
+            Ok(mut tls) => greeting(&mut tls).await.starts_with("b "),
+            Err(_) => false,
+        },
+        "room on the moved listener",
     )
     .await;
 }
