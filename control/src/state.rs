@@ -20,7 +20,8 @@ pub struct Settings {
     pub cluster_domain: String,
     pub debounce: Duration,
     /// Longest the first publication waits for every cluster to sync, and longest a remote
-    /// cluster (or the remote-secret list) that has not synced holds readiness back.
+    /// cluster (or the remote-secret list) that has not synced holds readiness back before
+    /// control was first ready (afterwards a remote cluster never does).
     pub sync_timeout: Duration,
     /// Whether remote secrets are watched (then readiness waits for their first list).
     pub watch_secrets: bool,
@@ -40,6 +41,10 @@ pub struct Shared {
     pub secrets_synced: AtomicBool,
     /// The remote-secret list did not sync within `sync_timeout`: it no longer holds readiness.
     pub secrets_timed_out: AtomicBool,
+    /// Control has been ready once: from then on only the local cluster can take readiness
+    /// away, so a remote cluster added later (a new remote secret) does not make every replica
+    /// unready at once while it syncs.
+    been_ready: AtomicBool,
 }
 
 impl Shared {
@@ -52,6 +57,7 @@ impl Shared {
             publisher: Publisher::new(),
             secrets_synced: AtomicBool::new(false),
             secrets_timed_out: AtomicBool::new(false),
+            been_ready: AtomicBool::new(false),
         }
     }
 
@@ -73,23 +79,38 @@ impl Shared {
             changed
         };
         if changed {
+            self.note_if_ready();
             self.changed.notify_one();
+        }
+    }
+
+    /// Latches `been_ready` the first time nothing holds readiness back (checked after every
+    /// change, so it does not depend on anyone polling `/healthz/ready`).
+    pub fn note_if_ready(&self) {
+        if !self.been_ready.load(Ordering::Acquire) && self.not_synced().is_empty() {
+            self.been_ready.store(true, Ordering::Release);
         }
     }
 
     /// What has not synced yet and still holds readiness back (empty when ready). A remote
     /// cluster, or the remote-secret list, that did not sync within `sync_timeout` of being
-    /// added no longer does (like istiod's PILOT_REMOTE_CLUSTER_TIMEOUT); the local cluster
-    /// always does, since a table without it would withdraw every local route.
+    /// added no longer does (like istiod's PILOT_REMOTE_CLUSTER_TIMEOUT), and once control has
+    /// been ready neither does a remote cluster added later; the local cluster always does,
+    /// since a table without it would withdraw every local route.
     pub fn not_synced(&self) -> Vec<String> {
+        let been_ready = self.been_ready.load(Ordering::Acquire);
+        let local = &self.settings.cluster;
         let mut out: Vec<String> = self
             .model()
             .clusters
             .iter()
-            .filter(|(_, c)| !c.synced() && !c.sync_timed_out)
+            .filter(|(name, c)| {
+                !c.synced() && (*name == local || (!been_ready && !c.sync_timed_out))
+            })
             .map(|(name, _)| format!("cluster {name}"))
             .collect();
-        if self.settings.watch_secrets
+        if !been_ready
+            && self.settings.watch_secrets
             && !self.secrets_synced.load(Ordering::Acquire)
             && !self.secrets_timed_out.load(Ordering::Acquire)
         {
@@ -107,6 +128,7 @@ pub async fn secrets_sync_deadline(shared: Arc<Shared>) {
         warn!(timeout = ?shared.settings.sync_timeout,
               "remote secrets not listed within the sync timeout; ready without them");
         shared.secrets_timed_out.store(true, Ordering::Release);
+        shared.note_if_ready();
         shared.changed.notify_one();
     }
 }

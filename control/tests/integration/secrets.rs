@@ -335,3 +335,46 @@ async fn secret_kubeconfigs_that_run_commands_or_read_files_are_refused() {
     assert!(!marker.exists(), "the exec plugin ran");
     assert!(control.not_synced().is_empty());
 }
+
+#[tokio::test]
+async fn a_remote_cluster_added_after_ready_does_not_take_readiness_away() {
+    let fra = ApiServer::start().await;
+    let bel = remote("network3", "192.0.2.30", "10.3.0.1").await;
+    bel.go_down().await;
+    let dir = tempfile::tempdir().unwrap();
+    // The default (long) sync timeout: only the fix keeps readiness, not the timeout.
+    let control = start_control(&fra, dir.path(), |c| {
+        c.secret_namespace = Some("istio-system".into())
+    })
+    .await;
+    wait_for("ready", || async {
+        http_get(control.admin_addr(), "/healthz/ready").await == (200, "ready\n".to_string())
+    })
+    .await;
+
+    // A new remote secret whose cluster cannot sync yet.
+    fra.apply(
+        "secrets",
+        remote_secret("istio-system", "bel", &bel.kubeconfig("bel")),
+    );
+    wait_for("bel added, unsynced", || async {
+        cluster_synced(&control, "bel").await.as_deref() == Some("0")
+    })
+    .await;
+    let (status, body) = http_get(control.admin_addr(), "/healthz/ready").await;
+    assert_eq!((status, body.as_str()), (200, "ready\n"));
+    assert!(
+        control.not_synced().is_empty(),
+        "{:?}",
+        control.not_synced()
+    );
+
+    // Once reachable it syncs and its routes arrive.
+    bel.come_back().await;
+    wait_for("bel synced and routed", || async {
+        let t = control.current_table("network1").unwrap_or_default();
+        cluster_synced(&control, "bel").await.as_deref() == Some("1")
+            && t.remote_services.len() == 1
+    })
+    .await;
+}
