@@ -3,12 +3,14 @@
 //! `outbound_.<port>_.<subset>_.<fqdn>` whenever a VirtualService routes to a subset, so every
 //! subset a rule defines for a Service must reach that Service's entry in the route table.
 //!
-//! Which rule applies to a Service follows Istio's lookup for a gateway in the root namespace:
-//! a rule in the Service's own namespace wins, then one in the root namespace (`istio-system`),
-//! then one anywhere else; within that namespace an exact host beats the most specific wildcard,
-//! and several rules for the same host are merged (the oldest defines a repeated subset).
-//! `exportTo` is not consulted: the clients a rule is visible to are the ones that send its
-//! subset SNI, and the gateway should route what they send.
+//! A Service gets the subsets of every rule whose host matches it, in any namespace and any
+//! cluster: a sidecar sends a subset SNI whenever some rule it sees defines the subset, whichever
+//! rule its own lookup picks, so a mesh-wide `*.local` default in `istio-system` must not hide a
+//! client namespace's subsets. Where two rules define the same subset name, Istio's lookup for a
+//! gateway in the root namespace decides which definition counts: the Service's own namespace,
+//! then the root namespace (`istio-system`), then any other; an exact host before the most
+//! specific wildcard; then the oldest rule. `exportTo` is not consulted: the clients a rule is
+//! visible to are the ones that send its subset SNI, and the gateway should route what they send.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -367,7 +369,6 @@ pub fn subsets(model: &Model, network: &str, key: &ObjKey, hostname: &str) -> Ve
         return Vec::new();
     }
     clusters.sort_by_key(|(elsewhere, name, _)| (*elsewhere, *name));
-    // (namespace rank, namespace, specificity) of the rules that apply; the best one wins.
     let rank = |ns: &str| {
         if ns == key.0 {
             0
@@ -377,7 +378,7 @@ pub fn subsets(model: &Model, network: &str, key: &ObjKey, hostname: &str) -> Ve
             2
         }
     };
-    let candidates: Vec<(usize, &ObjKey, &RuleDef, usize)> = clusters
+    let mut candidates: Vec<(usize, &ObjKey, &RuleDef, usize)> = clusters
         .iter()
         .enumerate()
         .flat_map(|(order, (_, _, rules))| {
@@ -386,23 +387,24 @@ pub fn subsets(model: &Model, network: &str, key: &ObjKey, hostname: &str) -> Ve
                 .map(move |(k, def, spec)| (order, k, def, spec))
         })
         .collect();
-    let Some(best) = candidates
-        .iter()
-        .map(|(_, k, _, spec)| (rank(&k.0), &k.0, std::cmp::Reverse(*spec)))
-        .min()
-    else {
-        return Vec::new();
-    };
-    let mut chosen: Vec<&(usize, &ObjKey, &RuleDef, usize)> = candidates
-        .iter()
-        .filter(|(_, k, _, spec)| &k.0 == best.1 && *spec == best.2 .0)
-        .collect();
-    // Clusters of this network first, then rules for all clients, then the oldest.
-    chosen.sort_by(|a, b| {
-        (a.0, a.2.scoped, &a.2.created, &a.1 .1).cmp(&(b.0, b.2.scoped, &b.2.created, &b.1 .1))
+    // Every rule that applies contributes its subsets; where two define the same name, Istio's
+    // precedence decides: the Service's namespace, the root namespace, any other; an exact host
+    // before wildcards, the most specific first; clusters of this network first, rules for all
+    // clients, the oldest; namespace and name to settle the rest.
+    candidates.sort_by_key(|&(cluster, k, def, spec)| {
+        let by_name = (k.0.as_str(), k.1.as_str());
+        let created = def.created.as_str();
+        (
+            rank(&k.0),
+            std::cmp::Reverse(spec),
+            cluster,
+            def.scoped,
+            created,
+            by_name,
+        )
     });
     let mut out: Vec<Subset> = Vec::new();
-    for (_, _, def, _) in chosen {
+    for (_, _, def, _) in candidates {
         for s in &def.subsets {
             if !out.iter().any(|o| o.name == s.name) {
                 out.push(s.clone());

@@ -81,20 +81,56 @@ fn hosts_resolve_like_istio() {
 }
 
 #[test]
-fn the_services_namespace_wins_then_the_root_namespace_then_any() {
-    let own = rule("bookinfo", "own", "reviews", version_subsets(&["v1"]));
-    let root = rule(ROOT_NAMESPACE, "root", REVIEWS, version_subsets(&["v2"]));
-    let other = rule("tenant", "other", REVIEWS, version_subsets(&["v3"]));
-    let all = model(&[("fra", "network1", vec![own, root.clone(), other.clone()])]);
-    assert_eq!(names(&reviews_subsets(&all)), ["v1"]);
+fn every_rule_for_the_host_contributes_and_precedence_settles_repeated_names() {
+    let own = rule(
+        "bookinfo",
+        "own",
+        "reviews",
+        json!([{"name": "v1", "labels": {"version": "own"}}]),
+    );
+    let root = rule(
+        ROOT_NAMESPACE,
+        "root",
+        REVIEWS,
+        version_subsets(&["v1", "v2"]),
+    );
+    let other = rule("tenant", "other", REVIEWS, version_subsets(&["v2", "v3"]));
+    let all = model(&[("fra", "network1", vec![other.clone(), own, root.clone()])]);
+    let got = reviews_subsets(&all);
+    assert_eq!(names(&got), ["v1", "v2", "v3"]);
+    // v1 as the Service's namespace defines it, v2 as the root namespace does.
+    assert_eq!(got[0].labels["version"], "own");
+    assert_eq!(got[1].labels["version"], "v2");
     let fallback = model(&[("fra", "network1", vec![root, other.clone()])]);
-    assert_eq!(names(&reviews_subsets(&fallback)), ["v2"]);
+    assert_eq!(names(&reviews_subsets(&fallback)), ["v1", "v2", "v3"]);
     let elsewhere = model(&[("fra", "network1", vec![other])]);
-    assert_eq!(names(&reviews_subsets(&elsewhere)), ["v3"]);
+    assert_eq!(names(&reviews_subsets(&elsewhere)), ["v2", "v3"]);
 }
 
 #[test]
-fn an_exact_host_beats_wildcards_and_rules_merge_across_clusters() {
+fn a_rule_without_subsets_hides_no_other_rules_subsets() {
+    // Istio's usual mesh-wide mTLS default, and a client namespace's subsets for reviews.
+    let mtls = rule(ROOT_NAMESPACE, "default", "*.local", json!([]));
+    let client = rule(
+        "productpage",
+        "reviews",
+        REVIEWS,
+        version_subsets(&["v1", "v2"]),
+    );
+    let m = model(&[("fra", "network1", vec![mtls.clone(), client.clone()])]);
+    assert_eq!(names(&reviews_subsets(&m)), ["v1", "v2"]);
+    // Nor does the Service's own rule when it only sets a traffic policy.
+    let own = rule("bookinfo", "reviews", "reviews", json!([]));
+    let m = model(&[("fra", "network1", vec![own, mtls, client.clone()])]);
+    assert_eq!(names(&reviews_subsets(&m)), ["v1", "v2"]);
+    // Two client namespaces: each one's sidecars send its own subsets.
+    let other_client = rule("ratings", "reviews", REVIEWS, version_subsets(&["v3"]));
+    let m = model(&[("fra", "network1", vec![other_client, client])]);
+    assert_eq!(names(&reviews_subsets(&m)), ["v1", "v2", "v3"]);
+}
+
+#[test]
+fn an_exact_host_defines_before_wildcards_and_rules_merge_across_clusters() {
     let wide = rule("bookinfo", "wide", "*", version_subsets(&["any"]));
     let narrow = rule(
         "bookinfo",
@@ -103,7 +139,7 @@ fn an_exact_host_beats_wildcards_and_rules_merge_across_clusters() {
         version_subsets(&["ns"]),
     );
     let wildcards = model(&[("fra", "network1", vec![wide.clone(), narrow])]);
-    assert_eq!(names(&reviews_subsets(&wildcards)), ["ns"]);
+    assert_eq!(names(&reviews_subsets(&wildcards)), ["ns", "any"]);
     let exact = rule(
         "bookinfo",
         "exact",
@@ -125,8 +161,19 @@ fn an_exact_host_beats_wildcards_and_rules_merge_across_clusters() {
         ("fra", "network1", vec![exact, wide]),
     ]);
     let got = reviews_subsets(&m);
-    assert_eq!(names(&got), ["v1", "v2", "v3"]);
+    assert_eq!(names(&got), ["v1", "v2", "v3", "any"]);
     assert_eq!(got[1].labels["version"], "v2");
+    // A subset both a wildcard and the exact host define is the exact host's, whatever the age.
+    let mut older = rule(
+        "bookinfo",
+        "a-wild",
+        "*",
+        json!([{"name": "v1", "labels": {"version": "wild"}}]),
+    );
+    older.metadata.creation_timestamp = serde_json::from_value(json!("2020-01-01T00:00:00Z")).ok();
+    let exact = rule("bookinfo", "b-exact", "reviews", version_subsets(&["v1"]));
+    let got = reviews_subsets(&model(&[("fra", "network1", vec![older, exact])]));
+    assert_eq!(got[0].labels["version"], "v1");
 }
 
 #[test]

@@ -218,15 +218,16 @@ async fn a_cluster_without_the_crd_syncs_routes_and_picks_rules_up_later() {
     subsets_applied(&control, &proxy, &["v2"]).await;
     assert_eq!(greeting(gw, &d.client, &sni("v2")).await.unwrap(), "v2");
 
-    // fra installs the CRD; its rule in the Service's own namespace wins over the root one.
+    // fra installs the CRD; its rule in the Service's own namespace adds its subsets to the
+    // root one's (clients that see either rule send its subsets).
     fra.apply(
         "destinationrules",
         destination_rule("demo", "sglang", "sglang", &[("v1", "v1")]),
     );
     fra.start_serving("destinationrules");
-    subsets_applied(&control, &proxy, &["v1"]).await;
+    subsets_applied(&control, &proxy, &["v1", "v2"]).await;
     assert_eq!(greeting(gw, &d.client, &sni("v1")).await.unwrap(), "v1");
-    assert!(greeting(gw, &d.client, &sni("v2")).await.is_err());
+    assert_eq!(greeting(gw, &d.client, &sni("v2")).await.unwrap(), "v2");
 
     // The CRD is replaced while watched (an Istio upgrade): its passing 404 is a watch error,
     // retried, and fra's rule stays published meanwhile.
@@ -251,6 +252,29 @@ async fn a_cluster_without_the_crd_syncs_routes_and_picks_rules_up_later() {
     fra.start_serving("destinationrules");
     fra.delete("destinationrules", "demo", "sglang");
     subsets_applied(&control, &proxy, &["v2"]).await;
+    assert!(greeting(gw, &d.client, &sni("v1")).await.is_err());
+}
+
+#[tokio::test]
+async fn a_mesh_wide_mtls_default_does_not_hide_a_client_namespaces_subsets() {
+    let fra = ApiServer::start().await;
+    let d = demo(&fra).await;
+    // Istio's usual mesh-wide default (a traffic policy, no subsets) and subsets defined where
+    // the clients live.
+    fra.apply(
+        "destinationrules",
+        destination_rule("istio-system", "default", "*.local", &[]),
+    );
+    fra.apply(
+        "destinationrules",
+        destination_rule("webui", "sglang", FQDN, &[("v1", "v1"), ("v2", "v2")]),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let control = start_control(&fra, dir.path(), |_| {}).await;
+    let proxy = gateway_following(&control).await;
+    let gw = proxy.listener_addr("gw").unwrap();
+    subsets_applied(&control, &proxy, &["v1", "v2"]).await;
+    assert_eq!(greeting(gw, &d.client, &sni("v2")).await.unwrap(), "v2");
 }
 
 /// `eastwest_control_watch_restarts_total` of `cluster`.
