@@ -10,7 +10,7 @@
 //! `exportTo` is not consulted: the clients a rule is visible to are the ones that send its
 //! subset SNI, and the gateway should route what they send.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use eastwest_routes::Subset;
 use kube::api::DynamicObject;
@@ -205,6 +205,8 @@ pub struct DestinationRules {
     by_host: HashMap<String, Vec<ObjKey>>,
     wildcards: Vec<ObjKey>,
     pending: Option<HashMap<ObjKey, RuleDef>>,
+    /// Every rule of the list in progress, the ones ignored included.
+    pending_seen: HashSet<ObjKey>,
     /// The problems last logged per rule, so a relist or an unrelated change does not repeat them.
     warned: HashMap<ObjKey, Vec<String>>,
     pub synced: bool,
@@ -224,31 +226,25 @@ impl DestinationRules {
         let key = |o: &DynamicObject| (o.namespace().unwrap_or_default(), o.name_any());
         let mut affected = Affected::default();
         match event {
-            watcher::Event::Init => self.pending = Some(HashMap::new()),
+            watcher::Event::Init => {
+                self.pending = Some(HashMap::new());
+                self.pending_seen.clear();
+            }
             watcher::Event::InitApply(o) => {
                 let k = key(&o);
                 let (def, problems) = convert(&o, cluster_domain, kept_labels);
                 self.warn(cluster, &k, problems);
+                self.pending_seen.insert(k.clone());
                 if let (Some(pending), Some(def)) = (self.pending.as_mut(), def) {
                     pending.insert(k, def);
                 }
             }
             watcher::Event::InitDone => {
                 let fresh = self.pending.take().unwrap_or_default();
-                for (k, v) in &self.objects {
-                    if fresh.get(k) != Some(v) {
-                        affected.add(&v.host, cluster_domain);
-                    }
-                }
-                for (k, v) in &fresh {
-                    if self.objects.get(k) != Some(v) {
-                        affected.add(&v.host, cluster_domain);
-                    }
-                }
-                self.warned.retain(|k, _| fresh.contains_key(k));
-                self.objects = fresh;
-                self.synced = true;
-                self.reindex();
+                // Rules ignored as a whole are listed too: their warning stands.
+                let seen = std::mem::take(&mut self.pending_seen);
+                self.warned.retain(|k, _| seen.contains(k));
+                affected = self.replace(fresh, cluster_domain);
             }
             watcher::Event::Apply(o) => {
                 let k = key(&o);
@@ -282,11 +278,34 @@ impl DestinationRules {
         affected
     }
 
-    /// The cluster serves no rules: forget them all (what a relist finding none would do).
+    /// The cluster serves no rules: forget them all, like a relist finding none, except that
+    /// the problems already logged stay logged (the rules come back as they were).
     pub fn set_unavailable(&mut self, why: String, cluster_domain: &str) -> Affected {
-        self.pending = Some(HashMap::new());
-        let affected = self.apply("", watcher::Event::InitDone, cluster_domain, &[]);
+        self.pending = None;
+        self.pending_seen.clear();
+        let mut affected = self.replace(HashMap::new(), cluster_domain);
+        affected.services.sort_unstable();
+        affected.services.dedup();
         self.unavailable = Some(why);
+        affected
+    }
+
+    /// Replaces every rule with `fresh`; what that affects.
+    fn replace(&mut self, fresh: HashMap<ObjKey, RuleDef>, cluster_domain: &str) -> Affected {
+        let mut affected = Affected::default();
+        for (k, v) in &self.objects {
+            if fresh.get(k) != Some(v) {
+                affected.add(&v.host, cluster_domain);
+            }
+        }
+        for (k, v) in &fresh {
+            if self.objects.get(k) != Some(v) {
+                affected.add(&v.host, cluster_domain);
+            }
+        }
+        self.objects = fresh;
+        self.synced = true;
+        self.reindex();
         affected
     }
 

@@ -217,3 +217,63 @@ fn a_rule_for_all_clients_beats_an_older_workload_scoped_one() {
     assert_eq!(names(&got), ["v1", "v2"]);
     assert_eq!(got[0].labels["version"], "v1");
 }
+
+/// What `f` logs.
+fn logged(f: impl FnOnce()) -> String {
+    use std::sync::{Arc, Mutex};
+    #[derive(Clone)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buf = Buf(Arc::default());
+    let writer = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    tracing::subscriber::with_default(subscriber, f);
+    let out = buf.0.lock().unwrap().clone();
+    String::from_utf8(out).unwrap()
+}
+
+#[test]
+fn a_rules_problems_are_logged_once_across_relists_and_unavailability() {
+    let no_host = rule("bookinfo", "no-host", " ", version_subsets(&["v1"]));
+    let unlabelled = rule("bookinfo", "bare", "reviews", json!([{"name": "all"}]));
+    let mut drs = DestinationRules::default();
+    let list = |drs: &mut DestinationRules| {
+        logged(|| {
+            drs.apply("fra", watcher::Event::Init, DOMAIN, &keep());
+            for r in [&no_host, &unlabelled] {
+                drs.apply("fra", watcher::Event::InitApply(r.clone()), DOMAIN, &keep());
+            }
+            drs.apply("fra", watcher::Event::InitDone, DOMAIN, &keep());
+        })
+    };
+    let first = list(&mut drs);
+    assert!(first.contains("bookinfo/no-host") && first.contains("spec.host is empty"));
+    assert!(first.contains("bookinfo/bare") && first.contains("has no labels"));
+    // A relist, and the CRD going away and coming back, find the same rules: nothing new to say.
+    assert_eq!(list(&mut drs), "");
+    drs.set_unavailable("404".into(), DOMAIN);
+    assert_eq!(list(&mut drs), "");
+    // A rule that is fixed and broken again is reported again.
+    let fixed = rule("bookinfo", "no-host", "ratings", version_subsets(&["v1"]));
+    let again = logged(|| {
+        drs.apply("fra", watcher::Event::Apply(fixed), DOMAIN, &keep());
+        drs.apply(
+            "fra",
+            watcher::Event::Apply(no_host.clone()),
+            DOMAIN,
+            &keep(),
+        );
+    });
+    assert!(again.contains("spec.host is empty"), "{again}");
+}

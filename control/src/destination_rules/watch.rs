@@ -2,6 +2,9 @@
 //! resources (list+watch, atomic relist, counted errors, backoff), except that a cluster which
 //! does not serve them (no Istio CRD: `404`; no access: `403`) is a cluster with no rules: it
 //! counts as synced, is logged once, and is asked again only every `--destination-rule-recheck`.
+//! Only a first list that fails so means that: once a version has listed, a `403`/`404` (a watch
+//! RBAC does not allow, an authz webhook blip, the CRD updated during an Istio upgrade) is a
+//! watch error like any other, retried with backoff while the rules already known are kept.
 
 use std::time::Duration;
 
@@ -34,7 +37,7 @@ fn api_resource(version: &str) -> ApiResource {
 enum Ended {
     /// The cluster's watch was stopped (removed or restarted).
     Gone,
-    /// This version is not served (`404`) or not readable (`403`).
+    /// This version is not served (`404`) or not readable (`403`): its first list failed so.
     NotServed(u16),
 }
 
@@ -104,10 +107,13 @@ async fn follow(
     let mut stream = std::pin::pin!(stream);
     let domain = &shared.settings.cluster_domain;
     let keep = &shared.settings.subset_labels;
+    // Whether this version has ever listed: after that, it is served whatever an error says.
+    let mut ever_listed = false;
     while let Some(event) = stream.next().await {
         match event {
             Ok(event) => {
                 let listed = matches!(event, watcher::Event::InitDone);
+                ever_listed |= listed;
                 let mut gone = false;
                 shared.update(|m| {
                     let Some(c) = m.cluster_mut(name, id) else {
@@ -134,7 +140,7 @@ async fn follow(
                 }
             }
             Err(e) => {
-                if let Some(code) = not_served(&e) {
+                if let Some(code) = not_served(&e).filter(|_| !ever_listed) {
                     return Ended::NotServed(code);
                 }
                 warn!(cluster = %name, kind = "DestinationRule", error = %e,
@@ -152,14 +158,12 @@ async fn follow(
     Ended::Gone
 }
 
-/// `404 Not Found` (the resource is not served) or `403 Forbidden` (we may not read it).
+/// A list answered `404 Not Found` (the resource is not served) or `403 Forbidden` (we may not
+/// list it). A failed watch says nothing of the sort: kube-runtime starts one only after a list
+/// succeeded, so its `403`/`404` is RBAC without `watch` or a passing fault.
 fn not_served(e: &watcher::Error) -> Option<u16> {
-    let response = match e {
-        watcher::Error::InitialListFailed(kube::Error::Api(r))
-        | watcher::Error::WatchStartFailed(kube::Error::Api(r))
-        | watcher::Error::WatchFailed(kube::Error::Api(r)) => r,
-        watcher::Error::WatchError(r) => r,
-        _ => return None,
+    let watcher::Error::InitialListFailed(kube::Error::Api(response)) = e else {
+        return None;
     };
     matches!(response.code, 403 | 404).then_some(response.code)
 }

@@ -228,15 +228,81 @@ async fn a_cluster_without_the_crd_syncs_routes_and_picks_rules_up_later() {
     assert_eq!(greeting(gw, &d.client, &sni("v1")).await.unwrap(), "v1");
     assert!(greeting(gw, &d.client, &sni("v2")).await.is_err());
 
-    // The CRD goes away while watched: fra's rule is forgotten, the root one applies again.
+    // The CRD is replaced while watched (an Istio upgrade): its passing 404 is a watch error,
+    // retried, and fra's rule stays published meanwhile.
+    let version = control.current_table("network1").unwrap().version;
+    let refused = fra.refused_count("destinationrules");
     fra.stop_serving("destinationrules");
-    subsets_applied(&control, &proxy, &["v2"]).await;
-    assert_eq!(greeting(gw, &d.client, &sni("v2")).await.unwrap(), "v2");
+    // Four refused relists: more than one per served version, so the old handling would have
+    // given up on fra's rules by now.
+    wait_for("four refused relists", || async {
+        fra.refused_count("destinationrules") >= refused + 4
+    })
+    .await;
+    assert!(watch_restarts(&control, "fra").await > 0);
+    assert_eq!(control.current_table("network1").unwrap().version, version);
+    assert_eq!(greeting(gw, &d.client, &sni("v1")).await.unwrap(), "v1");
     assert!(
         control.not_synced().is_empty(),
         "{:?}",
         control.not_synced()
     );
+    // Served again: the watch resumes and follows changes.
+    fra.start_serving("destinationrules");
+    fra.delete("destinationrules", "demo", "sglang");
+    subsets_applied(&control, &proxy, &["v2"]).await;
+}
+
+/// `eastwest_control_watch_restarts_total` of `cluster`.
+async fn watch_restarts(control: &Control, cluster: &str) -> u64 {
+    let (_, metrics) = http_get(control.admin_addr(), "/metrics").await;
+    let prefix = format!("eastwest_control_watch_restarts_total{{cluster=\"{cluster}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix)?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn rules_that_may_be_listed_but_not_watched_stay_published() {
+    let fra = ApiServer::start().await;
+    let d = demo(&fra).await;
+    fra.apply(
+        "destinationrules",
+        destination_rule("demo", "sglang", "sglang", &[("v1", "v1"), ("v2", "v2")]),
+    );
+    // RBAC grants list but not watch on destinationrules.
+    fra.forbid_watch("destinationrules", true);
+    let dir = tempfile::tempdir().unwrap();
+    let control = start_control(&fra, dir.path(), |c| {
+        c.destination_rule_recheck = Duration::from_millis(100);
+    })
+    .await;
+    let proxy = gateway_following(&control).await;
+    let gw = proxy.listener_addr("gw").unwrap();
+    let table = subsets_applied(&control, &proxy, &["v1", "v2"]).await;
+
+    // Refused watches are retried and counted; the subsets are neither withdrawn nor
+    // republished in the meantime (the table keeps its version).
+    wait_for("four refused watches", || async {
+        fra.watch_count("destinationrules") >= 4
+    })
+    .await;
+    assert_eq!(
+        control.current_table("network1").unwrap().version,
+        table.version
+    );
+    assert_eq!(greeting(gw, &d.client, &sni("v2")).await.unwrap(), "v2");
+    assert!(watch_restarts(&control, "fra").await > 0);
+
+    // Watching allowed again: changes flow.
+    fra.forbid_watch("destinationrules", false);
+    fra.apply(
+        "destinationrules",
+        destination_rule("demo", "sglang", "sglang", &[("v1", "v1")]),
+    );
+    subsets_applied(&control, &proxy, &["v1"]).await;
+    assert!(greeting(gw, &d.client, &sni("v2")).await.is_err());
 }
 
 #[tokio::test]

@@ -51,6 +51,10 @@ struct State {
     /// Resources (`destinationrules`) or resource versions (`destinationrules/v1`) answered
     /// with 404, as for a CRD that is not installed.
     not_served: HashSet<String>,
+    /// Requests answered 404 because of `not_served`, per resource.
+    refused: HashMap<String, u64>,
+    /// Resources whose watches are answered with 403, as for RBAC granting list but not watch.
+    watch_forbidden: HashSet<String>,
 }
 
 struct Shared {
@@ -263,6 +267,22 @@ impl ApiServer {
             .remove(resource);
     }
 
+    /// Answers watches of `resource` with 403 Forbidden (lists still succeed), or no longer.
+    pub fn forbid_watch(&self, resource: &str, forbidden: bool) {
+        let mut st = self.shared.state.lock().unwrap();
+        if forbidden {
+            st.watch_forbidden.insert(resource.to_string());
+        } else {
+            st.watch_forbidden.remove(resource);
+        }
+    }
+
+    /// Requests for `resource` answered 404 since [`ApiServer::stop_serving`].
+    pub fn refused_count(&self, resource: &str) -> u64 {
+        let st = self.shared.state.lock().unwrap();
+        st.refused.get(resource).copied().unwrap_or(0)
+    }
+
     pub fn list_count(&self, resource: &str) -> u64 {
         let st = self.shared.state.lock().unwrap();
         st.lists.get(resource).copied().unwrap_or(0)
@@ -400,11 +420,12 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         );
     };
     {
-        let st = shared.state.lock().unwrap();
+        let mut st = shared.state.lock().unwrap();
         let version = path_version(req.uri().path()).unwrap_or("");
         if st.not_served.contains(&resource)
             || st.not_served.contains(&format!("{resource}/{version}"))
         {
+            *st.refused.entry(resource.clone()).or_default() += 1;
             return full(
                 StatusCode::NOT_FOUND,
                 status(
@@ -428,6 +449,19 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     }
     let selector = query.get("labelSelector").map(str::to_string);
     if matches!(query.get("watch"), Some("true" | "1")) {
+        let mut st = shared.state.lock().unwrap();
+        if st.watch_forbidden.contains(&resource) {
+            *st.watches.entry(resource.clone()).or_default() += 1;
+            return full(
+                StatusCode::FORBIDDEN,
+                status(
+                    403,
+                    "Forbidden",
+                    &format!("cannot watch resource {resource:?}"),
+                ),
+            );
+        }
+        drop(st);
         return start_watch(shared, resource, ns, selector, &query);
     }
     list(
