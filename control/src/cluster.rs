@@ -44,8 +44,9 @@ pub struct ClusterWatch {
 impl ClusterWatch {
     /// Starts watching `name`. A restart (a rotated remote secret: the previous watch was
     /// dropped, not stopped) keeps the cluster's objects, so its routes stay up until the new
-    /// watch's first list replaces them atomically (`Init`..`InitDone`); the previous task's late
-    /// writes are ignored since it no longer owns the state (`id`).
+    /// watch's first list replaces them atomically (`Init`..`InitDone`), but no longer than the
+    /// sync timeout (see [`sync_deadline`]); the previous task's late writes are ignored since it
+    /// no longer owns the state (`id`).
     pub fn start(
         shared: Arc<Shared>,
         name: String,
@@ -55,7 +56,7 @@ impl ClusterWatch {
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         shared.update(|m| {
             match m.clusters.get_mut(&name) {
-                Some(c) => c.id = id,
+                Some(c) => c.restart(id),
                 None => {
                     m.clusters.insert(name.clone(), ClusterState::new(id));
                 }
@@ -89,8 +90,11 @@ impl Drop for ClusterWatch {
     }
 }
 
-/// Waits `sync_timeout`, then stops a remote cluster that has not synced from holding readiness
-/// back (logged once). The local cluster always holds it: see [`Shared::not_synced`].
+/// Waits `sync_timeout`, then stops a remote cluster that watch `id` has not synced from
+/// holding readiness back (logged once). The local cluster always holds it: see
+/// [`Shared::not_synced`]. A restarted watch that has not relisted by then also drops what the
+/// previous watch left: those endpoints may be long gone (their IPs reused), and the watch may
+/// never list (a rejected token, an unreachable server).
 async fn sync_deadline(shared: Arc<Shared>, name: String, id: u64) {
     if name == shared.settings.cluster {
         return;
@@ -101,9 +105,17 @@ async fn sync_deadline(shared: Arc<Shared>, name: String, id: u64) {
         let Some(c) = m.cluster_mut(&name, id).filter(|c| !c.synced()) else {
             return false;
         };
-        warn!(cluster = %name, ?timeout, last_error = c.last_error.as_deref().unwrap_or(""),
-              "cluster not synced within the sync timeout; ready without it");
+        let last_error = c.last_error.clone().unwrap_or_default();
         c.sync_timed_out = true;
+        if c.drop_unlisted() {
+            warn!(cluster = %name, ?timeout, %last_error,
+                  "restarted cluster watch did not relist within the sync timeout; \
+                   withdrawing the cluster's routes until it does");
+            m.all_dirty = true;
+        } else {
+            warn!(cluster = %name, ?timeout, %last_error,
+                  "cluster not synced within the sync timeout; ready without it");
+        }
         true
     });
 }

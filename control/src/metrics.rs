@@ -58,7 +58,7 @@ pub fn render(shared: &Shared) -> String {
             let _ = writeln!(
                 out,
                 "eastwest_control_cluster_synced{{cluster=\"{name}\",network=\"{net}\"}} {}",
-                u8::from(c.synced())
+                u8::from(c.reported_synced())
             );
             let _ = writeln!(
                 restarts,

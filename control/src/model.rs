@@ -271,6 +271,14 @@ impl<T: PartialEq + BelongsTo> Store<T> {
         }
     }
 
+    /// Forgets every object but keeps a list in progress; returns whether there were any.
+    pub fn forget_objects(&mut self) -> bool {
+        let had = !self.objects.is_empty();
+        self.objects.clear();
+        self.by_service.clear();
+        had
+    }
+
     fn remove(&mut self, k: &ObjKey) -> Vec<ObjKey> {
         let Some(old) = self.objects.remove(k) else {
             return Vec::new();
@@ -412,6 +420,10 @@ pub struct ClusterState {
     /// A remote cluster that did not sync within the sync timeout: it no longer holds
     /// readiness back (it still shows as unsynced in `/metrics`).
     pub sync_timed_out: bool,
+    /// The watch was restarted (a rotated remote secret) after the previous one had synced,
+    /// and the new one has not relisted everything yet: the previous watch's objects stand in
+    /// (the cluster counts as synced) until it has, or until the sync timeout drops them.
+    pub relist_pending: bool,
 }
 
 impl ClusterState {
@@ -426,7 +438,62 @@ impl ClusterState {
             watch_restarts: 0,
             last_error: None,
             sync_timed_out: false,
+            relist_pending: false,
         }
+    }
+
+    /// Hands the state to watch `id`, keeping the objects (routes stay up while it relists)
+    /// but not the synced flags, which from now on say what watch `id` has listed.
+    pub fn restart(&mut self, id: u64) {
+        self.relist_pending = self.relist_pending || self.synced();
+        self.id = id;
+        self.services.synced = false;
+        self.slices.synced = false;
+        self.pods.synced = false;
+        self.destination_rules.synced = false;
+    }
+
+    /// Synced as `/metrics` and readiness report it: by the current watch, or by the previous
+    /// one while the current one relists.
+    pub fn reported_synced(&self) -> bool {
+        self.synced() || self.relist_pending
+    }
+
+    /// Forgets the objects of every kind the current watch has not listed (kept from a previous
+    /// watch, see [`ClusterState::restart`]); returns whether there were any.
+    pub fn drop_unlisted(&mut self) -> bool {
+        self.relist_pending = false;
+        let mut dropped = false;
+        if !self.services.synced {
+            dropped |= self.services.forget_objects();
+        }
+        if !self.slices.synced {
+            dropped |= self.slices.forget_objects();
+        }
+        if !self.pods.synced && self.pods.count() > 0 {
+            self.pods.by_namespace.clear();
+            dropped = true;
+        }
+        let rules = &mut self.destination_rules;
+        if !rules.synced && !rules.objects.is_empty() {
+            // Deleted one by one through the store's own protocol, which keeps its indexes and
+            // any list in progress.
+            let keys: Vec<ObjKey> = rules.objects.keys().cloned().collect();
+            for (namespace, name) in keys {
+                let gone = kube::api::DynamicObject {
+                    types: None,
+                    metadata: kube::api::ObjectMeta {
+                        namespace: Some(namespace),
+                        name: Some(name),
+                        ..Default::default()
+                    },
+                    data: serde_json::Value::Null,
+                };
+                rules.apply("", watcher::Event::Delete(gone), "", &[]);
+            }
+            dropped = true;
+        }
+        dropped
     }
 
     pub fn synced(&self) -> bool {

@@ -234,7 +234,8 @@ impl SecretClusters {
                 }
             };
             // A changed kubeconfig restarts the watch but keeps the cluster's objects (dropping
-            // the old watch does not forget them): its routes stay up across the rotation.
+            // the old watch does not forget them): its routes stay up across the rotation, for
+            // at most the sync timeout if the new watch cannot list.
             match self.running.remove(&cluster) {
                 Some(old) => {
                     drop(old);

@@ -105,7 +105,7 @@ impl Shared {
             .clusters
             .iter()
             .filter(|(name, c)| {
-                !c.synced() && (*name == local || (!been_ready && !c.sync_timed_out))
+                !c.reported_synced() && (*name == local || (!been_ready && !c.sync_timed_out))
             })
             .map(|(name, _)| format!("cluster {name}"))
             .collect();

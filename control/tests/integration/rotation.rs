@@ -1,7 +1,9 @@
 //! A rotated remote secret (its kubeconfig changed) restarts the cluster's watch without
-//! withdrawing the cluster's routes from proxies.
+//! withdrawing the cluster's routes from proxies while the new watch relists, but for at most
+//! `--sync-timeout`: a new watch that cannot list does not keep stale endpoints up forever.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use eastwest_proxy::control_client::{self, ControlClientConfig};
 use eastwest_routes::RouteTable;
@@ -12,6 +14,7 @@ use crate::support::objects::*;
 use crate::support::{endpoint_addrs, http_get, wait_for};
 
 const RATINGS: &str = "ratings.sample.svc.cluster.local";
+const HELLOWORLD: &str = "helloworld.sample.svc.cluster.local";
 
 /// An API server for cluster ash holding ratings with endpoints `ips`.
 async fn ash_api_server(ips: &[&str]) -> ApiServer {
@@ -25,12 +28,22 @@ async fn ash_api_server(ips: &[&str]) -> ApiServer {
     s
 }
 
+/// The value of the `/metrics` line of `metric` for cluster ash.
+async fn ash_metric(control: &eastwest_control::Control, metric: &str) -> Option<String> {
+    let (_, m) = http_get(control.admin_addr(), "/metrics").await;
+    let prefix = format!("{metric}{{cluster=\"ash\"");
+    m.lines()
+        .find(|l| l.starts_with(&prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .map(str::to_string)
+}
+
 #[tokio::test]
-async fn a_rotated_remote_secret_never_withdraws_the_clusters_routes() {
+async fn a_rotated_remote_secret_keeps_routes_while_relisting_but_only_until_the_sync_timeout() {
     let fra = ApiServer::start().await;
     let ash = ash_api_server(&["10.2.0.1"]).await;
     // Where the rotated kubeconfig points: not reachable yet, so the restarted watch cannot
-    // list for a while and any withdrawal would be visible.
+    // list and the previous watch's objects stand in.
     let ash_new = ash_api_server(&["10.2.0.1", "10.2.0.2"]).await;
     ash_new.go_down().await;
     let dir = tempfile::tempdir().unwrap();
@@ -38,6 +51,8 @@ async fn a_rotated_remote_secret_never_withdraws_the_clusters_routes() {
         c.secret_namespace = Some("istio-system".into());
         // Same network, so ash's endpoints are in network1's table.
         c.remote_networks.insert("ash".into(), "network1".into());
+        // Long enough to look at the kept routes, short enough to see them withdrawn.
+        c.sync_timeout = Duration::from_secs(2);
     })
     .await;
     fra.apply(
@@ -61,7 +76,7 @@ async fn a_rotated_remote_secret_never_withdraws_the_clusters_routes() {
         endpoint_addrs(&last(), RATINGS) == ["10.2.0.1:9080"]
     })
     .await;
-    let from = seen.lock().unwrap().len() - 1;
+    let from = seen.lock().unwrap().len();
 
     // Rotate: the restarted watch fails against the unreachable server.
     fra.apply(
@@ -69,31 +84,82 @@ async fn a_rotated_remote_secret_never_withdraws_the_clusters_routes() {
         remote_secret("istio-system", "ash", &ash_new.kubeconfig("ash")),
     );
     wait_for("the new watch failed", || async {
-        let (_, m) = http_get(control.admin_addr(), "/metrics").await;
-        m.lines().any(|l| {
-            l.starts_with("eastwest_control_watch_restarts_total{cluster=\"ash\"}")
-                && !l.ends_with(" 0")
-        })
+        ash_metric(&control, "eastwest_control_watch_restarts_total")
+            .await
+            .is_some_and(|n| n != "0")
     })
     .await;
-    let (_, debug) = http_get(control.admin_addr(), "/debug/routes?network=network1").await;
-    assert!(debug.contains("10.2.0.1:9080"), "{debug}");
+    // Meanwhile ash's routes stand: in the first table published after the rotation (a local
+    // change triggers one) and as synced in /metrics.
+    fra.apply(
+        "services",
+        service("sample", "helloworld", &[("http", 5000)]),
+    );
+    wait_for("a table after the rotation", || async {
+        seen.lock().unwrap()[from..]
+            .iter()
+            .any(|t| t.service(HELLOWORLD).is_some())
+    })
+    .await;
+    let first = seen.lock().unwrap()[from].clone();
+    assert!(first.service(HELLOWORLD).is_some());
+    assert_eq!(endpoint_addrs(&first, RATINGS), ["10.2.0.1:9080"]);
+    assert_eq!(
+        ash_metric(&control, "eastwest_control_cluster_synced")
+            .await
+            .as_deref(),
+        Some("1")
+    );
 
-    // Reachable: the new watch's list replaces ash's objects.
+    // The sync timeout passes without a relist: ash's routes are withdrawn, and it is reported
+    // unsynced without objects (readiness stays: control was ready before).
+    wait_for("ash's routes withdrawn", || async {
+        last().service(RATINGS).is_none()
+    })
+    .await;
+    assert_eq!(
+        ash_metric(&control, "eastwest_control_cluster_synced")
+            .await
+            .as_deref(),
+        Some("0")
+    );
+    let (_, m) = http_get(control.admin_addr(), "/metrics").await;
+    assert!(
+        m.contains("eastwest_control_objects{cluster=\"ash\",kind=\"endpointslices\"} 0"),
+        "{m}"
+    );
+    assert!(
+        control.not_synced().is_empty(),
+        "{:?}",
+        control.not_synced()
+    );
+
+    // Reachable: the new watch lists and the routes come back, from the new server.
     ash_new.come_back().await;
     wait_for("the new server's endpoints at the proxy", || async {
         endpoint_addrs(&last(), RATINGS) == ["10.2.0.1:9080", "10.2.0.2:9080"]
     })
     .await;
+    assert_eq!(
+        ash_metric(&control, "eastwest_control_cluster_synced")
+            .await
+            .as_deref(),
+        Some("1")
+    );
     client.abort();
+
+    // In order: the old endpoints, then none, then the new ones; never the old ones again.
     let seen = seen.lock().unwrap();
-    for t in &seen[from..] {
-        assert!(
-            endpoint_addrs(t, RATINGS).contains(&"10.2.0.1:9080".to_string()),
-            "version {} lost ash's endpoints: {:?}",
-            t.version,
-            endpoint_addrs(t, RATINGS)
-        );
-    }
-    assert!(control.not_synced().is_empty());
+    let phases: Vec<usize> = seen[from..]
+        .iter()
+        .map(|t| match endpoint_addrs(t, RATINGS).len() {
+            1 => 0,
+            0 => 1,
+            _ => 2,
+        })
+        .collect();
+    assert!(
+        phases.windows(2).all(|w| w[0] <= w[1]) && phases.contains(&1),
+        "{phases:?}"
+    );
 }
