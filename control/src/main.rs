@@ -49,7 +49,9 @@ struct Args {
     /// Minimum interval between two publications (e.g. 100ms, 1s).
     #[arg(long, default_value = "100ms", value_parser = parse_duration)]
     debounce: Duration,
-    /// Longest the first publication waits for all clusters to sync.
+    /// Longest the first publication waits for all clusters to sync; also how long an unsynced
+    /// remote cluster holds readiness back before control is first ready, and how long a rotated
+    /// remote secret's cluster keeps its previous objects while the new watch cannot list.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     sync_timeout: Duration,
     /// Gateway of a network: NETWORK=HOST:PORT (repeatable; wins over discovered gateways).

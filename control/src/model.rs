@@ -576,3 +576,6 @@ impl Model {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -140,12 +140,14 @@ async fn a_rotated_remote_secret_keeps_routes_while_relisting_but_only_until_the
         endpoint_addrs(&last(), RATINGS) == ["10.2.0.1:9080", "10.2.0.2:9080"]
     })
     .await;
-    assert_eq!(
+    // Every kind listed (DestinationRules may finish after the endpoints).
+    wait_for("ash synced again", || async {
         ash_metric(&control, "eastwest_control_cluster_synced")
             .await
-            .as_deref(),
-        Some("1")
-    );
+            .as_deref()
+            == Some("1")
+    })
+    .await;
     client.abort();
 
     // In order: the old endpoints, then none, then the new ones; never the old ones again.

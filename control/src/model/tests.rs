@@ -1,0 +1,124 @@
+use super::*;
+use crate::destination_rules::subsets;
+use kube::api::DynamicObject;
+use serde_json::json;
+
+const DOMAIN: &str = "cluster.local";
+const REVIEWS: &str = "reviews.bookinfo.svc.cluster.local";
+
+fn service(name: &str) -> K8sService {
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": "bookinfo"},
+        "spec": {"ports": [{"name": "http", "port": 9080}]}}))
+    .unwrap()
+}
+
+fn rule() -> DynamicObject {
+    serde_json::from_value(json!({
+        "apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+        "metadata": {"name": "reviews", "namespace": "bookinfo"},
+        "spec": {"host": REVIEWS, "subsets": [{"name": "v1", "labels": {"version": "v1"}}]}}))
+    .unwrap()
+}
+
+fn list_services(c: &mut ClusterState, names: &[&str]) {
+    c.services
+        .apply(watcher::Event::<K8sService>::Init, ServiceDef::from_k8s);
+    for n in names {
+        c.services
+            .apply(watcher::Event::InitApply(service(n)), ServiceDef::from_k8s);
+    }
+    c.services
+        .apply(watcher::Event::<K8sService>::InitDone, ServiceDef::from_k8s);
+}
+
+fn list_rules(c: &mut ClusterState, rules: &[DynamicObject]) {
+    let drs = &mut c.destination_rules;
+    drs.apply("ash", watcher::Event::Init, DOMAIN, &[]);
+    for r in rules {
+        drs.apply("ash", watcher::Event::InitApply(r.clone()), DOMAIN, &[]);
+    }
+    drs.apply("ash", watcher::Event::InitDone, DOMAIN, &[]);
+}
+
+fn synced_cluster() -> ClusterState {
+    let mut c = ClusterState::new(1);
+    c.network = Some("network1".into());
+    list_services(&mut c, &["reviews"]);
+    c.slices
+        .apply(watcher::Event::<EndpointSlice>::Init, SliceDef::from_k8s);
+    c.slices.apply(
+        watcher::Event::<EndpointSlice>::InitDone,
+        SliceDef::from_k8s,
+    );
+    c.pods.apply(watcher::Event::<K8sService>::Init, &[]);
+    c.pods.apply(watcher::Event::<K8sService>::InitDone, &[]);
+    list_rules(&mut c, &[rule()]);
+    assert!(c.synced());
+    c
+}
+
+fn reviews_subsets(c: ClusterState) -> (ClusterState, Vec<String>) {
+    let mut m = Model::default();
+    m.clusters.insert("ash".into(), c);
+    let key = ("bookinfo".to_string(), "reviews".to_string());
+    let names = subsets(&m, "network1", &key, REVIEWS)
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    (m.clusters.remove("ash").unwrap(), names)
+}
+
+#[test]
+fn a_restart_keeps_objects_reported_synced_until_the_new_watch_lists() {
+    let mut c = synced_cluster();
+    c.restart(2);
+    assert_eq!(c.id, 2);
+    assert!(!c.synced(), "the flags now say what watch 2 listed");
+    assert!(c.reported_synced(), "the previous watch's objects stand in");
+    assert_eq!(c.services.objects.len(), 1);
+    let (c, names) = reviews_subsets(c);
+    assert_eq!(names, ["v1"]);
+    assert!(c.reported_synced());
+}
+
+#[test]
+fn dropping_unlisted_objects_keeps_what_the_new_watch_listed_and_a_list_in_progress() {
+    let mut c = synced_cluster();
+    c.restart(2);
+    // Watch 2 is half-way through listing Services and has listed nothing else.
+    c.services
+        .apply(watcher::Event::<K8sService>::Init, ServiceDef::from_k8s);
+    c.services.apply(
+        watcher::Event::InitApply(service("ratings")),
+        ServiceDef::from_k8s,
+    );
+
+    assert!(c.drop_unlisted());
+    assert!(!c.reported_synced());
+    assert!(c.services.objects.is_empty() && c.services.by_service.is_empty());
+    assert!(c.destination_rules.objects.is_empty());
+    let (mut c, names) = reviews_subsets(c);
+    assert!(names.is_empty(), "{names:?}");
+
+    // The list in progress completes with what it had received.
+    c.services
+        .apply(watcher::Event::<K8sService>::InitDone, ServiceDef::from_k8s);
+    let listed: Vec<&ObjKey> = c.services.objects.keys().collect();
+    assert_eq!(listed, [&("bookinfo".to_string(), "ratings".to_string())]);
+    // Once everything listed, the rules are back and nothing is left to drop.
+    c.slices
+        .apply(watcher::Event::<EndpointSlice>::Init, SliceDef::from_k8s);
+    c.slices.apply(
+        watcher::Event::<EndpointSlice>::InitDone,
+        SliceDef::from_k8s,
+    );
+    c.pods.apply(watcher::Event::<K8sService>::Init, &[]);
+    c.pods.apply(watcher::Event::<K8sService>::InitDone, &[]);
+    list_rules(&mut c, &[rule()]);
+    assert!(c.synced() && c.reported_synced());
+    assert!(!c.drop_unlisted());
+    let (_, names) = reviews_subsets(c);
+    assert_eq!(names, ["v1"]);
+}
