@@ -64,8 +64,8 @@ struct Args {
     #[arg(long, default_value = "version")]
     subset_labels: String,
     /// How often a cluster without Istio's DestinationRule CRD (or without access to it) is
-    /// asked again.
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    /// asked again; more than zero.
+    #[arg(long, default_value = "60s", value_parser = parse_recheck)]
     destination_rule_recheck: Duration,
 }
 
@@ -81,6 +81,18 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         "m" => Ok(Duration::from_secs(n * 60)),
         _ => Err(format!("{s:?}: unit must be ms, s or m")),
     }
+}
+
+/// A recheck of zero would ask a cluster without the CRD again in a busy loop.
+fn parse_recheck(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() {
+        return Err(format!(
+            "{s:?}: must be more than zero (how long to wait before asking a cluster without \
+             DestinationRules again), e.g. 60s"
+        ));
+    }
+    Ok(d)
 }
 
 fn pair<'a>(flag: &str, s: &'a str) -> anyhow::Result<(&'a str, &'a str)> {

@@ -349,3 +349,30 @@ async fn an_istio_that_serves_only_v1beta1_still_gives_subsets() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_zero_destination_rule_recheck_is_refused_at_startup() {
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_eastwest-control"))
+        .args(["--cluster", "fra", "--network", "network1", "--plaintext"])
+        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .args(["--kubeconfig", "/nonexistent", "--secret-namespace", ""])
+        .args(["--destination-rule-recheck", "0s"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stderr = String::new();
+    let mut pipe = child.stderr.take().unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(20), async {
+        pipe.read_to_string(&mut stderr).await.unwrap();
+        child.wait().await.unwrap()
+    })
+    .await
+    .expect("eastwest-control kept running with --destination-rule-recheck 0s");
+    assert!(!status.success());
+    assert!(
+        stderr.contains("--destination-rule-recheck") && stderr.contains("more than zero"),
+        "{stderr}"
+    );
+}
