@@ -51,8 +51,9 @@ async fn a_rotated_remote_secret_keeps_routes_while_relisting_but_only_until_the
         c.secret_namespace = Some("istio-system".into());
         // Same network, so ash's endpoints are in network1's table.
         c.remote_networks.insert("ash".into(), "network1".into());
-        // Long enough to look at the kept routes, short enough to see them withdrawn.
-        c.sync_timeout = Duration::from_secs(2);
+        // Long enough to look at the kept routes on a loaded machine, short enough to see
+        // them withdrawn within wait_for's 20 s.
+        c.sync_timeout = Duration::from_secs(5);
     })
     .await;
     fra.apply(
