@@ -13,7 +13,7 @@
 //! control_client subscribes with `&delta=1`: the first table arrives whole (~6 MB), each
 //! change as a delta holding only the changed Service, merged into the proxy's current table.
 
-#[path = "../tests/integration/support/apiserver.rs"]
+#[path = "../tests/integration/support/apiserver/mod.rs"]
 mod apiserver;
 use eastwest_proxy::control_client;
 #[path = "../tests/integration/support/objects.rs"]
