@@ -123,14 +123,11 @@ impl Control {
         for (net, addrs) in &cfg.gateways {
             for a in addrs {
                 let mut errors = Vec::new();
-                let probe = RouteTable {
-                    network_gateways: vec![eastwest_routes::NetworkGateway {
-                        network: net.clone(),
-                        address: a.clone(),
-                    }],
-                    ..RouteTable::default()
+                let gateway = eastwest_routes::NetworkGateway {
+                    network: net.clone(),
+                    address: a.clone(),
                 };
-                probe.validate("", &mut errors);
+                gateway.validate("gateway", &mut errors);
                 if let Some(e) = errors.first() {
                     bail!("--gateway {net}={a}: {}", e.message);
                 }

@@ -3,9 +3,7 @@
 //! for one invalid item. What fails is left out (and reported, so the publisher can log and
 //! count it): one odd object can never freeze a network's updates.
 
-use std::sync::Arc;
-
-use eastwest_routes::{Invalid, NetworkGateway, RouteTable};
+use eastwest_routes::{Invalid, NetworkGateway};
 
 use crate::compute::Entry;
 
@@ -24,12 +22,8 @@ pub fn entry(entry: Entry, mut report: impl FnMut(&str, &Invalid)) -> Entry {
         .remote
         .into_iter()
         .filter(|r| {
-            let probe = RouteTable {
-                remote_services: vec![Arc::new(r.clone())],
-                ..RouteTable::default()
-            };
             let mut errors = Vec::new();
-            probe.validate_remote_and_gateways("", &mut errors);
+            r.validate("remote_service", &mut errors);
             for e in &errors {
                 let name = format!(
                     "remote service {} of cluster {}",
@@ -52,12 +46,8 @@ pub fn gateways(
     gateways
         .into_iter()
         .filter(|g| {
-            let probe = RouteTable {
-                network_gateways: vec![g.clone()],
-                ..RouteTable::default()
-            };
             let mut errors = Vec::new();
-            probe.validate_remote_and_gateways("", &mut errors);
+            g.validate("gateway", &mut errors);
             for e in &errors {
                 report(&format!("gateway of network {:?}", g.network), e);
             }

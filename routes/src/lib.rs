@@ -18,7 +18,8 @@ pub use delta::{RouteDelta, RouteUpdate};
 pub use load::{load_proxy_config, parse_proxy_config, ConfigError};
 pub use sni::{SniPattern, SniPatternError};
 pub use table::{
-    Endpoint, NetworkGateway, RemoteService, RouteTable, Service, ServicePort, Subset,
+    is_subset_name, Endpoint, NetworkGateway, RemoteService, RouteTable, Service, ServicePort,
+    Subset,
 };
 
 /// A validation failure: the dotted path of the offending field and what is wrong.

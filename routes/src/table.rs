@@ -179,19 +179,7 @@ pub(crate) fn validate_remote_services<'a>(
     errors: &mut Vec<Invalid>,
 ) {
     for (i, remote) in remote_services.enumerate() {
-        let at = || format!("{prefix}remote_services[{i}]");
-        if !is_dns_name(&remote.hostname) {
-            errors.push(Invalid::new(
-                format!("{}.hostname", at()),
-                format!("not a DNS name: {:?}", remote.hostname),
-            ));
-        }
-        if remote.network.is_empty() {
-            errors.push(Invalid::new(
-                format!("{}.network", at()),
-                "network must not be empty",
-            ));
-        }
+        remote.validate(&format!("{prefix}remote_services[{i}]"), errors);
     }
 }
 
@@ -201,15 +189,39 @@ pub(crate) fn validate_network_gateways(
     errors: &mut Vec<Invalid>,
 ) {
     for (i, gw) in gateways.iter().enumerate() {
-        let at = || format!("{prefix}network_gateways[{i}]");
-        if gw.network.is_empty() {
+        gw.validate(&format!("{prefix}network_gateways[{i}]"), errors);
+    }
+}
+
+impl RemoteService {
+    /// Checks one remote service on its own; `at` is its path, e.g. `remote_services[3]`.
+    pub fn validate(&self, at: &str, errors: &mut Vec<Invalid>) {
+        if !is_dns_name(&self.hostname) {
             errors.push(Invalid::new(
-                format!("{}.network", at()),
+                format!("{at}.hostname"),
+                format!("not a DNS name: {:?}", self.hostname),
+            ));
+        }
+        if self.network.is_empty() {
+            errors.push(Invalid::new(
+                format!("{at}.network"),
                 "network must not be empty",
             ));
         }
-        if let Err(why) = check_host_port(&gw.address) {
-            errors.push(Invalid::new(format!("{}.address", at()), why));
+    }
+}
+
+impl NetworkGateway {
+    /// Checks one gateway on its own; `at` is its path, e.g. `network_gateways[0]`.
+    pub fn validate(&self, at: &str, errors: &mut Vec<Invalid>) {
+        if self.network.is_empty() {
+            errors.push(Invalid::new(
+                format!("{at}.network"),
+                "network must not be empty",
+            ));
+        }
+        if let Err(why) = check_host_port(&self.address) {
+            errors.push(Invalid::new(format!("{at}.address"), why));
         }
     }
 }
@@ -295,7 +307,8 @@ pub(crate) fn lowercase(s: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
-fn is_subset_name(name: &str) -> bool {
+/// Istio's subset names, and the route table's: a DNS label (lowercase letters, digits, '-').
+pub fn is_subset_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 63
         && name
