@@ -14,7 +14,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use eastwest_routes::Subset;
+use eastwest_routes::{is_subset_name, Subset};
 use kube::api::DynamicObject;
 use kube::runtime::watcher;
 use kube::ResourceExt;
@@ -172,15 +172,6 @@ pub fn convert(
     )
 }
 
-/// Istio's subset names (and the route table's): a DNS label.
-fn is_subset_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-}
-
 /// Which Services a change of rules affects.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Affected {
@@ -253,30 +244,23 @@ impl DestinationRules {
                 let (def, problems) = convert(&o, cluster_domain, kept_labels);
                 self.warn(cluster, &k, problems);
                 if self.objects.get(&k) != def.as_ref() {
-                    let old = match def {
-                        Some(def) => {
-                            affected.add(&def.host, cluster_domain);
-                            self.objects.insert(k, def)
-                        }
-                        None => self.objects.remove(&k),
-                    };
-                    if let Some(old) = old {
+                    if let Some(old) = self.remove(&k) {
                         affected.add(&old.host, cluster_domain);
                     }
-                    self.reindex();
+                    if let Some(def) = def {
+                        affected.add(&def.host, cluster_domain);
+                        self.insert(k, def);
+                    }
                 }
             }
             watcher::Event::Delete(o) => {
                 let k = key(&o);
                 self.warned.remove(&k);
-                if let Some(old) = self.objects.remove(&k) {
+                if let Some(old) = self.remove(&k) {
                     affected.add(&old.host, cluster_domain);
-                    self.reindex();
                 }
             }
         }
-        affected.services.sort_unstable();
-        affected.services.dedup();
         affected
     }
 
@@ -285,9 +269,7 @@ impl DestinationRules {
     pub fn set_unavailable(&mut self, why: String, cluster_domain: &str) -> Affected {
         self.pending = None;
         self.pending_seen.clear();
-        let mut affected = self.replace(HashMap::new(), cluster_domain);
-        affected.services.sort_unstable();
-        affected.services.dedup();
+        let affected = self.replace(HashMap::new(), cluster_domain);
         self.unavailable = Some(why);
         affected
     }
@@ -325,6 +307,45 @@ impl DestinationRules {
         self.warned.insert(k.clone(), problems);
     }
 
+    /// Forgets every rule as deleting each would (their logged problems too), but leaves a
+    /// list in progress alone; returns whether there were any.
+    pub fn forget_objects(&mut self) -> bool {
+        let had = !self.objects.is_empty();
+        for k in self.objects.keys() {
+            self.warned.remove(k);
+        }
+        self.objects.clear();
+        self.by_host.clear();
+        self.wildcards.clear();
+        had
+    }
+
+    /// One rule in, indexed by its host (an event changes the index in place).
+    fn insert(&mut self, k: ObjKey, def: RuleDef) {
+        match &def.host {
+            Host::Exact(h) => self.by_host.entry(h.clone()).or_default().push(k.clone()),
+            Host::Wildcard(_) => self.wildcards.push(k.clone()),
+        }
+        self.objects.insert(k, def);
+    }
+
+    fn remove(&mut self, k: &ObjKey) -> Option<RuleDef> {
+        let old = self.objects.remove(k)?;
+        match &old.host {
+            Host::Exact(h) => {
+                if let Some(keys) = self.by_host.get_mut(h) {
+                    keys.retain(|x| x != k);
+                    if keys.is_empty() {
+                        self.by_host.remove(h);
+                    }
+                }
+            }
+            Host::Wildcard(_) => self.wildcards.retain(|x| x != k),
+        }
+        Some(old)
+    }
+
+    /// The whole index again, after `objects` was replaced.
     fn reindex(&mut self) {
         self.by_host.clear();
         self.wildcards.clear();

@@ -474,24 +474,8 @@ impl ClusterState {
             self.pods.by_namespace.clear();
             dropped = true;
         }
-        let rules = &mut self.destination_rules;
-        if !rules.synced && !rules.objects.is_empty() {
-            // Deleted one by one through the store's own protocol, which keeps its indexes and
-            // any list in progress.
-            let keys: Vec<ObjKey> = rules.objects.keys().cloned().collect();
-            for (namespace, name) in keys {
-                let gone = kube::api::DynamicObject {
-                    types: None,
-                    metadata: kube::api::ObjectMeta {
-                        namespace: Some(namespace),
-                        name: Some(name),
-                        ..Default::default()
-                    },
-                    data: serde_json::Value::Null,
-                };
-                rules.apply("", watcher::Event::Delete(gone), "", &[]);
-            }
-            dropped = true;
+        if !self.destination_rules.synced {
+            dropped |= self.destination_rules.forget_objects();
         }
         dropped
     }
