@@ -142,8 +142,7 @@ path, digest = sys.argv[1], sys.argv[2]
 doc = yaml.safe_load(open(path))
 for entry in doc["images"]:
     entry["newName"] = "registry.example/mesh/" + entry["name"].rsplit("/", 1)[-1]
-    entry.pop("newTag", None)
-    entry["digest"] = digest
+    entry["digest"] = digest  # with the tag: kustomize renders name:tag@digest
 yaml.safe_dump(doc, open(path, "w"))
 EOF_PY
   for dir in overlays/fra overlays/ash samples/ash; do

@@ -508,10 +508,10 @@ DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 def image_ref(entry):
     """The reference kustomize renders for an `images:` entry."""
-    name = entry.get("newName", entry["name"])
-    if entry.get("digest"):
-        return f"{name}@{entry['digest']}"
-    return f"{name}:{entry['newTag']}" if entry.get("newTag") else name
+    ref = entry.get("newName", entry["name"])
+    if entry.get("newTag"):
+        ref += f":{entry['newTag']}"
+    return f"{ref}@{entry['digest']}" if entry.get("digest") else ref
 
 
 def pod_containers(obj):
