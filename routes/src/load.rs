@@ -10,12 +10,10 @@ use crate::{Invalid, ProxyConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{file}: cannot read: {source}")]
-    Read {
-        file: String,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The io::Error is in the message and deliberately not `source()`: reports that print
+    /// the chain (`{:#}`) would show it twice.
+    #[error("{file}: cannot read: {cause}")]
+    Read { file: String, cause: std::io::Error },
     /// YAML syntax or type errors, and every validation failure, each with its place.
     #[error("{}", Problems(.0))]
     Invalid(Vec<Problem>),
@@ -67,9 +65,9 @@ impl fmt::Display for Problems<'_> {
 /// Reads, parses and validates `path`.
 pub fn load_proxy_config(path: &Path) -> Result<ProxyConfig, ConfigError> {
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Read {
         file: file.clone(),
-        source,
+        cause,
     })?;
     parse_proxy_config(&text, &file)
 }

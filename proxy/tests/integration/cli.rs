@@ -28,7 +28,68 @@ fn check_accepts_a_good_file() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("ok (1 listeners, 0 services)"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok (1 listener, 0 services)"));
+}
+
+#[test]
+fn check_counts_in_singular_and_plural() {
+    let service = |name: &str| {
+        format!("    - hostname: {name}.demo.svc.cluster.local\n      ports: [{{port: 8000, endpoints: [{{address: 10.0.0.7:8000}}]}}]\n")
+    };
+    let listeners = "listeners:\n  - {name: a, address: 0.0.0.0:15443}\n  - {name: b, address: 0.0.0.0:15444}\n";
+    let (out, _, _dir) = check(&format!(
+        "{listeners}routes:\n  services:\n{}",
+        service("one")
+    ));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("ok (2 listeners, 1 service)"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let two = format!("{}{}", service("one"), service("two"));
+    let (out, _, _dir) = check(&format!("{listeners}routes:\n  services:\n{two}"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok (2 listeners, 2 services)"));
+}
+
+#[test]
+fn version_names_the_commit() {
+    let out = proxy().arg("--version").output().unwrap();
+    assert!(out.status.success());
+    let version = String::from_utf8(out.stdout).unwrap();
+    let commit = version
+        .strip_prefix(concat!(
+            "eastwest-proxy ",
+            env!("CARGO_PKG_VERSION"),
+            " (commit "
+        ))
+        .and_then(|rest| rest.strip_suffix(")\n"))
+        .unwrap_or_else(|| panic!("{version:?}"));
+    assert!(
+        commit == "unknown" || commit.len() >= 7 && commit.chars().all(|c| c.is_ascii_hexdigit()),
+        "{version:?}"
+    );
+}
+
+#[test]
+fn completions_for_bash_zsh_and_fish() {
+    for (shell, marker) in [
+        ("bash", "-o default eastwest-proxy"),
+        ("zsh", "#compdef eastwest-proxy"),
+        ("fish", "complete -c eastwest-proxy"),
+    ] {
+        let out = proxy().args(["completions", shell]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{shell}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let script = String::from_utf8(out.stdout).unwrap();
+        assert!(
+            script.contains(marker) && script.contains("tls-ca"),
+            "{shell}:\n{script}"
+        );
+    }
 }
 
 #[test]
@@ -52,7 +113,10 @@ fn missing_file_is_named() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/gw.yaml: cannot read"));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "error: /nonexistent/gw.yaml: cannot read: No such file or directory (os error 2)\n"
+    );
 }
 
 fn free_port() -> u16 {
@@ -209,7 +273,36 @@ fn https_control_without_an_identity_is_refused_up_front() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("needs --control-cert"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs --tls-cert"));
+
+    // A missing identity file: the cause once, in the one error style.
+    let out = proxy()
+        .arg("--config")
+        .arg(&path)
+        .args([
+            "--control",
+            "https://control:15010",
+            "--cluster",
+            "ash",
+            "--network",
+            "n2",
+            "--tls-cert",
+            "/nonexistent/cert-chain.pem",
+            "--tls-key",
+            "/nonexistent/key.pem",
+            "--tls-ca",
+            "/nonexistent/root-cert.pem",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.starts_with("error: ")
+            && err.contains("/nonexistent/")
+            && err.matches("No such file").count() == 1,
+        "{err}"
+    );
 }
 
 /// A config reached through a symlink into another directory changes where the file watcher
