@@ -15,6 +15,11 @@ pub use help::help_problems;
 pub use logging::{LogArgs, LogFormat};
 pub use report::{error_report, exit_failure};
 
+/// The workspace version, e.g. `0.1.0`.
+pub const PKG_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The git commit the binaries were built from (short hash), or `unknown` (see build.rs).
+pub const GIT_COMMIT: &str = env!("EASTWEST_GIT_COMMIT");
+
 /// `0.1.0 (commit 1a2b3c4)`: the workspace version and the commit built from (see build.rs).
 pub const VERSION: &str = concat!(
     env!("CARGO_PKG_VERSION"),

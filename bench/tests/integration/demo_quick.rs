@@ -5,7 +5,7 @@ fn quick_demo_writes_results_and_plots() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("demo-out");
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_eastwest-bench"))
-        .args(["demo", "--quick", "--rtt-ms", "20"])
+        .args(["demo", "--quick", "--rtt", "20ms"])
         .arg("--out")
         .arg(&out)
         .output()
