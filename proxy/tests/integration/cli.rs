@@ -52,6 +52,39 @@ fn check_counts_in_singular_and_plural() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("ok (2 listeners, 2 services)"));
 }
 
+/// The README's quick-start config with a typo gives exactly the error the README shows.
+#[test]
+fn the_readme_example_error_is_what_check_prints() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let quick_start = &readme[readme.find("## Gateway quick start").unwrap()..];
+    let yaml = quick_start
+        .split_once("```yaml\n")
+        .and_then(|(_, rest)| rest.split_once("```"))
+        .map(|(yaml, _)| yaml)
+        .unwrap();
+    let shown = quick_start
+        .split_once("Config errors name the file, line, column and field\n(`")
+        .and_then(|(_, rest)| rest.split_once("...`)"))
+        .map(|(error, _)| error.replace("\\`", "`"))
+        .expect("the README's example error");
+    let dir = tempfile::tempdir().unwrap();
+    let typo = yaml.replacen("    mode: sni", "    mdoe: sni", 1);
+    assert_ne!(typo, yaml, "the quick start has no `mode: sni` to misspell");
+    std::fs::write(dir.path().join("gateway.yaml"), typo).unwrap();
+    let out = proxy()
+        .current_dir(dir.path())
+        .args(["--config", "gateway.yaml", "--check"])
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        printed.starts_with(&shown),
+        "README shows:\n{shown}\nthe binary prints:\n{printed}"
+    );
+}
+
 #[test]
 fn version_names_the_commit() {
     let out = proxy().arg("--version").output().unwrap();
