@@ -383,3 +383,55 @@ async fn a_renamed_or_moved_listener_keeps_counting_its_connections() {
     )
     .await;
 }
+
+/// Two scrapes list the same series in the same order (families by name, series by labels),
+/// even though the exporter keeps them in hash maps.
+#[tokio::test]
+async fn metrics_come_in_the_same_order_on_every_scrape() {
+    let pki = pki();
+    let backend = tls_echo_backend("b", &pki.server).await;
+    let services: Vec<_> = (0..6)
+        .map(|i| {
+            service(
+                &format!("svc{i}.demo.svc.cluster.local"),
+                8000,
+                &[(backend, &[])],
+            )
+        })
+        .collect();
+    let proxy = Proxy::start(passthrough_config("order", services))
+        .await
+        .unwrap();
+    let gw = proxy.listener_addr("order").unwrap();
+    for i in 0..6 {
+        let host = format!("svc{i}.demo.svc.cluster.local");
+        let mut tls = istio_connect(gw, &pki.client, &istio_sni(8000, "", &host))
+            .await
+            .unwrap();
+        assert!(greeting(&mut tls).await.starts_with("b "));
+    }
+    wait_metric(
+        &proxy,
+        "eastwest_connections_closed_total{listener=\"order\",route=\"svc5.demo.svc.cluster.local:8000\",result=\"routed\"}",
+        1.0,
+    )
+    .await;
+    // Series names and labels, without values (those may move between scrapes).
+    let series = |body: &str| -> Vec<String> {
+        body.lines()
+            .map(|l| {
+                l.rsplit_once(' ')
+                    .map_or(l, |(series, _)| series)
+                    .to_string()
+            })
+            .collect()
+    };
+    let first = series(&admin_get(&proxy, "/metrics").await.1);
+    for _ in 0..5 {
+        assert_eq!(series(&admin_get(&proxy, "/metrics").await.1), first);
+    }
+    let families: Vec<&String> = first.iter().filter(|l| l.starts_with("# TYPE ")).collect();
+    let mut sorted = families.clone();
+    sorted.sort();
+    assert_eq!(families, sorted);
+}
