@@ -141,11 +141,22 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
         args.concurrency, args.input_len
     );
 
+    // The topology takes the server's and the link's defaults for what the demo does not set.
+    let server = crate::serve::ServeConfig::default();
+    let wan = crate::wan::WanOptions::default();
     let topo_json = serde_json::json!({
-        "server": {"address": topo.server_addr, "spiffe_id": topo.server_id.to_string(), "cluster": "ash"},
+        "server": {
+            "address": topo.server_addr, "spiffe_id": topo.server_id.to_string(), "cluster": "ash",
+            "ttft_ms": ms(args.ttft), "itl_ms": ms(args.itl), "ttft_jitter_ms": ms(server.ttft_jitter),
+            "tokens_per_chunk": server.tokens_per_chunk, "max_running": server.max_running,
+            "seed": server.seed,
+        },
         "client": {"spiffe_id": topo.client_id.to_string(), "cluster": "fra"},
         "gateway": {"address": topo.gateway_addr, "admin": topo.admin_addr, "mode": "AUTO_PASSTHROUGH"},
-        "wan": {"address": topo.wan_addr, "rtt_ms": ms(args.rtt)},
+        "wan": {
+            "address": topo.wan_addr, "rtt_ms": ms(args.rtt), "jitter_ms": ms(wan.jitter),
+            "bandwidth_bytes_per_sec": wan.bandwidth_bytes_per_sec,
+        },
         "service": format!("{SERVICE_HOST}:{SERVICE_PORT}"),
         "gateway_sni": GATEWAY_SNI,
     });
@@ -291,7 +302,28 @@ async fn run_scenarios(
                 sc.name, result.metrics.failed, result.first_errors
             );
         }
-        results.push(ScenarioResult::new(sc.name, sc.description, &result));
+        let settings = serde_json::json!({
+            "cross_region": sc.cross_region,
+            "connection": format!("{:?}", cfg.connection).to_lowercase(),
+            "backend": format!("{:?}", cfg.backend),
+            "num_prompts": cfg.num_prompts,
+            "max_concurrency": cfg.max_concurrency,
+            "request_rate": cfg.request_rate.to_string(),
+            "random_input_len": cfg.random_input_len,
+            "random_output_len": cfg.random_output_len,
+            "random_range_ratio": cfg.random_range_ratio,
+            "warmup_requests": cfg.warmup_requests,
+            "seed": cfg.seed,
+            "sni": cfg.sni,
+            "connect_to": cfg.connect_to,
+            "request_timeout_s": cfg.request_timeout.as_secs_f64(),
+        });
+        results.push(ScenarioResult::new(
+            sc.name,
+            sc.description,
+            settings,
+            &result,
+        ));
     }
     Ok((results, warmup_events))
 }
