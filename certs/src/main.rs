@@ -293,7 +293,6 @@ mod tests {
 
     #[test]
     fn help_is_complete() {
-        let problems = eastwest_cli::help_problems(eastwest_cli::command::<Cli>(), false);
-        assert!(problems.is_empty(), "{problems:#?}");
+        eastwest_cli::assert_help_complete::<Cli>(false);
     }
 }

@@ -45,6 +45,20 @@ impl Completions {
     }
 }
 
+/// The subcommands of a binary that has no others (eastwest-proxy, eastwest-control): it
+/// stays usable as `BINARY --flags`, with `BINARY completions <shell>` beside it.
+#[derive(Debug, clap::Subcommand)]
+pub enum OnlyCompletions {
+    Completions(Completions),
+}
+
+/// Panics with every [`help_problems`] of `C`'s command line: each binary's
+/// `help_is_complete` test.
+pub fn assert_help_complete<C: CommandFactory>(env_for_every_flag: bool) {
+    let problems = help_problems(command::<C>(), env_for_every_flag);
+    assert!(problems.is_empty(), "{problems:#?}");
+}
+
 /// `C`'s command tree with what all binaries share filled in: the version and the
 /// `completions` subcommand's examples (they name the binary).
 pub fn command<C: CommandFactory>() -> clap::Command {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use eastwest_control::{Control, ControlConfig, RemoteCluster, TlsFiles};
 
 #[derive(Debug, Parser)]
@@ -114,12 +114,7 @@ struct Args {
     #[command(flatten)]
     log: eastwest_cli::LogArgs,
     #[command(subcommand)]
-    command: Option<Command>,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    Completions(eastwest_cli::Completions),
+    command: Option<eastwest_cli::OnlyCompletions>,
 }
 
 /// A recheck of zero would ask a cluster without the CRD again in a busy loop.
@@ -192,7 +187,7 @@ fn config(args: Args) -> anyhow::Result<ControlConfig> {
 
 fn main() -> ExitCode {
     let args: Args = eastwest_cli::parse();
-    if let Some(Command::Completions(completions)) = &args.command {
+    if let Some(eastwest_cli::OnlyCompletions::Completions(completions)) = &args.command {
         completions.print::<Args>();
         return ExitCode::SUCCESS;
     }
@@ -224,7 +219,6 @@ mod tests {
 
     #[test]
     fn help_is_complete() {
-        let problems = eastwest_cli::help_problems(eastwest_cli::command::<Args>(), true);
-        assert!(problems.is_empty(), "{problems:#?}");
+        eastwest_cli::assert_help_complete::<Args>(true);
     }
 }

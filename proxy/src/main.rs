@@ -2,7 +2,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use eastwest_proxy::{control_client, Proxy};
 
 /// SNI-routing TLS passthrough east-west gateway, Istio-compatible.
@@ -54,18 +54,12 @@ struct Cli {
     #[command(flatten)]
     log: eastwest_cli::LogArgs,
     #[command(subcommand)]
-    command: Option<Command>,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Print a shell completion script.
-    Completions(eastwest_cli::Completions),
+    command: Option<eastwest_cli::OnlyCompletions>,
 }
 
 fn main() -> ExitCode {
     let cli: Cli = eastwest_cli::parse();
-    if let Some(Command::Completions(completions)) = &cli.command {
+    if let Some(eastwest_cli::OnlyCompletions::Completions(completions)) = &cli.command {
         completions.print::<Cli>();
         return ExitCode::SUCCESS;
     }
@@ -225,7 +219,6 @@ mod tests {
 
     #[test]
     fn help_is_complete() {
-        let problems = eastwest_cli::help_problems(eastwest_cli::command::<Cli>(), true);
-        assert!(problems.is_empty(), "{problems:#?}");
+        eastwest_cli::assert_help_complete::<Cli>(true);
     }
 }

@@ -352,25 +352,21 @@ async fn files_written_by_cli_complete_mtls_between_clusters() {
 fn cluster_adds_an_intermediate_without_touching_the_root() {
     let dir = mesh_dir(&["--trust-domain", "example.org"]);
     let d = dir.path();
-    let before: Vec<Vec<u8>> = [
-        "pki/root-cert.pem",
-        "pki/root-key.pem",
-        "pki/fra/ca-key.pem",
-    ]
-    .iter()
-    .map(|f| std::fs::read(d.join(f)).unwrap())
-    .collect();
+    // What `cluster` must leave alone: the root and another cluster's key.
+    let kept = || -> Vec<Vec<u8>> {
+        [
+            "pki/root-cert.pem",
+            "pki/root-key.pem",
+            "pki/fra/ca-key.pem",
+        ]
+        .iter()
+        .map(|f| std::fs::read(d.join(f)).unwrap())
+        .collect()
+    };
+    let before = kept();
     let out = ok(d, &["cluster", "--root", "pki", "--name", "par"]);
     assert!(out.contains("pki/par/ca-cert.pem"), "{out}");
-    let after: Vec<Vec<u8>> = [
-        "pki/root-cert.pem",
-        "pki/root-key.pem",
-        "pki/fra/ca-key.pem",
-    ]
-    .iter()
-    .map(|f| std::fs::read(d.join(f)).unwrap())
-    .collect();
-    assert_eq!(before, after, "the root or another cluster changed");
+    assert_eq!(kept(), before, "the root or another cluster changed");
     assert_eq!(mode(&d.join("pki/par/ca-key.pem")), 0o600);
     assert_eq!(
         std::fs::read(d.join("pki/par/root-cert.pem")).unwrap(),

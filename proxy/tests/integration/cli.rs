@@ -292,33 +292,25 @@ fn https_control_without_an_identity_is_refused_up_front() {
         "admin: {address: 127.0.0.1:0}\nlisteners:\n  - name: tls\n    address: 127.0.0.1:0\n",
     )
     .unwrap();
-    let out = proxy()
-        .arg("--config")
-        .arg(&path)
-        .args([
+    let with_https_control = || {
+        let mut cmd = proxy();
+        cmd.arg("--config").arg(&path).args([
             "--control",
             "https://control:15010",
             "--cluster",
             "ash",
             "--network",
             "n2",
-        ])
-        .output()
-        .unwrap();
+        ]);
+        cmd
+    };
+    let out = with_https_control().output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("needs --tls-cert"));
 
     // A missing identity file: the cause once, in the one error style.
-    let out = proxy()
-        .arg("--config")
-        .arg(&path)
+    let out = with_https_control()
         .args([
-            "--control",
-            "https://control:15010",
-            "--cluster",
-            "ash",
-            "--network",
-            "n2",
             "--tls-cert",
             "/nonexistent/cert-chain.pem",
             "--tls-key",
