@@ -4,7 +4,8 @@ use std::process::ExitCode;
 
 /// The error and its causes joined by `: `, leaving out a cause whose text the message before
 /// it already ends with (a library that prints its source in its own message, then also
-/// returns it as `source()`, would otherwise show it twice).
+/// returns it as `source()`, would otherwise show it twice). An error that lists several
+/// problems, one a line (a config file's), gets `error: ` on each.
 pub fn error_report(err: &anyhow::Error) -> String {
     let mut report = String::new();
     for cause in err.chain() {
@@ -17,7 +18,11 @@ pub fn error_report(err: &anyhow::Error) -> String {
         }
         report.push_str(&text);
     }
-    format!("error: {report}")
+    report
+        .lines()
+        .map(|line| format!("error: {line}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Prints [`error_report`] to stderr; the exit code to return from `main`.
@@ -49,6 +54,15 @@ mod tests {
         assert_eq!(
             error_report(&err),
             "error: loading the CA: reading a.pem: No such file"
+        );
+    }
+
+    #[test]
+    fn each_listed_problem_is_its_own_error_line() {
+        let err = anyhow::anyhow!("gw.yaml:4:5: listener tls twice\ngw.yaml:5:5: address in use");
+        assert_eq!(
+            error_report(&err),
+            "error: gw.yaml:4:5: listener tls twice\nerror: gw.yaml:5:5: address in use"
         );
     }
 }

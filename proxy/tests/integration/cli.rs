@@ -140,6 +140,20 @@ fn check_names_file_line_and_field() {
 }
 
 #[test]
+fn every_problem_is_its_own_error_line() {
+    let (out, path, _dir) = check(
+        "listeners:\n  - {name: tls, address: 0.0.0.0:15443}\n  - {name: tls, address: 0.0.0.0:15443}\n",
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 2, "{err}");
+    for line in lines {
+        assert!(line.starts_with(&format!("error: {path}:3:")), "{err}");
+    }
+}
+
+#[test]
 fn missing_file_is_named() {
     let out = proxy()
         .args(["--config", "/nonexistent/gw.yaml", "--check"])
