@@ -90,7 +90,7 @@ enum Cmd {
     Workload {
         #[command(flatten)]
         leaf: LeafArgs,
-        /// spiffe://<td>/ns/<ns>/sa/<sa>
+        /// The workload's SPIFFE ID: spiffe://<td>/ns/<ns>/sa/<sa>
         #[arg(long, alias = "spiffe")]
         spiffe_id: SpiffeId,
     },
