@@ -1,9 +1,13 @@
 # syntax=docker/dockerfile:1
 # One image with every eastwest binary (eastwest-proxy, eastwest-control, eastwest-certs,
 # eastwest-bench); the Kubernetes manifests in deploy/ pick one with `command:`.
-#   docker build -t <registry>/eastwest:0.1.0 .
+#   docker build --build-arg EASTWEST_GIT_COMMIT="$(git rev-parse --short HEAD)" \
+#     -t <registry>/eastwest:0.1.0 .
 
 FROM docker.io/library/rust:1.95-bookworm AS build
+# .git is not in the build context: --version shows this commit, or "unknown" without it
+# (docker build --build-arg EASTWEST_GIT_COMMIT=$(git rev-parse --short HEAD) .).
+ARG EASTWEST_GIT_COMMIT=""
 WORKDIR /src
 COPY . .
 # Cache mounts keep the registry and target dir between builds (BuildKit).

@@ -164,7 +164,7 @@ make_cert_secrets() {
     "$CERTS" gateway --ca certs/fra --out certs/gateway-fra/ --validity 365d >/dev/null &&
     "$CERTS" gateway --ca certs/ash --out certs/gateway-ash/ --validity 365d >/dev/null &&
     "$CERTS" workload --ca certs/fra --out certs/control-fra/ --validity 365d \
-      --spiffe spiffe://cluster.local/ns/istio-system/sa/eastwest-control >/dev/null &&
+      --spiffe-id spiffe://cluster.local/ns/istio-system/sa/eastwest-control >/dev/null &&
     "$KUBECTL" create secret generic eastwest-proxy-certs -n istio-system \
       --from-file=certs/gateway-fra/ --dry-run=client -o yaml >eastwest-proxy-certs.yaml &&
     "$KUBECTL" create secret generic eastwest-control-certs -n istio-system \
