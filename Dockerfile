@@ -5,7 +5,8 @@
 #   docker build --target eastwest-control -t <registry>/eastwest-control:0.1.0 .
 #   docker build --target eastwest-bench   -t <registry>/eastwest-bench:0.1.0 .
 #   docker build --target eastwest-certs   -t <registry>/eastwest-certs:0.1.0 .   (optional)
-# The build stage is shared, so later builds reuse the first one's compile.
+# The build stage is shared, so later builds reuse the first one's compile. Add
+# `--build-arg EASTWEST_GIT_COMMIT="$(git rev-parse --short HEAD)"` so --version names the commit.
 #
 # Base images are build arguments so they can be pinned by digest (docker pulls the digest and
 # ignores the tag; the tag stays as a reminder of what it is). Resolve the current digests:
@@ -19,6 +20,8 @@ ARG RUST_IMAGE=docker.io/library/rust:1.95-bookworm
 ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot
 
 FROM ${RUST_IMAGE} AS build
+# .git is not in the build context: --version shows this commit, or "unknown" without it.
+ARG EASTWEST_GIT_COMMIT=""
 WORKDIR /src
 COPY . .
 # Stripped for the images (the release profile keeps line tables for local profiling).

@@ -218,7 +218,7 @@ make_cert_secrets() {
     "$CERTS" gateway --ca "$CERTS_DIR/fra" --out "$CERTS_DIR/gateway-fra/" --validity 365d >/dev/null &&
     "$CERTS" gateway --ca "$CERTS_DIR/ash" --out "$CERTS_DIR/gateway-ash/" --validity 365d >/dev/null &&
     "$CERTS" workload --ca "$CERTS_DIR/fra" --out "$CERTS_DIR/control-fra/" --validity 365d \
-      --spiffe spiffe://cluster.local/ns/istio-system/sa/eastwest-control >/dev/null &&
+      --spiffe-id spiffe://cluster.local/ns/istio-system/sa/eastwest-control >/dev/null &&
     "$KUBECTL" create secret generic eastwest-proxy-certs -n istio-system \
       --from-file="$CERTS_DIR/gateway-fra/" --dry-run=client -o yaml >eastwest-proxy-certs.yaml &&
     "$KUBECTL" create secret generic eastwest-control-certs -n istio-system \

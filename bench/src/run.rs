@@ -44,8 +44,10 @@ pub struct RunFlags {
     /// Server base URL, e.g. http://127.0.0.1:30000 (overrides --host/--port).
     #[arg(long)]
     pub base_url: Option<String>,
+    /// Server host when --base-url is not given.
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
+    /// Server port when --base-url is not given.
     #[arg(long, default_value_t = 30000)]
     pub port: u16,
     /// sglang-oai: /v1/completions; sglang-oai-chat: /v1/chat/completions.
@@ -57,22 +59,28 @@ pub struct RunFlags {
     /// Model name; asked from GET /v1/models when not given.
     #[arg(long)]
     pub model: Option<String>,
+    /// Requests to send (after the warmup).
     #[arg(long, default_value_t = 1000)]
     pub num_prompts: usize,
     /// Requests per second, Poisson arrivals; "inf" sends all at once.
     #[arg(long, default_value = "inf")]
     pub request_rate: f64,
+    /// Most requests in flight at once (default: no limit).
     #[arg(long)]
     pub max_concurrency: Option<usize>,
+    /// Prompt length in tokens (words), at most.
     #[arg(long, default_value_t = 1024)]
     pub random_input_len: usize,
+    /// Output tokens asked for (max_tokens), at most.
     #[arg(long, default_value_t = 1024)]
     pub random_output_len: usize,
     /// Lengths are drawn from [len*ratio, len].
     #[arg(long, default_value_t = 0.0)]
     pub random_range_ratio: f64,
+    /// Requests sent and discarded before measuring.
     #[arg(long, default_value_t = 1)]
     pub warmup_requests: usize,
+    /// Seed for prompts, lengths and arrival times: the same seed sends the same load.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
     /// Append one JSON line of results to this file.
@@ -94,14 +102,14 @@ pub struct RunFlags {
     #[arg(long)]
     pub tls: bool,
     /// PEM CA bundle to verify the server (default: system roots); the mesh root for SPIFFE.
-    #[arg(long)]
-    pub cacert: Option<PathBuf>,
+    #[arg(long, alias = "cacert")]
+    pub tls_ca: Option<PathBuf>,
     /// Client certificate chain (PEM) for mTLS.
-    #[arg(long, requires = "key")]
-    pub cert: Option<PathBuf>,
+    #[arg(long, alias = "cert", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
     /// Client private key (PEM) for mTLS.
-    #[arg(long, requires = "cert")]
-    pub key: Option<PathBuf>,
+    #[arg(long, alias = "key", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// TLS server name to send, e.g. outbound_.8000_._.sglang.demo.svc.cluster.local.
     #[arg(long)]
     pub sni: Option<String>,
@@ -118,9 +126,9 @@ pub struct RunFlags {
     /// without it, mesh certs mean the server must be in the client's trust domain.
     #[arg(long, conflicts_with_all = ["spiffe_id", "spiffe_trust_domain"])]
     pub verify_hostname: bool,
-    /// Give up on one request after this many seconds.
-    #[arg(long, default_value_t = 600.0)]
-    pub request_timeout: f64,
+    /// Give up on one request after this long, e.g. 10m; a bare number is seconds.
+    #[arg(long, default_value = "600s", value_parser = eastwest_cli::duration_or_secs)]
+    pub request_timeout: Duration,
 }
 
 impl RunFlags {
@@ -144,21 +152,21 @@ impl RunFlags {
         cfg.sni = self.sni.clone();
         cfg.connect_to = self.connect_to.clone();
         cfg.goodput = Goodput::parse(&self.goodput)?;
-        if !(self.request_timeout.is_finite() && self.request_timeout > 0.0) {
-            anyhow::bail!("--request-timeout must be a positive number of seconds");
+        if self.request_timeout.is_zero() {
+            anyhow::bail!("--request-timeout must be more than zero");
         }
-        cfg.request_timeout = Duration::from_secs_f64(self.request_timeout);
+        cfg.request_timeout = self.request_timeout;
         let wants_tls = self.tls
             || cfg.base_url.starts_with("https://")
-            || self.cacert.is_some()
-            || self.cert.is_some()
+            || self.tls_ca.is_some()
+            || self.tls_cert.is_some()
             || !self.spiffe_id.is_empty()
             || self.spiffe_trust_domain.is_some();
         if wants_tls {
             cfg.tls = Some(TlsClient::from_files(&TlsFiles {
-                cacert: self.cacert.as_deref(),
-                cert: self.cert.as_deref(),
-                key: self.key.as_deref(),
+                cacert: self.tls_ca.as_deref(),
+                cert: self.tls_cert.as_deref(),
+                key: self.tls_key.as_deref(),
                 spiffe_ids: &self.spiffe_id,
                 spiffe_trust_domain: self.spiffe_trust_domain.as_deref(),
                 verify_hostname: self.verify_hostname,

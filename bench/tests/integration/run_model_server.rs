@@ -180,11 +180,11 @@ async fn cli_run(
             "https://sglang.demo.svc.cluster.local:8000",
         ])
         .args(["--connect-to", &connect_to.to_string(), "--sni", SNI])
-        .arg("--cacert")
+        .arg("--tls-ca")
         .arg(d.join("root-cert.pem"))
-        .arg("--cert")
+        .arg("--tls-cert")
         .arg(d.join("cert-chain.pem"))
-        .arg("--key")
+        .arg("--tls-key")
         .arg(d.join("key.pem"))
         .args([
             "--model",

@@ -1,5 +1,5 @@
 //! `serve` behind TLS and mTLS with eastwest-certs identities, configured from PEM files
-//! as the CLI is (`--tls-cert/--tls-key/--tls-root --require-client-cert`), the way the
+//! as the CLI is (`--tls-cert/--tls-key/--tls-ca --require-client-cert`), the way the
 //! sidecar-terminated sglang pod stands behind the gateway.
 
 use std::net::SocketAddr;
@@ -47,17 +47,17 @@ async fn start_from_flags(dir: &Path, server: &Identity, mtls: bool) -> ModelSer
         "serve",
         "--listen",
         "127.0.0.1:0",
-        "--ttft-ms",
-        "1",
-        "--itl-ms",
-        "1",
+        "--ttft",
+        "1ms",
+        "--itl",
+        "1ms",
         "--tls-cert",
         &chain,
         "--tls-key",
         &key,
     ];
     if mtls {
-        argv.extend(["--tls-root", &root, "--require-client-cert"]);
+        argv.extend(["--tls-ca", &root, "--require-client-cert"]);
     }
     let args = Cli::try_parse_from(argv).unwrap().serve;
     let cfg = args.config().unwrap();
