@@ -201,7 +201,9 @@ async fn pump(
             if let Some(b) = buf.take() {
                 give(b);
             }
-            if splice_until_eof(reader, writer, &dir).await? {
+            // Boxed: its state would otherwise enlarge every connection's future, also the
+            // idle ones that never splice (one allocation per direction that switches).
+            if Box::pin(splice_until_eof(reader, writer, &dir)).await? {
                 return end(writer, &dir).await;
             }
             // No pipe to be had (fd limit): copy, and try again after as much bulk again.
