@@ -380,22 +380,39 @@ mod tests {
         POOLS.with(|p| p.borrow().each_ref().map(Vec::len))
     }
 
-    /// A direction that moved enough to earn 64 KiB buffers gives its buffer back once the
-    /// socket is drained: a quiet connection holds none, whatever it moved before.
-    #[tokio::test(flavor = "current_thread")]
-    async fn a_quiet_connection_holds_no_buffer_whatever_it_moved() {
-        let (mut client, mut downstream) = pair().await;
-        let (mut upstream, mut server) = pair().await;
+    /// client ↔ downstream, relayed to upstream ↔ server.
+    struct Ends {
+        client: TcpStream,
+        downstream: TcpStream,
+        upstream: TcpStream,
+        server: TcpStream,
+    }
+
+    async fn ends() -> Ends {
+        let (client, downstream) = pair().await;
+        let (upstream, server) = pair().await;
+        Ends {
+            client,
+            downstream,
+            upstream,
+            server,
+        }
+    }
+
+    /// Relays 1 MiB from client to server; returns `measure()` taken as soon as the server has
+    /// it all, with the relay still running. (Single-threaded: the relay's last write and what
+    /// it does right after happen in one poll, before the server could read the last byte.)
+    async fn after_bulk<T>(ends: &mut Ends, splice: Splice, measure: impl FnOnce() -> T) -> T {
         let (sent, received) = (Counter::noop(), Counter::noop());
         let hour = Duration::from_secs(3600);
         let config = RelayConfig {
             idle: hour,
             upstream_keepalive: hour,
-            splice: Splice::Off,
+            splice,
         };
         let relay = relay(
-            &mut downstream,
-            &mut upstream,
+            &mut ends.downstream,
+            &mut ends.upstream,
             (&sent, &received),
             config,
             std::future::pending(),
@@ -403,18 +420,26 @@ mod tests {
         let bulk = vec![7u8; 1 << 20];
         let exchange = async {
             let mut got = vec![0u8; bulk.len()];
-            let (wrote, read) = tokio::join!(client.write_all(&bulk), server.read_exact(&mut got));
+            let (wrote, read) = tokio::join!(
+                ends.client.write_all(&bulk),
+                ends.server.read_exact(&mut got)
+            );
             wrote.unwrap();
             read.unwrap();
             assert!(got == bulk);
-            // Single-threaded: the relay's last write and its return of the buffer happen in
-            // one poll, before the server could read the last byte.
-            pooled()
+            measure()
         };
-        let pooled = tokio::select! {
-            pooled = exchange => pooled,
+        tokio::select! {
+            measured = exchange => measured,
             end = relay => panic!("relay ended: {:?}", end.end),
-        };
+        }
+    }
+
+    /// A direction that moved enough to earn 64 KiB buffers gives its buffer back once the
+    /// socket is drained: a quiet connection holds none, whatever it moved before.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_quiet_connection_holds_no_buffer_whatever_it_moved() {
+        let pooled = after_bulk(&mut ends().await, Splice::Off, pooled).await;
         assert!(
             pooled[1] >= 1,
             "no 64 KiB buffer back in the pool: {pooled:?}"
@@ -425,36 +450,9 @@ mod tests {
     /// drained; a pipe that still holds bytes is closed instead, never pooled.
     #[tokio::test(flavor = "current_thread")]
     async fn spliced_directions_pool_only_empty_pipes() {
-        let (mut client, mut downstream) = pair().await;
-        let (mut upstream, mut server) = pair().await;
-        let (sent, received) = (Counter::noop(), Counter::noop());
-        let hour = Duration::from_secs(3600);
-        let config = RelayConfig {
-            idle: hour,
-            upstream_keepalive: hour,
-            splice: Splice::Auto,
-        };
-        let relay = relay(
-            &mut downstream,
-            &mut upstream,
-            (&sent, &received),
-            config,
-            std::future::pending(),
-        );
-        let bulk = vec![9u8; 1 << 20];
+        let mut ends = ends().await;
         let before = pipe::pooled();
-        let exchange = async {
-            let mut got = vec![0u8; bulk.len()];
-            let (wrote, read) = tokio::join!(client.write_all(&bulk), server.read_exact(&mut got));
-            wrote.unwrap();
-            read.unwrap();
-            assert!(got == bulk);
-            pipe::pooled()
-        };
-        let after = tokio::select! {
-            pooled = exchange => pooled,
-            end = relay => panic!("relay ended: {:?}", end.end),
-        };
+        let after = after_bulk(&mut ends, Splice::Auto, pipe::pooled).await;
         assert_eq!(
             after,
             before + 1,
@@ -464,9 +462,10 @@ mod tests {
         // A pipe given back while holding bytes is closed.
         let mut dirty = Pipe::take().unwrap();
         let pooled = pipe::pooled();
-        client.write_all(b"left in the pipe").await.unwrap();
+        ends.client.write_all(b"left in the pipe").await.unwrap();
+        let downstream = &ends.downstream;
         downstream.readable().await.unwrap();
-        let n = downstream.try_io(Interest::READABLE, || dirty.fill(&downstream));
+        let n = downstream.try_io(Interest::READABLE, || dirty.fill(downstream));
         assert_eq!(n.unwrap(), 16);
         dirty.give();
         assert_eq!(pipe::pooled(), pooled);
