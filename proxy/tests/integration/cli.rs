@@ -90,8 +90,47 @@ fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
-fn config_dump(admin: u16) -> serde_json::Value {
-    let (_, dump) = http_get(admin, "/config_dump").unwrap();
+/// The ports of the three admin servers, each fixed before the proxy starts.
+#[derive(Clone, Copy)]
+struct Admin {
+    status: u16,
+    metrics: u16,
+    debug: u16,
+}
+
+impl Admin {
+    fn free() -> Admin {
+        Admin {
+            status: free_port(),
+            metrics: free_port(),
+            debug: free_port(),
+        }
+    }
+
+    fn yaml(&self) -> String {
+        format!(
+            "admin: {{status_address: 127.0.0.1:{}, metrics_address: 127.0.0.1:{}, debug_address: 127.0.0.1:{}}}\n",
+            self.status, self.metrics, self.debug
+        )
+    }
+
+    /// GET `path` from the server that serves it.
+    fn get(&self, path: &str) -> Option<(u16, String)> {
+        let port = match path {
+            "/healthz/ready" => self.status,
+            "/metrics" => self.metrics,
+            _ => self.debug,
+        };
+        http_get(port, path)
+    }
+}
+
+/// All three admin servers on loopback, any free port (the defaults would collide).
+const ANY_ADMIN: &str =
+    "admin: {status_address: 127.0.0.1:0, metrics_address: 127.0.0.1:0, debug_address: 127.0.0.1:0}\n";
+
+fn config_dump(admin: Admin) -> serde_json::Value {
+    let (_, dump) = admin.get("/config_dump").unwrap();
     serde_json::from_str(&dump).unwrap()
 }
 
@@ -103,12 +142,13 @@ fn signal(proxy: &Running, name: &str) {
     assert!(sent.success());
 }
 
-/// Writes `gw.yaml` in `dir`: the admin server on a free port, one listener on any port.
-/// Returns its path, the admin port and the text (for tests that extend it).
-fn base_config(dir: &std::path::Path) -> (std::path::PathBuf, u16, String) {
-    let admin = free_port();
+/// Writes `gw.yaml` in `dir`: the admin servers on free ports, one listener on any port.
+/// Returns its path, the admin ports and the text (for tests that extend it).
+fn base_config(dir: &std::path::Path) -> (std::path::PathBuf, Admin, String) {
+    let admin = Admin::free();
     let base = format!(
-        "admin: {{address: 127.0.0.1:{admin}}}\nlisteners:\n  - name: tls\n    address: 127.0.0.1:0\n"
+        "{}listeners:\n  - name: tls\n    address: 127.0.0.1:0\n",
+        admin.yaml()
     );
     let config = dir.join("gw.yaml");
     std::fs::write(&config, &base).unwrap();
@@ -169,7 +209,7 @@ fn restart_while_control_is_down_routes_from_the_cache() {
     .unwrap();
     let _proxy = start(&config, &down_control_with_cache(&cache));
     wait_until("ready from the cache", || {
-        matches!(http_get(admin, "/healthz/ready"), Some((200, _)))
+        matches!(admin.get("/healthz/ready"), Some((200, _)))
     });
     let dump = config_dump(admin);
     assert_eq!(dump["route_table_version"], 42);
@@ -180,7 +220,7 @@ fn restart_while_control_is_down_routes_from_the_cache() {
     );
     // The failed connection attempts to control are counted and described.
     wait_until("control's metrics described", || {
-        let (_, metrics) = http_get(admin, "/metrics").unwrap();
+        let (_, metrics) = admin.get("/metrics").unwrap();
         metrics.contains("# HELP eastwest_control_stream_errors_total")
             && metrics.contains("# HELP eastwest_control_connected")
     });
@@ -192,7 +232,7 @@ fn https_control_without_an_identity_is_refused_up_front() {
     let path = dir.path().join("gw.yaml");
     std::fs::write(
         &path,
-        "admin: {address: 127.0.0.1:0}\nlisteners:\n  - name: tls\n    address: 127.0.0.1:0\n",
+        format!("{ANY_ADMIN}listeners:\n  - name: tls\n    address: 127.0.0.1:0\n"),
     )
     .unwrap();
     let out = proxy()
@@ -223,7 +263,7 @@ fn sighup_applies_a_change_the_file_watcher_cannot_see() {
     std::os::unix::fs::symlink(&real, &config).unwrap();
     let proxy = start(&config, &[]);
     wait_until("ready", || {
-        matches!(http_get(admin, "/healthz/ready"), Some((200, _)))
+        matches!(admin.get("/healthz/ready"), Some((200, _)))
     });
     std::fs::write(
         &real,
@@ -240,7 +280,7 @@ fn sighup_applies_a_change_the_file_watcher_cannot_see() {
         signal(&proxy, "-HUP");
         service(&config_dump(admin)).as_deref() == Some("added.ns.svc.cluster.local")
     });
-    let (_, metrics) = http_get(admin, "/metrics").unwrap();
+    let (_, metrics) = admin.get("/metrics").unwrap();
     assert!(
         metrics.contains("eastwest_config_reloads_total 1"),
         "{metrics}"
@@ -257,7 +297,8 @@ fn logs_into_a_pipe_are_plain_text_and_sigterm_exits_zero() {
     let config = dir.path().join("gw.yaml");
     std::fs::write(
         &config,
-        "admin: {address: 127.0.0.1:0}\nlisteners:\n  - name: tls\n    address: 127.0.0.1:0\n",
+        // No accept period: this test is about the drain ending in exit status 0.
+        format!("{ANY_ADMIN}drain_accept_period: 0s\nlisteners:\n  - name: tls\n    address: 127.0.0.1:0\n"),
     )
     .unwrap();
     let mut proxy = Running(
@@ -313,7 +354,7 @@ fn sighup_retries_a_reload_that_failed() {
     let (config, admin, base) = base_config(dir.path());
     let proxy = start(&config, &[]);
     wait_until("ready", || {
-        matches!(http_get(admin, "/healthz/ready"), Some((200, _)))
+        matches!(admin.get("/healthz/ready"), Some((200, _)))
     });
     // Written aside and renamed, so the watcher sees one whole change.
     let next = dir.path().join("next.yaml");
@@ -324,7 +365,7 @@ fn sighup_retries_a_reload_that_failed() {
     .unwrap();
     std::fs::rename(&next, &config).unwrap();
     wait_until("the reload to fail on the taken port", || {
-        let (_, metrics) = http_get(admin, "/metrics").unwrap();
+        let (_, metrics) = admin.get("/metrics").unwrap();
         metrics.contains("eastwest_config_reload_failures_total 1")
     });
     drop(taken);
@@ -347,7 +388,7 @@ fn a_corrupt_route_cache_does_not_keep_the_gateway_down() {
     let mut proxy = start(&config, &down_control_with_cache(&cache));
     wait_until("the admin server to answer", || {
         assert!(proxy.0.try_wait().unwrap().is_none(), "the proxy exited");
-        http_get(admin, "/healthz/ready").is_some()
+        admin.get("/healthz/ready").is_some()
     });
-    assert_eq!(http_get(admin, "/healthz/ready").unwrap().0, 503);
+    assert_eq!(admin.get("/healthz/ready").unwrap().0, 503);
 }

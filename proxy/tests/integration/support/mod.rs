@@ -148,7 +148,7 @@ pub fn passthrough_config(listener: &str, services: Vec<Service>) -> ProxyConfig
         "127.0.0.1:0".parse().unwrap(),
         ListenerMode::AutoPassthrough,
     )]);
-    cfg.admin.address = "127.0.0.1:0".parse().unwrap();
+    cfg.admin = eastwest_routes::AdminConfig::loopback_any_port();
     cfg.routes = RouteTable {
         services: services.into_iter().map(Arc::new).collect(),
         ..Default::default()
@@ -156,9 +156,19 @@ pub fn passthrough_config(listener: &str, services: Vec<Service>) -> ProxyConfig
     cfg
 }
 
-/// GET `path` from the admin server: (status, body).
+/// GET `path` from the admin server that serves it: (status, body).
 pub async fn admin_get(proxy: &Proxy, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(proxy.admin_addr()).await.unwrap();
+    let addr = match path {
+        "/healthz/ready" => proxy.status_addr(),
+        "/metrics" => proxy.metrics_addr(),
+        _ => proxy.debug_addr(),
+    };
+    http_get(addr, path).await
+}
+
+/// GET `path` from `addr` on a new connection: (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes())
         .await
         .unwrap();
