@@ -256,11 +256,12 @@ impl FdReserve {
     pub fn shed(&mut self, listener: &TcpListener, max: usize) -> usize {
         let mut closed = 0;
         while closed < max && self.0.take().is_some() {
-            let accepted = SockRef::from(listener).accept();
+            // Closed at once (the client reads EOF), before the reserve is taken again with
+            // the descriptor that frees.
+            let accepted = SockRef::from(listener).accept().map(drop);
             self.refill();
             match accepted {
-                // Dropped at once: the client reads EOF.
-                Ok(_) => closed += 1,
+                Ok(()) => closed += 1,
                 Err(_) => break,
             }
         }
