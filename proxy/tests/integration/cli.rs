@@ -392,3 +392,141 @@ fn a_corrupt_route_cache_does_not_keep_the_gateway_down() {
     });
     assert_eq!(admin.get("/healthz/ready").unwrap().0, 503);
 }
+
+/// The proxy serving `config` with debug logs into `log`.
+fn start_logged(config: &std::path::Path, log: &std::path::Path) -> Running {
+    Running(
+        proxy()
+            .arg("--config")
+            .arg(config)
+            .env("RUST_LOG", "eastwest_proxy=debug")
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// Lines of the log at `log` containing `what`.
+fn log_lines(log: &std::path::Path, what: &str) -> usize {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(what))
+        .count()
+}
+
+fn metric(admin: Admin, series: &str) -> Option<f64> {
+    let (_, body) = admin.get("/metrics")?;
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+fn with_service(base: &str, host: &str) -> String {
+    format!("{base}routes:\n  services:\n    - hostname: {host}\n      ports: [{{port: 80, endpoints: [{{address: 10.0.0.1:80}}]}}]\n")
+}
+
+fn first_service(admin: Admin) -> Option<String> {
+    config_dump(admin)["config"]["routes"]["services"][0]["hostname"]
+        .as_str()
+        .map(str::to_string)
+}
+
+/// A bad file is one error, however many events its writing makes and however many SIGHUPs
+/// follow; /config_dump says what and when until a good file replaces it. The reload
+/// counters are there at 0 before anything happened, for rate() and alerts.
+#[test]
+fn a_bad_config_is_reported_once_and_shown_in_config_dump() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, admin, base) = base_config(dir.path());
+    let log = dir.path().join("log");
+    let proxy = start_logged(&config, &log);
+    wait_until("ready", || {
+        matches!(admin.get("/healthz/ready"), Some((200, _)))
+    });
+    for counter in [
+        "eastwest_config_reloads_total",
+        "eastwest_config_reload_failures_total",
+        "eastwest_route_tables_rejected_total",
+    ] {
+        assert_eq!(metric(admin, counter), Some(0.0), "{counter} at startup");
+    }
+    assert!(config_dump(admin)["last_reload_error"].is_null());
+
+    // Written in place: create, modify and close events for one content.
+    std::fs::write(&config, format!("{base}  - name: bad\n    address: nope\n")).unwrap();
+    wait_until("the failure to be counted", || {
+        metric(admin, "eastwest_config_reload_failures_total") == Some(1.0)
+    });
+    let dump = config_dump(admin);
+    let error = dump["last_reload_error"]["error"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(error.contains("listeners[1].address"), "{dump}");
+    let at = dump["last_reload_error"]["at"].as_str().unwrap_or_default();
+    assert!(
+        at.len() == 20 && at.ends_with('Z') && at.as_bytes()[10] == b'T',
+        "{at}"
+    );
+
+    // Two SIGHUPs read the same content again: no new error.
+    for seen in 1..=2 {
+        signal(&proxy, "-HUP");
+        wait_until("the SIGHUP to be handled", || {
+            log_lines(&log, "config still refused for the same reason") >= seen
+        });
+    }
+    assert_eq!(log_lines(&log, "config reload refused"), 1);
+
+    let next = dir.path().join("next.yaml");
+    std::fs::write(&next, with_service(&base, "good.ns.svc.cluster.local")).unwrap();
+    std::fs::rename(&next, &config).unwrap();
+    wait_until("the good file to apply", || {
+        first_service(admin).as_deref() == Some("good.ns.svc.cluster.local")
+    });
+    assert_eq!(
+        metric(admin, "eastwest_config_reload_failures_total"),
+        Some(1.0)
+    );
+    assert!(config_dump(admin)["last_reload_error"].is_null());
+}
+
+/// A file caught half-written is read again before it is called bad; a removed file is a
+/// warning and the config in force keeps serving.
+#[test]
+fn a_half_written_file_is_not_an_error_and_a_removed_one_is_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, admin, base) = base_config(dir.path());
+    let log = dir.path().join("log");
+    let _proxy = start_logged(&config, &log);
+    wait_until("ready", || {
+        matches!(admin.get("/healthz/ready"), Some((200, _)))
+    });
+    let whole = with_service(&base, "whole.ns.svc.cluster.local");
+    // A slow writer: the first part, a pause the watcher's settle delay does not cover, the rest.
+    let cut = whole.find("10.0.0.1").unwrap() + 4;
+    std::fs::write(&config, &whole[..cut]).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    std::fs::write(&config, &whole).unwrap();
+    wait_until("the whole file to apply", || {
+        first_service(admin).as_deref() == Some("whole.ns.svc.cluster.local")
+    });
+    assert_eq!(
+        metric(admin, "eastwest_config_reload_failures_total"),
+        Some(0.0)
+    );
+
+    std::fs::remove_file(&config).unwrap();
+    wait_until("a warning about the removed file", || {
+        log_lines(&log, "config file removed or unreadable") == 1
+    });
+    assert_eq!(admin.get("/healthz/ready").map(|r| r.0), Some(200));
+    assert_eq!(
+        metric(admin, "eastwest_config_reload_failures_total"),
+        Some(0.0)
+    );
+    assert_eq!(
+        first_service(admin).as_deref(),
+        Some("whole.ns.svc.cluster.local")
+    );
+}
