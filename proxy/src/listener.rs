@@ -189,11 +189,10 @@ pub(crate) fn start(
                 // The waiting clients would hang in the accept queue until they time out:
                 // take each with the reserved descriptor and close it, which they see as EOF.
                 reserve.refill();
-                let shed = reserve.shed(&listener, SHED_PER_ROUND);
-                for _ in 0..shed {
+                let shed = reserve.shed(&listener, SHED_PER_ROUND, || {
                     stats.opened.increment(1);
                     stats.overloaded();
-                }
+                });
                 if shed > 0 {
                     tracing::warn!(listener = %stats.name, shed, "out of file descriptors: closed waiting connections");
                     backoff = Duration::ZERO;
@@ -252,8 +251,13 @@ impl FdReserve {
     }
 
     /// Accepts and closes up to `max` waiting connections, one at a time through the reserved
-    /// descriptor; how many were closed.
-    pub fn shed(&mut self, listener: &TcpListener, max: usize) -> usize {
+    /// descriptor, calling `closed` for each as it goes; how many were closed.
+    pub fn shed(
+        &mut self,
+        listener: &TcpListener,
+        max: usize,
+        mut closed_one: impl FnMut(),
+    ) -> usize {
         let mut closed = 0;
         while closed < max && self.0.take().is_some() {
             // Closed at once (the client reads EOF), before the reserve is taken again with
@@ -261,7 +265,10 @@ impl FdReserve {
             let accepted = SockRef::from(listener).accept().map(drop);
             self.refill();
             match accepted {
-                Ok(()) => closed += 1,
+                Ok(()) => {
+                    closed += 1;
+                    closed_one();
+                }
                 Err(_) => break,
             }
         }

@@ -2,6 +2,8 @@
 
 use std::process::Command;
 
+use crate::support::{free_port, http_get_blocking, Running};
+
 fn proxy() -> Command {
     Command::new(env!("CARGO_BIN_EXE_eastwest-proxy"))
 }
@@ -55,32 +57,6 @@ fn missing_file_is_named() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/gw.yaml: cannot read"));
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
-        .ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    Some((
-        out.get(9..12)?.parse().ok()?,
-        out.split_once("\r\n\r\n")?.1.to_string(),
-    ))
-}
-
 /// Polls `cond` every 20 ms until it holds; panics with `what` after 20 s.
 fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
@@ -121,7 +97,7 @@ impl Admin {
             "/metrics" => self.metrics,
             _ => self.debug,
         };
-        http_get(port, path)
+        http_get_blocking(port, path)
     }
 }
 
@@ -185,15 +161,6 @@ fn down_control_with_cache(cache: &std::path::Path) -> Vec<std::ffi::OsString> {
     .map(Into::into)
     .chain([cache.as_os_str().to_owned()])
     .collect()
-}
-
-/// Kills the child when the test ends, pass or fail.
-struct Running(std::process::Child);
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[test]

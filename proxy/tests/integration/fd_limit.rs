@@ -4,28 +4,12 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use eastwest_proxy::fd_limit::RESERVED;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Kills the child when the test ends, pass or fail.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use crate::support::{free_port, http_get_blocking, Running};
 
 struct Limited {
     _process: Running,
@@ -52,7 +36,7 @@ fn start_limited(dir: &std::path::Path, nofile: u64, extra: &str) -> Limited {
         .arg(env!("CARGO_BIN_EXE_eastwest-proxy"))
         .arg("--config")
         .arg(&config)
-        .stderr(Stdio::null())
+        .stderr(std::process::Stdio::null())
         .spawn()
         .expect("prlimit (util-linux) is needed");
     let limited = Limited {
@@ -62,27 +46,11 @@ fn start_limited(dir: &std::path::Path, nofile: u64, extra: &str) -> Limited {
         metrics,
     };
     let deadline = Instant::now() + Duration::from_secs(20);
-    while get(limited.status, "/healthz/ready").map(|r| r.0) != Some(200) {
+    while http_get_blocking(limited.status, "/healthz/ready").map(|r| r.0) != Some(200) {
         assert!(Instant::now() < deadline, "the proxy never turned ready");
         std::thread::sleep(Duration::from_millis(20));
     }
     limited
-}
-
-fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    Some((
-        out.get(9..12)?.parse().ok()?,
-        out.split_once("\r\n\r\n")?.1.to_string(),
-    ))
 }
 
 /// A client that has sent the first byte of a TLS record (so deferred accept hands it over)
@@ -108,7 +76,7 @@ fn closed_promptly(mut s: TcpStream) -> bool {
 }
 
 fn overloaded(proxy: &Limited) -> f64 {
-    let (_, body) = get(proxy.metrics, "/metrics").unwrap();
+    let (_, body) = http_get_blocking(proxy.metrics, "/metrics").unwrap();
     let series =
         "eastwest_connections_closed_total{listener=\"tls\",route=\"\",result=\"overloaded\"} ";
     body.lines()
@@ -131,7 +99,10 @@ fn at_the_derived_limit_new_clients_get_eof_and_the_status_port_answers() {
             "an over-limit client was left hanging"
         );
     }
-    assert_eq!(get(proxy.status, "/healthz/ready").map(|r| r.0), Some(200));
+    assert_eq!(
+        http_get_blocking(proxy.status, "/healthz/ready").map(|r| r.0),
+        Some(200)
+    );
     assert!(overloaded(&proxy) >= 5.0);
     drop(held);
 }
@@ -151,7 +122,10 @@ fn out_of_descriptors_a_waiting_client_is_closed_not_left_in_the_queue() {
         closed_promptly(waiting_client(proxy.listener)),
         "a client was left in the accept queue"
     );
-    assert_eq!(get(proxy.status, "/healthz/ready").map(|r| r.0), Some(200));
+    assert_eq!(
+        http_get_blocking(proxy.status, "/healthz/ready").map(|r| r.0),
+        Some(200)
+    );
     assert!(overloaded(&proxy) >= 1.0);
     drop(held);
 }

@@ -47,11 +47,7 @@ async fn file_reload_under_traffic_keeps_established_connections() {
     let new = tls_echo_backend("new", &pki.server).await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("gateway.yaml");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     write_config(&path, port, old);
     let proxy = Proxy::start(eastwest_routes::load_proxy_config(&path).unwrap())
         .await
@@ -131,18 +127,9 @@ async fn gateway_with_a_stream(name: &str, tweak: impl FnOnce(&mut ProxyConfig))
     }
 }
 
-/// A free port on loopback, for a listener that must keep its address.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// eastwest-proxy as a process (killed when dropped), routing SGLANG:8000 to `backend` on
 /// `port`, its status server on `status`, with `extra` config lines.
-struct Binary(std::process::Child);
+struct Binary(Running);
 
 impl Binary {
     fn start(
@@ -168,12 +155,12 @@ impl Binary {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        Binary(child)
+        Binary(Running(child))
     }
 
     fn signal(&self, name: &str) {
         let sent = std::process::Command::new("kill")
-            .args([name, &self.0.id().to_string()])
+            .args([name, &self.0 .0.id().to_string()])
             .status()
             .unwrap();
         assert!(sent.success());
@@ -183,7 +170,7 @@ impl Binary {
     async fn exited(&mut self) -> std::process::ExitStatus {
         let deadline = tokio::time::Instant::now() + DEADLINE;
         loop {
-            if let Some(status) = self.0.try_wait().unwrap() {
+            if let Some(status) = self.0 .0.try_wait().unwrap() {
                 return status;
             }
             assert!(tokio::time::Instant::now() < deadline, "still running");
@@ -192,10 +179,35 @@ impl Binary {
     }
 }
 
-impl Drop for Binary {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+/// The binary routing SGLANG:8000 to an echo backend, ready, with one stream through it.
+struct BinaryWithStream {
+    proxy: Binary,
+    gw: std::net::SocketAddr,
+    status: u16,
+    established: Tls,
+    pki: Pki,
+    _dir: tempfile::TempDir,
+}
+
+async fn binary_with_a_stream(extra: &str) -> BinaryWithStream {
+    let pki = pki();
+    let backend = tls_echo_backend("b", &pki.server).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (port, status) = (free_port(), free_port());
+    let proxy = Binary::start(dir.path(), port, status, backend, extra);
+    wait_for(async || status_code(status).await == Some(200), "ready").await;
+    let gw = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut established = istio_connect(gw, &pki.client, &istio_sni(8000, "", SGLANG))
+        .await
+        .unwrap();
+    assert!(greeting(&mut established).await.starts_with("b "));
+    BinaryWithStream {
+        proxy,
+        gw,
+        status,
+        established,
+        pki,
+        _dir: dir,
     }
 }
 
@@ -211,23 +223,15 @@ async fn status_code(status: u16) -> Option<u16> {
 /// `drain_period` ends.
 #[tokio::test]
 async fn sigterm_keeps_routing_new_connections_for_the_accept_period_then_refuses() {
-    let pki = pki();
-    let backend = tls_echo_backend("b", &pki.server).await;
-    let dir = tempfile::tempdir().unwrap();
-    let (port, status) = (free_port(), free_port());
-    let mut proxy = Binary::start(
-        dir.path(),
-        port,
+    let BinaryWithStream {
+        mut proxy,
+        gw,
         status,
-        backend,
-        "drain_accept_period: 5s\ndrain_period: 2s\n",
-    );
-    wait_for(async || status_code(status).await == Some(200), "ready").await;
-    let gw = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        mut established,
+        pki,
+        _dir,
+    } = binary_with_a_stream("drain_accept_period: 5s\ndrain_period: 2s\n").await;
     let sni = istio_sni(8000, "", SGLANG);
-    let mut established = istio_connect(gw, &pki.client, &sni).await.unwrap();
-    assert!(greeting(&mut established).await.starts_with("b "));
-
     proxy.signal("-TERM");
     let sigterm = tokio::time::Instant::now();
     wait_for(
@@ -268,24 +272,14 @@ async fn sigterm_keeps_routing_new_connections_for_the_accept_period_then_refuse
 /// An operator who does not want to wait for the drain signals again.
 #[tokio::test]
 async fn a_second_sigterm_exits_at_once() {
-    let pki = pki();
-    let backend = tls_echo_backend("b", &pki.server).await;
-    let dir = tempfile::tempdir().unwrap();
-    let (port, status) = (free_port(), free_port());
     // A drain far longer than DEADLINE: only the second signal can end it in time.
-    let mut proxy = Binary::start(
-        dir.path(),
-        port,
+    let BinaryWithStream {
+        mut proxy,
         status,
-        backend,
-        "drain_accept_period: 60s\ndrain_period: 60s\n",
-    );
-    wait_for(async || status_code(status).await == Some(200), "ready").await;
-    let gw = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    let mut established = istio_connect(gw, &pki.client, &istio_sni(8000, "", SGLANG))
-        .await
-        .unwrap();
-    assert!(greeting(&mut established).await.starts_with("b "));
+        established: _established,
+        _dir,
+        ..
+    } = binary_with_a_stream("drain_accept_period: 60s\ndrain_period: 60s\n").await;
     proxy.signal("-TERM");
     wait_for(
         async || status_code(status).await == Some(503),
@@ -304,11 +298,7 @@ async fn a_second_sigterm_exits_at_once() {
 #[tokio::test]
 async fn a_reload_or_a_route_table_during_drain_does_not_reopen_the_gateway() {
     // A fixed port, as in production: a reload would bind the same address again.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let WithStream {
         proxy,
         cfg,
@@ -436,11 +426,7 @@ async fn renaming_a_listener_keeps_its_address_and_its_connections() {
     let pki = pki();
     let backend = tls_echo_backend("b", &pki.server).await;
     let services = vec![service(SGLANG, 8000, &[(backend, &[])])];
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let mut cfg = passthrough_config("before", services.clone());
     cfg.listeners[0].address = format!("127.0.0.1:{port}").parse().unwrap();
     let proxy = Proxy::start(cfg.clone()).await.unwrap();
@@ -470,13 +456,7 @@ async fn renaming_a_listener_keeps_its_address_and_its_connections() {
 /// moved to another address) until they end: a reload is no way around the limit.
 #[tokio::test]
 async fn a_renamed_or_moved_listener_keeps_counting_its_connections() {
-    let port = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    };
+    let port = || free_port();
     let WithStream {
         proxy,
         mut cfg,
