@@ -332,7 +332,10 @@ configmap_write() {
 loopback_config() {
   cat <<EOF
 admin:
-  address: 127.0.0.1:$ADMIN_PORT
+  status_address: 127.0.0.1:$STATUS_PORT
+  metrics_address: 127.0.0.1:$METRICS_PORT
+  debug_address: 127.0.0.1:$DEBUG_PORT
+drain_accept_period: 0s
 drain_period: 1s
 listeners:
   - name: tls-passthrough
@@ -382,7 +385,9 @@ start_control() {
 }
 
 prometheus_scrape() {
-  ADMIN_PORT="$(free_port)"
+  STATUS_PORT="$(free_port)"
+  METRICS_PORT="$(free_port)"
+  DEBUG_PORT="$(free_port)"
   TLS_PORT="$(free_port)"
   PROM_PORT="$(free_port)"
   CONFIG_DIR="$WORK/configmap"
@@ -390,8 +395,8 @@ prometheus_scrape() {
   "$PROXY" --config "$CONFIG_DIR/config.yaml" >"$WORK/proxy.log" 2>&1 &
   PROXY_PID=$!
   PIDS+=("$PROXY_PID")
-  if wait_for 30 "$PROXY_PID" http_get "http://127.0.0.1:$ADMIN_PORT/healthz/ready"; then
-    pass "eastwest-proxy ready on 127.0.0.1:$ADMIN_PORT"
+  if wait_for 30 "$PROXY_PID" http_get "http://127.0.0.1:$STATUS_PORT/healthz/ready"; then
+    pass "eastwest-proxy ready on 127.0.0.1:$STATUS_PORT"
   else
     fail "eastwest-proxy not ready within 30s (or exited); its log:"
     tail -20 "$WORK/proxy.log"
@@ -399,7 +404,9 @@ prometheus_scrape() {
   fi
   # One connection that is not TLS, so per-connection series exist too.
   "$PY" -c "import socket; s = socket.create_connection(('127.0.0.1', $TLS_PORT), timeout=2); s.sendall(b'not tls'); s.close()" 2>/dev/null || true
-  local targets=("eastwest-proxy=127.0.0.1:$ADMIN_PORT")
+  # The metrics server, as the scrape job's port (15020) says; the status port serves
+  # readiness only.
+  local targets=("eastwest-proxy=127.0.0.1:$METRICS_PORT")
   if start_control; then
     targets+=("eastwest-control=127.0.0.1:$CONTROL_ADMIN_PORT")
   fi
@@ -443,7 +450,7 @@ configmap_reload() {
   configmap_write "$CONFIG_DIR" "$(loopback_config "  - {name: added-by-reload, address: \"127.0.0.1:$port\", mode: auto-passthrough}")"
   local accepts="import socket; socket.create_connection(('127.0.0.1', $port), timeout=1).close()"
   if wait_for 30 "$PROXY_PID" "$PY" -c "$accepts" &&
-    http_get "http://127.0.0.1:$ADMIN_PORT/config_dump" | grep -q added-by-reload; then
+    http_get "http://127.0.0.1:$DEBUG_PORT/config_dump" | grep -q added-by-reload; then
     pass "ConfigMap-style update (..data symlink swap) reloaded in the same process ($PROXY_PID)"
   else
     fail "the proxy did not pick up the updated ConfigMap within 30s; its log:"
@@ -461,10 +468,11 @@ manifests_wiring() {
     fail "no certificates from the README's commands to run the manifests with"
     return
   fi
-  local control_port control_admin admin_port pod="$WORK/ash-pod"
+  local control_port control_admin status_port metrics_port pod="$WORK/ash-pod"
   control_port="$(free_port)"
   control_admin="$(free_port)"
-  admin_port="$(free_port)"
+  status_port="$(free_port)"
+  metrics_port="$(free_port)"
   write_unreachable_kubeconfig
   local control_argv proxy_argv
   mapfile -t control_argv < <("${MANIFESTS[@]}" argv "$WORK/render/overlays-fra.yaml" \
@@ -474,7 +482,10 @@ manifests_wiring() {
   mkdir -p "$pod/config" "$pod/cache"
   cat >"$pod/config/config.yaml" <<EOF
 admin:
-  address: 127.0.0.1:$admin_port
+  status_address: 127.0.0.1:$status_port
+  metrics_address: 127.0.0.1:$metrics_port
+  debug_address: 127.0.0.1:$(free_port)
+drain_accept_period: 0s
 drain_period: 1s
 listeners:
   - name: tls-passthrough
@@ -499,8 +510,8 @@ EOF
   WIRING_PROXY_PID=$proxy_pid WIRING_ADMIN_PORT=$admin_port WIRING_POD=$pod
   WIRING_PROXY_ARGV=("${proxy_argv[@]}")
   local metrics
-  if wait_for 30 "$proxy_pid" http_get "http://127.0.0.1:$admin_port/healthz/ready" &&
-    metrics="$(http_get "http://127.0.0.1:$admin_port/metrics")" &&
+  if wait_for 30 "$proxy_pid" http_get "http://127.0.0.1:$status_port/healthz/ready" &&
+    metrics="$(http_get "http://127.0.0.1:$metrics_port/metrics")" &&
     grep -q '^eastwest_control_connected 1' <<<"$metrics" &&
     [ -s "$pod/cache/routes.json" ]; then
     pass "ash's DaemonSet command line took its route table from fra's Deployment over mTLS (cached in routes.json)"

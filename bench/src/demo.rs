@@ -124,8 +124,8 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
         ms(args.itl)
     );
     println!(
-        "  east-west gateway    {}  AUTO_PASSTHROUGH, admin {}",
-        topo.gateway_addr, topo.admin_addr
+        "  east-west gateway    {}  AUTO_PASSTHROUGH, metrics {}",
+        topo.gateway_addr, topo.metrics_addr
     );
     println!(
         "  WAN link fra->ash    {}  RTT {} ms",
@@ -152,7 +152,7 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
             "seed": server.seed,
         },
         "client": {"spiffe_id": topo.client_id.to_string(), "cluster": "fra"},
-        "gateway": {"address": topo.gateway_addr, "admin": topo.admin_addr, "mode": "AUTO_PASSTHROUGH"},
+        "gateway": {"address": topo.gateway_addr, "metrics": topo.metrics_addr, "mode": "AUTO_PASSTHROUGH"},
         "wan": {
             "address": topo.wan_addr, "rtt_ms": ms(args.rtt), "jitter_ms": ms(wan.jitter),
             "bandwidth_bytes_per_sec": wan.bandwidth_bytes_per_sec,
@@ -161,7 +161,7 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
         "gateway_sni": GATEWAY_SNI,
     });
     let outcome = run_scenarios(&args, &topo, num_prompts, output_len).await;
-    let gateway_text = report::fetch_metrics(topo.admin_addr).await;
+    let gateway_text = report::fetch_metrics(topo.metrics_addr).await;
     let server_stats = topo.server.stats();
     topo.shutdown().await;
     let (scenarios, warmup_events) = outcome?;
@@ -208,7 +208,7 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
         }
     };
     if !counters.is_empty() {
-        println!("\nGateway counters (admin /metrics):");
+        println!("\nGateway counters (/metrics):");
         for (k, v) in &counters {
             println!("  {k:<60} {v:>12.0}");
         }

@@ -252,7 +252,7 @@ async fn proxy_role(routes: &str) -> anyhow::Result<()> {
         "127.0.0.1:0".parse()?,
         ListenerMode::AutoPassthrough,
     )]);
-    cfg.admin.address = "127.0.0.1:0".parse()?;
+    cfg.admin = eastwest_routes::AdminConfig::loopback_any_port();
     let proxy = Arc::new(eastwest_proxy::Proxy::start(cfg).await?);
     let applier = proxy.clone();
     tokio::spawn(control_client::run(

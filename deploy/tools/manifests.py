@@ -129,6 +129,10 @@ NSG = "oci.oraclecloud.com/oci-network-security-groups"
 OCI_LB = "service.beta.kubernetes.io/oci-load-balancer-"
 ROUTE_CACHE_DIR = "/var/lib/eastwest"
 GATEWAY_PORTS = {"status-port": 15021, "tls": 15443, "tls-istiod": 15012, "tls-webhook": 15017}
+# What fra's load balancer publishes besides: eastwest-control's route stream, mTLS end to end
+# (control authenticates every gateway by its mesh certificate), for ash's gateways.
+CONTROL_PORT = {"tls-control": 15010}
+STATUS_PORT, METRICS_PORT = 15021, 15020
 
 
 def duration_seconds(text):
@@ -200,30 +204,70 @@ def check_proxy(path, objs, fails):
     for name, port in GATEWAY_PORTS.items():
         if ports.get(name) != port:
             fails.add(path, svc, f"port {name} must be {port} (Istio's name), found {ports.get(name)}")
-    pdbs = [o for o in objs if o.get("kind") == "PodDisruptionBudget"
-            and matches(o["spec"].get("selector", {}).get("matchLabels"), labels)]
-    if not pdbs:
-        fails.add(path, ds, "no PodDisruptionBudget selects the gateway pods")
-    for pdb in pdbs:
-        # DaemonSets have no scale subresource: the disruption controller accepts only an
-        # integer minAvailable for their pods.
-        if not isinstance(pdb["spec"].get("minAvailable"), int) or "maxUnavailable" in pdb["spec"]:
-            fails.add(path, pdb, "a DaemonSet's PDB needs an integer minAvailable, no maxUnavailable")
+    # The load balancer publishes the status port and the mTLS ports, nothing else: never
+    # metrics (15020), the debug server (15000) or anything that answers without a client
+    # certificate.
+    published = dict(GATEWAY_PORTS, **(CONTROL_PORT if network == "network1" else {}))
+    extra = {n: p for n, p in ports.items() if published.get(n) != p}
+    if extra:
+        fails.add(path, svc, f"publishes {extra} beyond {published}")
+    for o in objs:
+        if o.get("kind") == "Service" and o is not svc and \
+                o["spec"].get("type", "ClusterIP") != "ClusterIP":
+            fails.add(path, o, "only the gateway's Service may be reachable from outside the cluster")
+    # A drain never evicts DaemonSet pods (kubectl drain --ignore-daemonsets, the autoscaler
+    # skips them): a PDB over them protects nothing and only suggests it does.
+    for pdb in objs:
+        if pdb.get("kind") == "PodDisruptionBudget" and \
+                matches(pdb["spec"].get("selector", {}).get("matchLabels"), labels):
+            fails.add(path, pdb, "a PodDisruptionBudget over DaemonSet pods protects nothing")
+    rolling = ds["spec"].get("updateStrategy", {}).get("rollingUpdate", {})
+    if rolling.get("maxUnavailable") != 0 or rolling.get("maxSurge") in (None, 0, "0%"):
+        fails.add(path, ds, "rollouts must surge (maxSurge >= 1, maxUnavailable: 0): a new "
+                            "gateway is ready on the node before the old one drains")
     pod = tmpl["spec"]
     annotations = tmpl["metadata"].get("annotations", {})
-    if annotations.get("prometheus.io/scrape") != "true" or annotations.get("prometheus.io/port") != "15021":
-        fails.add(path, ds, "pods need prometheus.io/scrape=true and prometheus.io/port=15021")
+    if annotations.get("prometheus.io/scrape") != "true" or \
+            annotations.get("prometheus.io/port") != str(METRICS_PORT):
+        fails.add(path, ds, f"pods need prometheus.io/scrape=true and prometheus.io/port={METRICS_PORT}")
     check_hardened(path, ds, pod, fails)
     proxy = pod["containers"][0]
     check_route_cache(path, ds, pod, proxy, fails)
-    probe = proxy.get("readinessProbe", {}).get("httpGet", {})
-    if probe.get("path") != "/healthz/ready" or probe.get("port") != 15021:
-        fails.add(path, ds, "readinessProbe must GET :15021/healthz/ready")
+    container_ports = {p.get("containerPort") for p in proxy.get("ports", [])}
+    if not {STATUS_PORT, METRICS_PORT} <= container_ports:
+        fails.add(path, ds, f"containerPorts need {STATUS_PORT} and {METRICS_PORT}")
+    probe = proxy.get("readinessProbe", {})
+    if probe.get("httpGet", {}).get("path") != "/healthz/ready" or \
+            probe.get("httpGet", {}).get("port") != STATUS_PORT:
+        fails.add(path, ds, f"readinessProbe must GET :{STATUS_PORT}/healthz/ready")
+    liveness = proxy.get("livenessProbe", {})
+    if (liveness.get("httpGet") or liveness.get("tcpSocket") or {}).get("port") != STATUS_PORT:
+        fails.add(path, ds, f"livenessProbe must use the status port {STATUS_PORT}")
+    metrics_svc = find(objs, "Service", "eastwest-proxy-metrics")
+    if not metrics_svc or {p.get("targetPort") for p in metrics_svc["spec"]["ports"]} != {METRICS_PORT}:
+        fails.add(path, metrics_svc or ds, f"eastwest-proxy-metrics must target {METRICS_PORT}")
     config = yaml.safe_load(cm["data"]["config.yaml"])
+    admin = config.get("admin", {})
+    want = {"status_address": f"0.0.0.0:{STATUS_PORT}", "metrics_address": f"0.0.0.0:{METRICS_PORT}"}
+    for key, address in want.items():
+        if admin.get(key, address) != address:
+            fails.add(path, cm, f"admin.{key} must be {address} (probes, Services and scrapes use it)")
+    if not str(admin.get("debug_address", "127.0.0.1:15000")).startswith("127.0.0.1:"):
+        fails.add(path, cm, "admin.debug_address must stay on loopback (/config_dump shows pod IPs)")
+    if "address" in admin:
+        fails.add(path, cm, "admin.address is the old single port; use status/metrics/debug_address")
+    accept = duration_seconds(config.get("drain_accept_period", "5s"))
     drain = duration_seconds(config.get("drain_period", "30s"))
     grace = pod.get("terminationGracePeriodSeconds", 30)
-    if grace <= drain:
-        fails.add(path, ds, f"terminationGracePeriodSeconds {grace} must exceed drain_period {drain:g}s")
+    if grace <= accept + drain:
+        fails.add(path, ds, f"terminationGracePeriodSeconds {grace} must exceed drain_accept_period "
+                            f"+ drain_period ({accept:g}s + {drain:g}s)")
+    # Accepting must outlast the readiness probe's noticing the drain, or kube-proxy still
+    # sends connections to a closed port.
+    noticed = probe.get("periodSeconds", 10) * probe.get("failureThreshold", 3)
+    if accept < noticed:
+        fails.add(path, ds, f"drain_accept_period {accept:g}s must cover the readiness probe's "
+                            f"periodSeconds x failureThreshold ({noticed}s)")
     # The config must arrive as a whole-directory ConfigMap mount: subPath mounts never update.
     config_volumes = {v["name"] for v in pod.get("volumes", [])
                       if v.get("configMap", {}).get("name") == "eastwest-proxy-config"}

@@ -57,7 +57,7 @@ fn bench(c: &mut Criterion) {
         "127.0.0.1:0".parse().unwrap(),
         ListenerMode::AutoPassthrough,
     )]);
-    cfg.admin.address = "127.0.0.1:0".parse().unwrap();
+    cfg.admin = eastwest_routes::AdminConfig::loopback_any_port();
     let proxy = rt.block_on(Proxy::start(cfg)).unwrap();
     proxy.apply_routes(table(1, 8080)).unwrap();
     let mut version = 1;

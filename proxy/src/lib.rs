@@ -12,6 +12,7 @@ mod connect;
 mod connection;
 pub mod control_client;
 mod copy;
+pub mod fd_limit;
 pub mod istio_sni;
 mod listener;
 pub mod metrics;
@@ -36,18 +37,22 @@ pub use reload::watch_config_file;
 use crate::listener::RunningListener;
 use crate::routing::{Routing, Update};
 
-/// A running gateway: listeners, admin server and the live routing state. Clones share it.
+/// A running gateway: listeners, admin servers and the live routing state. Clones share it.
 #[derive(Clone)]
 pub struct Proxy {
     shared: Arc<Shared>,
-    admin_addr: SocketAddr,
+    status_addr: SocketAddr,
+    metrics_addr: SocketAddr,
+    debug_addr: SocketAddr,
 }
 
-/// State every connection and the admin server read. Only appliers take the mutexes.
+/// State every connection and the admin servers read. Only appliers take the mutexes.
 pub(crate) struct Shared {
     routing: ArcSwap<Routing>,
     ready: AtomicBool,
-    /// Cancelled when accepting stops (drain begins).
+    /// Cancelled when the drain begins: readiness stays false, configs are no longer applied.
+    draining: CancellationToken,
+    /// Cancelled when accepting stops (`drain_accept_period` after the drain began).
     stop_accepting: CancellationToken,
     /// Cancelled when the drain period is over: remaining connections close.
     hard_stop: CancellationToken,
@@ -59,6 +64,16 @@ pub(crate) struct Shared {
     /// Set once eastwest-control supplies routes; file reloads then keep them.
     routes_from_control: AtomicBool,
     config_file: Mutex<Option<PathBuf>>,
+    /// The last config reload that failed, for `/config_dump`; cleared by a good one.
+    last_reload_error: Mutex<Option<ReloadError>>,
+    /// `max_connections` of a listener that does not set it, from the open-file limit.
+    default_max_connections: usize,
+}
+
+/// Why and when a config reload was refused.
+pub(crate) struct ReloadError {
+    error: String,
+    at: std::time::SystemTime,
 }
 
 impl Shared {
@@ -102,17 +117,33 @@ pub enum ApplyError {
 }
 
 impl Proxy {
-    /// Validates `config`, binds every listener and the admin address, and starts serving.
+    /// Validates `config`, binds every listener and the admin servers, and starts serving.
     pub async fn start(config: ProxyConfig) -> anyhow::Result<Proxy> {
         let invalid = config.validate();
         if !invalid.is_empty() {
             return Err(ApplyError::Invalid(invalid).into());
         }
         let prometheus = metrics::recorder();
-        let admin_listener = tokio::net::TcpListener::bind(config.admin.address)
-            .await
-            .with_context(|| format!("admin: cannot bind {}", config.admin.address))?;
-        let admin_addr = admin_listener.local_addr()?;
+        let admin = &config.admin;
+        if admin.legacy_address {
+            tracing::warn!(
+                status_address = %admin.status_address,
+                metrics_address = %admin.metrics_address,
+                debug_address = %admin.debug_address,
+                "admin.address is now admin.status_address and serves /healthz/ready only; \
+                 /metrics moved to admin.metrics_address, /config_dump to admin.debug_address"
+            );
+        }
+        let mut servers = Vec::new();
+        for (server, (key, address)) in admin::Server::ALL.into_iter().zip(admin.addresses()) {
+            let listener = tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("{key}: cannot bind {address}"))?;
+            servers.push((server, listener.local_addr()?, listener));
+        }
+        let fd_limit = fd_limit::current();
+        let default_max_connections = fd_limit::default_max_connections(fd_limit);
+        tracing::debug!(fd_limit, default_max_connections, "connection limit");
         let shared = Arc::new(Shared {
             routing: ArcSwap::from_pointee(Routing::compile(
                 Arc::new(ProxyConfig::with_listeners(Vec::new())),
@@ -120,6 +151,7 @@ impl Proxy {
                 None,
             )),
             ready: AtomicBool::new(false),
+            draining: CancellationToken::new(),
             stop_accepting: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
             connections: TaskTracker::new(),
@@ -128,10 +160,20 @@ impl Proxy {
             config_version: AtomicU64::new(0),
             routes_from_control: AtomicBool::new(false),
             config_file: Mutex::new(None),
+            last_reload_error: Mutex::new(None),
+            default_max_connections,
         });
-        let proxy = Proxy { shared, admin_addr };
+        let proxy = Proxy {
+            shared,
+            status_addr: servers[0].1,
+            metrics_addr: servers[1].1,
+            debug_addr: servers[2].1,
+        };
+        metrics::register_at_zero();
         proxy.apply_config(config).await?;
-        admin::spawn(proxy.shared.clone(), admin_listener, prometheus.clone());
+        for (server, _, listener) in servers {
+            admin::spawn(proxy.shared.clone(), server, listener, prometheus);
+        }
         metrics::spawn_upkeep(prometheus);
         proxy.shared.ready.store(true, Ordering::SeqCst);
         Ok(proxy)
@@ -144,7 +186,7 @@ impl Proxy {
         if !invalid.is_empty() {
             return Err(ApplyError::Invalid(invalid));
         }
-        if self.shared.stop_accepting.is_cancelled() {
+        if self.shared.draining.is_cancelled() {
             return Err(ApplyError::Draining);
         }
         // Bind what is new before changing anything, so a failed bind keeps the old config.
@@ -190,18 +232,20 @@ impl Proxy {
             let mut running = Shared::lock(&self.shared.listeners);
             // Shutdown cancels before it empties this map under the same lock, so a drain that
             // began while we bound is seen here, and the fresh sockets close with `fresh`.
-            if self.shared.stop_accepting.is_cancelled() {
+            if self.shared.draining.is_cancelled() {
                 return Err(ApplyError::Draining);
             }
             let old = self.shared.routing.load_full();
-            if self.shared.config_version.load(Ordering::SeqCst) > 0
-                && old.config.admin.address != config.admin.address
-            {
-                tracing::warn!(
-                    old = %old.config.admin.address,
-                    new = %config.admin.address,
-                    "admin.address changes take effect at the next restart"
-                );
+            if self.shared.config_version.load(Ordering::SeqCst) > 0 {
+                let changed = old
+                    .config
+                    .admin
+                    .addresses()
+                    .into_iter()
+                    .zip(config.admin.addresses());
+                for ((key, old), (_, new)) in changed.filter(|(old, new)| old != new) {
+                    tracing::warn!(%old, %new, "{key} changes take effect at the next restart");
+                }
             }
             // The routing keeps the table apart from the settings, sharing its services.
             let file_routes = std::mem::take(&mut config.routes);
@@ -286,8 +330,19 @@ impl Proxy {
             .map(|l| l.local_addr)
     }
 
-    pub fn admin_addr(&self) -> SocketAddr {
-        self.admin_addr
+    /// Where the status server (`/healthz/ready` only) is bound.
+    pub fn status_addr(&self) -> SocketAddr {
+        self.status_addr
+    }
+
+    /// Where the metrics server (`/metrics`) is bound.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
+    }
+
+    /// Where the debug server (`/config_dump`, `/metrics`, `/healthz/ready`) is bound.
+    pub fn debug_addr(&self) -> SocketAddr {
+        self.debug_addr
     }
 
     /// The config in force, routes included (services shared, not copied).
@@ -306,7 +361,7 @@ impl Proxy {
         self.shared.ready.store(ready, Ordering::SeqCst);
         // Checked after the store: shutdown cancels first and clears readiness second, so
         // either it or this line leaves readiness false.
-        if ready && self.shared.stop_accepting.is_cancelled() {
+        if ready && self.shared.draining.is_cancelled() {
             self.shared.ready.store(false, Ordering::SeqCst);
         }
     }
@@ -321,19 +376,34 @@ impl Proxy {
         self.shared.connections.len()
     }
 
-    /// Graceful drain: readiness goes false, accepting stops, established connections get the
-    /// configured drain period to finish, then the rest are closed.
+    /// Records the outcome of a config reload for `/config_dump`: `Err` keeps the error and
+    /// its time until a reload succeeds.
+    pub(crate) fn record_reload(&self, result: Result<(), String>) {
+        *Shared::lock(&self.shared.last_reload_error) = result.err().map(|error| ReloadError {
+            error,
+            at: std::time::SystemTime::now(),
+        });
+    }
+
+    /// Graceful drain, in the order a load balancer in front needs: readiness fails at once,
+    /// the listeners keep accepting and routing for `drain_accept_period` (until the health
+    /// check has seen it), then close; established connections get `drain_period` to finish;
+    /// then the rest are closed.
     pub async fn shutdown(self) {
-        let period = self.shared.routing.load().config.drain_period;
+        let config = self.shared.routing.load().config.clone();
         // In this order: see set_ready.
-        self.shared.stop_accepting.cancel();
+        self.shared.draining.cancel();
         self.shared.ready.store(false, Ordering::SeqCst);
+        tracing::info!(accept_period = ?config.drain_accept_period, "draining: not ready; still accepting");
+        tokio::time::sleep(config.drain_accept_period).await;
+        self.shared.stop_accepting.cancel();
         // The accept loops hold the sockets too; once they stop, the sockets close and new
         // connections are refused instead of queueing.
         Shared::lock(&self.shared.listeners).clear();
         self.shared.connections.close();
         let active = self.shared.connections.len();
-        tracing::info!(active, ?period, "draining");
+        let period = config.drain_period;
+        tracing::info!(active, ?period, "draining: stopped accepting");
         if tokio::time::timeout(period, self.shared.connections.wait())
             .await
             .is_err()
@@ -345,7 +415,7 @@ impl Proxy {
             self.shared.hard_stop.cancel();
             self.shared.connections.wait().await;
         }
-        // Also stops the admin server.
+        // Also stops the admin servers.
         self.shared.hard_stop.cancel();
         tracing::info!("drained");
     }

@@ -1,4 +1,5 @@
-//! Accepting connections on one listener: connection limit, accept-error backoff, spawning.
+//! Accepting connections on one listener: connection limit, running out of descriptors,
+//! accept-error backoff, spawning.
 
 use std::io;
 use std::net::SocketAddr;
@@ -27,6 +28,7 @@ pub(crate) struct ListenerStats {
     pub active: Arc<AtomicUsize>,
     opened: Counter,
     refused: Counter,
+    accept_errors: Counter,
     active_gauge: Gauge,
     pub hello_duration: Histogram,
     pub connection_duration: Histogram,
@@ -43,11 +45,18 @@ impl ListenerStats {
             active,
             opened: metrics::counter!(m::CONNECTIONS_OPENED, &[label()]),
             refused: metrics::counter!(m::CONNECTIONS_REFUSED, &[label()]),
+            accept_errors: metrics::counter!(m::ACCEPT_ERRORS, &[label()]),
             active_gauge: metrics::gauge!(m::CONNECTIONS_ACTIVE, &[label()]),
             hello_duration: metrics::histogram!(m::HELLO_DURATION, &[label()]),
             connection_duration: metrics::histogram!(m::CONNECTION_DURATION, &[label()]),
             unrouted: Outcome::ALL.map(|outcome| m::closed(name, "", outcome)),
         }
+    }
+
+    /// A connection turned away at once (over `max_connections`, or out of descriptors).
+    fn overloaded(&self) {
+        self.refused.increment(1);
+        self.closed(Outcome::Overloaded, "").increment(1);
     }
 
     /// The `eastwest_connections_closed_total` series for a finished connection.
@@ -159,6 +168,7 @@ pub(crate) fn start(
     let shared = shared.clone();
     tokio::spawn(async move {
         tracing::info!(listener = %stats.name, address = %local_addr, "listening");
+        let mut reserve = FdReserve::new();
         let mut backoff = Duration::ZERO;
         loop {
             let accepted = tokio::select! {
@@ -166,28 +176,104 @@ pub(crate) fn start(
                 _ = stop.cancelled() => break,
                 accepted = listener.accept() => accepted,
             };
-            match accepted {
+            let err = match accepted {
                 Ok((stream, peer)) => {
                     backoff = Duration::ZERO;
                     admit(&shared, &stats, stream, peer);
+                    continue;
                 }
-                Err(err) => {
-                    // EMFILE/ENFILE/ENOBUFS: the process is out of something; accepting again at
-                    // once would spin. Back off (pingora does the same), doubling up to 1 s.
-                    backoff = (backoff * 2).clamp(Duration::from_millis(5), Duration::from_secs(1));
-                    metrics::counter!(m::ACCEPT_ERRORS, "listener" => stats.name.to_string())
-                        .increment(1);
-                    tracing::warn!(listener = %stats.name, error = %err, ?backoff, "accept failed");
-                    tokio::select! {
-                        _ = stop.cancelled() => break,
-                        _ = tokio::time::sleep(backoff) => {}
-                    }
+                Err(err) => err,
+            };
+            stats.accept_errors.increment(1);
+            if out_of_descriptors(&err) {
+                // The waiting clients would hang in the accept queue until they time out:
+                // take each with the reserved descriptor and close it, which they see as EOF.
+                reserve.refill();
+                let shed = reserve.shed(&listener, SHED_PER_ROUND, || {
+                    stats.opened.increment(1);
+                    stats.overloaded();
+                });
+                if shed > 0 {
+                    tracing::warn!(listener = %stats.name, shed, "out of file descriptors: closed waiting connections");
+                    backoff = Duration::ZERO;
+                    continue;
                 }
+            }
+            // Nothing could be done (no reserve, or another error): accepting again at once
+            // would spin. Back off as pingora does, doubling up to 1 s.
+            backoff = (backoff * 2).clamp(Duration::from_millis(5), Duration::from_secs(1));
+            tracing::warn!(listener = %stats.name, error = %err, ?backoff, "accept failed");
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep(backoff) => {}
             }
         }
         tracing::info!(listener = %stats.name, "stopped accepting");
     });
     Ok(running)
+}
+
+/// Connections closed per out-of-descriptors round before the loop yields to the runtime.
+const SHED_PER_ROUND: usize = 1024;
+
+/// EMFILE and its kin: the process (or system) is out of something accept needs.
+pub(crate) fn out_of_descriptors(err: &io::Error) -> bool {
+    matches!(
+        err.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
+/// One descriptor held open (on /dev/null) so that, out of descriptors, a waiting
+/// connection can still be accepted — to be closed at once, or served — instead of staying
+/// in the accept queue. One per accept loop: no lock between them.
+pub(crate) struct FdReserve(Option<std::fs::File>);
+
+impl FdReserve {
+    pub fn new() -> Self {
+        FdReserve(std::fs::File::open("/dev/null").ok())
+    }
+
+    /// Takes the reserved descriptor again if it was spent (fails quietly while none is free).
+    pub fn refill(&mut self) {
+        if self.0.is_none() {
+            self.0 = std::fs::File::open("/dev/null").ok();
+        }
+    }
+
+    /// Frees the reserved descriptor and accepts one waiting connection into it. The reserve
+    /// stays empty until [`refill`](Self::refill) finds a free descriptor.
+    pub fn release_and_accept(&mut self, listener: &TcpListener) -> Option<TcpStream> {
+        self.0.take()?;
+        let (socket, _) = SockRef::from(listener).accept().ok()?;
+        socket.set_nonblocking(true).ok()?;
+        TcpStream::from_std(socket.into()).ok()
+    }
+
+    /// Accepts and closes up to `max` waiting connections, one at a time through the reserved
+    /// descriptor, calling `closed` for each as it goes; how many were closed.
+    pub fn shed(
+        &mut self,
+        listener: &TcpListener,
+        max: usize,
+        mut closed_one: impl FnMut(),
+    ) -> usize {
+        let mut closed = 0;
+        while closed < max && self.0.take().is_some() {
+            // Closed at once (the client reads EOF), before the reserve is taken again with
+            // the descriptor that frees.
+            let accepted = SockRef::from(listener).accept().map(drop);
+            self.refill();
+            match accepted {
+                Ok(()) => {
+                    closed += 1;
+                    closed_one();
+                }
+                Err(_) => break,
+            }
+        }
+        closed
+    }
 }
 
 fn admit(shared: &Arc<Shared>, stats: &Arc<ListenerStats>, stream: TcpStream, peer: SocketAddr) {
@@ -200,12 +286,13 @@ fn admit(shared: &Arc<Shared>, stats: &Arc<ListenerStats>, stream: TcpStream, pe
         stats.closed(Outcome::UnknownRoute, "").increment(1);
         return;
     };
-    let limit = routing.config.listeners[listener].max_connections;
+    let limit = routing.config.listeners[listener]
+        .max_connections
+        .unwrap_or(shared.default_max_connections);
     let active = stats.active.fetch_add(1, Ordering::Relaxed) + 1;
     if active > limit {
         stats.active.fetch_sub(1, Ordering::Relaxed);
-        stats.refused.increment(1);
-        stats.closed(Outcome::Overloaded, "").increment(1);
+        stats.overloaded();
         tracing::debug!(listener = %stats.name, %peer, limit, "refused: listener at max_connections");
         // Dropping the stream closes it at once: a clean refusal the client sees as EOF.
         drop(stream);

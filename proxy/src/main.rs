@@ -126,7 +126,7 @@ async fn run(
 ) -> anyhow::Result<()> {
     // Handlers first: a SIGTERM or SIGHUP that arrives while starting must not kill the process
     // the default way. (A SIGHUP before the config watcher runs is moot: the file was just read.)
-    let shutdown = shutdown_signal()?;
+    let mut signals = ShutdownSignals::new()?;
     let _hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("cannot listen for SIGHUP")?;
     // Read everything that can fail before binding, so a mistake exits at once.
@@ -143,9 +143,25 @@ async fn run(
                     None
                 }
             });
+    // Before anything is bound: max_connections' default is derived from it.
+    match eastwest_proxy::fd_limit::raise() {
+        Ok(limit) => tracing::info!(
+            soft_before = limit.before,
+            soft = limit.now,
+            hard = limit.hard,
+            "open-file limit"
+        ),
+        Err(err) => tracing::warn!(%err, soft = eastwest_proxy::fd_limit::current(),
+            "cannot raise the open-file limit to the hard limit"),
+    }
     let proxy = Proxy::start(config).await?;
     proxy.set_config_file(config_path.clone());
-    tracing::info!(admin = %proxy.admin_addr(), "eastwest-proxy started");
+    tracing::info!(
+        status = %proxy.status_addr(),
+        metrics = %proxy.metrics_addr(),
+        debug = %proxy.debug_addr(),
+        "eastwest-proxy started"
+    );
     eastwest_proxy::watch_config_file(proxy.clone(), config_path)?;
     if let Some(control) = control {
         // Not ready until there are routes from control (or from the cache of its last table).
@@ -170,9 +186,15 @@ async fn run(
             Ok(())
         }));
     }
-    shutdown.await;
-    proxy.shutdown().await;
-    Ok(())
+    signals.next().await;
+    tokio::select! {
+        () = proxy.shutdown() => Ok(()),
+        // An operator (or a second Ctrl-C) who does not want to wait for the drain.
+        () = signals.next() => {
+            tracing::warn!("second signal: exiting without finishing the drain");
+            std::process::exit(1)
+        }
+    }
 }
 
 fn control_client_config(cli: &Cli) -> anyhow::Result<Option<control_client::ControlClientConfig>> {
@@ -200,17 +222,27 @@ fn control_client_config(cli: &Cli) -> anyhow::Result<Option<control_client::Con
     }))
 }
 
-/// Registers for SIGTERM and SIGINT now; the future resolves on the first of them.
-fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
-    Ok(async move {
+/// SIGTERM and SIGINT, registered at once: the first starts the drain, a second ends it.
+struct ShutdownSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    fn new() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(ShutdownSignals {
+            term: signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?,
+            int: signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?,
+        })
+    }
+
+    async fn next(&mut self) {
         tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: draining"),
-            _ = int.recv() => tracing::info!("SIGINT: draining"),
+            _ = self.term.recv() => tracing::info!("SIGTERM: draining"),
+            _ = self.int.recv() => tracing::info!("SIGINT: draining"),
         }
-    })
+    }
 }
 
 #[cfg(test)]

@@ -148,6 +148,22 @@ fn series_key(line: &str) -> String {
     key
 }
 
+/// Process-wide counters a dashboard alerts on, registered at 0 so a rate() or an increase()
+/// has a series from the first scrape, before anything has happened.
+pub(crate) fn register_at_zero() {
+    for name in [
+        CONFIG_RELOADS,
+        CONFIG_RELOAD_FAILURES,
+        ROUTE_TABLES_REJECTED,
+        crate::control_client::CONTROL_STREAM_ERRORS,
+    ] {
+        counter!(name).increment(0);
+    }
+    for kind in ["full", "delta"] {
+        counter!(crate::control_client::ROUTE_UPDATES, "kind" => kind).increment(0);
+    }
+}
+
 /// Histogram samples accumulate until drained; drain them every few seconds even when nobody
 /// scrapes `/metrics`, so memory stays flat. Once per process.
 pub(crate) fn spawn_upkeep(handle: &'static PrometheusHandle) {

@@ -14,7 +14,14 @@ use crate::{Invalid, RouteTable, SniPattern};
 pub struct ProxyConfig {
     #[serde(default)]
     pub admin: AdminConfig,
-    /// After SIGTERM: how long established connections may keep flowing before exit.
+    /// After SIGTERM, readiness fails at once but listeners keep accepting and routing this
+    /// long (default 5s), so a load balancer has time to see the failed health check and stop
+    /// sending new connections before the ports close. Then `drain_period` begins.
+    #[serde(default = "defaults::drain_accept_period", with = "humantime_serde")]
+    pub drain_accept_period: Duration,
+    /// Once the listeners have closed: how long established connections may keep flowing
+    /// before the rest are closed and the process exits (default 30s). A pod's grace period
+    /// must exceed `drain_accept_period + drain_period`.
     #[serde(default = "defaults::drain_period", with = "humantime_serde")]
     pub drain_period: Duration,
     /// One log line per finished connection (target `eastwest::access`).
@@ -28,12 +35,79 @@ pub struct ProxyConfig {
     pub routes: RouteTable,
 }
 
+/// The three admin servers, laid out as Istio's gateways do. Read at startup only.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "RawAdminConfig")]
 pub struct AdminConfig {
-    /// `/healthz/ready`, `/metrics`, `/config_dump`.
-    #[serde(default = "defaults::admin_address")]
-    pub address: SocketAddr,
+    /// Serves only `GET /healthz/ready` (Istio's status port; what a load balancer's health
+    /// check and the kubelet probe). Default `0.0.0.0:15021`. The load balancer publishes
+    /// it, so nothing else is on it.
+    pub status_address: SocketAddr,
+    /// Serves `GET /metrics` for Prometheus (Istio's merged-metrics port). Default
+    /// `0.0.0.0:15020`: reachable in-cluster, never published on the load balancer.
+    pub metrics_address: SocketAddr,
+    /// `/config_dump` (settings, route table, last reload error), plus `/metrics` and
+    /// `/healthz/ready`. Default `127.0.0.1:15000` (Envoy's admin port): the route table
+    /// names services and pod IPs, so only `kubectl port-forward` or `exec` reaches it.
+    pub debug_address: SocketAddr,
+    /// Set when the file used the old `admin.address` (one port for everything), read as
+    /// `status_address`; the proxy warns where `/metrics` and `/config_dump` went.
+    #[serde(skip_serializing)]
+    pub legacy_address: bool,
+}
+
+/// `admin:` as written, before the old `address` key is mapped onto `status_address`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdminConfig {
+    status_address: Option<SocketAddr>,
+    metrics_address: Option<SocketAddr>,
+    debug_address: Option<SocketAddr>,
+    /// Before the split: `/healthz/ready`, `/metrics` and `/config_dump` on one port.
+    address: Option<SocketAddr>,
+}
+
+impl TryFrom<RawAdminConfig> for AdminConfig {
+    type Error = String;
+
+    fn try_from(raw: RawAdminConfig) -> Result<Self, String> {
+        if raw.address.is_some() && raw.status_address.is_some() {
+            return Err("`address` is the old name of `status_address`: give only one".into());
+        }
+        Ok(AdminConfig {
+            status_address: raw
+                .status_address
+                .or(raw.address)
+                .unwrap_or_else(defaults::status_address),
+            metrics_address: raw
+                .metrics_address
+                .unwrap_or_else(defaults::metrics_address),
+            debug_address: raw.debug_address.unwrap_or_else(defaults::debug_address),
+            legacy_address: raw.address.is_some(),
+        })
+    }
+}
+
+impl AdminConfig {
+    /// All three servers on 127.0.0.1, any free port: for tests and tools.
+    pub fn loopback_any_port() -> Self {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        AdminConfig {
+            status_address: any,
+            metrics_address: any,
+            debug_address: any,
+            legacy_address: false,
+        }
+    }
+
+    /// (key, address) of each server, for validation and messages.
+    pub fn addresses(&self) -> [(&'static str, SocketAddr); 3] {
+        [
+            ("admin.status_address", self.status_address),
+            ("admin.metrics_address", self.metrics_address),
+            ("admin.debug_address", self.debug_address),
+        ]
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -91,9 +165,13 @@ pub struct ListenerConfig {
     /// A client that has not sent a whole ClientHello by then is closed.
     #[serde(default = "defaults::hello_timeout", with = "humantime_serde")]
     pub hello_timeout: Duration,
-    /// Connections beyond this are refused (closed at once) and counted.
-    #[serde(default = "defaults::max_connections")]
-    pub max_connections: usize,
+    /// Connections beyond this are refused (closed at once) and counted as `overloaded`.
+    /// Default: derived from the open-file limit (after raising the soft limit to the hard
+    /// one), `(limit - reserve) / 2` — a relayed connection holds two descriptors, and the
+    /// reserve keeps the admin servers, reloads and control reachable. Set it explicitly to
+    /// share the limit between several busy listeners.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
     /// Hand a connection to the proxy only once its first bytes have arrived (Linux
     /// `TCP_DEFER_ACCEPT`). TLS clients speak first, so the ClientHello is read at once instead
     /// of after another wakeup. A client that connects and stays silent is handed over after
@@ -125,11 +203,20 @@ mod defaults {
     use std::net::SocketAddr;
     use std::time::Duration;
 
+    pub fn drain_accept_period() -> Duration {
+        Duration::from_secs(5)
+    }
     pub fn drain_period() -> Duration {
         Duration::from_secs(30)
     }
-    pub fn admin_address() -> SocketAddr {
+    pub fn status_address() -> SocketAddr {
         SocketAddr::from(([0, 0, 0, 0], 15021))
+    }
+    pub fn metrics_address() -> SocketAddr {
+        SocketAddr::from(([0, 0, 0, 0], 15020))
+    }
+    pub fn debug_address() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 15000))
     }
     pub fn connect_timeout() -> Duration {
         Duration::from_secs(5)
@@ -146,9 +233,6 @@ mod defaults {
     pub fn hello_timeout() -> Duration {
         Duration::from_secs(10)
     }
-    pub fn max_connections() -> usize {
-        100_000
-    }
     pub fn defer_accept() -> bool {
         true
     }
@@ -157,7 +241,10 @@ mod defaults {
 impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
-            address: defaults::admin_address(),
+            status_address: defaults::status_address(),
+            metrics_address: defaults::metrics_address(),
+            debug_address: defaults::debug_address(),
+            legacy_address: false,
         }
     }
 }
@@ -187,7 +274,7 @@ impl ListenerConfig {
             mode,
             rules: Vec::new(),
             hello_timeout: defaults::hello_timeout(),
-            max_connections: defaults::max_connections(),
+            max_connections: None,
             defer_accept: defaults::defer_accept(),
         }
     }
@@ -198,6 +285,7 @@ impl ProxyConfig {
     pub fn with_listeners(listeners: Vec<ListenerConfig>) -> Self {
         ProxyConfig {
             admin: AdminConfig::default(),
+            drain_accept_period: defaults::drain_accept_period(),
             drain_period: defaults::drain_period(),
             access_log: false,
             upstream: UpstreamConfig::default(),
@@ -235,8 +323,16 @@ impl ProxyConfig {
                 format!("must be from 1s to {MAX_TCP_KEEPALIVE_SECS}s"),
             ));
         }
-        let mut names = HashSet::new();
         let mut addresses = HashSet::new();
+        for (key, address) in self.admin.addresses() {
+            if address.port() != 0 && !addresses.insert(address) {
+                errors.push(Invalid::new(
+                    key,
+                    format!("{address} is used by another admin server"),
+                ));
+            }
+        }
+        let mut names = HashSet::new();
         for (i, l) in self.listeners.iter().enumerate() {
             let at = format!("listeners[{i}]");
             if l.name.is_empty() {
@@ -248,17 +344,23 @@ impl ProxyConfig {
                 ));
             }
             // Port 0 (any free port) may repeat; a fixed address may not.
-            if l.address.port() != 0 && !addresses.insert(l.address) {
-                errors.push(Invalid::new(
-                    format!("{at}.address"),
-                    format!("{} is used by another listener", l.address),
-                ));
-            }
-            if l.address == self.admin.address && l.address.port() != 0 {
-                errors.push(Invalid::new(
-                    format!("{at}.address"),
-                    "same address as admin.address",
-                ));
+            if l.address.port() != 0 {
+                let admin = self
+                    .admin
+                    .addresses()
+                    .into_iter()
+                    .find(|(_, a)| *a == l.address);
+                if let Some((key, _)) = admin {
+                    errors.push(Invalid::new(
+                        format!("{at}.address"),
+                        format!("same address as {key}"),
+                    ));
+                } else if !addresses.insert(l.address) {
+                    errors.push(Invalid::new(
+                        format!("{at}.address"),
+                        format!("{} is used by another listener", l.address),
+                    ));
+                }
             }
             if l.hello_timeout.is_zero() {
                 errors.push(Invalid::new(
@@ -266,7 +368,7 @@ impl ProxyConfig {
                     "must be more than 0",
                 ));
             }
-            if l.max_connections == 0 {
+            if l.max_connections == Some(0) {
                 errors.push(Invalid::new(
                     format!("{at}.max_connections"),
                     "must be at least 1",

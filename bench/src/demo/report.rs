@@ -1,5 +1,5 @@
 //! The demo's outputs: comparison table, sanity checks, results JSON, plots, gateway
-//! counters scraped from its admin `/metrics`.
+//! counters scraped from its `/metrics` (the metrics server).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -144,17 +144,17 @@ pub fn write_plots(dir: &Path, scenarios: &[ScenarioResult]) -> anyhow::Result<V
     Ok(written)
 }
 
-/// GET `http://admin/metrics` (Prometheus text).
-pub async fn fetch_metrics(admin: SocketAddr) -> anyhow::Result<String> {
+/// GET `http://<metrics address>/metrics` (Prometheus text).
+pub async fn fetch_metrics(metrics: SocketAddr) -> anyhow::Result<String> {
     let fetch = async {
-        let tcp = tokio::net::TcpStream::connect(admin)
+        let tcp = tokio::net::TcpStream::connect(metrics)
             .await
-            .with_context(|| format!("connecting to gateway admin {admin}"))?;
+            .with_context(|| format!("connecting to the gateway's metrics server {metrics}"))?;
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
         tokio::spawn(conn);
         let req = http::Request::get("/metrics")
-            .header(http::header::HOST, admin.to_string())
+            .header(http::header::HOST, metrics.to_string())
             .body(Empty::<bytes::Bytes>::new())?;
         let resp = sender.send_request(req).await?;
         anyhow::ensure!(resp.status().is_success(), "HTTP {}", resp.status());

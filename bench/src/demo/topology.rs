@@ -38,7 +38,7 @@ pub struct Topology {
     pub server_addr: SocketAddr,
     pub gateway_addr: SocketAddr,
     pub wan_addr: SocketAddr,
-    pub admin_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
     pub server_id: SpiffeId,
     pub client_id: SpiffeId,
 }
@@ -82,7 +82,7 @@ impl Topology {
             loopback,
             ListenerMode::AutoPassthrough,
         )]);
-        cfg.admin.address = loopback;
+        cfg.admin = eastwest_routes::AdminConfig::loopback_any_port();
         cfg.routes = RouteTable {
             services: vec![Service {
                 hostname: SERVICE_HOST.into(),
@@ -105,7 +105,7 @@ impl Topology {
         let gateway_addr = proxy
             .listener_addr("tls")
             .context("gateway has no \"tls\" listener")?;
-        let admin_addr = proxy.admin_addr();
+        let metrics_addr = proxy.metrics_addr();
 
         let wan = WanLink::start(
             loopback,
@@ -129,7 +129,7 @@ impl Topology {
             server_addr,
             gateway_addr,
             wan_addr,
-            admin_addr,
+            metrics_addr,
             server_id,
             client_id,
         })

@@ -105,7 +105,7 @@ async fn a_delta_subscriber_ends_with_the_table_a_fresh_subscriber_gets() {
     })
     .await;
 
-    let (_, metrics) = http_get(follower.admin_addr(), "/metrics").await;
+    let (_, metrics) = http_get(follower.metrics_addr(), "/metrics").await;
     let deltas: f64 = metrics
         .lines()
         .find_map(|l| l.strip_prefix("eastwest_route_updates_total{kind=\"delta\"} "))
@@ -130,7 +130,7 @@ async fn a_delta_subscriber_ends_with_the_table_a_fresh_subscriber_gets() {
     assert_eq!(followed, recomputed);
     assert_eq!(followed.service(HELLO).unwrap().ports[0].endpoints.len(), 2);
     // What an operator sees: /config_dump shows the whole table at that version.
-    let (status, dump) = http_get(follower.admin_addr(), "/config_dump").await;
+    let (status, dump) = http_get(follower.debug_addr(), "/config_dump").await;
     assert_eq!(status, 200);
     let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
     assert_eq!(dump["route_table_version"], serde_json::json!(version));

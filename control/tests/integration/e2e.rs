@@ -135,7 +135,7 @@ async fn remote_endpoint_change_reaches_the_proxy_without_breaking_connections()
         "127.0.0.1:0".parse().unwrap(),
         ListenerMode::AutoPassthrough,
     )]);
-    cfg.admin.address = "127.0.0.1:0".parse().unwrap();
+    cfg.admin = eastwest_routes::AdminConfig::loopback_any_port();
     let proxy = Arc::new(Proxy::start(cfg).await.unwrap());
     let gw = proxy.listener_addr("gw").unwrap();
     let applier = proxy.clone();
@@ -178,7 +178,7 @@ async fn remote_endpoint_change_reaches_the_proxy_without_breaking_connections()
 
     // The proxy reports the version it applied.
     let version = control.current_table("network2").unwrap().version;
-    let (_, dump) = http_get(proxy.admin_addr(), "/config_dump").await;
+    let (_, dump) = http_get(proxy.debug_addr(), "/config_dump").await;
     let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
     assert_eq!(dump["route_table_version"], serde_json::json!(version));
     assert_eq!(dump["routes_source"], "control");

@@ -2,6 +2,8 @@
 
 use std::process::Command;
 
+use crate::support::{free_port, http_get_blocking, Running};
+
 fn proxy() -> Command {
     Command::new(env!("CARGO_BIN_EXE_eastwest-proxy"))
 }
@@ -166,32 +168,6 @@ fn missing_file_is_named() {
     );
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
-        .ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    Some((
-        out.get(9..12)?.parse().ok()?,
-        out.split_once("\r\n\r\n")?.1.to_string(),
-    ))
-}
-
 /// Polls `cond` every 20 ms until it holds; panics with `what` after 20 s.
 fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
@@ -201,8 +177,47 @@ fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
-fn config_dump(admin: u16) -> serde_json::Value {
-    let (_, dump) = http_get(admin, "/config_dump").unwrap();
+/// The ports of the three admin servers, each fixed before the proxy starts.
+#[derive(Clone, Copy)]
+struct Admin {
+    status: u16,
+    metrics: u16,
+    debug: u16,
+}
+
+impl Admin {
+    fn free() -> Admin {
+        Admin {
+            status: free_port(),
+            metrics: free_port(),
+            debug: free_port(),
+        }
+    }
+
+    fn yaml(&self) -> String {
+        format!(
+            "admin: {{status_address: 127.0.0.1:{}, metrics_address: 127.0.0.1:{}, debug_address: 127.0.0.1:{}}}\n",
+            self.status, self.metrics, self.debug
+        )
+    }
+
+    /// GET `path` from the server that serves it.
+    fn get(&self, path: &str) -> Option<(u16, String)> {
+        let port = match path {
+            "/healthz/ready" => self.status,
+            "/metrics" => self.metrics,
+            _ => self.debug,
+        };
+        http_get_blocking(port, path)
+    }
+}
+
+/// All three admin servers on loopback, any free port (the defaults would collide).
+const ANY_ADMIN: &str =
+    "admin: {status_address: 127.0.0.1:0, metrics_address: 127.0.0.1:0, debug_address: 127.0.0.1:0}\n";
+
+fn config_dump(admin: Admin) -> serde_json::Value {
+    let (_, dump) = admin.get("/config_dump").unwrap();
     serde_json::from_str(&dump).unwrap()
 }
 
@@ -214,12 +229,13 @@ fn signal(proxy: &Running, name: &str) {
     assert!(sent.success());
 }
 
-/// Writes `gw.yaml` in `dir`: the admin server on a free port, one listener on any port.
-/// Returns its path, the admin port and the text (for tests that extend it).
-fn base_config(dir: &std::path::Path) -> (std::path::PathBuf, u16, String) {
-    let admin = free_port();
+/// Writes `gw.yaml` in `dir`: the admin servers on free ports, one listener on any port.
+/// Returns its path, the admin ports and the text (for tests that extend it).
+fn base_config(dir: &std::path::Path) -> (std::path::PathBuf, Admin, String) {
+    let admin = Admin::free();
     let base = format!(
-        "admin: {{address: 127.0.0.1:{admin}}}\nlisteners:\n  - name: tls\n    address: 127.0.0.1:0\n"
+        "{}listeners:\n  - name: tls\n    address: 127.0.0.1:0\n",
+        admin.yaml()
     );
     let config = dir.join("gw.yaml");
     std::fs::write(&config, &base).unwrap();
@@ -258,15 +274,6 @@ fn down_control_with_cache(cache: &std::path::Path) -> Vec<std::ffi::OsString> {
     .collect()
 }
 
-/// Kills the child when the test ends, pass or fail.
-struct Running(std::process::Child);
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn restart_while_control_is_down_routes_from_the_cache() {
     let dir = tempfile::tempdir().unwrap();
@@ -280,7 +287,7 @@ fn restart_while_control_is_down_routes_from_the_cache() {
     .unwrap();
     let _proxy = start(&config, &down_control_with_cache(&cache));
     wait_until("ready from the cache", || {
-        matches!(http_get(admin, "/healthz/ready"), Some((200, _)))
+        matches!(admin.get("/healthz/ready"), Some((200, _)))
     });
     let dump = config_dump(admin);
     assert_eq!(dump["route_table_version"], 42);
@@ -291,7 +298,7 @@ fn restart_while_control_is_down_routes_from_the_cache() {
     );
     // The failed connection attempts to control are counted and described.
     wait_until("control's metrics described", || {
-        let (_, metrics) = http_get(admin, "/metrics").unwrap();
+        let (_, metrics) = admin.get("/metrics").unwrap();
         metrics.contains("# HELP eastwest_control_stream_errors_total")
             && metrics.contains("# HELP eastwest_control_connected")
     });
@@ -303,7 +310,7 @@ fn https_control_without_an_identity_is_refused_up_front() {
     let path = dir.path().join("gw.yaml");
     std::fs::write(
         &path,
-        "admin: {address: 127.0.0.1:0}\nlisteners:\n  - name: tls\n    address: 127.0.0.1:0\n",
+        format!("{ANY_ADMIN}listeners:\n  - name: tls\n    address: 127.0.0.1:0\n"),
     )
     .unwrap();
     let with_https_control = || {
@@ -355,7 +362,7 @@ fn sighup_applies_a_change_the_file_watcher_cannot_see() {
     std::os::unix::fs::symlink(&real, &config).unwrap();
     let proxy = start(&config, &[]);
     wait_until("ready", || {
-        matches!(http_get(admin, "/healthz/ready"), Some((200, _)))
+        matches!(admin.get("/healthz/ready"), Some((200, _)))
     });
     std::fs::write(
         &real,
@@ -372,7 +379,7 @@ fn sighup_applies_a_change_the_file_watcher_cannot_see() {
         signal(&proxy, "-HUP");
         service(&config_dump(admin)).as_deref() == Some("added.ns.svc.cluster.local")
     });
-    let (_, metrics) = http_get(admin, "/metrics").unwrap();
+    let (_, metrics) = admin.get("/metrics").unwrap();
     assert!(
         metrics.contains("eastwest_config_reloads_total 1"),
         "{metrics}"
@@ -389,7 +396,8 @@ fn logs_into_a_pipe_are_plain_text_and_sigterm_exits_zero() {
     let config = dir.path().join("gw.yaml");
     std::fs::write(
         &config,
-        "admin: {address: 127.0.0.1:0}\nlisteners:\n  - name: tls\n    address: 127.0.0.1:0\n",
+        // No accept period: this test is about the drain ending in exit status 0.
+        format!("{ANY_ADMIN}drain_accept_period: 0s\nlisteners:\n  - name: tls\n    address: 127.0.0.1:0\n"),
     )
     .unwrap();
     let mut proxy = Running(
@@ -445,7 +453,7 @@ fn sighup_retries_a_reload_that_failed() {
     let (config, admin, base) = base_config(dir.path());
     let proxy = start(&config, &[]);
     wait_until("ready", || {
-        matches!(http_get(admin, "/healthz/ready"), Some((200, _)))
+        matches!(admin.get("/healthz/ready"), Some((200, _)))
     });
     // Written aside and renamed, so the watcher sees one whole change.
     let next = dir.path().join("next.yaml");
@@ -456,7 +464,7 @@ fn sighup_retries_a_reload_that_failed() {
     .unwrap();
     std::fs::rename(&next, &config).unwrap();
     wait_until("the reload to fail on the taken port", || {
-        let (_, metrics) = http_get(admin, "/metrics").unwrap();
+        let (_, metrics) = admin.get("/metrics").unwrap();
         metrics.contains("eastwest_config_reload_failures_total 1")
     });
     drop(taken);
@@ -479,7 +487,145 @@ fn a_corrupt_route_cache_does_not_keep_the_gateway_down() {
     let mut proxy = start(&config, &down_control_with_cache(&cache));
     wait_until("the admin server to answer", || {
         assert!(proxy.0.try_wait().unwrap().is_none(), "the proxy exited");
-        http_get(admin, "/healthz/ready").is_some()
+        admin.get("/healthz/ready").is_some()
     });
-    assert_eq!(http_get(admin, "/healthz/ready").unwrap().0, 503);
+    assert_eq!(admin.get("/healthz/ready").unwrap().0, 503);
+}
+
+/// The proxy serving `config` with debug logs into `log`.
+fn start_logged(config: &std::path::Path, log: &std::path::Path) -> Running {
+    Running(
+        proxy()
+            .arg("--config")
+            .arg(config)
+            .env("RUST_LOG", "eastwest_proxy=debug")
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// Lines of the log at `log` containing `what`.
+fn log_lines(log: &std::path::Path, what: &str) -> usize {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(what))
+        .count()
+}
+
+fn metric(admin: Admin, series: &str) -> Option<f64> {
+    let (_, body) = admin.get("/metrics")?;
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+fn with_service(base: &str, host: &str) -> String {
+    format!("{base}routes:\n  services:\n    - hostname: {host}\n      ports: [{{port: 80, endpoints: [{{address: 10.0.0.1:80}}]}}]\n")
+}
+
+fn first_service(admin: Admin) -> Option<String> {
+    config_dump(admin)["config"]["routes"]["services"][0]["hostname"]
+        .as_str()
+        .map(str::to_string)
+}
+
+/// A bad file is one error, however many events its writing makes and however many SIGHUPs
+/// follow; /config_dump says what and when until a good file replaces it. The reload
+/// counters are there at 0 before anything happened, for rate() and alerts.
+#[test]
+fn a_bad_config_is_reported_once_and_shown_in_config_dump() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, admin, base) = base_config(dir.path());
+    let log = dir.path().join("log");
+    let proxy = start_logged(&config, &log);
+    wait_until("ready", || {
+        matches!(admin.get("/healthz/ready"), Some((200, _)))
+    });
+    for counter in [
+        "eastwest_config_reloads_total",
+        "eastwest_config_reload_failures_total",
+        "eastwest_route_tables_rejected_total",
+    ] {
+        assert_eq!(metric(admin, counter), Some(0.0), "{counter} at startup");
+    }
+    assert!(config_dump(admin)["last_reload_error"].is_null());
+
+    // Written in place: create, modify and close events for one content.
+    std::fs::write(&config, format!("{base}  - name: bad\n    address: nope\n")).unwrap();
+    wait_until("the failure to be counted", || {
+        metric(admin, "eastwest_config_reload_failures_total") == Some(1.0)
+    });
+    let dump = config_dump(admin);
+    let error = dump["last_reload_error"]["error"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(error.contains("listeners[1].address"), "{dump}");
+    let at = dump["last_reload_error"]["at"].as_str().unwrap_or_default();
+    assert!(
+        at.len() == 20 && at.ends_with('Z') && at.as_bytes()[10] == b'T',
+        "{at}"
+    );
+
+    // Two SIGHUPs read the same content again: no new error.
+    for seen in 1..=2 {
+        signal(&proxy, "-HUP");
+        wait_until("the SIGHUP to be handled", || {
+            log_lines(&log, "config still refused for the same reason") >= seen
+        });
+    }
+    assert_eq!(log_lines(&log, "config reload refused"), 1);
+
+    let next = dir.path().join("next.yaml");
+    std::fs::write(&next, with_service(&base, "good.ns.svc.cluster.local")).unwrap();
+    std::fs::rename(&next, &config).unwrap();
+    wait_until("the good file to apply", || {
+        first_service(admin).as_deref() == Some("good.ns.svc.cluster.local")
+    });
+    assert_eq!(
+        metric(admin, "eastwest_config_reload_failures_total"),
+        Some(1.0)
+    );
+    assert!(config_dump(admin)["last_reload_error"].is_null());
+}
+
+/// A file caught half-written is read again before it is called bad; a removed file is a
+/// warning and the config in force keeps serving.
+#[test]
+fn a_half_written_file_is_not_an_error_and_a_removed_one_is_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, admin, base) = base_config(dir.path());
+    let log = dir.path().join("log");
+    let _proxy = start_logged(&config, &log);
+    wait_until("ready", || {
+        matches!(admin.get("/healthz/ready"), Some((200, _)))
+    });
+    let whole = with_service(&base, "whole.ns.svc.cluster.local");
+    // A slow writer: the first part, a pause the watcher's settle delay does not cover, the rest.
+    let cut = whole.find("10.0.0.1").unwrap() + 4;
+    std::fs::write(&config, &whole[..cut]).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    std::fs::write(&config, &whole).unwrap();
+    wait_until("the whole file to apply", || {
+        first_service(admin).as_deref() == Some("whole.ns.svc.cluster.local")
+    });
+    assert_eq!(
+        metric(admin, "eastwest_config_reload_failures_total"),
+        Some(0.0)
+    );
+
+    std::fs::remove_file(&config).unwrap();
+    wait_until("a warning about the removed file", || {
+        log_lines(&log, "config file removed or unreadable") == 1
+    });
+    assert_eq!(admin.get("/healthz/ready").map(|r| r.0), Some(200));
+    assert_eq!(
+        metric(admin, "eastwest_config_reload_failures_total"),
+        Some(0.0)
+    );
+    assert_eq!(
+        first_service(admin).as_deref(),
+        Some("whole.ns.svc.cluster.local")
+    );
 }

@@ -31,7 +31,7 @@ async fn wait_for(mut cond: impl AsyncFnMut() -> bool, what: &str) {
 
 fn write_config(path: &std::path::Path, listener_port: u16, backend: std::net::SocketAddr) {
     let yaml = format!(
-        "admin:\n  address: 127.0.0.1:0\nlisteners:\n  - name: reload\n    address: 127.0.0.1:{listener_port}\n\
+        "admin: {{status_address: 127.0.0.1:0, metrics_address: 127.0.0.1:0, debug_address: 127.0.0.1:0}}\nlisteners:\n  - name: reload\n    address: 127.0.0.1:{listener_port}\n\
          routes:\n  services:\n    - hostname: {SGLANG}\n      ports:\n        - port: 8000\n          endpoints:\n            - address: {backend}\n"
     );
     // Write then rename, as editors and Kubernetes do, so the watcher never sees half a file.
@@ -47,11 +47,7 @@ async fn file_reload_under_traffic_keeps_established_connections() {
     let new = tls_echo_backend("new", &pki.server).await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("gateway.yaml");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     write_config(&path, port, old);
     let proxy = Proxy::start(eastwest_routes::load_proxy_config(&path).unwrap())
         .await
@@ -131,41 +127,170 @@ async fn gateway_with_a_stream(name: &str, tweak: impl FnOnce(&mut ProxyConfig))
     }
 }
 
-#[tokio::test]
-async fn drain_stops_accepting_but_lets_established_streams_finish() {
-    let WithStream {
+/// eastwest-proxy as a process (killed when dropped), routing SGLANG:8000 to `backend` on
+/// `port`, its status server on `status`, with `extra` config lines.
+struct Binary(Running);
+
+impl Binary {
+    fn start(
+        dir: &std::path::Path,
+        port: u16,
+        status: u16,
+        backend: std::net::SocketAddr,
+        extra: &str,
+    ) -> Binary {
+        let config = dir.join("gw.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "admin: {{status_address: 127.0.0.1:{status}, metrics_address: 127.0.0.1:0, debug_address: 127.0.0.1:0}}\n{extra}\
+                 listeners:\n  - name: tls\n    address: 127.0.0.1:{port}\n\
+                 routes:\n  services:\n    - hostname: {SGLANG}\n      ports:\n        - port: 8000\n          endpoints:\n            - address: {backend}\n"
+            ),
+        )
+        .unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_eastwest-proxy"))
+            .arg("--config")
+            .arg(&config)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        Binary(Running(child))
+    }
+
+    fn signal(&self, name: &str) {
+        let sent = std::process::Command::new("kill")
+            .args([name, &self.0 .0.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    }
+
+    /// The exit status, once the process has exited (bounded by DEADLINE).
+    async fn exited(&mut self) -> std::process::ExitStatus {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = self.0 .0.try_wait().unwrap() {
+                return status;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "still running");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// The binary routing SGLANG:8000 to an echo backend, ready, with one stream through it.
+struct BinaryWithStream {
+    proxy: Binary,
+    gw: std::net::SocketAddr,
+    status: u16,
+    established: Tls,
+    pki: Pki,
+    _dir: tempfile::TempDir,
+}
+
+async fn binary_with_a_stream(extra: &str) -> BinaryWithStream {
+    let pki = pki();
+    let backend = tls_echo_backend("b", &pki.server).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (port, status) = (free_port(), free_port());
+    let proxy = Binary::start(dir.path(), port, status, backend, extra);
+    wait_for(async || status_code(status).await == Some(200), "ready").await;
+    let gw = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut established = istio_connect(gw, &pki.client, &istio_sni(8000, "", SGLANG))
+        .await
+        .unwrap();
+    assert!(greeting(&mut established).await.starts_with("b "));
+    BinaryWithStream {
         proxy,
         gw,
-        mut established,
-        ..
-    } = gateway_with_a_stream("drain", |cfg| cfg.drain_period = Duration::from_secs(30)).await;
-    assert_eq!(admin_get(&proxy, "/healthz/ready").await.0, 200);
+        status,
+        established,
+        pki,
+        _dir: dir,
+    }
+}
 
-    let watcher = proxy.clone();
-    let draining = tokio::spawn(proxy.shutdown());
+async fn status_code(status: u16) -> Option<u16> {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], status));
+    TcpStream::connect(addr).await.ok()?;
+    Some(http_get(addr, "/healthz/ready").await.0)
+}
+
+/// The drain a load balancer in front needs: on SIGTERM readiness fails at once, but
+/// connections arriving while the balancer's health check has not noticed yet are still
+/// routed; after `drain_accept_period` the port refuses; a stream open all along flows until
+/// `drain_period` ends.
+#[tokio::test]
+async fn sigterm_keeps_routing_new_connections_for_the_accept_period_then_refuses() {
+    let BinaryWithStream {
+        mut proxy,
+        gw,
+        status,
+        mut established,
+        pki,
+        _dir,
+    } = binary_with_a_stream("drain_accept_period: 5s\ndrain_period: 2s\n").await;
+    let sni = istio_sni(8000, "", SGLANG);
+    proxy.signal("-TERM");
+    let sigterm = tokio::time::Instant::now();
     wait_for(
-        async || admin_get(&watcher, "/healthz/ready").await.0 == 503,
-        "readiness to go false",
+        async || status_code(status).await == Some(503),
+        "readiness to fail",
     )
     .await;
-    // Accepting has stopped: new connections are refused or closed unserved.
+    // Clients that still come, as a load balancer keeps sending them until its health check
+    // fails: each opened at its offset after the SIGTERM is routed.
+    for offset in [
+        Duration::from_millis(50),
+        Duration::from_secs(1),
+        Duration::from_secs(4),
+    ] {
+        tokio::time::sleep_until(sigterm + offset).await;
+        let mut tls = istio_connect(gw, &pki.client, &sni)
+            .await
+            .unwrap_or_else(|e| panic!("refused {offset:?} after SIGTERM: {e}"));
+        assert!(greeting(&mut tls).await.starts_with("b "), "{offset:?}");
+        echo_roundtrip(&mut tls, b"routed while draining").await;
+    }
+    // After the accept period the port refuses.
     wait_for(
-        async || match tokio::net::TcpStream::connect(gw).await {
-            Err(_) => true,
-            Ok(s) => closed_by_proxy(s).await,
-        },
-        "the listener to stop",
+        async || TcpStream::connect(gw).await.is_err(),
+        "the port to refuse",
     )
     .await;
-    // The established stream keeps flowing during the drain...
+    // The stream open since before SIGTERM still flows, until drain_period ends it.
     echo_roundtrip(&mut established, b"still here").await;
-    assert!(!draining.is_finished());
-    // ...and the drain ends as soon as it closes.
-    drop(established);
-    tokio::time::timeout(DEADLINE, draining)
+    assert!(proxy.exited().await.success());
+    let mut buf = [0u8; 8];
+    let read = tokio::time::timeout(DEADLINE, established.read(&mut buf))
         .await
-        .unwrap()
         .unwrap();
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+}
+
+/// An operator who does not want to wait for the drain signals again.
+#[tokio::test]
+async fn a_second_sigterm_exits_at_once() {
+    // A drain far longer than DEADLINE: only the second signal can end it in time.
+    let BinaryWithStream {
+        mut proxy,
+        status,
+        established: _established,
+        _dir,
+        ..
+    } = binary_with_a_stream("drain_accept_period: 60s\ndrain_period: 60s\n").await;
+    proxy.signal("-TERM");
+    wait_for(
+        async || status_code(status).await == Some(503),
+        "the drain to begin",
+    )
+    .await;
+    proxy.signal("-TERM");
+    assert!(
+        !proxy.exited().await.success(),
+        "a cut-short drain is not a clean exit"
+    );
 }
 
 /// What arrives while draining (a config reload, a route table from control) must not
@@ -173,11 +298,7 @@ async fn drain_stops_accepting_but_lets_established_streams_finish() {
 #[tokio::test]
 async fn a_reload_or_a_route_table_during_drain_does_not_reopen_the_gateway() {
     // A fixed port, as in production: a reload would bind the same address again.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let WithStream {
         proxy,
         cfg,
@@ -186,6 +307,7 @@ async fn a_reload_or_a_route_table_during_drain_does_not_reopen_the_gateway() {
         ..
     } = gateway_with_a_stream("drain-reload", |cfg| {
         cfg.listeners[0].address = format!("127.0.0.1:{port}").parse().unwrap();
+        cfg.drain_accept_period = Duration::ZERO;
         cfg.drain_period = Duration::from_secs(30);
     })
     .await;
@@ -226,6 +348,7 @@ async fn drain_period_bounds_the_wait() {
         established: mut stuck,
         ..
     } = gateway_with_a_stream("drain-bound", |cfg| {
+        cfg.drain_accept_period = Duration::ZERO;
         cfg.drain_period = Duration::from_millis(200)
     })
     .await;
@@ -303,11 +426,7 @@ async fn renaming_a_listener_keeps_its_address_and_its_connections() {
     let pki = pki();
     let backend = tls_echo_backend("b", &pki.server).await;
     let services = vec![service(SGLANG, 8000, &[(backend, &[])])];
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let mut cfg = passthrough_config("before", services.clone());
     cfg.listeners[0].address = format!("127.0.0.1:{port}").parse().unwrap();
     let proxy = Proxy::start(cfg.clone()).await.unwrap();
@@ -337,13 +456,7 @@ async fn renaming_a_listener_keeps_its_address_and_its_connections() {
 /// moved to another address) until they end: a reload is no way around the limit.
 #[tokio::test]
 async fn a_renamed_or_moved_listener_keeps_counting_its_connections() {
-    let port = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    };
+    let port = || free_port();
     let WithStream {
         proxy,
         mut cfg,
@@ -352,7 +465,7 @@ async fn a_renamed_or_moved_listener_keeps_counting_its_connections() {
         pki,
     } = gateway_with_a_stream("full", |cfg| {
         cfg.listeners[0].address = format!("127.0.0.1:{}", port()).parse().unwrap();
-        cfg.listeners[0].max_connections = 1;
+        cfg.listeners[0].max_connections = Some(1);
     })
     .await;
     // Renamed on the same address, then moved to another: one connection still open.

@@ -6,6 +6,7 @@ mod admin;
 mod cli;
 mod client_hello;
 mod control_stream;
+mod fd_limit;
 mod fuzz_corpus;
 mod lifecycle;
 mod passthrough;

@@ -119,7 +119,7 @@ async fn sni_listener_prefers_exact_then_longest_wildcard_then_any() {
         rule("api.example.com", exact),
     ];
     let mut cfg = eastwest_routes::ProxyConfig::with_listeners(vec![listener]);
-    cfg.admin.address = "127.0.0.1:0".parse().unwrap();
+    cfg.admin = eastwest_routes::AdminConfig::loopback_any_port();
     let proxy = Proxy::start(cfg).await.unwrap();
     let gw = proxy.listener_addr("sni-rules").unwrap();
     let pki = pki();
@@ -340,7 +340,7 @@ async fn connections_over_the_limit_are_refused_and_counted() {
     let pki = pki();
     let backend = tls_echo_backend("b", &pki.server).await;
     let mut cfg = passthrough_config("limit", vec![service(SGLANG, 8000, &[(backend, &[])])]);
-    cfg.listeners[0].max_connections = 1;
+    cfg.listeners[0].max_connections = Some(1);
     let proxy = Proxy::start(cfg).await.unwrap();
     let gw = proxy.listener_addr("limit").unwrap();
     let mut first = istio_connect(gw, &pki.client, &istio_sni(8000, "", SGLANG))

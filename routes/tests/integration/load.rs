@@ -153,3 +153,53 @@ fn sni_rules_must_match_mode() {
     let p = problems(&text);
     assert!(p[0].contains("listeners[1].rules"), "{p:?}");
 }
+
+#[test]
+fn admin_splits_into_status_metrics_and_debug_with_istio_defaults() {
+    let cfg = parse_proxy_config(
+        "listeners: [{name: tls, address: 0.0.0.0:15443}]\n",
+        "gw.yaml",
+    )
+    .unwrap();
+    assert_eq!(cfg.admin.status_address.to_string(), "0.0.0.0:15021");
+    assert_eq!(cfg.admin.metrics_address.to_string(), "0.0.0.0:15020");
+    assert_eq!(cfg.admin.debug_address.to_string(), "127.0.0.1:15000");
+    assert!(!cfg.admin.legacy_address);
+    assert_eq!(cfg.drain_accept_period.as_secs(), 5);
+    assert_eq!(cfg.listeners[0].max_connections, None);
+}
+
+/// The old single `admin.address` still loads, as the status address, and is flagged so
+/// the proxy can say where /metrics and /config_dump went.
+#[test]
+fn the_old_admin_address_is_the_status_address() {
+    let cfg = parse_proxy_config(GOOD, "gw.yaml").unwrap();
+    assert_eq!(cfg.admin.status_address.to_string(), "127.0.0.1:15021");
+    assert_eq!(cfg.admin.metrics_address.to_string(), "0.0.0.0:15020");
+    assert!(cfg.admin.legacy_address);
+    let both = GOOD.replace(
+        "  address: 127.0.0.1:15021\n",
+        "  address: 127.0.0.1:15021\n  status_address: 127.0.0.1:15021\n",
+    );
+    let p = problems(&both);
+    assert!(p[0].contains("old name of `status_address`"), "{p:?}");
+}
+
+#[test]
+fn admin_servers_and_listeners_need_distinct_addresses() {
+    let text = "admin: {status_address: 0.0.0.0:15021, metrics_address: 0.0.0.0:15021}\n\
+                listeners: [{name: tls, address: 0.0.0.0:15020}, {name: b, address: 0.0.0.0:15021}]\n";
+    let p = problems(text);
+    assert!(
+        p.iter().any(|p| p
+            .contains("`admin.metrics_address`: 0.0.0.0:15021 is used by another admin server")),
+        "{p:?}"
+    );
+    assert!(
+        p.iter()
+            .any(|p| p.contains("`listeners[1].address`: same address as admin.status_address")),
+        "{p:?}"
+    );
+    // 15020 is only taken by metrics_address by default; here it was moved, so it is free.
+    assert!(!p.iter().any(|p| p.contains("listeners[0]")), "{p:?}");
+}

@@ -62,7 +62,7 @@ pub async fn gateway_following(control: &Control) -> Proxy {
         "127.0.0.1:0".parse().unwrap(),
         ListenerMode::AutoPassthrough,
     )]);
-    cfg.admin.address = "127.0.0.1:0".parse().unwrap();
+    cfg.admin = eastwest_routes::AdminConfig::loopback_any_port();
     let proxy = Proxy::start(cfg).await.unwrap();
     let applier = proxy.clone();
     tokio::spawn(control_client::run(

@@ -20,6 +20,55 @@ pub const TD: &str = "cluster.local";
 pub const SGLANG: &str = "sglang.demo.svc.cluster.local";
 pub const ISTIO_ALPN: [&[u8]; 2] = [b"istio-peer-exchange", b"istio"];
 
+/// A free port on loopback, for a server that must be told its address up front. Taken
+/// below the kernel's ephemeral range (32768 and up by default): the thousands of client
+/// connections other tests open draw their local ports from that range and would otherwise
+/// take a port between this check and the server's bind.
+pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    const FIRST: u16 = 20_000;
+    const SPAN: u16 = 12_000;
+    // Where this process starts, so concurrent test processes rarely probe the same ports.
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let start = (std::process::id() % u32::from(SPAN)) as u16;
+    for _ in 0..SPAN {
+        let port = FIRST + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % SPAN;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {FIRST}..{}", FIRST + SPAN)
+}
+
+/// A child process (an eastwest binary) killed when the test ends, pass or fail.
+pub struct Running(pub std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// GET `path` from 127.0.0.1:`port` on a new connection, blocking: (status, body), or `None`
+/// when nothing answers properly within 10 s.
+pub fn http_get_blocking(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some((
+        out.get(9..12)?.parse().ok()?,
+        out.split_once("\r\n\r\n")?.1.to_string(),
+    ))
+}
+
 /// A bounded wait for anything a test waits on.
 pub const DEADLINE: Duration = Duration::from_secs(10);
 
@@ -148,7 +197,7 @@ pub fn passthrough_config(listener: &str, services: Vec<Service>) -> ProxyConfig
         "127.0.0.1:0".parse().unwrap(),
         ListenerMode::AutoPassthrough,
     )]);
-    cfg.admin.address = "127.0.0.1:0".parse().unwrap();
+    cfg.admin = eastwest_routes::AdminConfig::loopback_any_port();
     cfg.routes = RouteTable {
         services: services.into_iter().map(Arc::new).collect(),
         ..Default::default()
@@ -156,9 +205,19 @@ pub fn passthrough_config(listener: &str, services: Vec<Service>) -> ProxyConfig
     cfg
 }
 
-/// GET `path` from the admin server: (status, body).
+/// GET `path` from the admin server that serves it: (status, body).
 pub async fn admin_get(proxy: &Proxy, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(proxy.admin_addr()).await.unwrap();
+    let addr = match path {
+        "/healthz/ready" => proxy.status_addr(),
+        "/metrics" => proxy.metrics_addr(),
+        _ => proxy.debug_addr(),
+    };
+    http_get(addr, path).await
+}
+
+/// GET `path` from `addr` on a new connection: (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes())
         .await
         .unwrap();
