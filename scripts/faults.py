@@ -465,23 +465,24 @@ async def drain(ctx):
             late = "refused"
         except Exception as err:
             late = type(err).__name__
-        await asyncio.sleep(max(0, t0 + period - 1.0 - time.monotonic()))
+        # drain_period counts from the listeners' close, at the end of the accept period.
+        await asyncio.sleep(max(0, t0 + accept + period - 1.0 - time.monotonic()))
         try:
             await echo_on(r0, w0, b"still\n", timeout=2)
             survived = True
         except Exception:
             survived = False
-        deadline = time.monotonic() + period + 5
+        deadline = time.monotonic() + accept + period + 5
         while gw.proc.poll() is None and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         exited = time.monotonic() - t0 if gw.proc.poll() is not None else None
         w0.close()
         ok = (not_ready_at is not None and all(r.endswith("ok") for r in routed)
-              and late == "refused" and survived and exited is not None and exited < period + 2)
+              and late == "refused" and survived and exited is not None and exited < accept + period + 1.5)
         row("SIGTERM drain", f"drain_accept_period {accept:g}s, drain_period {period:g}s; one open stream",
-            "not ready at once; routed until the accept period ends; refused after; stream lives; exit by drain_period",
+            "not ready at once; routed until the accept period ends; refused after; stream lives on; exit when drain_period ends",
             f"not ready after {ms(not_ready_at or float('nan'))}; {', '.join(routed)}; "
-            f"{accept + 0.5:g}s {late}; stream alive at {period - 1:g}s: {survived}; "
+            f"{accept + 0.5:g}s {late}; stream alive at {accept + period - 1:g}s: {survived}; "
             f"exited at {exited if exited is None else f'{exited:.2f}s'}", ok)
     finally:
         gw.stop()
