@@ -137,9 +137,7 @@ async fn run(
     };
     let network = match network {
         NetworkSource::Fixed(n) => n,
-        NetworkSource::Discover { fallback } => {
-            discover_network(&shared, &name, id, &client, fallback).await
-        }
+        NetworkSource::Discover { fallback } => discover_network(&watch, &client, fallback).await,
     };
     info!(cluster = %name, %network, api_server = %url, "watching cluster");
     shared.update(|m| {
@@ -204,15 +202,11 @@ async fn run(
 }
 
 /// Reads the network label, retrying with backoff while the API server is unreachable.
-async fn discover_network(
-    shared: &Shared,
-    name: &str,
-    id: u64,
-    client: &kube::Client,
-    fallback: String,
-) -> String {
+async fn discover_network(watch: &Watch<'_>, client: &kube::Client, fallback: String) -> String {
+    let (shared, name, id) = (watch.shared, watch.cluster, watch.id);
     let api = Api::<Namespace>::all(client.clone());
     let mut backoff = JitteredBackoff::default();
+    let mut errors = ErrorLog::default();
     loop {
         match api.get_opt(ISTIO_NAMESPACE).await {
             Ok(ns) => {
@@ -227,14 +221,18 @@ async fn discover_network(
                 };
             }
             Err(e) => {
-                warn!(cluster = %name, error = %e, "reading the cluster's network failed; retrying");
+                let delay = backoff.next().unwrap_or_default();
+                if let Some(not_logged) = errors.error() {
+                    warn!(cluster = %name, api_server = %watch.api_server, error = %e,
+                          retry_in = ?delay, not_logged,
+                          "reading the cluster's network failed; retrying with backoff");
+                }
                 shared.update(|m| {
                     if let Some(c) = m.cluster_mut(name, id) {
                         c.last_error = Some(format!("reading namespace {ISTIO_NAMESPACE}: {e}"));
                     }
                     false
                 });
-                let delay = backoff.next().unwrap_or_default();
                 tokio::time::sleep(delay).await;
             }
         }
