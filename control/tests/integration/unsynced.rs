@@ -7,10 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use eastwest_certs::{Mesh, SpiffeId};
-use eastwest_proxy::{control_client, Proxy};
-use eastwest_routes::{
-    Endpoint, ListenerConfig, ListenerMode, ProxyConfig, RouteTable, Service, ServicePort,
-};
+use eastwest_proxy::control_client;
+use eastwest_routes::{Endpoint, RouteTable, Service, ServicePort};
 
 use crate::e2e::{backend, connect, TD};
 use crate::support::apiserver::ApiServer;
@@ -19,6 +17,19 @@ use crate::support::objects::*;
 use crate::support::{http_get, wait_for};
 
 const SGLANG: &str = "sglang.demo.svc.cluster.local";
+
+/// An API server holding Service demo/sglang (port 8000) with one endpoint, `ip:target_port`.
+async fn sglang_api_server(target_port: u16, ip: &str) -> ApiServer {
+    let api = ApiServer::start().await;
+    api.apply("services", service("demo", "sglang", &[("http", 8000)]));
+    let eps = [ready(ip)];
+    let ports = [("http", target_port)];
+    api.apply(
+        "endpointslices",
+        slice("demo", "sglang-1", "sglang", &ports, &eps),
+    );
+    api
+}
 
 #[tokio::test]
 async fn an_unreachable_api_server_withdraws_no_routes_and_leaves_the_cache() {
@@ -38,18 +49,7 @@ async fn an_unreachable_api_server_withdraws_no_routes_and_leaves_the_cache() {
     .await;
 
     // The cluster has moved sglang to 127.0.0.2, but its API server is down from the start.
-    let fra = ApiServer::start().await;
-    fra.apply("services", service("demo", "sglang", &[("http", 8000)]));
-    fra.apply(
-        "endpointslices",
-        slice(
-            "demo",
-            "sglang-1",
-            "sglang",
-            &[("http", cached.port())],
-            &[ready("127.0.0.2")],
-        ),
-    );
+    let fra = sglang_api_server(cached.port(), "127.0.0.2").await;
     fra.go_down().await;
 
     // The gateway's cache, from a control that once saw sglang on 127.0.0.1.
@@ -79,13 +79,7 @@ async fn an_unreachable_api_server_withdraws_no_routes_and_leaves_the_cache() {
 
     // The gateway starts as eastwest-proxy's main does with --control and --route-cache:
     // not ready, routes from the cache, then following control.
-    let mut cfg = ProxyConfig::with_listeners(vec![ListenerConfig::new(
-        "gw",
-        "127.0.0.1:0".parse().unwrap(),
-        ListenerMode::AutoPassthrough,
-    )]);
-    cfg.admin.address = "127.0.0.1:0".parse().unwrap();
-    let proxy = Proxy::start(cfg).await.unwrap();
+    let proxy = crate::support::control::gateway().await;
     proxy.set_ready(false);
     let from_cache = control_client::load_route_cache(&cache).unwrap().unwrap();
     proxy.apply_routes(from_cache).unwrap();
@@ -154,18 +148,7 @@ async fn an_unreachable_api_server_withdraws_no_routes_and_leaves_the_cache() {
 /// in readiness and metrics; once it syncs the table is complete.
 #[tokio::test]
 async fn a_remote_that_never_synced_marks_the_table_partial_and_is_named() {
-    let fra = ApiServer::start().await;
-    fra.apply("services", service("demo", "sglang", &[("http", 8000)]));
-    fra.apply(
-        "endpointslices",
-        slice(
-            "demo",
-            "sglang-1",
-            "sglang",
-            &[("http", 8000)],
-            &[ready("10.1.0.1")],
-        ),
-    );
+    let fra = sglang_api_server(8000, "10.1.0.1").await;
     let ash = ApiServer::start().await;
     ash.apply("namespaces", namespace("istio-system", Some("network2")));
     ash.go_down().await;

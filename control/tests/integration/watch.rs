@@ -412,16 +412,16 @@ async fn watchers_back_off_while_the_api_server_fails_and_resync_when_it_is_back
         "services",
         service("sample", "helloworld", &[("http", 5000)]),
     );
-    fra.apply(
-        "endpointslices",
+    let hello_on = |ip: &str| {
         slice(
             "sample",
             "hw-1",
             "helloworld",
             &[("http", 5000)],
-            &[ready("10.1.0.1")],
-        ),
-    );
+            &[ready(ip)],
+        )
+    };
+    fra.apply("endpointslices", hello_on("10.1.0.1"));
     // Failing from the start: every watcher's list fails, which is where kube-runtime's
     // `.backoff()` started over each time (the watcher yields `Init` before each list).
     fra.set_unavailable(true);
@@ -450,16 +450,7 @@ async fn watchers_back_off_while_the_api_server_fails_and_resync_when_it_is_back
     }
 
     // Back up: the next attempt of each watcher succeeds and the change made meanwhile arrives.
-    fra.apply(
-        "endpointslices",
-        slice(
-            "sample",
-            "hw-1",
-            "helloworld",
-            &[("http", 5000)],
-            &[ready("10.1.0.2")],
-        ),
-    );
+    fra.apply("endpointslices", hello_on("10.1.0.2"));
     fra.set_unavailable(false);
     wait_for("the change made while failing published", || async {
         control.current_table("network1").is_some_and(|t| {
