@@ -368,6 +368,11 @@ async fn a_remote_cluster_added_after_ready_does_not_take_readiness_away() {
         (status, body.as_str()),
         (200, "ready; tables partial, not synced: cluster bel\n")
     );
+    // Proxies learn it too: the tables are republished marked partial.
+    wait_for("tables marked partial", || async {
+        control.current_table("network1").is_some_and(|t| t.partial)
+    })
+    .await;
     assert!(
         control.not_synced().is_empty(),
         "{:?}",
