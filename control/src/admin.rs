@@ -40,7 +40,19 @@ fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
         "/healthz/ready" => {
             let pending = shared.not_synced();
             if pending.is_empty() {
-                text(StatusCode::OK, "ready\n")
+                // Ready without a remote that timed out: say so, its routes are missing.
+                let unsynced = crate::state::unsynced(shared, &shared.model());
+                if unsynced.is_empty() {
+                    text(StatusCode::OK, "ready\n")
+                } else {
+                    text(
+                        StatusCode::OK,
+                        format!(
+                            "ready; tables partial, not synced: {}\n",
+                            unsynced.join(", ")
+                        ),
+                    )
+                }
             } else {
                 text(
                     StatusCode::SERVICE_UNAVAILABLE,

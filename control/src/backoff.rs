@@ -1,9 +1,19 @@
-//! Exponential backoff with jitter for kube-runtime's watcher (its `Backoff` trait), quicker
-//! to retry than kube's client-go-style default so a returning API server is picked up fast.
+//! Retrying kube-runtime watchers: exponential backoff with jitter, reset only once a list has
+//! succeeded, and error logs that do not flood.
+//!
+//! kube-runtime's own `.backoff()` resets on every event the watcher yields, and the watcher
+//! yields `Init` before it even sends a (re)list: against an API server that is down every
+//! watcher retried every 50–150 ms forever (bitdriftlabs/pulse#52 hit the same trap).
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use kube::runtime::utils::Backoff;
+use futures::{Stream, StreamExt};
+use kube::runtime::watcher;
+
+pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
+pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// At most one warning per watcher this often while its errors go on (the rest are debug).
+const LOG_EVERY: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone)]
 pub struct JitteredBackoff {
@@ -20,11 +30,15 @@ impl JitteredBackoff {
             next: min,
         }
     }
+
+    pub fn reset(&mut self) {
+        self.next = self.min;
+    }
 }
 
 impl Default for JitteredBackoff {
     fn default() -> Self {
-        JitteredBackoff::new(Duration::from_millis(100), Duration::from_secs(30))
+        JitteredBackoff::new(BACKOFF_MIN, BACKOFF_MAX)
     }
 }
 
@@ -48,8 +62,103 @@ impl Iterator for JitteredBackoff {
     }
 }
 
-impl Backoff for JitteredBackoff {
-    fn reset(&mut self) {
-        self.next = self.min;
+/// A watcher error, and how long the stream waits before its next request.
+#[derive(Debug)]
+pub struct Retry {
+    pub error: watcher::Error,
+    pub delay: Duration,
+}
+
+/// `stream` (a kube-runtime watcher, without `.backoff()`), waiting `backoff` after each
+/// error; the backoff starts over only when a list completes (`InitDone`).
+pub fn until_listed<K: Send + 'static>(
+    stream: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+    backoff: JitteredBackoff,
+) -> impl Stream<Item = Result<watcher::Event<K>, Retry>> + Send {
+    let stream = stream.boxed();
+    futures::stream::unfold(
+        (stream, backoff, None::<Duration>),
+        |(mut stream, mut backoff, wait)| async move {
+            if let Some(d) = wait {
+                tokio::time::sleep(d).await;
+            }
+            let (item, wait) = match stream.next().await? {
+                Ok(event) => {
+                    if matches!(event, watcher::Event::InitDone) {
+                        backoff.reset();
+                    }
+                    (Ok(event), None)
+                }
+                Err(error) => {
+                    let delay = backoff.next().unwrap_or(BACKOFF_MAX);
+                    (Err(Retry { error, delay }), Some(delay))
+                }
+            };
+            Some((item, (stream, backoff, wait)))
+        },
+    )
+}
+
+/// Rate limit for one watcher's error logs: the first error of a run is a warning, then at
+/// most one per [`LOG_EVERY`] saying how many were not logged.
+#[derive(Debug, Default)]
+pub struct ErrorLog {
+    last_warned: Option<Instant>,
+    /// Errors since the last warning.
+    quiet: u64,
+    /// Errors since the last successful list.
+    pub failures: u64,
+}
+
+impl ErrorLog {
+    /// Counts an error; `Some(errors not logged since the last warning)` if this one is to be
+    /// logged as a warning.
+    pub fn error(&mut self) -> Option<u64> {
+        self.failures += 1;
+        let due = self.last_warned.is_none_or(|t| t.elapsed() >= LOG_EVERY);
+        if due {
+            self.last_warned = Some(Instant::now());
+            return Some(std::mem::take(&mut self.quiet));
+        }
+        self.quiet += 1;
+        None
+    }
+
+    /// A list succeeded: returns how many errors preceded it (0: nothing to report).
+    pub fn listed(&mut self) -> u64 {
+        self.last_warned = None;
+        self.quiet = 0;
+        std::mem::take(&mut self.failures)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_the_cap_and_starts_over_on_reset() {
+        let mut b = JitteredBackoff::default();
+        let waits: Vec<Duration> = (0..12).map(|_| b.next().unwrap()).collect();
+        for (i, w) in waits.iter().enumerate() {
+            let nominal = (BACKOFF_MIN * 2u32.pow(i as u32)).min(BACKOFF_MAX);
+            assert!(*w >= nominal / 2 && *w <= nominal, "wait {i}: {w:?}");
+        }
+        b.reset();
+        assert!(b.next().unwrap() <= BACKOFF_MIN);
+    }
+
+    #[test]
+    fn errors_are_warned_once_per_period_until_a_list_succeeds() {
+        let mut log = ErrorLog::default();
+        assert_eq!(log.error(), Some(0));
+        assert_eq!(log.error(), None);
+        assert_eq!(log.error(), None);
+        assert_eq!(log.listed(), 3);
+        assert_eq!(
+            log.error(),
+            Some(0),
+            "a new run of errors is warned at once"
+        );
     }
 }

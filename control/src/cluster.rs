@@ -8,13 +8,14 @@ use std::sync::Arc;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service as K8sService};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::runtime::{metadata_watcher, watcher, WatchStreamExt};
-use kube::{Api, Client};
+use kube::runtime::{metadata_watcher, watcher};
+use kube::Api;
 use tokio::task::AbortHandle;
 use tracing::{debug, info, warn};
 
-use crate::backoff::JitteredBackoff;
+use crate::backoff::{until_listed, ErrorLog, JitteredBackoff, Retry};
 use crate::model::{ClusterState, ObjKey, ServiceDef, SliceDef};
+use crate::secrets::ClusterClient;
 use crate::state::Shared;
 
 /// Istio's label on a cluster's `istio-system` namespace naming the cluster's network.
@@ -50,7 +51,7 @@ impl ClusterWatch {
     pub fn start(
         shared: Arc<Shared>,
         name: String,
-        client: Client,
+        client: ClusterClient,
         network: NetworkSource,
     ) -> Self {
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
@@ -120,14 +121,25 @@ async fn sync_deadline(shared: Arc<Shared>, name: String, id: u64) {
     });
 }
 
-async fn run(shared: Arc<Shared>, name: String, id: u64, client: Client, network: NetworkSource) {
+async fn run(
+    shared: Arc<Shared>,
+    name: String,
+    id: u64,
+    cluster_client: ClusterClient,
+    network: NetworkSource,
+) {
+    let ClusterClient { client, url } = cluster_client;
+    let watch = Watch {
+        shared: &shared,
+        cluster: &name,
+        id,
+        api_server: &url,
+    };
     let network = match network {
         NetworkSource::Fixed(n) => n,
-        NetworkSource::Discover { fallback } => {
-            discover_network(&shared, &name, id, &client, fallback).await
-        }
+        NetworkSource::Discover { fallback } => discover_network(&watch, &client, fallback).await,
     };
-    info!(cluster = %name, %network, "watching cluster");
+    info!(cluster = %name, %network, api_server = %url, "watching cluster");
     shared.update(|m| {
         if let Some(c) = m.cluster_mut(&name, id) {
             c.network = Some(network);
@@ -136,28 +148,26 @@ async fn run(shared: Arc<Shared>, name: String, id: u64, client: Client, network
         true
     });
     let backoff = JitteredBackoff::default;
-    let services = follow(
-        &shared,
-        &name,
-        id,
+    let services = watch.follow(
         "Service",
-        watcher(
-            Api::<K8sService>::all(client.clone()),
-            watcher::Config::default(),
-        )
-        .backoff(backoff()),
+        until_listed(
+            watcher(
+                Api::<K8sService>::all(client.clone()),
+                watcher::Config::default(),
+            ),
+            backoff(),
+        ),
         |c: &mut ClusterState, ev| c.services.apply(ev, ServiceDef::from_k8s),
     );
-    let slices = follow(
-        &shared,
-        &name,
-        id,
+    let slices = watch.follow(
         "EndpointSlice",
-        watcher(
-            Api::<EndpointSlice>::all(client.clone()),
-            watcher::Config::default(),
-        )
-        .backoff(backoff()),
+        until_listed(
+            watcher(
+                Api::<EndpointSlice>::all(client.clone()),
+                watcher::Config::default(),
+            ),
+            backoff(),
+        ),
         |c: &mut ClusterState, ev| c.slices.apply(ev, SliceDef::from_k8s),
     );
     // Pod labels for subsets: metadata only, and only the kept keys are stored.
@@ -172,35 +182,31 @@ async fn run(shared: Arc<Shared>, name: String, id: u64, client: Client, network
             });
             return;
         }
-        follow(
-            &shared,
-            &name,
-            id,
-            "Pod",
-            metadata_watcher(Api::<Pod>::all(client.clone()), watcher::Config::default())
-                .backoff(backoff()),
-            |c: &mut ClusterState, ev| {
-                let pods = c.pods.apply(ev, &keep);
-                c.services_of_pods(&pods)
-            },
-        )
-        .await
+        watch
+            .follow(
+                "Pod",
+                until_listed(
+                    metadata_watcher(Api::<Pod>::all(client.clone()), watcher::Config::default()),
+                    backoff(),
+                ),
+                |c: &mut ClusterState, ev| {
+                    let pods = c.pods.apply(ev, &keep);
+                    c.services_of_pods(&pods)
+                },
+            )
+            .await
     };
     // DestinationRule subsets (a cluster without Istio's CRD simply has none).
-    let rules = crate::destination_rules::watch::run(&shared, &name, id, client.clone());
+    let rules = crate::destination_rules::watch::run(&watch, client.clone());
     futures::future::join4(services, slices, pods, rules).await;
 }
 
 /// Reads the network label, retrying with backoff while the API server is unreachable.
-async fn discover_network(
-    shared: &Shared,
-    name: &str,
-    id: u64,
-    client: &Client,
-    fallback: String,
-) -> String {
+async fn discover_network(watch: &Watch<'_>, client: &kube::Client, fallback: String) -> String {
+    let (shared, name, id) = (watch.shared, watch.cluster, watch.id);
     let api = Api::<Namespace>::all(client.clone());
     let mut backoff = JitteredBackoff::default();
+    let mut errors = ErrorLog::default();
     loop {
         match api.get_opt(ISTIO_NAMESPACE).await {
             Ok(ns) => {
@@ -215,63 +221,100 @@ async fn discover_network(
                 };
             }
             Err(e) => {
-                warn!(cluster = %name, error = %e, "reading the cluster's network failed; retrying");
+                let delay = backoff.next().unwrap_or_default();
+                if let Some(not_logged) = errors.error() {
+                    warn!(cluster = %name, api_server = %watch.api_server, error = %e,
+                          retry_in = ?delay, not_logged,
+                          "reading the cluster's network failed; retrying with backoff");
+                }
                 shared.update(|m| {
                     if let Some(c) = m.cluster_mut(name, id) {
                         c.last_error = Some(format!("reading namespace {ISTIO_NAMESPACE}: {e}"));
                     }
                     false
                 });
-                let delay = backoff.next().unwrap_or_default();
                 tokio::time::sleep(delay).await;
             }
         }
     }
 }
 
-/// Feeds one resource's watcher events into the cluster's state until the task is aborted.
-async fn follow<K>(
-    shared: &Shared,
-    name: &str,
-    id: u64,
-    kind: &str,
-    stream: impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
-    apply: impl Fn(&mut ClusterState, watcher::Event<K>) -> Vec<ObjKey>,
-) {
-    let mut stream = std::pin::pin!(stream);
-    while let Some(event) = stream.next().await {
-        match event {
-            Ok(event) => {
-                let mut gone = false;
-                shared.update(|m| {
-                    let Some(c) = m.cluster_mut(name, id) else {
-                        gone = true;
-                        return false;
-                    };
-                    let was_synced = c.synced();
-                    let changed = apply(c, event);
-                    let became_synced = !was_synced && c.synced();
-                    if became_synced {
-                        info!(cluster = %name, objects = c.objects(), "cluster synced");
+/// One cluster watch's identity, for the per-resource loops.
+pub struct Watch<'a> {
+    pub shared: &'a Shared,
+    pub cluster: &'a str,
+    /// The watch task owning the cluster's state (see [`ClusterState::id`]).
+    pub id: u64,
+    pub api_server: &'a str,
+}
+
+impl Watch<'_> {
+    /// Feeds one resource's watcher events into the cluster's state until the task is aborted.
+    async fn follow<K>(
+        &self,
+        kind: &str,
+        stream: impl futures::Stream<Item = Result<watcher::Event<K>, Retry>>,
+        apply: impl Fn(&mut ClusterState, watcher::Event<K>) -> Vec<ObjKey>,
+    ) {
+        let name = self.cluster;
+        let mut stream = std::pin::pin!(stream);
+        let mut errors = ErrorLog::default();
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(event) => {
+                    if matches!(event, watcher::Event::InitDone) {
+                        self.listed(kind, &mut errors);
                     }
-                    // Syncing wakes the publisher even without changes: readiness moved.
-                    m.services_changed(changed) || became_synced
-                });
-                if gone {
-                    debug!(cluster = %name, %kind, "cluster removed; watch ends");
-                    return;
+                    let mut gone = false;
+                    self.shared.update(|m| {
+                        let Some(c) = m.cluster_mut(name, self.id) else {
+                            gone = true;
+                            return false;
+                        };
+                        let was_synced = c.synced();
+                        let changed = apply(c, event);
+                        let became_synced = !was_synced && c.synced();
+                        if became_synced {
+                            info!(cluster = %name, objects = c.objects(), "cluster synced");
+                        }
+                        // Syncing wakes the publisher even without changes: readiness moved.
+                        m.services_changed(changed) || became_synced
+                    });
+                    if gone {
+                        debug!(cluster = %name, %kind, "cluster removed; watch ends");
+                        return;
+                    }
                 }
+                Err(retry) => self.failed(kind, &retry, &mut errors),
             }
-            Err(e) => {
-                warn!(cluster = %name, %kind, error = %e, "watch failed; kube-runtime retries");
-                shared.update(|m| {
-                    if let Some(c) = m.cluster_mut(name, id) {
-                        c.watch_restarts += 1;
-                        c.last_error = Some(format!("{kind}: {e}"));
-                    }
-                    false
-                });
+        }
+    }
+
+    /// Counts and records a failed list or watch; warns at most once per period per resource.
+    pub fn failed(&self, kind: &str, retry: &Retry, errors: &mut ErrorLog) {
+        let (cluster, api_server, error) = (self.cluster, self.api_server, &retry.error);
+        match errors.error() {
+            Some(not_logged) => warn!(%cluster, %api_server, %kind, %error,
+                                     retry_in = ?retry.delay, not_logged,
+                                     "list/watch failed; retrying with backoff"),
+            None => debug!(%cluster, %api_server, %kind, %error, retry_in = ?retry.delay,
+                           "list/watch failed; retrying with backoff"),
+        }
+        self.shared.update(|m| {
+            if let Some(c) = m.cluster_mut(cluster, self.id) {
+                c.watch_restarts += 1;
+                c.last_error = Some(format!("{kind}: {error}"));
             }
+            false
+        });
+    }
+
+    /// A list succeeded: says so if errors preceded it.
+    pub fn listed(&self, kind: &str, errors: &mut ErrorLog) {
+        let failures = errors.listed();
+        if failures > 0 {
+            info!(cluster = %self.cluster, api_server = %self.api_server, %kind, failures,
+                  "listed again after failures");
         }
     }
 }

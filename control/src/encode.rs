@@ -41,6 +41,8 @@ impl Fragment {
 pub struct Snapshot {
     pub fragments: Vec<Arc<Fragment>>,
     pub gateways: Vec<NetworkGateway>,
+    /// Some cluster had not synced: see [`RouteTable::partial`](eastwest_routes::RouteTable).
+    pub partial: bool,
 }
 
 impl Snapshot {
@@ -78,6 +80,7 @@ pub fn table_line(version: u64, snapshot: &Snapshot) -> Vec<u8> {
     join(&mut line, remote);
     line.extend_from_slice(b"],\"network_gateways\":");
     gateways(&mut line, &snapshot.gateways);
+    partial(&mut line, snapshot.partial);
     line.extend_from_slice(b"}\n");
     line
 }
@@ -122,6 +125,7 @@ pub fn delta_line(
         line.extend_from_slice(b",\"network_gateways\":");
         gateways(&mut line, &snapshot.gateways);
     }
+    partial(&mut line, snapshot.partial);
     line.extend_from_slice(b"}}\n");
     line
 }
@@ -141,6 +145,13 @@ fn gateways(line: &mut Vec<u8>, gateways: &[NetworkGateway]) {
             error!(error = %e, "serialising network gateways failed");
             line.extend_from_slice(b"[]");
         }
+    }
+}
+
+/// The `partial` field, written (like serde's `skip_serializing_if`) only when set.
+fn partial(line: &mut Vec<u8>, partial: bool) {
+    if partial {
+        line.extend_from_slice(b",\"partial\":true");
     }
 }
 

@@ -26,13 +26,13 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use eastwest_routes::RouteTable;
-use kube::{Client, Config};
+use kube::Config;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tracing::info;
 
 pub use cluster::NETWORK_LABEL;
-pub use secrets::{client_from_kubeconfig, MULTICLUSTER_LABEL, NETWORK_ANNOTATION};
+pub use secrets::{client_from_kubeconfig, ClusterClient, MULTICLUSTER_LABEL, NETWORK_ANNOTATION};
 pub use tls::TlsFiles;
 
 use cluster::{ClusterWatch, NetworkSource};
@@ -145,7 +145,7 @@ impl Control {
                 let config = Config::infer()
                     .await
                     .context("no --kubeconfig and no in-cluster or default kubeconfig")?;
-                Client::try_from(config).context("building Kubernetes client")?
+                ClusterClient::try_from(config)?
             }
         };
         let mut remotes = Vec::new();
@@ -249,7 +249,9 @@ impl Control {
     /// published one is built incrementally and must always equal this.
     pub fn recomputed_table(&self, network: &str) -> RouteTable {
         let model = self.shared.model();
-        compute::route_table(&model, network, &self.shared.settings.cluster_domain)
+        let mut table = compute::route_table(&model, network, &self.shared.settings.cluster_domain);
+        table.partial = !state::unsynced(&self.shared, &model).is_empty();
+        table
     }
 
     /// What has not synced yet (empty when `/healthz/ready` says ready).

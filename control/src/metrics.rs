@@ -110,6 +110,13 @@ pub fn render(shared: &Shared) -> String {
          eastwest_control_invalid_routes_total {}",
         m.invalid_routes.load(Ordering::Relaxed)
     );
+    let unsynced = crate::state::unsynced(shared, &shared.model()).len();
+    let _ = writeln!(
+        out,
+        "# HELP eastwest_control_unsynced Clusters (and the remote-secret list) not synced; \
+         while above 0 published tables are marked partial.\n\
+         # TYPE eastwest_control_unsynced gauge\neastwest_control_unsynced {unsynced}"
+    );
     if shared.settings.watch_secrets {
         let _ = writeln!(
             out,

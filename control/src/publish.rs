@@ -176,21 +176,42 @@ pub async fn run(shared: Arc<Shared>) {
     let local = shared.settings.network.clone();
     shared.publisher.subscribe(&local);
     // The first tables wait for every cluster to sync (a partial table would withdraw routes
-    // from proxies that have a complete one), but not forever.
+    // from proxies that have a complete one), remote ones not forever: after the sync timeout
+    // what is known is published, marked partial. Without the local cluster nothing is: that
+    // table would withdraw every local route, so proxies keep theirs (or their cache) instead.
+    let mut timed_out = false;
     loop {
         let pending = shared.not_synced();
+        let local_synced = shared
+            .model()
+            .clusters
+            .get(&shared.settings.cluster)
+            .is_some_and(|c| c.reported_synced());
         if pending.is_empty() {
             info!(elapsed = ?start.elapsed(), "all clusters synced");
             break;
         }
         let left = shared.settings.sync_timeout.saturating_sub(start.elapsed());
-        if left.is_zero() {
-            error!(?pending, "sync timeout; publishing what is known");
+        if left.is_zero() && local_synced {
+            error!(
+                ?pending,
+                "sync timeout; publishing what is known, marked partial"
+            );
             break;
         }
+        if left.is_zero() && !timed_out {
+            timed_out = true;
+            error!(cluster = %shared.settings.cluster, ?pending,
+                   "sync timeout, and the local cluster has not synced: publishing nothing until it has");
+        }
+        let wait = if left.is_zero() {
+            shared.settings.sync_timeout
+        } else {
+            left
+        };
         tokio::select! {
             _ = shared.changed.notified() => {}
-            _ = tokio::time::sleep(left) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
     }
     loop {
@@ -207,6 +228,7 @@ fn publish_all(shared: &Shared) {
     let dirty = std::mem::take(&mut model.dirty_services);
     let all = std::mem::take(&mut model.all_dirty);
     let dirty_since = model.dirty_since.take();
+    let partial = !crate::state::unsynced(shared, &model).is_empty();
     let domain = &shared.settings.cluster_domain;
     let mut channels = shared.publisher.channels();
     // Forget networks nobody listens to any more (the local one always stays).
@@ -221,7 +243,10 @@ fn publish_all(shared: &Shared) {
                 .invalid_routes
                 .fetch_add(1, Ordering::Relaxed);
         };
-        let previous = ch.tx.borrow().as_ref().map(|p| p.version);
+        let (previous, was_partial) = match ch.tx.borrow().as_ref() {
+            Some(p) => (Some(p.version), p.snapshot.partial),
+            None => (None, false),
+        };
         // Hostnames whose fragment changed.
         let mut changed = Vec::new();
         let cache = match (&mut ch.cache, all) {
@@ -273,7 +298,7 @@ fn publish_all(shared: &Shared) {
         if gateways_changed {
             cache.gateways = gateways;
         }
-        if previous.is_some() && changed.is_empty() && !gateways_changed {
+        if previous.is_some() && changed.is_empty() && !gateways_changed && partial == was_partial {
             continue;
         }
         changed.sort_unstable();
@@ -285,6 +310,7 @@ fn publish_all(shared: &Shared) {
         let snapshot = Snapshot {
             fragments: cache.fragments.values().cloned().collect(),
             gateways: cache.gateways.clone(),
+            partial,
         };
         let delta = previous.map(|base| {
             let hostnames: Vec<&str> = changed.iter().map(String::as_str).collect();
@@ -299,7 +325,7 @@ fn publish_all(shared: &Shared) {
                 gateways: gateways_changed,
             });
         }
-        debug!(network = %net, version, services = snapshot.fragments.len(),
+        debug!(network = %net, version, services = snapshot.fragments.len(), partial,
                delta_bytes = delta.as_ref().map(|(_, d)| d.len()), "publishing route table");
         ch.tx.send_replace(Some(Arc::new(Published {
             version,
@@ -337,6 +363,7 @@ mod tests {
         Snapshot {
             fragments,
             gateways: network_gateways(model, "network1"),
+            partial: false,
         }
     }
 

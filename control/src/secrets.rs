@@ -13,11 +13,11 @@ use anyhow::{bail, Context};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::runtime::{watcher, WatchStreamExt};
+use kube::runtime::watcher;
 use kube::{Api, Client, Config, ResourceExt};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
-use crate::backoff::JitteredBackoff;
+use crate::backoff::{until_listed, ErrorLog, JitteredBackoff};
 use crate::cluster::{ClusterWatch, NetworkSource};
 use crate::model::ObjKey;
 use crate::state::Shared;
@@ -29,7 +29,14 @@ pub const NETWORK_ANNOTATION: &str = "networking.istio.io/network";
 
 /// Builds a client from the operator's own kubeconfig text (`--kubeconfig`, `--remote` files):
 /// everything kube-rs supports is honoured, exec plugins and file references included.
-pub async fn client_from_kubeconfig(yaml: &str) -> anyhow::Result<Client> {
+/// A client of one cluster's API server, and that server's URL (for logs).
+#[derive(Clone)]
+pub struct ClusterClient {
+    pub client: Client,
+    pub url: String,
+}
+
+pub async fn client_from_kubeconfig(yaml: &str) -> anyhow::Result<ClusterClient> {
     let kubeconfig = Kubeconfig::from_yaml(yaml).context("parsing kubeconfig")?;
     client_from(kubeconfig).await
 }
@@ -38,7 +45,7 @@ pub async fn client_from_kubeconfig(yaml: &str) -> anyhow::Result<Client> {
 /// inline. Anyone who can create a labelled Secret in the secret namespace writes these:
 /// exec plugins and auth providers would run commands inside control, file references would
 /// read its files (its own service-account token, its keys). Istio refuses them by default too.
-async fn client_from_secret_kubeconfig(yaml: &str) -> anyhow::Result<Client> {
+async fn client_from_secret_kubeconfig(yaml: &str) -> anyhow::Result<ClusterClient> {
     let kubeconfig = Kubeconfig::from_yaml(yaml).context("parsing kubeconfig")?;
     let refused = refused_fields(&kubeconfig);
     if !refused.is_empty() {
@@ -51,11 +58,21 @@ async fn client_from_secret_kubeconfig(yaml: &str) -> anyhow::Result<Client> {
     client_from(kubeconfig).await
 }
 
-async fn client_from(kubeconfig: Kubeconfig) -> anyhow::Result<Client> {
+async fn client_from(kubeconfig: Kubeconfig) -> anyhow::Result<ClusterClient> {
     let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await
         .context("loading kubeconfig")?;
-    Client::try_from(config).context("building Kubernetes client")
+    ClusterClient::try_from(config)
+}
+
+impl TryFrom<Config> for ClusterClient {
+    type Error = anyhow::Error;
+
+    fn try_from(config: Config) -> anyhow::Result<ClusterClient> {
+        let url = config.cluster_url.to_string();
+        let client = Client::try_from(config).context("building Kubernetes client")?;
+        Ok(ClusterClient { client, url })
+    }
 }
 
 /// The fields of `kubeconfig` that run commands or read local files, named as in the YAML.
@@ -129,17 +146,23 @@ impl SecretClusters {
     }
 
     /// Follows the secrets in `namespace` until aborted; dropping this stops their clusters.
-    pub async fn run(mut self, client: Client, namespace: String) {
-        let api = Api::<Secret>::namespaced(client, &namespace);
+    pub async fn run(mut self, client: ClusterClient, namespace: String) {
+        let api = Api::<Secret>::namespaced(client.client, &namespace);
         let config = watcher::Config::default().labels(MULTICLUSTER_LABEL);
-        let stream = watcher(api, config).backoff(JitteredBackoff::default());
+        let stream = until_listed(watcher(api, config), JitteredBackoff::default());
         let mut stream = std::pin::pin!(stream);
         let mut listing: Option<Vec<Secret>> = None;
+        let mut errors = ErrorLog::default();
         while let Some(event) = stream.next().await {
             match event {
                 Ok(watcher::Event::Init) => listing = Some(Vec::new()),
                 Ok(watcher::Event::InitApply(s)) => listing.get_or_insert_with(Vec::new).push(s),
                 Ok(watcher::Event::InitDone) => {
+                    let failures = errors.listed();
+                    if failures > 0 {
+                        info!(%namespace, api_server = %client.url, failures,
+                              "remote secrets listed again after failures");
+                    }
                     let secrets = listing.take().unwrap_or_default();
                     let present: HashSet<ObjKey> = secrets.iter().map(key).collect();
                     let gone: Vec<ObjKey> = self
@@ -161,7 +184,16 @@ impl SecretClusters {
                 }
                 Ok(watcher::Event::Apply(s)) => self.apply_secret(&s).await,
                 Ok(watcher::Event::Delete(s)) => self.remove_secret(&key(&s)),
-                Err(e) => warn!(%namespace, error = %e, "watching remote secrets failed; retrying"),
+                Err(retry) => {
+                    if let Some(not_logged) = errors.error() {
+                        warn!(%namespace, api_server = %client.url, error = %retry.error,
+                              retry_in = ?retry.delay, not_logged,
+                              "watching remote secrets failed; retrying");
+                    } else {
+                        debug!(%namespace, api_server = %client.url, error = %retry.error,
+                               retry_in = ?retry.delay, "watching remote secrets failed; retrying");
+                    }
+                }
             }
         }
     }

@@ -19,7 +19,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::publish::TableRx;
 use crate::state::Shared;
@@ -117,6 +117,10 @@ fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         );
     };
     let delta = query_param(query, "delta") == Some("1");
+    if let Err((status, reason)) = check_subscriber(shared, cluster, network) {
+        warn!(%cluster, %network, %status, %reason, "subscription refused");
+        return text(status, format!("{reason}\n"));
+    }
     info!(%cluster, %network, delta, "proxy subscribed");
     let (rx, new) = shared.publisher.subscribe(network);
     if new {
@@ -144,6 +148,43 @@ fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         http::HeaderValue::from_static("application/x-ndjson"),
     );
     resp
+}
+
+/// Refuses a gateway that claims a cluster control does not watch, or a network its cluster
+/// is not in: an empty table would make it ready and refuse every SNI. A cluster's network
+/// that is still being discovered is taken on trust, and while the remote secrets have not
+/// been listed an unknown cluster may still come: 503, which the proxy retries.
+fn check_subscriber(
+    shared: &Shared,
+    cluster: &str,
+    network: &str,
+) -> Result<(), (StatusCode, String)> {
+    let model = shared.model();
+    match model.clusters.get(cluster) {
+        Some(c) => match &c.network {
+            Some(n) if n != network => Err((
+                StatusCode::NOT_FOUND,
+                format!("cluster {cluster} is in network {n}, not {network}"),
+            )),
+            _ => Ok(()),
+        },
+        None if shared.settings.watch_secrets && !shared.secrets_synced.load(Ordering::Acquire) => {
+            Err((
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("unknown cluster {cluster} so far: remote secrets not listed yet"),
+            ))
+        }
+        None => {
+            let known: Vec<&str> = model.clusters.keys().map(String::as_str).collect();
+            Err((
+                StatusCode::NOT_FOUND,
+                format!(
+                    "unknown cluster {cluster}: this control watches {}",
+                    known.join(", ")
+                ),
+            ))
+        }
+    }
 }
 
 /// One proxy's stream; counts itself out of `connected_proxies` when the stream is dropped.

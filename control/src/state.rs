@@ -120,6 +120,23 @@ impl Shared {
     }
 }
 
+/// Everything that has not synced, whether or not it still holds readiness back: while this
+/// is not empty the published tables are marked partial (see
+/// [`RouteTable::partial`](eastwest_routes::RouteTable)). Takes the model so the publisher,
+/// which holds its lock, can ask.
+pub fn unsynced(shared: &Shared, model: &Model) -> Vec<String> {
+    let mut out: Vec<String> = model
+        .clusters
+        .iter()
+        .filter(|(_, c)| !c.reported_synced())
+        .map(|(name, _)| format!("cluster {name}"))
+        .collect();
+    if shared.settings.watch_secrets && !shared.secrets_synced.load(Ordering::Acquire) {
+        out.push("remote secrets".to_string());
+    }
+    out
+}
+
 /// Waits `sync_timeout`, then stops the remote-secret list from holding readiness back if it
 /// has not synced by then (logged once).
 pub async fn secrets_sync_deadline(shared: Arc<Shared>) {

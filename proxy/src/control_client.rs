@@ -10,7 +10,14 @@
 //! tables, which are applied as full updates. While control is unreachable the proxy keeps
 //! routing with the last table it applied, reconnecting with exponential backoff; with a route
 //! cache that table also survives a proxy restart.
+//!
+//! Control marks a table `partial` while some cluster has not synced. A partial table that
+//! would withdraw more than half of the hostnames the proxy routes ([`withdraws_most`]) is held
+//! back: the old table stays, a warning is logged and `eastwest_route_tables_held_total`
+//! counted, until control sends one that does not (or a complete one). Only complete tables
+//! are written to the route cache, so a restart never starts from a partial view.
 
+use std::collections::HashSet;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -34,6 +41,8 @@ pub const CONTROL_CONNECTED: &str = "eastwest_control_connected";
 pub const ROUTE_UPDATES: &str = "eastwest_route_updates_total";
 /// Same counter the proxy bumps for tables that fail validation.
 const ROUTE_TABLES_REJECTED: &str = "eastwest_route_tables_rejected_total";
+/// Partial tables held back because they would withdraw most routes (see [`withdraws_most`]).
+pub const ROUTE_TABLES_HELD: &str = "eastwest_route_tables_held_total";
 
 /// A table larger than this is refused (and the stream restarted) rather than buffered.
 const MAX_LINE: usize = 512 << 20;
@@ -93,12 +102,29 @@ pub async fn run(
     cfg: ControlClientConfig,
     apply: impl Fn(RouteTable) -> Result<(), String> + Send + Sync + 'static,
 ) {
+    ::metrics::describe_counter!(
+        ROUTE_TABLES_HELD,
+        "Partial route tables from the control plane not applied because they would withdraw \
+         more than half of the routed services (the old table is kept)."
+    );
+    ::metrics::counter!(ROUTE_TABLES_HELD).increment(0);
+    // What the proxy routes by when it starts: the cache, which the caller applied first.
+    let mut routed = match cfg.route_cache.as_deref().map(load_route_cache) {
+        Some(Ok(table)) => table,
+        _ => None,
+    };
     let cache = cfg.route_cache.clone().map(spawn_cache_writer);
     let mut backoff = Backoff::default();
     loop {
         let mut applied_any = false;
         let started = tokio::time::Instant::now();
-        let result = session(&cfg, &apply, cache.as_ref(), &mut applied_any).await;
+        let mut state = Session {
+            apply: &apply,
+            cache: cache.as_ref(),
+            routed: &mut routed,
+            applied_any: &mut applied_any,
+        };
+        let result = session(&cfg, &mut state).await;
         ::metrics::gauge!(CONTROL_CONNECTED).set(0.0);
         match result {
             Ok(()) => info!(url = %cfg.url, "control closed the route stream; reconnecting"),
@@ -216,11 +242,18 @@ where
     Ok(sender)
 }
 
-async fn session(
+/// What a session works with and leaves for the next.
+struct Session<'a, F> {
+    apply: &'a F,
+    cache: Option<&'a watch::Sender<Option<RouteTable>>>,
+    /// The table the proxy routes by (the last applied, or the cache it started from).
+    routed: &'a mut Option<RouteTable>,
+    applied_any: &'a mut bool,
+}
+
+async fn session<F: Fn(RouteTable) -> Result<(), String> + Send + Sync>(
     cfg: &ControlClientConfig,
-    apply: &(impl Fn(RouteTable) -> Result<(), String> + Send + Sync),
-    cache: Option<&watch::Sender<Option<RouteTable>>>,
-    applied_any: &mut bool,
+    state: &mut Session<'_, F>,
 ) -> anyhow::Result<()> {
     let target = parse_url(&cfg.url, cfg.tls.is_some())?;
     let resp = tokio::time::timeout(cfg.subscribe_timeout, subscribe(cfg, &target))
@@ -258,8 +291,8 @@ async fn session(
         while let Some(pos) = buf[scanned..].iter().position(|&b| b == b'\n') {
             let line = buf.split_to(scanned + pos + 1).freeze();
             scanned = 0;
-            if handle_line(&line, &mut current, apply, cache)? {
-                *applied_any = true;
+            if handle_line(&line, &mut current, state)? {
+                *state.applied_any = true;
             }
         }
         scanned = buf.len();
@@ -310,11 +343,10 @@ async fn subscribe(
 /// Parses one update, brings `current` to its version and offers the table to `apply`;
 /// returns whether it was applied. An error (an update that cannot be used) ends the session so
 /// that the next one starts from a full table.
-fn handle_line(
+fn handle_line<F: Fn(RouteTable) -> Result<(), String>>(
     line: &[u8],
     current: &mut Option<RouteTable>,
-    apply: &impl Fn(RouteTable) -> Result<(), String>,
-    cache: Option<&watch::Sender<Option<RouteTable>>>,
+    state: &mut Session<'_, F>,
 ) -> anyhow::Result<bool> {
     let json = line.strip_suffix(b"\n").unwrap_or(line);
     if json.iter().all(u8::is_ascii_whitespace) {
@@ -366,12 +398,29 @@ fn handle_line(
     let version = table.version;
     // Deltas apply to control's table even when `apply` refuses it, as control sends them.
     *current = Some(table.clone());
-    match apply(table.clone()) {
+    if let Some(routed) = state.routed.as_ref() {
+        if let Some((dropped, of)) = withdraws_most(routed, &table) {
+            ::metrics::counter!(ROUTE_TABLES_HELD).increment(1);
+            warn!(
+                version,
+                dropped,
+                of,
+                routed_version = routed.version,
+                "control's table is partial (some cluster has not synced) and would withdraw \
+                   most routed services; keeping the old table until control is complete"
+            );
+            return Ok(false);
+        }
+    }
+    let partial = table.partial;
+    match (state.apply)(table.clone()) {
         Ok(()) => {
-            info!(version, "applied route table from control");
-            if let Some(cache) = cache {
-                cache.send_replace(Some(table));
+            info!(version, partial, "applied route table from control");
+            // The cache is what a restart routes by with no control: only a complete table.
+            if let Some(cache) = state.cache.filter(|_| !partial) {
+                cache.send_replace(Some(table.clone()));
             }
+            *state.routed = Some(table);
             Ok(true)
         }
         Err(why) => {
@@ -379,6 +428,31 @@ fn handle_line(
             Ok(false)
         }
     }
+}
+
+/// Whether `next` is a partial table that would withdraw more than half of the services (and
+/// remote services, by hostname) that `routed` has: `Some((withdrawn, routed hostnames))`.
+/// Control marks a table partial while some cluster has not synced, when a missing Service
+/// may just not be known yet; a complete table is always trusted, however much it removes.
+pub fn withdraws_most(routed: &RouteTable, next: &RouteTable) -> Option<(usize, usize)> {
+    if !next.partial {
+        return None;
+    }
+    let hostnames = |t: &RouteTable| -> HashSet<String> {
+        t.services
+            .iter()
+            .map(|s| s.hostname.to_ascii_lowercase())
+            .chain(
+                t.remote_services
+                    .iter()
+                    .map(|r| r.hostname.to_ascii_lowercase()),
+            )
+            .collect()
+    };
+    let before = hostnames(routed);
+    let after = hostnames(next);
+    let withdrawn = before.difference(&after).count();
+    (withdrawn * 2 > before.len()).then_some((withdrawn, before.len()))
 }
 
 /// A [`RouteUpdate`], or a bare table from a control that predates deltas (it ignores
@@ -445,6 +519,45 @@ fn write_atomically(path: &Path, data: &[u8]) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use eastwest_routes::Service;
+
+    fn table(hosts: &[&str], partial: bool) -> RouteTable {
+        RouteTable {
+            services: hosts
+                .iter()
+                .map(|h| {
+                    Arc::new(Service {
+                        hostname: h.to_string(),
+                        subsets: vec![],
+                        ports: vec![],
+                    })
+                })
+                .collect(),
+            partial,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn only_a_partial_table_withdrawing_more_than_half_is_held() {
+        let routed = table(&["a", "b", "c", "d"], false);
+        // Half is not most; three of four is.
+        assert_eq!(withdraws_most(&routed, &table(&["a", "b"], true)), None);
+        assert_eq!(
+            withdraws_most(&routed, &table(&["a", "x"], true)),
+            Some((3, 4))
+        );
+        assert_eq!(withdraws_most(&routed, &table(&[], true)), Some((4, 4)));
+        // A complete table is trusted, however much it withdraws.
+        assert_eq!(withdraws_most(&routed, &table(&[], false)), None);
+        // Nothing routed yet: a partial table is better than none.
+        assert_eq!(withdraws_most(&table(&[], false), &table(&[], true)), None);
+        // Hostnames compare as the SNI lookup does, without case.
+        assert_eq!(
+            withdraws_most(&routed, &table(&["A", "B", "C"], true)),
+            None
+        );
+    }
 
     #[test]
     fn only_a_healthy_session_starts_the_backoff_over() {

@@ -44,8 +44,8 @@ struct Cli {
     /// Mesh root certificate (PEM); eastwest-control must chain to it and be in its trust domain.
     #[arg(long, env = "EASTWEST_TLS_CA", alias = "control-root")]
     tls_ca: Option<PathBuf>,
-    /// Keeps the last table from eastwest-control here, so a restart while control is down
-    /// still routes.
+    /// Keeps the last complete (not partial) table from eastwest-control here, so a restart
+    /// while control is down still routes.
     #[arg(long, env = "EASTWEST_ROUTE_CACHE")]
     route_cache: Option<PathBuf>,
     /// Threads relaying traffic (default: one per CPU the process may run on).

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::sni::is_dns_name;
-use crate::table::{lowercase, validate_network_gateways, validate_remote_services};
+use crate::table::{is_false, lowercase, validate_network_gateways, validate_remote_services};
 use crate::{Invalid, NetworkGateway, RemoteService, RouteTable, Service};
 
 /// One line of a delta route stream.
@@ -45,6 +45,10 @@ pub struct RouteDelta {
     /// The new network gateways, when they changed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network_gateways: Option<Vec<NetworkGateway>>,
+    /// Whether the table after this delta is partial (see [`RouteTable::partial`]): a state,
+    /// not a change, so every delta carries it.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub partial: bool,
 }
 
 impl RouteDelta {
@@ -136,6 +140,7 @@ impl RouteDelta {
                 .network_gateways
                 .clone()
                 .unwrap_or_else(|| base.network_gateways.clone()),
+            partial: self.partial,
         })
     }
 }
@@ -249,6 +254,7 @@ mod tests {
                 network: "n2".into(),
                 address: "1.2.3.4:15443".into(),
             }],
+            partial: false,
         }
     }
 
@@ -267,6 +273,7 @@ mod tests {
             remote_services: vec![Arc::new(remote("r2.ns.svc", "n4"))],
             removed_remote_services: vec!["r1.ns.svc".into()],
             network_gateways: None,
+            partial: false,
         };
         let mut errors = Vec::new();
         delta.validate("", &mut errors);
@@ -319,6 +326,29 @@ mod tests {
                 "delta.removed_services[1]"
             ]
         );
+    }
+
+    /// `partial` is written only when set (older proxies refuse unknown fields, so complete
+    /// tables must look as before), and a delta carries it onto the table it makes.
+    #[test]
+    fn partial_is_written_only_when_set_and_follows_the_delta() {
+        let complete = serde_json::to_string(&base()).unwrap();
+        assert!(!complete.contains("partial"), "{complete}");
+        let line = r#"{"delta":{"version":2,"base":1,"partial":true}}"#;
+        let Ok(RouteUpdate::Delta(delta)) = serde_json::from_str(line) else {
+            panic!("not a delta");
+        };
+        let next = delta.apply_to(&base()).unwrap();
+        assert!(next.partial);
+        assert!(serde_json::to_string(&next)
+            .unwrap()
+            .ends_with(r#","partial":true}"#));
+        let back = RouteDelta {
+            version: 3,
+            base: 2,
+            ..Default::default()
+        };
+        assert!(!back.apply_to(&next).unwrap().partial);
     }
 
     #[test]

@@ -28,6 +28,16 @@ pub struct RouteTable {
     /// Addresses of other networks' east-west gateways.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub network_gateways: Vec<NetworkGateway>,
+    /// Set by eastwest-control while some cluster has not synced (an unreachable API server,
+    /// a remote that never listed): the table may lack services that exist, so a proxy does
+    /// not let it withdraw most of its routes at once, nor cache it. Written only when true,
+    /// so a proxy that predates the field still reads every complete table.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub partial: bool,
+}
+
+pub(crate) fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -10,12 +10,12 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use kube::api::{ApiResource, DynamicObject};
-use kube::runtime::{watcher, WatchStreamExt};
+use kube::runtime::watcher;
 use kube::{Api, Client};
 use tracing::{info, warn};
 
-use crate::backoff::JitteredBackoff;
-use crate::state::Shared;
+use crate::backoff::{until_listed, ErrorLog, JitteredBackoff};
+use crate::cluster::Watch;
 
 const GROUP: &str = "networking.istio.io";
 /// Newest first: Istio serves `v1` since 1.22; older control planes only the betas.
@@ -42,12 +42,13 @@ enum Ended {
 }
 
 /// Watches cluster `name`'s rules until its watch task is aborted.
-pub async fn run(shared: &Shared, name: &str, id: u64, client: Client) {
+pub async fn run(watch: &Watch<'_>, client: Client) {
+    let (shared, name, id) = (watch.shared, watch.cluster, watch.id);
     loop {
         let mut forbidden = false;
         for version in VERSIONS {
             let api = Api::<DynamicObject>::all_with(client.clone(), &api_resource(version));
-            match follow(shared, name, id, version, api).await {
+            match follow(watch, version, api).await {
                 Ended::Gone => return,
                 Ended::NotServed(code) => forbidden |= code == 403,
             }
@@ -96,15 +97,14 @@ pub async fn run(shared: &Shared, name: &str, id: u64, client: Client) {
 
 /// Feeds one version's watcher events into the cluster's rules until the task is aborted or
 /// the version turns out not to be served.
-async fn follow(
-    shared: &Shared,
-    name: &str,
-    id: u64,
-    version: &str,
-    api: Api<DynamicObject>,
-) -> Ended {
-    let stream = watcher(api, watcher::Config::default()).backoff(JitteredBackoff::default());
+async fn follow(watch: &Watch<'_>, version: &str, api: Api<DynamicObject>) -> Ended {
+    let (shared, name, id) = (watch.shared, watch.cluster, watch.id);
+    let stream = until_listed(
+        watcher(api, watcher::Config::default()),
+        JitteredBackoff::default(),
+    );
     let mut stream = std::pin::pin!(stream);
+    let mut errors = ErrorLog::default();
     let domain = &shared.settings.cluster_domain;
     let keep = &shared.settings.subset_labels;
     // Whether this version has ever listed: after that, it is served whatever an error says.
@@ -114,6 +114,9 @@ async fn follow(
             Ok(event) => {
                 let listed = matches!(event, watcher::Event::InitDone);
                 ever_listed |= listed;
+                if listed {
+                    watch.listed("DestinationRule", &mut errors);
+                }
                 let mut gone = false;
                 shared.update(|m| {
                     let Some(c) = m.cluster_mut(name, id) else {
@@ -139,19 +142,11 @@ async fn follow(
                     return Ended::Gone;
                 }
             }
-            Err(e) => {
-                if let Some(code) = not_served(&e).filter(|_| !ever_listed) {
+            Err(retry) => {
+                if let Some(code) = not_served(&retry.error).filter(|_| !ever_listed) {
                     return Ended::NotServed(code);
                 }
-                warn!(cluster = %name, kind = "DestinationRule", error = %e,
-                      "watch failed; kube-runtime retries");
-                shared.update(|m| {
-                    if let Some(c) = m.cluster_mut(name, id) {
-                        c.watch_restarts += 1;
-                        c.last_error = Some(format!("DestinationRule: {e}"));
-                    }
-                    false
-                });
+                watch.failed("DestinationRule", &retry, &mut errors);
             }
         }
     }

@@ -21,11 +21,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
-const TD: &str = "cluster.local";
-const SNI: &str = "outbound_.8000_._.sglang.demo.svc.cluster.local";
+pub const TD: &str = "cluster.local";
+pub const SNI: &str = "outbound_.8000_._.sglang.demo.svc.cluster.local";
 
 /// A sidecar-like mTLS backend on `addr`: greets each connection with `name`, then echoes.
-async fn backend(name: &'static str, addr: SocketAddr, id: &Identity) -> SocketAddr {
+pub async fn backend(name: &'static str, addr: SocketAddr, id: &Identity) -> SocketAddr {
     let cfg = id
         .server_config_with_alpn(PeerPolicy::TrustDomain(TD.into()), vec![b"istio".to_vec()])
         .unwrap();
@@ -52,10 +52,10 @@ async fn backend(name: &'static str, addr: SocketAddr, id: &Identity) -> SocketA
     addr
 }
 
-type Tls = tokio_rustls::client::TlsStream<TcpStream>;
+pub type Tls = tokio_rustls::client::TlsStream<TcpStream>;
 
 /// Connects like an Istio sidecar through the gateway and returns the backend's greeting.
-async fn connect(gw: SocketAddr, id: &Identity) -> std::io::Result<(Tls, String)> {
+pub async fn connect(gw: SocketAddr, id: &Identity) -> std::io::Result<(Tls, String)> {
     let cfg = id
         .client_config_with_alpn(PeerPolicy::TrustDomain(TD.into()), vec![b"istio".to_vec()])
         .unwrap();
@@ -75,7 +75,7 @@ async fn connect(gw: SocketAddr, id: &Identity) -> std::io::Result<(Tls, String)
     Ok((tls, String::from_utf8_lossy(&line).into_owned()))
 }
 
-async fn echo(tls: &mut Tls, msg: &[u8]) -> Vec<u8> {
+pub async fn echo(tls: &mut Tls, msg: &[u8]) -> Vec<u8> {
     tls.write_all(msg).await.unwrap();
     let mut buf = vec![0u8; msg.len()];
     tokio::time::timeout(Duration::from_secs(10), tls.read_exact(&mut buf))

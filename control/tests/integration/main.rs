@@ -9,5 +9,6 @@ mod secrets;
 mod stream;
 mod subsets;
 mod support;
+mod unsynced;
 mod validation;
 mod watch;

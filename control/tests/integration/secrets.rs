@@ -237,7 +237,11 @@ async fn remote_clusters_that_never_sync_stop_holding_readiness_after_the_sync_t
     })
     .await;
     wait_for("ready without ash and bel", || async {
-        http_get(control.admin_addr(), "/healthz/ready").await == (200, "ready\n".to_string())
+        http_get(control.admin_addr(), "/healthz/ready").await
+            == (
+                200,
+                "ready; tables partial, not synced: cluster ash, cluster bel\n".to_string(),
+            )
     })
     .await;
     // Still visibly unsynced.
@@ -274,13 +278,11 @@ async fn the_local_cluster_holds_readiness_past_the_sync_timeout() {
         control.not_synced() == ["cluster fra".to_string()]
     })
     .await;
-    // The publisher gave up waiting (the sync timeout passed), readiness did not.
-    wait_for("table published after the sync timeout", || async {
-        control.current_table("network1").is_some()
-    })
-    .await;
+    // Past the sync timeout nothing is published either: a table without the local cluster
+    // would withdraw every local route from the proxies.
     let (status, body) = http_get(control.admin_addr(), "/healthz/ready").await;
     assert_eq!((status, body.as_str()), (503, "not synced: cluster fra\n"));
+    assert!(control.current_table("network1").is_none());
     let (_, m) = http_get(control.admin_addr(), "/metrics").await;
     assert!(
         m.contains("eastwest_control_remote_secrets_synced 0"),
@@ -411,7 +413,15 @@ async fn a_remote_cluster_added_after_ready_does_not_take_readiness_away() {
     })
     .await;
     let (status, body) = http_get(control.admin_addr(), "/healthz/ready").await;
-    assert_eq!((status, body.as_str()), (200, "ready\n"));
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "ready; tables partial, not synced: cluster bel\n")
+    );
+    // Proxies learn it too: the tables are republished marked partial.
+    wait_for("tables marked partial", || async {
+        control.current_table("network1").is_some_and(|t| t.partial)
+    })
+    .await;
     assert!(
         control.not_synced().is_empty(),
         "{:?}",

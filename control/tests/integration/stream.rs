@@ -296,6 +296,37 @@ async fn subscription_without_network_is_a_bad_request() {
     assert!(String::from_utf8_lossy(&body).contains("network"));
 }
 
+/// A gateway claiming a cluster control does not watch, or a network its cluster is not in,
+/// gets 404 and the reason, not an empty table that would make it ready and refuse every SNI.
+#[tokio::test]
+async fn subscription_for_an_unknown_cluster_or_network_is_not_found() {
+    use http_body_util::BodyExt;
+    let fra = helloworld_api_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let control = start_control(&fra, dir.path(), |_| {}).await;
+    wait_for("fra's network known", || async {
+        control.current_table("network1").is_some()
+    })
+    .await;
+    for (query, reason) in [
+        (
+            "cluster=fra2&network=network1",
+            "unknown cluster fra2: this control watches fra",
+        ),
+        (
+            "cluster=fra&network=netwrok1",
+            "cluster fra is in network network1, not netwrok1",
+        ),
+    ] {
+        let resp = subscribe_h2c(control.routes_addr(), query).await;
+        assert_eq!(resp.status(), 404, "{query}");
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(String::from_utf8_lossy(&body).trim(), reason);
+    }
+    let ok = subscribe_h2c(control.routes_addr(), "cluster=fra&network=network1").await;
+    assert_eq!(ok.status(), 200);
+}
+
 #[tokio::test]
 async fn plain_text_off_loopback_is_refused_at_startup() {
     let fra = ApiServer::start().await;

@@ -401,3 +401,69 @@ async fn routes_follow_the_ready_condition_as_publish_not_ready_addresses_sets_i
         ["10.1.0.1:5000", "10.1.0.2:5000"]
     );
 }
+
+/// While the API server answers 503, each watcher backs off exponentially (100 ms doubling,
+/// jittered to half or more of each step: at most 8 requests in 10 s) instead of retrying every
+/// 50–150 ms; once the server is back, the next attempt syncs.
+#[tokio::test]
+async fn watchers_back_off_while_the_api_server_fails_and_resync_when_it_is_back() {
+    let fra = ApiServer::start().await;
+    fra.apply(
+        "services",
+        service("sample", "helloworld", &[("http", 5000)]),
+    );
+    let hello_on = |ip: &str| {
+        slice(
+            "sample",
+            "hw-1",
+            "helloworld",
+            &[("http", 5000)],
+            &[ready(ip)],
+        )
+    };
+    fra.apply("endpointslices", hello_on("10.1.0.1"));
+    // Failing from the start: every watcher's list fails, which is where kube-runtime's
+    // `.backoff()` started over each time (the watcher yields `Init` before each list).
+    fra.set_unavailable(true);
+    let dir = tempfile::tempdir().unwrap();
+    let control = crate::support::control::start_control(&fra, dir.path(), |_| {}).await;
+
+    const RESOURCES: [&str; 4] = ["services", "endpointslices", "pods", "destinationrules"];
+    let window = Duration::from_secs(10);
+    let start = tokio::time::Instant::now();
+    // Every watcher has failed at least once...
+    wait_for("every watcher failing", || async {
+        RESOURCES.iter().all(|r| fra.unavailable_count(r) > 0)
+    })
+    .await;
+    // ...and keeps its distance for the rest of the window.
+    tokio::time::sleep_until(start + window).await;
+    let counts: Vec<(&str, u64)> = RESOURCES
+        .iter()
+        .map(|r| (*r, fra.unavailable_count(r)))
+        .collect();
+    for (resource, n) in &counts {
+        assert!(
+            *n <= 8,
+            "{resource}: {n} requests in {window:?} while the API server failed: {counts:?}"
+        );
+    }
+
+    // Back up: the next attempt of each watcher succeeds and the change made meanwhile arrives.
+    fra.apply("endpointslices", hello_on("10.1.0.2"));
+    fra.set_unavailable(false);
+    wait_for("the change made while failing published", || async {
+        control.current_table("network1").is_some_and(|t| {
+            crate::support::endpoint_addrs(&t, "helloworld.sample.svc.cluster.local")
+                == ["10.1.0.2:5000"]
+        })
+    })
+    .await;
+    for (resource, n) in &counts {
+        assert_eq!(
+            fra.unavailable_count(resource),
+            *n,
+            "{resource} failed again after the server was back"
+        );
+    }
+}

@@ -368,3 +368,107 @@ async fn a_control_that_never_answers_is_given_up_on_and_retried() {
         .unwrap();
     client.abort();
 }
+
+/// A table marked partial (some cluster has not synced at control) that would withdraw more
+/// than half of the routed services is held: the old routes keep working, the hold is counted
+/// (the counter exists at 0 before), and the table is not cached. A partial table that keeps
+/// most routes is applied but not cached; a complete one is applied and cached whatever it
+/// withdraws.
+#[tokio::test]
+async fn a_partial_table_withdrawing_most_routes_is_held_and_never_cached() {
+    const HELD: &str = "eastwest_route_tables_held_total";
+    let pki = pki();
+    let one = tls_echo_backend("one", &pki.server).await;
+    let (control, mut subs) = scripted_control().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("routes.json");
+    let proxy = Proxy::start(passthrough_config("gw", vec![]))
+        .await
+        .unwrap();
+    let applier = proxy.clone();
+    tokio::spawn(control_client::run(
+        control_client::ControlClientConfig {
+            route_cache: Some(cache.clone()),
+            ..control_client::ControlClientConfig::plain_text(
+                format!("http://{control}"),
+                "fra",
+                "network1",
+            )
+        },
+        move |t| applier.apply_routes(t),
+    ));
+    let sub = next_subscription(&mut subs).await;
+    let (_, body) = admin_get(&proxy, "/metrics").await;
+    assert!(
+        body.contains(&format!("# HELP {HELD} ")) && body.contains(&format!("\n{HELD} ")),
+        "{HELD} missing before any table: {body}"
+    );
+    let held = metric(&proxy, HELD).await;
+    let cached_version = || {
+        control_client::load_route_cache(&cache)
+            .ok()
+            .flatten()
+            .map(|t| t.version)
+    };
+    let others = ["a", "b", "c"].map(|n| format!("{n}.demo.svc.cluster.local"));
+    let other = |i: usize| service(&others[i], 80, &[(one, &[])]);
+    let table = |version: u64, services: Vec<Service>, partial: bool| {
+        line(&RouteUpdate::Full(RouteTable {
+            version,
+            services: services.into_iter().map(Arc::new).collect(),
+            partial,
+            ..Default::default()
+        }))
+    };
+
+    let four = || {
+        vec![
+            service(SGLANG, 8000, &[(one, &[])]),
+            other(0),
+            other(1),
+            other(2),
+        ]
+    };
+    sub.lines.send(table(1, four(), false)).unwrap();
+    wait_version(&proxy, 1).await;
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while cached_version() != Some(1) {
+        assert!(tokio::time::Instant::now() < deadline, "table 1 not cached");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+
+    // Partial, three of four services gone: held.
+    sub.lines.send(table(2, vec![other(0)], true)).unwrap();
+    wait_metric(&proxy, HELD, held + 1.0).await;
+    assert_eq!(proxy.routes().version, 1);
+    assert_eq!(routed_to(&proxy, &pki).await, "one");
+
+    // Partial, half of them gone (deltas on the held table, as control sends them): applied.
+    let partial_delta = |version: u64, services: Vec<Service>| {
+        let mut d: serde_json::Value =
+            serde_json::from_slice(&delta(version, version - 1, services, &[])).unwrap();
+        d["delta"]["partial"] = serde_json::Value::Bool(true);
+        let mut l = serde_json::to_vec(&d).unwrap();
+        l.push(b'\n');
+        Bytes::from(l)
+    };
+    sub.lines
+        .send(partial_delta(3, vec![service(SGLANG, 8000, &[(one, &[])])]))
+        .unwrap();
+    sub.lines.send(partial_delta(4, vec![other(1)])).unwrap();
+    wait_version(&proxy, 4).await;
+    assert_eq!(routed_to(&proxy, &pki).await, "one");
+    assert_eq!(cached_version(), Some(1), "a partial table was cached");
+
+    // Complete: trusted even though it withdraws all but one service, and cached.
+    sub.lines
+        .send(table(5, vec![service(SGLANG, 8000, &[(one, &[])])], false))
+        .unwrap();
+    wait_version(&proxy, 5).await;
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while cached_version() != Some(5) {
+        assert!(tokio::time::Instant::now() < deadline, "table 5 not cached");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    assert_eq!(metric(&proxy, HELD).await, held + 1.0);
+}

@@ -57,13 +57,7 @@ pub async fn start_control_with_remote_and(
 /// fra's gateway: a real proxy (one auto-passthrough listener "gw") fed by control_client,
 /// which asks for deltas.
 pub async fn gateway_following(control: &Control) -> Proxy {
-    let mut cfg = ProxyConfig::with_listeners(vec![ListenerConfig::new(
-        "gw",
-        "127.0.0.1:0".parse().unwrap(),
-        ListenerMode::AutoPassthrough,
-    )]);
-    cfg.admin = eastwest_routes::AdminConfig::loopback_any_port();
-    let proxy = Proxy::start(cfg).await.unwrap();
+    let proxy = gateway().await;
     let applier = proxy.clone();
     tokio::spawn(control_client::run(
         control_client::ControlClientConfig::plain_text(
@@ -74,4 +68,15 @@ pub async fn gateway_following(control: &Control) -> Proxy {
         move |t| applier.apply_routes(t),
     ));
     proxy
+}
+
+/// A real proxy with one auto-passthrough listener "gw" on loopback, and no routes.
+pub async fn gateway() -> Proxy {
+    let mut cfg = ProxyConfig::with_listeners(vec![ListenerConfig::new(
+        "gw",
+        "127.0.0.1:0".parse().unwrap(),
+        ListenerMode::AutoPassthrough,
+    )]);
+    cfg.admin = eastwest_routes::AdminConfig::loopback_any_port();
+    Proxy::start(cfg).await.unwrap()
 }

@@ -55,6 +55,10 @@ struct State {
     refused: HashMap<String, u64>,
     /// Resources whose watches are answered with 403, as for RBAC granting list but not watch.
     watch_forbidden: HashSet<String>,
+    /// Every request is answered 503, as by an API server whose etcd is gone.
+    unavailable: bool,
+    /// Requests, per resource, answered 503 because of `unavailable`.
+    unavailable_answers: HashMap<String, u64>,
 }
 
 struct Shared {
@@ -275,6 +279,20 @@ impl ApiServer {
         } else {
             st.watch_forbidden.remove(resource);
         }
+    }
+
+    /// Answers every request with 503 Service Unavailable (and cuts open watches), or no longer.
+    pub fn set_unavailable(&self, unavailable: bool) {
+        self.shared.state.lock().unwrap().unavailable = unavailable;
+        if unavailable {
+            self.drop_watches();
+        }
+    }
+
+    /// Requests for `resource` answered 503 because of [`ApiServer::set_unavailable`].
+    pub fn unavailable_count(&self, resource: &str) -> u64 {
+        let st = self.shared.state.lock().unwrap();
+        st.unavailable_answers.get(resource).copied().unwrap_or(0)
     }
 
     /// Requests for `resource` answered 404 since [`ApiServer::stop_serving`].

@@ -134,6 +134,13 @@ pub(super) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Respo
     };
     {
         let mut st = shared.state.lock().unwrap();
+        if st.unavailable {
+            *st.unavailable_answers.entry(resource.clone()).or_default() += 1;
+            return full(
+                StatusCode::SERVICE_UNAVAILABLE,
+                status(503, "ServiceUnavailable", "etcdserver: leader changed"),
+            );
+        }
         let version = path_version(req.uri().path()).unwrap_or("");
         if st.not_served.contains(&resource)
             || st.not_served.contains(&format!("{resource}/{version}"))
