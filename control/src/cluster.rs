@@ -45,9 +45,9 @@ pub struct ClusterWatch {
 impl ClusterWatch {
     /// Starts watching `name`. A restart (a rotated remote secret: the previous watch was
     /// dropped, not stopped) keeps the cluster's objects, so its routes stay up until the new
-    /// watch's first list replaces them atomically (`Init`..`InitDone`), but no longer than the
-    /// sync timeout (see [`sync_deadline`]); the previous task's late writes are ignored since it
-    /// no longer owns the state (`id`).
+    /// watch's first list replaces them atomically (`Init`..`InitDone`); past the sync timeout
+    /// they still stand, with the cluster reported unsynced (see [`sync_deadline`]). The
+    /// previous task's late writes are ignored since it no longer owns the state (`id`).
     pub fn start(
         shared: Arc<Shared>,
         name: String,
@@ -62,7 +62,8 @@ impl ClusterWatch {
                     m.clusters.insert(name.clone(), ClusterState::new(id));
                 }
             }
-            false
+            // A new, unsynced cluster makes the tables partial: republish them so marked.
+            true
         });
         let deadline = sync_deadline(shared.clone(), name.clone(), id);
         let watch = run(shared, name, id, client, network);
@@ -93,9 +94,9 @@ impl Drop for ClusterWatch {
 
 /// Waits `sync_timeout`, then stops a remote cluster that watch `id` has not synced from
 /// holding readiness back (logged once). The local cluster always holds it: see
-/// [`Shared::not_synced`]. A restarted watch that has not relisted by then also drops what the
-/// previous watch left: those endpoints may be long gone (their IPs reused), and the watch may
-/// never list (a rejected token, an unreachable server).
+/// [`Shared::not_synced`]. A restarted watch that has not relisted by then keeps what the
+/// previous watch left (a control plane that does not know withdraws nothing), but the cluster
+/// is reported unsynced and tables are marked partial until it relists.
 async fn sync_deadline(shared: Arc<Shared>, name: String, id: u64) {
     if name == shared.settings.cluster {
         return;
@@ -108,11 +109,10 @@ async fn sync_deadline(shared: Arc<Shared>, name: String, id: u64) {
         };
         let last_error = c.last_error.clone().unwrap_or_default();
         c.sync_timed_out = true;
-        if c.drop_unlisted() {
+        if c.stop_standing_in() {
             warn!(cluster = %name, ?timeout, %last_error,
-                  "restarted cluster watch did not relist within the sync timeout; \
-                   withdrawing the cluster's routes until it does");
-            m.all_dirty = true;
+                  "restarted cluster watch did not relist within the sync timeout; keeping \
+                   its last synced objects, tables marked partial until it relists");
         } else {
             warn!(cluster = %name, ?timeout, %last_error,
                   "cluster not synced within the sync timeout; ready without it");
