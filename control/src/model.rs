@@ -422,7 +422,8 @@ pub struct ClusterState {
     pub sync_timed_out: bool,
     /// The watch was restarted (a rotated remote secret) after the previous one had synced,
     /// and the new one has not relisted everything yet: the previous watch's objects stand in
-    /// (the cluster counts as synced) until it has, or until the sync timeout drops them.
+    /// (the cluster counts as synced) until it has; after the sync timeout they still stand in,
+    /// but the cluster counts as unsynced.
     pub relist_pending: bool,
 }
 
@@ -459,25 +460,12 @@ impl ClusterState {
         self.synced() || self.relist_pending
     }
 
-    /// Forgets the objects of every kind the current watch has not listed (kept from a previous
-    /// watch, see [`ClusterState::restart`]); returns whether there were any.
-    pub fn drop_unlisted(&mut self) -> bool {
-        self.relist_pending = false;
-        let mut dropped = false;
-        if !self.services.synced {
-            dropped |= self.services.forget_objects();
-        }
-        if !self.slices.synced {
-            dropped |= self.slices.forget_objects();
-        }
-        if !self.pods.synced && self.pods.count() > 0 {
-            self.pods.by_namespace.clear();
-            dropped = true;
-        }
-        if !self.destination_rules.synced {
-            dropped |= self.destination_rules.forget_objects();
-        }
-        dropped
+    /// The sync timeout passed before the restarted watch relisted: the previous watch's
+    /// objects stay (a control plane that does not know never withdraws routes; the new list
+    /// replaces them when it completes), but the cluster is reported unsynced from now on, so
+    /// tables are marked partial. Returns whether objects were standing in.
+    pub fn stop_standing_in(&mut self) -> bool {
+        std::mem::take(&mut self.relist_pending)
     }
 
     pub fn synced(&self) -> bool {

@@ -84,7 +84,7 @@ fn a_restart_keeps_objects_reported_synced_until_the_new_watch_lists() {
 }
 
 #[test]
-fn dropping_unlisted_objects_keeps_what_the_new_watch_listed_and_a_list_in_progress() {
+fn past_the_sync_timeout_unlisted_objects_stay_until_the_new_watch_lists() {
     let mut c = synced_cluster();
     c.restart(2);
     // Watch 2 is half-way through listing Services and has listed nothing else.
@@ -95,19 +95,17 @@ fn dropping_unlisted_objects_keeps_what_the_new_watch_listed_and_a_list_in_progr
         ServiceDef::from_k8s,
     );
 
-    assert!(c.drop_unlisted());
-    assert!(!c.reported_synced());
-    assert!(c.services.objects.is_empty() && c.services.by_service.is_empty());
-    assert!(c.destination_rules.objects.is_empty());
+    assert!(c.stop_standing_in());
+    assert!(!c.reported_synced(), "tables are partial from now on");
+    assert_eq!(c.services.objects.len(), 1, "nothing is withdrawn");
     let (mut c, names) = reviews_subsets(c);
-    assert!(names.is_empty(), "{names:?}");
+    assert_eq!(names, ["v1"], "the rules stay too");
 
-    // The list in progress completes with what it had received.
+    // The list in progress completes with what it had received: the new list replaces the old.
     c.services
         .apply(watcher::Event::<K8sService>::InitDone, ServiceDef::from_k8s);
     let listed: Vec<&ObjKey> = c.services.objects.keys().collect();
     assert_eq!(listed, [&("bookinfo".to_string(), "ratings".to_string())]);
-    // Once everything listed, the rules are back and nothing is left to drop.
     c.slices
         .apply(watcher::Event::<EndpointSlice>::Init, SliceDef::from_k8s);
     c.slices.apply(
@@ -118,7 +116,7 @@ fn dropping_unlisted_objects_keeps_what_the_new_watch_listed_and_a_list_in_progr
     c.pods.apply(watcher::Event::<K8sService>::InitDone, &[]);
     list_rules(&mut c, &[rule()]);
     assert!(c.synced() && c.reported_synced());
-    assert!(!c.drop_unlisted());
+    assert!(!c.stop_standing_in());
     let (_, names) = reviews_subsets(c);
     assert_eq!(names, ["v1"]);
 }

@@ -1,6 +1,7 @@
 //! A rotated remote secret (its kubeconfig changed) restarts the cluster's watch without
-//! withdrawing the cluster's routes from proxies while the new watch relists, but for at most
-//! `--sync-timeout`: a new watch that cannot list does not keep stale endpoints up forever.
+//! withdrawing the cluster's routes from proxies while the new watch relists. Past
+//! `--sync-timeout` the routes still stand (a control plane that does not know never withdraws
+//! them), but the cluster is reported unsynced and tables are marked partial until it relists.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -39,7 +40,8 @@ async fn ash_metric(control: &eastwest_control::Control, metric: &str) -> Option
 }
 
 #[tokio::test]
-async fn a_rotated_remote_secret_keeps_routes_while_relisting_but_only_until_the_sync_timeout() {
+async fn a_rotated_remote_secret_keeps_routes_until_the_new_watch_lists_marked_partial_past_the_sync_timeout(
+) {
     let fra = ApiServer::start().await;
     let ash = ash_api_server(&["10.2.0.1"]).await;
     // Where the rotated kubeconfig points: not reachable yet, so the restarted watch cannot
@@ -52,7 +54,7 @@ async fn a_rotated_remote_secret_keeps_routes_while_relisting_but_only_until_the
         // Same network, so ash's endpoints are in network1's table.
         c.remote_networks.insert("ash".into(), "network1".into());
         // Long enough to look at the kept routes on a loaded machine, short enough to see
-        // them withdrawn within wait_for's 20 s.
+        // the cluster reported unsynced within wait_for's 20 s.
         c.sync_timeout = Duration::from_secs(5);
     })
     .await;
@@ -112,26 +114,25 @@ async fn a_rotated_remote_secret_keeps_routes_while_relisting_but_only_until_the
         Some("1")
     );
 
-    // The sync timeout passes without a relist: ash's routes are withdrawn, and it is reported
-    // unsynced without objects (readiness stays: control was ready before).
-    wait_for("ash's routes withdrawn", || async {
-        last().service(RATINGS).is_none()
-    })
-    .await;
-    assert_eq!(
+    // The sync timeout passes without a relist: ash is reported unsynced and the tables are
+    // marked partial, but its routes and objects stay.
+    wait_for("ash reported unsynced", || async {
         ash_metric(&control, "eastwest_control_cluster_synced")
             .await
-            .as_deref(),
-        Some("0")
-    );
+            .as_deref()
+            == Some("0")
+    })
+    .await;
+    wait_for("a partial table", || async { last().partial }).await;
+    assert_eq!(endpoint_addrs(&last(), RATINGS), ["10.2.0.1:9080"]);
     let (_, m) = http_get(control.admin_addr(), "/metrics").await;
     assert!(
-        m.contains("eastwest_control_objects{cluster=\"ash\",kind=\"endpointslices\"} 0"),
+        m.contains("eastwest_control_objects{cluster=\"ash\",kind=\"endpointslices\"} 1"),
         "{m}"
     );
     assert!(
         control.not_synced().is_empty(),
-        "{:?}",
+        "readiness stays: control was ready before; {:?}",
         control.not_synced()
     );
 
@@ -151,18 +152,15 @@ async fn a_rotated_remote_secret_keeps_routes_while_relisting_but_only_until_the
     .await;
     client.abort();
 
-    // In order: the old endpoints, then none, then the new ones; never the old ones again.
+    // In order: the old endpoints, then the new ones; never none, never the old ones again.
     let seen = seen.lock().unwrap();
-    let phases: Vec<usize> = seen[from..]
+    let counts: Vec<usize> = seen[from..]
         .iter()
-        .map(|t| match endpoint_addrs(t, RATINGS).len() {
-            1 => 0,
-            0 => 1,
-            _ => 2,
-        })
+        .map(|t| endpoint_addrs(t, RATINGS).len())
         .collect();
     assert!(
-        phases.windows(2).all(|w| w[0] <= w[1]) && phases.contains(&1),
-        "{phases:?}"
+        counts.windows(2).all(|w| w[0] <= w[1]) && !counts.contains(&0),
+        "{counts:?}"
     );
+    assert!(!seen.last().unwrap().partial);
 }
