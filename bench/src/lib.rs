@@ -10,4 +10,6 @@ mod millis;
 pub mod run;
 pub mod serve;
 mod stoppable;
+// Sub-millisecond sleeps (WAN release times, token due times, request arrivals).
+pub(crate) mod timer;
 pub mod wan;

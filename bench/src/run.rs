@@ -5,6 +5,7 @@
 //! chunks, TPOT = (E2E − TTFT) / (output tokens − 1); every SSE event is timestamped when
 //! the body frame completing it arrives (hyper 1, HTTP/1.1, no buffering).
 
+mod arrivals;
 mod client;
 mod config;
 mod dataset;
@@ -22,7 +23,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use http_body_util::BodyExt;
 use rand::SeedableRng;
-use rand_distr::Distribution;
 use serde::Serialize;
 
 pub use config::{Backend, ConnectionMode, Goodput, RunConfig, TlsClient, TlsFiles};
@@ -318,11 +318,7 @@ pub async fn run_benchmark(
         .iter()
         .map(|p| request::request_body(cfg.backend, &model, p))
         .collect();
-    let arrivals = if cfg.request_rate.is_finite() {
-        Some(rand_distr::Exp::new(cfg.request_rate).context("--request-rate")?)
-    } else {
-        None
-    };
+    let schedule = arrivals::schedule(&mut rng, cfg.request_rate, prompts.len())?;
     let semaphore = cfg
         .max_concurrency
         .map(|c| Arc::new(tokio::sync::Semaphore::new(c)));
@@ -331,8 +327,16 @@ pub async fn run_benchmark(
     }
 
     let started = Instant::now();
+    let mut alarm = crate::timer::Alarm::new();
     let mut set = tokio::task::JoinSet::new();
     for (i, (prompt, body)) in prompts.iter().cloned().zip(bodies).enumerate() {
+        let scheduled = schedule.as_ref().and_then(|s| s.get(i)).copied();
+        if let Some(offset) = scheduled {
+            alarm
+                .sleep_until(tokio::time::Instant::from_std(started + offset))
+                .await;
+        }
+        let arrival = started.elapsed().as_secs_f64();
         let target = target.clone();
         let semaphore = semaphore.clone();
         let progress = progress.cloned();
@@ -342,18 +346,14 @@ pub async fn run_benchmark(
                 Some(s) => s.clone().acquire_owned().await.ok(),
                 None => None,
             };
-            let record = request::run_one(&target, backend, body, &prompt, timeout).await;
+            let mut record = request::run_one(&target, backend, body, &prompt, timeout).await;
+            record.scheduled = scheduled.map(|d| d.as_secs_f64());
+            record.arrival = arrival;
             if let Some(p) = &progress {
                 p.inc(record.error.is_some());
             }
             (i, record)
         });
-        if let Some(exp) = &arrivals {
-            if i + 1 < prompts.len() {
-                // Poisson arrivals: exponential gaps between request starts.
-                tokio::time::sleep(Duration::from_secs_f64(exp.sample(&mut rng))).await;
-            }
-        }
     }
     let mut records: Vec<Option<RequestRecord>> = vec![None; prompts.len()];
     while let Some(joined) = set.join_next().await {

@@ -46,6 +46,12 @@ pub struct RequestRecord {
     /// Completion tokens reported by the server's usage chunk, if any.
     pub usage_completion_tokens: Option<usize>,
     pub error: Option<Failure>,
+    /// When the arrival process wanted this request sent, in seconds from the benchmark's
+    /// start (`None` for `--request-rate inf`).
+    pub scheduled: Option<f64>,
+    /// When it was sent (its arrival; it may then wait for `--max-concurrency`), seconds
+    /// from the benchmark's start.
+    pub arrival: f64,
 }
 
 impl RequestRecord {

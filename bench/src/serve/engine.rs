@@ -4,7 +4,7 @@
 //!
 //! Chunk `c` is due at `start + ttft + itl * (index of its last token)`, computed from the
 //! request's start rather than from the previous chunk, so timer lateness never accumulates.
-//! Due times are kept with the WAN link's sub-millisecond timer rather than tokio's 1 ms
+//! Due times are kept with the crate's sub-millisecond timer (`crate::timer`) rather than tokio's 1 ms
 //! wheel, which would make every token up to 1 ms late.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -23,7 +23,7 @@ use super::wire::{
     ResponseMessage, StreamChunk, Usage,
 };
 use super::{ServeConfig, ServeStats};
-use crate::wan::timer::Alarm;
+use crate::timer::Alarm;
 
 /// Output tokens: short English words, so streamed text looks like text.
 const WORDS: [&str; 32] = [

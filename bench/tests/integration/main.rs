@@ -4,6 +4,7 @@
 mod demo_quick;
 mod run_failures;
 mod run_model_server;
+mod run_pacing;
 mod run_through_proxy;
 mod serve_api;
 mod serve_cli;
