@@ -10,6 +10,7 @@ mod client;
 mod config;
 mod dataset;
 mod metrics;
+mod numpy_random;
 mod record;
 mod request;
 pub mod sse;
@@ -73,7 +74,9 @@ pub struct RunFlags {
     pub random_range_ratio: f64,
     #[arg(long, default_value_t = 1)]
     pub warmup_requests: usize,
-    #[arg(long, default_value_t = 1)]
+    /// Seeds numpy's generator as bench_serving does (0..=4294967295): same seed, same
+    /// lengths and arrival times.
+    #[arg(long, default_value_t = 42)]
     pub seed: u64,
     /// Append one JSON line of results to this file.
     #[arg(long)]
@@ -280,14 +283,17 @@ pub async fn run_benchmark(
             "default".to_string()
         }),
     };
-    let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
+    // One numpy stream for lengths then arrivals, in bench_serving's order.
+    let mut np = numpy_random::RandomState::seed(cfg.numpy_seed()?);
+    let mut words = rand::rngs::StdRng::seed_from_u64(cfg.seed);
     let prompts = dataset::sample_random(
-        &mut rng,
+        &mut np,
+        &mut words,
         cfg.num_prompts,
         cfg.random_input_len,
         cfg.random_output_len,
         cfg.random_range_ratio,
-    );
+    )?;
 
     // Warmup (like bench_serving: the first prompt, at most 32 output tokens, all at once).
     let mut warmup_failed = 0;
@@ -318,7 +324,7 @@ pub async fn run_benchmark(
         .iter()
         .map(|p| request::request_body(cfg.backend, &model, p))
         .collect();
-    let schedule = arrivals::schedule(&mut rng, cfg.request_rate, prompts.len())?;
+    let schedule = arrivals::schedule(&mut np, cfg.request_rate, prompts.len());
     let semaphore = cfg
         .max_concurrency
         .map(|c| Arc::new(tokio::sync::Semaphore::new(c)));

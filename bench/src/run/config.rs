@@ -288,7 +288,7 @@ impl RunConfig {
             random_output_len: 1024,
             random_range_ratio: 0.0,
             warmup_requests: 1,
-            seed: 1,
+            seed: 42,
             connection: ConnectionMode::New,
             tls: None,
             sni: None,
@@ -296,6 +296,12 @@ impl RunConfig {
             goodput: Goodput::default(),
             request_timeout: Duration::from_secs(600),
         }
+    }
+
+    /// The seed as numpy's `np.random.seed` takes it.
+    pub fn numpy_seed(&self) -> anyhow::Result<u32> {
+        u32::try_from(self.seed)
+            .map_err(|_| anyhow::anyhow!("--seed must be between 0 and 2**32 - 1 (numpy's range)"))
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
@@ -311,6 +317,7 @@ impl RunConfig {
         if !(0.0..=1.0).contains(&self.random_range_ratio) {
             bail!("--random-range-ratio must be within 0..=1");
         }
+        self.numpy_seed()?;
         if self.random_output_len == 0 {
             bail!("--random-output-len must be at least 1");
         }
