@@ -121,6 +121,10 @@ pub struct RunFlags {
     /// without it, mesh certs mean the server must be in the client's trust domain.
     #[arg(long, conflicts_with_all = ["spiffe_id", "spiffe_trust_domain"])]
     pub verify_hostname: bool,
+    /// Wait up to this many seconds for GET /v1/models to answer 200 before starting, as
+    /// bench_serving does; 0 skips the check.
+    #[arg(long, default_value_t = 60)]
+    pub ready_check_timeout_sec: u64,
     /// Give up on one request after this many seconds.
     #[arg(long, default_value_t = 600.0)]
     pub request_timeout: f64,
@@ -151,6 +155,7 @@ impl RunFlags {
             anyhow::bail!("--request-timeout must be a positive number of seconds");
         }
         cfg.request_timeout = Duration::from_secs_f64(self.request_timeout);
+        cfg.ready_check_timeout = Duration::from_secs(self.ready_check_timeout_sec);
         let wants_tls = self.tls
             || cfg.base_url.starts_with("https://")
             || self.cacert.is_some()
@@ -276,6 +281,9 @@ pub async fn run_benchmark(
 ) -> anyhow::Result<BenchResult> {
     cfg.validate()?;
     let target = Target::resolve(cfg).await?;
+    if !cfg.ready_check_timeout.is_zero() {
+        wait_until_ready(&target, &cfg.base_url, cfg.ready_check_timeout).await?;
+    }
     let model = match &cfg.model {
         Some(m) => m.clone(),
         None => fetch_model(&target).await.unwrap_or_else(|e| {
@@ -310,13 +318,21 @@ pub async fn run_benchmark(
                 async move { request::run_one(&target, backend, body, &warm, timeout).await },
             );
         }
+        let mut first_error = None;
         while let Some(r) = set.join_next().await {
             let r = r.context("warmup task")?;
             warmup_sse_events += r.sse_events;
             if let Some(err) = r.error {
                 warmup_failed += 1;
                 tracing::warn!("warmup request failed: {err}");
+                first_error.get_or_insert(err);
             }
+        }
+        // As bench_serving: a benchmark whose every warmup request failed cannot succeed.
+        if let (true, Some(err)) = (warmup_failed == cfg.warmup_requests, first_error) {
+            anyhow::bail!(
+                "Warmup failed - Please make sure benchmark arguments are correctly specified. Error: {err}"
+            );
         }
     }
 
@@ -389,33 +405,79 @@ pub async fn run_benchmark(
     })
 }
 
+/// GET `path` on the target: the status and (up to 1 MiB of) the body.
+async fn get(
+    target: &Target,
+    path: &str,
+    timeout: Duration,
+) -> anyhow::Result<(http::StatusCode, bytes::Bytes)> {
+    let exchange = async {
+        let mut sender = target
+            .checkout()
+            .await
+            .map_err(|f| anyhow::anyhow!("{f}"))?;
+        let req = http::Request::get(format!("{}{path}", target.path_prefix))
+            .header(http::header::HOST, target.authority.as_str())
+            .body(http_body_util::Full::new(bytes::Bytes::new()))?;
+        let resp = sender.send_request(req).await?;
+        let status = resp.status();
+        let body = http_body_util::Limited::new(resp.into_body(), 1 << 20)
+            .collect()
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .to_bytes();
+        target.checkin(sender);
+        anyhow::Ok((status, body))
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .context("timed out")?
+}
+
 /// The first model id of GET /v1/models.
 async fn fetch_model(target: &Target) -> anyhow::Result<String> {
-    let mut sender = target
-        .checkout()
-        .await
-        .map_err(|f| anyhow::anyhow!("{f}"))?;
-    let req = http::Request::get(format!("{}/v1/models", target.path_prefix))
-        .header(http::header::HOST, target.authority.as_str())
-        .body(http_body_util::Full::new(bytes::Bytes::new()))?;
-    let resp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req))
-        .await
-        .context("timed out")??;
-    anyhow::ensure!(resp.status().is_success(), "HTTP {}", resp.status());
-    let body = tokio::time::timeout(
-        Duration::from_secs(10),
-        http_body_util::Limited::new(resp.into_body(), 1 << 20).collect(),
-    )
-    .await
-    .context("timed out")?
-    .map_err(|e| anyhow::anyhow!("{e}"))?
-    .to_bytes();
-    target.checkin(sender);
+    let (status, body) = get(target, "/v1/models", Duration::from_secs(10)).await?;
+    anyhow::ensure!(status.is_success(), "HTTP {status}");
     let v: serde_json::Value = serde_json::from_slice(&body).context("not JSON")?;
     v["data"][0]["id"]
         .as_str()
         .map(str::to_string)
         .context("no data[0].id")
+}
+
+/// bench_serving's `wait_for_endpoint`: polls GET /v1/models once a second (5 s per try)
+/// until it answers 200, for at most `timeout`.
+async fn wait_until_ready(
+    target: &Target,
+    base_url: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let url = format!("{}/v1/models", base_url.trim_end_matches('/'));
+    println!(
+        "Waiting up to {}s for {url} to become ready...",
+        timeout.as_secs_f64()
+    );
+    let start = Instant::now();
+    loop {
+        let left = timeout.saturating_sub(start.elapsed());
+        let attempt = get(target, "/v1/models", left.min(Duration::from_secs(5))).await;
+        if matches!(&attempt, Ok((status, _)) if *status == http::StatusCode::OK) {
+            println!("Server ready in {:.1}s.", start.elapsed().as_secs_f64());
+            return Ok(());
+        }
+        if start.elapsed() >= timeout {
+            let why = match attempt {
+                Ok((status, _)) => format!("HTTP {status}"),
+                Err(e) => format!("{e:#}"),
+            };
+            anyhow::bail!(
+                "server at {url} is not ready after {}s (--ready-check-timeout-sec; last try: {why})",
+                timeout.as_secs_f64()
+            );
+        }
+        tokio::time::sleep(Duration::from_secs(1).min(timeout.saturating_sub(start.elapsed())))
+            .await;
+    }
 }
 
 pub async fn main(args: Args) -> anyhow::Result<()> {
@@ -442,6 +504,16 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
             .open(path)
             .with_context(|| format!("--output-file {}", path.display()))?;
         writeln!(f, "{line}").with_context(|| format!("writing {}", path.display()))?;
+    }
+    let m = &result.metrics;
+    if m.completed == 0 {
+        let first = result
+            .first_errors
+            .iter()
+            .next()
+            .map(|(kind, detail)| format!(" (first: {kind}: {detail})"))
+            .unwrap_or_default();
+        anyhow::bail!("all {} requests failed{first}", m.failed);
     }
     Ok(())
 }

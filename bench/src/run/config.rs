@@ -272,6 +272,9 @@ pub struct RunConfig {
     pub goodput: Goodput,
     /// Upper bound for one request, start to end of stream.
     pub request_timeout: Duration,
+    /// Wait this long for GET /v1/models to answer 200 before starting (zero: no check;
+    /// the CLI's default is 60 s, as bench_serving's).
+    pub ready_check_timeout: Duration,
 }
 
 impl RunConfig {
@@ -295,6 +298,7 @@ impl RunConfig {
             connect_to: None,
             goodput: Goodput::default(),
             request_timeout: Duration::from_secs(600),
+            ready_check_timeout: Duration::ZERO,
         }
     }
 

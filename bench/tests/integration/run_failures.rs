@@ -220,6 +220,8 @@ fn cli_exit_codes_bad_flags_vs_failed_requests() {
             "--disable-tqdm",
             "--warmup-requests",
             "0",
+            "--ready-check-timeout-sec",
+            "0",
         ])
         .args(["--goodput", "ttft:100", "tpot:20"])
         .arg("--output-file")
@@ -227,10 +229,15 @@ fn cli_exit_codes_bad_flags_vs_failed_requests() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    // Every request failed: the results are still printed and written, but the exit status
+    // says so, with the reason on one line.
+    assert!(!run.status.success(), "{stdout}\n{stderr}");
+    let reason: Vec<&str> = stderr.lines().filter(|l| l.contains("failed")).collect();
+    assert_eq!(reason.len(), 1, "{stderr}");
     assert!(
-        run.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&run.stderr)
+        reason[0].contains("all 3 requests failed (first: connect:"),
+        "{stderr}"
     );
     assert!(stdout.contains("============ Serving Benchmark Result ============"));
     assert!(stdout.contains("connect:"), "{stdout}");
@@ -239,6 +246,53 @@ fn cli_exit_codes_bad_flags_vs_failed_requests() {
     assert_eq!(line["completed"], 0);
     assert_eq!(line["failed"], 3);
     assert_eq!(line["request_goodput"], 0.0);
+}
+
+#[test]
+fn cli_waits_for_the_server_and_gives_up_after_the_ready_check_timeout() {
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_eastwest-bench"))
+        .args(["run", "--base-url", &format!("http://{addr}")])
+        .args(["--num-prompts", "3", "--disable-tqdm"])
+        .args(["--ready-check-timeout-sec", "1"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains(&format!(
+            "Waiting up to 1s for http://{addr}/v1/models to become ready..."
+        )),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("is not ready after 1s (--ready-check-timeout-sec"),
+        "{stderr}"
+    );
+    assert!(
+        !stdout.contains("Serving Benchmark Result"),
+        "never started"
+    );
+}
+
+#[tokio::test]
+async fn every_warmup_request_failing_stops_the_run_as_bench_serving_does() {
+    let addr = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut cfg = config(format!("http://{addr}"));
+    cfg.warmup_requests = 2;
+    let err = run_benchmark(&cfg, None).await.unwrap_err();
+    assert!(
+        format!("{err:#}").starts_with("Warmup failed - Please make sure benchmark arguments"),
+        "{err:#}"
+    );
 }
 
 #[tokio::test]

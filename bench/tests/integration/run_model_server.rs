@@ -180,6 +180,9 @@ async fn cli_run(
             "https://sglang.demo.svc.cluster.local:8000",
         ])
         .args(["--connect-to", &connect_to.to_string(), "--sni", SNI])
+        // No ready check: it would add a connection to the counts below (and wait for
+        // servers that fail TLS on purpose).
+        .args(["--ready-check-timeout-sec", "0"])
         .arg("--cacert")
         .arg(d.join("root-cert.pem"))
         .arg("--cert")
@@ -274,14 +277,21 @@ async fn mtls_with_sni_and_connect_to_through_a_tcp_forwarder() {
     assert_eq!(json["completed"], 6);
     assert_eq!(fwd.accepted.load(Ordering::SeqCst) - before, 7);
 
-    // A server that is not the expected SPIFFE ID: every request fails at TLS, run exits 0.
+    // A server that is not the expected SPIFFE ID: every request fails at TLS; the results
+    // are written and the exit status is non-zero.
     let (ok, json, stdout) = cli_run(
         &files,
         fwd.addr,
-        &["--spiffe-id", "spiffe://cluster.local/ns/demo/sa/impostor"],
+        &[
+            "--spiffe-id",
+            "spiffe://cluster.local/ns/demo/sa/impostor",
+            // A failed warmup would stop the run before it writes its results.
+            "--warmup-requests",
+            "0",
+        ],
     )
     .await;
-    assert!(ok, "{stdout}");
+    assert!(!ok, "{stdout}");
     assert_eq!(json["completed"], 0);
     assert_eq!(json["errors"]["tls"], 6, "{stdout}");
 
@@ -292,8 +302,13 @@ async fn mtls_with_sni_and_connect_to_through_a_tcp_forwarder() {
     assert_eq!(json["completed"], 6);
 
     // Host-name verification asked for fails: mesh certs carry no DNS names.
-    let (ok, json, _) = cli_run(&files, fwd.addr, &["--verify-hostname"]).await;
-    assert!(ok);
+    let (ok, json, _) = cli_run(
+        &files,
+        fwd.addr,
+        &["--verify-hostname", "--warmup-requests", "0"],
+    )
+    .await;
+    assert!(!ok);
     assert_eq!(json["errors"]["tls"], 6);
     server.shutdown().await;
 }
