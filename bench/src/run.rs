@@ -7,6 +7,7 @@
 
 mod arrivals;
 mod client;
+mod compat;
 mod config;
 mod dataset;
 mod metrics;
@@ -35,6 +36,8 @@ use client::Target;
 
 /// The `run` subcommand's flags (boxed: they are many, and the subcommand enum holds them).
 #[derive(Debug, clap::Args)]
+// A repeated flag takes its last value, as with bench_serving's argparse.
+#[command(args_override_self = true)]
 pub struct Args {
     #[command(flatten)]
     pub flags: Box<RunFlags>,
@@ -49,15 +52,39 @@ pub struct RunFlags {
     pub host: String,
     #[arg(long, default_value_t = 30000)]
     pub port: u16,
-    /// sglang-oai: /v1/completions; sglang-oai-chat: /v1/chat/completions.
+    /// bench_serving's backend names: *-chat → /v1/chat/completions, the others →
+    /// /v1/completions; the JSON output reports the name given.
     #[arg(long, value_enum, default_value = "sglang-oai-chat")]
     pub backend: Backend,
-    /// Only "random" (prompts of random words; no tokenizer needed).
-    #[arg(long, default_value = "random", value_parser = ["random"])]
+    /// "random" (prompts of random words; no tokenizer needed) or "random-ids" (the same
+    /// here, with a warning).
+    #[arg(long, default_value = "random", value_parser = ["random", "random-ids", "sharegpt"])]
     pub dataset_name: String,
     /// Model name; asked from GET /v1/models when not given.
     #[arg(long)]
     pub model: Option<String>,
+    /// The model name sent in requests (default: --model), as bench_serving.
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// A JSON object merged into every request body, over the defaults.
+    #[arg(long)]
+    pub extra_request_body: Option<String>,
+    /// Send "ignore_eos": false.
+    #[arg(long)]
+    pub disable_ignore_eos: bool,
+    /// Sampling temperature for sglang's native backend (OpenAI backends send 0.0 unless
+    /// --extra-request-body sets it, as bench_serving does).
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    /// top_p for sglang's native backend (as --temperature).
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    /// Extra request headers, KEY=VALUE.
+    #[arg(long, num_args = 1.., action = clap::ArgAction::Set)]
+    pub header: Vec<String>,
+    /// Written as "tag" into the JSON output.
+    #[arg(long)]
+    pub tag: Option<String>,
     #[arg(long, default_value_t = 1000)]
     pub num_prompts: usize,
     /// Requests per second, Poisson arrivals; "inf" sends all at once.
@@ -88,7 +115,7 @@ pub struct RunFlags {
     #[arg(long)]
     pub disable_tqdm: bool,
     /// SLOs in ms for goodput, e.g. `--goodput ttft:200 tpot:50` (also e2el).
-    #[arg(long, num_args = 1..)]
+    #[arg(long, num_args = 1.., action = clap::ArgAction::Set)]
     pub goodput: Vec<String>,
     /// new: a TCP(+TLS) connection per request (like bench_serving); keepalive: reuse.
     #[arg(long, value_enum, default_value = "new")]
@@ -128,9 +155,38 @@ pub struct RunFlags {
     /// Give up on one request after this many seconds.
     #[arg(long, default_value_t = 600.0)]
     pub request_timeout: f64,
+    #[command(flatten)]
+    pub ignored: compat::IgnoredFlags,
 }
 
 impl RunFlags {
+    /// What the user asked for that cannot apply here, one line each.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = self.ignored.warnings();
+        if self.dataset_name == "random-ids" {
+            out.push(
+                "--dataset-name random-ids is run as random: the lengths are bench_serving's, but \
+                 without the tokenizer's vocabulary the arrival times differ from its run"
+                    .into(),
+            );
+        }
+        if !self.backend.is_native() {
+            for (given, flag) in [
+                (self.temperature.is_some(), "--temperature"),
+                (self.top_p.is_some(), "--top-p"),
+            ] {
+                if given {
+                    out.push(format!(
+                        "{flag} is ignored with --backend {}: as in bench_serving it applies to the native sglang backend only; \
+                         use --extra-request-body '{{\"temperature\": ...}}'",
+                        self.backend.name()
+                    ));
+                }
+            }
+        }
+        out
+    }
+
     pub fn to_config(&self) -> anyhow::Result<RunConfig> {
         let base_url = self
             .base_url
@@ -138,7 +194,37 @@ impl RunFlags {
             .unwrap_or_else(|| format!("http://{}:{}", self.host, self.port));
         let mut cfg = RunConfig::new(base_url);
         cfg.backend = self.backend;
-        cfg.model = self.model.clone();
+        cfg.model = self
+            .served_model_name
+            .clone()
+            .or_else(|| self.model.clone());
+        cfg.disable_ignore_eos = self.disable_ignore_eos;
+        cfg.tag = self.tag.clone();
+        if let Some(extra) = &self.extra_request_body {
+            match serde_json::from_str(extra).context("--extra-request-body is not JSON")? {
+                serde_json::Value::Object(map) => cfg.extra_request_body = map,
+                _ => anyhow::bail!("--extra-request-body must be a JSON object"),
+            }
+        }
+        for h in &self.header {
+            // bench_serving's parse_custom_headers: KEY=VALUE, items without both are skipped.
+            let Some((k, v)) = h
+                .split_once('=')
+                .filter(|(k, v)| !k.is_empty() && !v.is_empty())
+            else {
+                continue;
+            };
+            let name = http::HeaderName::try_from(k).with_context(|| format!("--header {h:?}"))?;
+            let value =
+                http::HeaderValue::try_from(v).with_context(|| format!("--header {h:?}"))?;
+            cfg.headers.push((name, value));
+        }
+        if self.dataset_name == "sharegpt" {
+            anyhow::bail!(
+                "--dataset-name sharegpt is not supported (it needs the ShareGPT file and a tokenizer); \
+                 use --dataset-name random, which draws the same lengths as bench_serving"
+            );
+        }
         cfg.num_prompts = self.num_prompts;
         cfg.request_rate = self.request_rate;
         cfg.max_concurrency = self.max_concurrency;
@@ -309,7 +395,7 @@ pub async fn run_benchmark(
     if cfg.warmup_requests > 0 {
         let mut warm = prompts[0].clone();
         warm.output_len = warm.output_len.min(32);
-        let body = request::request_body(cfg.backend, &model, &warm);
+        let body = request::request_body(cfg, &model, &warm);
         let mut set = tokio::task::JoinSet::new();
         for _ in 0..cfg.warmup_requests {
             let (target, body, warm) = (target.clone(), body.clone(), warm.clone());
@@ -338,7 +424,7 @@ pub async fn run_benchmark(
 
     let bodies: Vec<_> = prompts
         .iter()
-        .map(|p| request::request_body(cfg.backend, &model, p))
+        .map(|p| request::request_body(cfg, &model, p))
         .collect();
     let schedule = arrivals::schedule(&mut np, cfg.request_rate, prompts.len());
     let semaphore = cfg
@@ -483,6 +569,9 @@ async fn wait_until_ready(
 pub async fn main(args: Args) -> anyhow::Result<()> {
     let args = args.flags;
     let cfg = args.to_config()?;
+    for warning in args.warnings() {
+        eprintln!("eastwest-bench run: warning: {warning}");
+    }
     println!("benchmark_args={args:?}");
     let progress = (!args.disable_tqdm).then(|| ProgressSink::stderr("requests"));
     if cfg.warmup_requests > 0 {

@@ -7,29 +7,72 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use rustls_pki_types::CertificateDer;
 
-/// Which OpenAI-compatible endpoint to call (sglang `bench_serving` backend names).
+/// bench_serving's `--backend` names. The name is what the JSON output reports; what is
+/// sent depends only on the API ([`Backend::is_chat`], [`Backend::path`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Backend {
+    /// sglang's native POST /generate (not supported by `run` yet: refused with a hint).
+    Sglang,
+    /// Same as `sglang`.
+    SglangNative,
     /// POST /v1/completions
-    #[value(name = "sglang-oai", alias = "vllm", alias = "openai")]
     SglangOai,
     /// POST /v1/chat/completions
-    #[value(name = "sglang-oai-chat", alias = "vllm-chat", alias = "openai-chat")]
     SglangOaiChat,
+    /// POST /v1/completions
+    Vllm,
+    /// POST /v1/chat/completions
+    VllmChat,
+    /// POST /v1/completions
+    Lmdeploy,
+    /// POST /v1/chat/completions
+    LmdeployChat,
+    /// POST /v1/completions (eastwest's alias)
+    Openai,
+    /// POST /v1/chat/completions (eastwest's alias)
+    OpenaiChat,
 }
 
 impl Backend {
+    /// The name as given on the command line (bench_serving's spelling).
     pub fn name(self) -> &'static str {
         match self {
+            Backend::Sglang => "sglang",
+            Backend::SglangNative => "sglang-native",
             Backend::SglangOai => "sglang-oai",
             Backend::SglangOaiChat => "sglang-oai-chat",
+            Backend::Vllm => "vllm",
+            Backend::VllmChat => "vllm-chat",
+            Backend::Lmdeploy => "lmdeploy",
+            Backend::LmdeployChat => "lmdeploy-chat",
+            Backend::Openai => "openai",
+            Backend::OpenaiChat => "openai-chat",
         }
     }
 
+    /// sglang's native API (`/generate`), rather than an OpenAI-compatible one.
+    pub fn is_native(self) -> bool {
+        matches!(self, Backend::Sglang | Backend::SglangNative)
+    }
+
+    /// Chat completions (messages) rather than completions (prompt).
+    pub fn is_chat(self) -> bool {
+        matches!(
+            self,
+            Backend::SglangOaiChat
+                | Backend::VllmChat
+                | Backend::LmdeployChat
+                | Backend::OpenaiChat
+        )
+    }
+
     pub fn path(self) -> &'static str {
-        match self {
-            Backend::SglangOai => "/v1/completions",
-            Backend::SglangOaiChat => "/v1/chat/completions",
+        if self.is_native() {
+            "/generate"
+        } else if self.is_chat() {
+            "/v1/chat/completions"
+        } else {
+            "/v1/completions"
         }
     }
 }
@@ -272,6 +315,15 @@ pub struct RunConfig {
     pub goodput: Goodput,
     /// Upper bound for one request, start to end of stream.
     pub request_timeout: Duration,
+    /// Merged into every request body last, overriding the defaults
+    /// (`--extra-request-body`).
+    pub extra_request_body: serde_json::Map<String, serde_json::Value>,
+    /// Send `"ignore_eos": false` instead of true (`--disable-ignore-eos`).
+    pub disable_ignore_eos: bool,
+    /// Written as `tag` into the JSON output (`--tag`).
+    pub tag: Option<String>,
+    /// Extra request headers (`--header KEY=VALUE`).
+    pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
     /// Wait this long for GET /v1/models to answer 200 before starting (zero: no check;
     /// the CLI's default is 60 s, as bench_serving's).
     pub ready_check_timeout: Duration,
@@ -299,6 +351,10 @@ impl RunConfig {
             goodput: Goodput::default(),
             request_timeout: Duration::from_secs(600),
             ready_check_timeout: Duration::ZERO,
+            extra_request_body: serde_json::Map::new(),
+            disable_ignore_eos: false,
+            headers: Vec::new(),
+            tag: None,
         }
     }
 
@@ -322,6 +378,13 @@ impl RunConfig {
             bail!("--random-range-ratio must be within 0..=1");
         }
         self.numpy_seed()?;
+        if self.backend.is_native() {
+            bail!(
+                "--backend {}: sglang's native /generate API is not supported by eastwest-bench run yet; \
+                 use --backend sglang-oai (/v1/completions) or sglang-oai-chat",
+                self.backend.name()
+            );
+        }
         if self.random_output_len == 0 {
             bail!("--random-output-len must be at least 1");
         }

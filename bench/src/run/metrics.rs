@@ -12,6 +12,8 @@ use super::record::RequestRecord;
 #[derive(Debug, Clone, Serialize)]
 pub struct Metrics {
     pub backend: String,
+    /// `--tag`, null when not given (as bench_serving writes it).
+    pub tag: Option<String>,
     pub dataset_name: String,
     /// A number, or the string "inf" (bench_serving writes the non-JSON `Infinity`).
     pub request_rate: serde_json::Value,
@@ -143,6 +145,7 @@ pub fn calculate(cfg: &RunConfig, records: &[RequestRecord], duration: f64) -> M
         .then(|| records.iter().filter(|r| meets(&cfg.goodput, r)).count());
     Metrics {
         backend: cfg.backend.name().to_string(),
+        tag: cfg.tag.clone(),
         dataset_name: "random".to_string(),
         request_rate: if cfg.request_rate.is_finite() {
             serde_json::json!(cfg.request_rate)

@@ -9,35 +9,41 @@ use http_body_util::{BodyExt, Full};
 use serde::Deserialize;
 
 use super::client::Target;
-use super::config::Backend;
+use super::config::{Backend, RunConfig};
 use super::dataset::Prompt;
 use super::record::{Failure, RequestRecord};
 use super::sse::SseParser;
 
-/// The JSON body for `prompt`, as bench_serving sends it (plus `stream_options` so that
-/// servers report exact completion tokens in a final usage chunk).
-pub fn request_body(backend: Backend, model: &str, prompt: &Prompt) -> Bytes {
-    let body = match backend {
-        Backend::SglangOai => serde_json::json!({
+/// The JSON body for `prompt`, as bench_serving builds it: its defaults
+/// (`temperature` 0.0, `ignore_eos` unless `--disable-ignore-eos`), then
+/// `--extra-request-body` merged over them.
+pub fn request_body(cfg: &RunConfig, model: &str, prompt: &Prompt) -> Bytes {
+    let mut body = if cfg.backend.is_chat() {
+        serde_json::json!({
+            "model": model,
+            "messages": [{"role": "user", "content": prompt.text}],
+            "max_completion_tokens": prompt.output_len,
+            "stream": true,
+        })
+    } else {
+        serde_json::json!({
             "model": model,
             "prompt": prompt.text,
-            "temperature": 0.0,
             "best_of": 1,
             "max_tokens": prompt.output_len,
             "stream": true,
-            "ignore_eos": true,
-            "stream_options": {"include_usage": true},
-        }),
-        Backend::SglangOaiChat => serde_json::json!({
-            "model": model,
-            "messages": [{"role": "user", "content": prompt.text}],
-            "temperature": 0.0,
-            "max_tokens": prompt.output_len,
-            "stream": true,
-            "ignore_eos": true,
-            "stream_options": {"include_usage": true},
-        }),
+        })
     };
+    if let Some(obj) = body.as_object_mut() {
+        obj.insert("temperature".into(), serde_json::json!(0.0));
+        obj.insert(
+            "ignore_eos".into(),
+            serde_json::json!(!cfg.disable_ignore_eos),
+        );
+        for (k, v) in &cfg.extra_request_body {
+            obj.insert(k.clone(), v.clone());
+        }
+    }
     Bytes::from(body.to_string())
 }
 
@@ -195,9 +201,9 @@ pub async fn run_one(
         .unwrap_or_else(Instant::now)
         .duration_since(start)
         .as_secs_f64();
-    record.output_len = record
-        .usage_completion_tokens
-        .unwrap_or(record.content_chunks);
+    // bench_serving's count: the server's usage when it sends one, else what was asked
+    // (exact with ignore_eos; content events are not tokens when a chunk holds several).
+    record.output_len = record.usage_completion_tokens.unwrap_or(prompt.output_len);
     record
 }
 
@@ -290,6 +296,12 @@ fn build_request(
         .header(http::header::ACCEPT, "text/event-stream");
     if let Ok(key) = std::env::var("OPENAI_API_KEY") {
         req = req.header(http::header::AUTHORIZATION, format!("Bearer {key}"));
+    }
+    // --header last, as bench_serving's update() lets them replace the defaults.
+    if let Some(headers) = req.headers_mut() {
+        for (name, value) in &target.headers {
+            headers.insert(name.clone(), value.clone());
+        }
     }
     req.body(Full::new(body))
         .map_err(|e| Failure::new("request", e.to_string()))

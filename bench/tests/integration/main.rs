@@ -3,6 +3,7 @@
 
 mod demo_quick;
 mod run_failures;
+mod run_flags;
 mod run_model_server;
 mod run_pacing;
 mod run_through_proxy;

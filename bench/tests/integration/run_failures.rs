@@ -296,15 +296,16 @@ async fn every_warmup_request_failing_stops_the_run_as_bench_serving_does() {
 }
 
 #[tokio::test]
-async fn without_usage_chunk_tokens_are_content_events() {
+async fn without_usage_output_tokens_are_the_requested_ones_as_bench_serving_counts() {
     let url = scripted_server(vec!["nousage"]).await;
     let mut cfg = config(url);
     cfg.backend = eastwest_bench::run::Backend::SglangOai;
     let result = run_benchmark(&cfg, None).await.unwrap();
     assert_eq!(result.metrics.completed, 10, "{:?}", result.first_errors);
     for r in &result.records {
-        // The empty-text event is not a token.
-        assert_eq!(r.output_len, 4);
+        // max_tokens (3), not the 4 content events; the empty-text event is not content.
+        assert_eq!(r.output_len, 3);
+        assert_eq!(r.content_chunks, 4);
         assert_eq!(r.itl.len(), 3);
         assert_eq!(r.usage_completion_tokens, None);
     }
