@@ -327,7 +327,7 @@ impl BenchResult {
     }
 
     /// One JSON line: the metrics (sglang keys), with `output_details` also per-request
-    /// `input_lens, output_lens, ttfts, itls, errors` (seconds, like sglang).
+    /// `input_lens, output_lens, ttfts, itls, generated_texts, errors` (seconds, like sglang).
     pub fn json_line(&self, output_details: bool) -> anyhow::Result<String> {
         let mut v = serde_json::to_value(&self.metrics)?;
         if let (true, Some(obj)) = (output_details, v.as_object_mut()) {
@@ -347,6 +347,10 @@ impl BenchResult {
                     .map(|r| serde_json::json!(r.itl))
                     .collect::<Vec<_>>()
                     .into(),
+            );
+            obj.insert(
+                "generated_texts".into(),
+                r.iter().map(|r| r.generated_text.as_str()).collect(),
             );
             obj.insert(
                 "errors".into(),
@@ -454,7 +458,9 @@ pub async fn run_benchmark(
                 Some(s) => s.clone().acquire_owned().await.ok(),
                 None => None,
             };
+            let start = started.elapsed().as_secs_f64();
             let mut record = request::run_one(&target, backend, body, &prompt, timeout).await;
+            record.start = start;
             record.scheduled = scheduled.map(|d| d.as_secs_f64());
             record.arrival = arrival;
             if let Some(p) = &progress {
@@ -481,9 +487,15 @@ pub async fn run_benchmark(
                 .or_insert_with(|| f.detail.clone());
         }
     }
+    let mut metrics = metrics::calculate(cfg, &records, duration);
+    // As bench_serving: the server's /server_info in the results, null if it has none.
+    metrics.server_info = match get(&target, "/server_info", Duration::from_secs(5)).await {
+        Ok((status, body)) if status == http::StatusCode::OK => serde_json::from_slice(&body).ok(),
+        _ => None,
+    };
     Ok(BenchResult {
         model,
-        metrics: metrics::calculate(cfg, &records, duration),
+        metrics,
         warmup_failed,
         warmup_sse_events,
         first_errors,

@@ -109,6 +109,18 @@ impl Goodput {
         self.ttft_ms.is_some() || self.tpot_ms.is_some() || self.e2el_ms.is_some()
     }
 
+    /// The SLOs given, by bench_serving's names (`ttft`, `tpot`, `e2el`).
+    pub fn slos(&self) -> std::collections::BTreeMap<String, f64> {
+        [
+            ("ttft", self.ttft_ms),
+            ("tpot", self.tpot_ms),
+            ("e2el", self.e2el_ms),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| Some((k.to_string(), v?)))
+        .collect()
+    }
+
     /// Parses `ttft:200 tpot:50 e2el:3000` items.
     pub fn parse(items: &[String]) -> anyhow::Result<Goodput> {
         let mut g = Goodput::default();

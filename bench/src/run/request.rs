@@ -114,15 +114,15 @@ impl StreamState {
             self.record.error = Some(Failure::new("server error event", msg));
             return;
         }
-        let has_content = chunk.choices.first().is_some_and(|c| {
-            let text = c
-                .delta
+        let content = chunk.choices.first().and_then(|c| {
+            c.delta
                 .as_ref()
                 .and_then(|d| d.content.as_deref())
-                .or(c.text.as_deref());
-            text.is_some_and(|t| !t.is_empty())
+                .or(c.text.as_deref())
+                .filter(|t| !t.is_empty())
         });
-        if has_content {
+        if let Some(text) = content {
+            self.record.generated_text.push_str(text);
             match self.last_content {
                 None => self.record.ttft = at.duration_since(self.start).as_secs_f64(),
                 Some(prev) => self.record.itl.push(at.duration_since(prev).as_secs_f64()),

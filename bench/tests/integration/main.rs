@@ -2,6 +2,7 @@
 //! One test binary per crate: each links once, which keeps a fresh build small and quick.
 
 mod demo_quick;
+mod run_compat;
 mod run_failures;
 mod run_flags;
 mod run_model_server;

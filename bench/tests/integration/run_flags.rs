@@ -8,7 +8,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 /// A server that records each request (head and body) and streams one content event.
-async fn recording_server() -> (String, Arc<Mutex<Vec<(String, serde_json::Value)>>>) {
+pub(crate) async fn recording_server() -> (String, Arc<Mutex<Vec<(String, serde_json::Value)>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let seen = Arc::new(Mutex::new(Vec::new()));
@@ -58,7 +58,7 @@ async fn recording_server() -> (String, Arc<Mutex<Vec<(String, serde_json::Value
     (url, seen)
 }
 
-fn run(url: &str, out: &std::path::Path, args: &[&str]) -> std::process::Output {
+pub(crate) fn run(url: &str, out: &std::path::Path, args: &[&str]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_eastwest-bench"))
         .args(["run", "--base-url", url, "--disable-tqdm"])
         .args(["--random-input-len", "4", "--random-output-len", "2"])
@@ -129,8 +129,14 @@ async fn copied_bench_serving_command_lines_work_with_its_bodies_and_headers() {
     assert_eq!(line["completed"], 3, "the last --num-prompts wins");
 
     let seen = log.lock().unwrap().clone();
-    assert_eq!(seen.len(), 3);
-    for (head, body) in &seen {
+    let (posts, info): (Vec<_>, Vec<_>) =
+        seen.iter().partition(|(head, _)| head.starts_with("post "));
+    assert_eq!(posts.len(), 3);
+    assert!(
+        info.len() == 1 && info[0].0.starts_with("get /server_info "),
+        "then GET /server_info, as bench_serving: {info:?}"
+    );
+    for (head, body) in posts {
         assert!(head.starts_with("post /v1/completions "), "{head}");
         assert!(
             head.contains("\r\nx-bench: second"),
@@ -180,7 +186,11 @@ async fn copied_bench_serving_command_lines_work_with_its_bodies_and_headers() {
         String::from_utf8_lossy(&output.stderr)
     );
     let seen = log.lock().unwrap().clone();
-    let (head, body) = seen.last().unwrap();
+    let (head, body) = seen
+        .iter()
+        .rev()
+        .find(|(h, _)| h.starts_with("post "))
+        .unwrap();
     assert!(head.starts_with("post /v1/chat/completions "), "{head}");
     let mut keys: Vec<&str> = body
         .as_object()

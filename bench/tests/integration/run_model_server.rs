@@ -260,7 +260,7 @@ async fn mtls_with_sni_and_connect_to_through_a_tcp_forwarder() {
     let keepalive_conns = fwd.accepted.load(Ordering::SeqCst);
     assert!(keepalive_conns <= 3, "{keepalive_conns} connections");
 
-    // New connection per request: warmup + 6.
+    // New connection per request: warmup + 6, then GET /server_info (as bench_serving).
     let before = fwd.accepted.load(Ordering::SeqCst);
     let (ok, json, _) = cli_run(
         &files,
@@ -275,7 +275,7 @@ async fn mtls_with_sni_and_connect_to_through_a_tcp_forwarder() {
     .await;
     assert!(ok);
     assert_eq!(json["completed"], 6);
-    assert_eq!(fwd.accepted.load(Ordering::SeqCst) - before, 7);
+    assert_eq!(fwd.accepted.load(Ordering::SeqCst) - before, 8);
 
     // A server that is not the expected SPIFFE ID: every request fails at TLS; the results
     // are written and the exit status is non-zero.
