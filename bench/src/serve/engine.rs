@@ -153,6 +153,15 @@ impl Engine {
         self.cfg.default_output_tokens
     }
 
+    pub fn max_running(&self) -> usize {
+        self.cfg.max_running
+    }
+
+    /// sglang's `--stream-interval`.
+    pub fn tokens_per_chunk(&self) -> usize {
+        self.cfg.tokens_per_chunk
+    }
+
     pub fn stats(&self) -> ServeStats {
         let c = &self.counters;
         ServeStats {

@@ -200,14 +200,11 @@ pub struct ModelList<'a> {
     pub data: [ModelCard<'a>; 1],
 }
 
-/// OpenAI's error envelope: `{"error": {"message", "type", "param", "code"}}`.
+/// sglang's error body (`ErrorResponse` in its protocol.py), flat rather than OpenAI's
+/// `{"error": {...}}` envelope: `{"object": "error", "message", "type", "param", "code"}`.
 #[derive(Debug, Serialize)]
 pub struct ErrorBody<'a> {
-    pub error: ErrorDetail<'a>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct ErrorDetail<'a> {
+    pub object: &'static str,
     pub message: &'a str,
     #[serde(rename = "type")]
     pub kind: &'static str,

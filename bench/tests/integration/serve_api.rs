@@ -236,69 +236,107 @@ async fn models_and_health() {
 }
 
 #[tokio::test]
-async fn errors_are_openai_error_json() {
+async fn errors_are_sglang_error_json() {
     let server = start(fast_config()).await;
     let addr = server.local_addr();
-    let cases: [(Method, &str, Option<&str>, StatusCode, &str); 6] = [
+    // (body, status, sglang's "type", message part): a body FastAPI cannot validate is
+    // "Bad Request" (sglang's RequestValidationError handler), one sglang refuses is
+    // "BadRequestError" (its create_error_response).
+    let cases: [(&str, Option<&str>, &str, &str); 4] = [
         (
-            Method::POST,
             "/v1/chat/completions",
             Some("{not json"),
-            StatusCode::BAD_REQUEST,
+            "Bad Request",
             "line 1 column 2",
         ),
         (
-            Method::POST,
             "/v1/chat/completions",
             Some(r#"{"model":"m"}"#),
-            StatusCode::BAD_REQUEST,
+            "Bad Request",
             "missing field `messages`",
         ),
         (
-            Method::POST,
             "/v1/chat/completions",
             Some(r#"{"messages":[]}"#),
-            StatusCode::BAD_REQUEST,
+            "BadRequestError",
             "Messages cannot be empty",
         ),
         (
-            Method::POST,
             "/v1/completions",
             Some(r#"{"prompt":"x","max_tokens":0}"#),
-            StatusCode::BAD_REQUEST,
+            "BadRequestError",
             "max_tokens must be positive",
         ),
-        (
-            Method::GET,
-            "/v1/chat/completions",
-            None,
-            StatusCode::METHOD_NOT_ALLOWED,
-            "Method Not Allowed",
-        ),
-        (
-            Method::GET,
-            "/v2/nothing",
-            None,
-            StatusCode::NOT_FOUND,
-            "/v2/nothing",
-        ),
     ];
-    for (method, path, body, want_status, want_msg) in cases {
-        let (status, err) = json_body(request(addr, method.clone(), path, body).await).await;
-        assert_eq!(status, want_status, "{method} {path} {body:?}: {err}");
-        let msg = err["error"]["message"].as_str().unwrap();
-        assert!(
-            msg.contains(want_msg),
-            "{method} {path}: {msg:?} lacks {want_msg:?}"
-        );
-        assert_eq!(err["error"]["code"], want_status.as_u16());
-        assert!(err["error"]["type"].is_string());
+    for (path, body, kind, want_msg) in cases {
+        let (status, err) = json_body(request(addr, Method::POST, path, body).await).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path} {body:?}: {err}");
+        let keys: Vec<&String> = err.as_object().unwrap().keys().collect();
+        assert_eq!(keys.len(), 5, "flat, five keys: {err}");
+        assert_eq!(err["object"], "error");
+        assert_eq!(err["type"], kind, "{err}");
+        assert!(err["param"].is_null());
+        assert_eq!(err["code"], 400);
+        let msg = err["message"].as_str().unwrap();
+        assert!(msg.contains(want_msg), "{path}: {msg:?} lacks {want_msg:?}");
     }
+
+    // Not JSON: 400 whatever the body, as sglang's validate_json_request.
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut req = build(
+        Method::POST,
+        "/v1/chat/completions",
+        Some(r#"{"messages":[{"role":"user","content":"hi"}]}"#),
+    );
+    req.headers_mut()
+        .insert("content-type", "text/plain".parse().unwrap());
+    let (status, err) = json_body(send_h1(tcp, req).await).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(err["type"], "Bad Request");
+    assert!(err["message"]
+        .as_str()
+        .unwrap()
+        .contains("Only 'application/json' is allowed"));
+
+    // No route / wrong method: Starlette's bodies, and Allow on 405.
+    let resp = request(addr, Method::GET, "/v1/chat/completions", None).await;
+    let allow = resp.headers().get("allow").cloned();
+    let (status, err) = json_body(resp).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(err, json!({"detail": "Method Not Allowed"}));
+    assert_eq!(allow.unwrap(), "POST");
+    let resp = request(addr, Method::POST, "/v1/models", Some("{}")).await;
+    assert_eq!(resp.headers().get("allow").unwrap(), "GET, HEAD");
+    let (status, err) = json_body(request(addr, Method::GET, "/v2/nothing", None).await).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(err, json!({"detail": "Not Found"}));
+
     // The server is fine afterwards.
     let body =
         json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}).to_string();
     let (status, _) = json_body(post(addr, "/v1/chat/completions", &body).await).await;
     assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn model_and_server_info_as_sglang_names_them() {
+    let server = start(fast_config()).await;
+    let addr = server.local_addr();
+    for path in ["/model_info", "/get_model_info"] {
+        let (status, info) = json_body(request(addr, Method::GET, path, None).await).await;
+        assert_eq!(status, StatusCode::OK, "{path}");
+        assert_eq!(info["model_path"], "demo-model");
+        assert_eq!(info["is_generation"], true);
+    }
+    for path in ["/server_info", "/get_server_info"] {
+        let (status, info) = json_body(request(addr, Method::GET, path, None).await).await;
+        assert_eq!(status, StatusCode::OK, "{path}");
+        assert_eq!(info["max_running_requests"], 256);
+        assert!(info["version"]
+            .as_str()
+            .unwrap()
+            .starts_with("eastwest-bench"));
+    }
 }
 
 #[tokio::test]
