@@ -89,6 +89,12 @@ pub struct Usage {
     pub prompt_tokens: u64,
     pub total_tokens: u64,
     pub completion_tokens: u64,
+    /// sglang fills it (`cached_tokens`) only with `--enable-cache-report`: null here.
+    pub prompt_tokens_details: Option<()>,
+    /// sglang's own field, 0 without a reasoning parser.
+    pub reasoning_tokens: u64,
+    /// Set by sglang only when there are reasoning tokens: null here.
+    pub completion_tokens_details: Option<()>,
 }
 
 impl Usage {
@@ -97,6 +103,9 @@ impl Usage {
             prompt_tokens,
             total_tokens: prompt_tokens + completion_tokens,
             completion_tokens,
+            prompt_tokens_details: None,
+            reasoning_tokens: 0,
+            completion_tokens_details: None,
         }
     }
 }

@@ -67,6 +67,11 @@ async fn chat_stream_is_role_tokens_finish_usage_done() {
     let prompt = usage["usage"]["prompt_tokens"].as_u64().unwrap();
     assert!(prompt > 0);
     assert_eq!(usage["usage"]["total_tokens"], prompt + 5);
+    // sglang's UsageInfo without cache report or reasoning parser: details null.
+    assert_eq!(usage["usage"]["prompt_tokens_details"], Value::Null);
+    assert_eq!(usage["usage"]["completion_tokens_details"], Value::Null);
+    assert_eq!(usage["usage"]["reasoning_tokens"], 0);
+    assert_eq!(usage["usage"].as_object().unwrap().len(), 6);
     assert_eq!(server.stats().requests, 1);
     assert_eq!(server.stats().chunks, 9);
 }
