@@ -123,14 +123,16 @@ pub struct RunFlags {
     /// TLS even with an http:// URL.
     #[arg(long)]
     pub tls: bool,
+    // The TLS flags share one vocabulary with the other binaries (--tls-cert/--tls-key/
+    // --tls-ca); the old names stay as hidden aliases.
     /// PEM CA bundle to verify the server (default: system roots); the mesh root for SPIFFE.
-    #[arg(long)]
+    #[arg(long = "tls-ca", alias = "cacert")]
     pub cacert: Option<PathBuf>,
     /// Client certificate chain (PEM) for mTLS.
-    #[arg(long, requires = "key")]
+    #[arg(long = "tls-cert", alias = "cert", requires = "key")]
     pub cert: Option<PathBuf>,
     /// Client private key (PEM) for mTLS.
-    #[arg(long, requires = "cert")]
+    #[arg(long = "tls-key", alias = "key", requires = "cert")]
     pub key: Option<PathBuf>,
     /// TLS server name to send, e.g. outbound_.8000_._.sglang.demo.svc.cluster.local.
     #[arg(long)]

@@ -114,9 +114,10 @@ pub struct Args {
     pub tls_key: Option<PathBuf>,
     /// Mesh root (PEM) that client certificates must chain to; clients must also carry a
     /// SPIFFE ID in the trust domain of --tls-cert.
-    #[arg(long, requires = "require_client_cert")]
+    // Named as in the other binaries; the old --tls-root stays as a hidden alias.
+    #[arg(long = "tls-ca", alias = "tls-root", requires = "require_client_cert")]
     pub tls_root: Option<PathBuf>,
-    /// Require a client certificate chaining to --tls-root (mTLS).
+    /// Require a client certificate chaining to --tls-ca (mTLS).
     #[arg(long, requires_all = ["tls_cert", "tls_root"])]
     pub require_client_cert: bool,
 }

@@ -180,7 +180,7 @@ impl TlsClient {
     /// Builds the client config: SPIFFE verification (eastwest-certs) when a SPIFFE policy is
     /// given, or when the client certificate is a mesh one (its SPIFFE ID's trust domain is
     /// then required of the server, as mesh certificates carry no DNS names); else WebPKI
-    /// hostname verification against `--cacert` or the system roots.
+    /// hostname verification against `--tls-ca` or the system roots.
     pub fn from_files(files: &TlsFiles<'_>) -> anyhow::Result<TlsClient> {
         let spiffe = !files.spiffe_ids.is_empty() || files.spiffe_trust_domain.is_some();
         let mut config = if spiffe {
@@ -198,7 +198,7 @@ impl TlsClient {
 
 fn spiffe_config(files: &TlsFiles<'_>) -> anyhow::Result<Arc<rustls::ClientConfig>> {
     let (Some(cert), Some(key), Some(ca)) = (files.cert, files.key, files.cacert) else {
-        bail!("SPIFFE verification (--spiffe-id/--spiffe-trust-domain) needs --cert, --key and --cacert (the mesh root)");
+        bail!("SPIFFE verification (--spiffe-id/--spiffe-trust-domain) needs --tls-cert, --tls-key and --tls-ca (the mesh root)");
     };
     let identity =
         eastwest_certs::Identity::load(cert, key, ca).context("loading mTLS identity")?;
@@ -249,9 +249,9 @@ fn webpki_config(files: &TlsFiles<'_>) -> anyhow::Result<Arc<rustls::ClientConfi
     let mut roots = rustls::RootCertStore::empty();
     match files.cacert {
         Some(path) => {
-            for c in read_certs("--cacert", path)? {
+            for c in read_certs("--tls-ca", path)? {
                 roots.add(c).with_context(|| {
-                    format!("--cacert {}: unusable certificate", path.display())
+                    format!("--tls-ca {}: unusable certificate", path.display())
                 })?;
             }
         }
@@ -262,7 +262,7 @@ fn webpki_config(files: &TlsFiles<'_>) -> anyhow::Result<Arc<rustls::ClientConfi
                 let _ = roots.add(c);
             }
             if roots.is_empty() {
-                bail!("no system root certificates found; pass --cacert FILE");
+                bail!("no system root certificates found; pass --tls-ca FILE");
             }
         }
     }
@@ -273,15 +273,21 @@ fn webpki_config(files: &TlsFiles<'_>) -> anyhow::Result<Arc<rustls::ClientConfi
         .with_root_certificates(roots);
     let config = match (files.cert, files.key) {
         (Some(cert), Some(key)) => {
-            let chain = read_certs("--cert", cert)?;
+            let chain = read_certs("--tls-cert", cert)?;
             let key_der = PrivateKeyDer::from_pem_file(key)
-                .with_context(|| format!("--key {}: no PEM private key", key.display()))?;
+                .with_context(|| format!("--tls-key {}: no PEM private key", key.display()))?;
             builder
                 .with_client_auth_cert(chain, key_der)
-                .with_context(|| format!("--cert {} / --key {}", cert.display(), key.display()))?
+                .with_context(|| {
+                    format!(
+                        "--tls-cert {} / --tls-key {}",
+                        cert.display(),
+                        key.display()
+                    )
+                })?
         }
         (None, None) => builder.with_no_client_auth(),
-        _ => bail!("--cert and --key must be given together"),
+        _ => bail!("--tls-cert and --tls-key must be given together"),
     };
     Ok(Arc::new(config))
 }

@@ -236,3 +236,53 @@ fn native_backend_and_sharegpt_are_refused_with_a_reason() {
         assert!(!stderr.contains("unexpected argument"), "{stderr}");
     }
 }
+
+/// One TLS flag vocabulary across the binaries (--tls-cert/--tls-key/--tls-ca); the old
+/// names stay accepted, hidden from --help.
+#[test]
+fn tls_flags_use_the_shared_names_and_keep_the_old_ones() {
+    let bin = env!("CARGO_BIN_EXE_eastwest-bench");
+    let help = std::process::Command::new(bin)
+        .args(["run", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for flag in ["--tls-cert", "--tls-key", "--tls-ca"] {
+        assert!(help.contains(flag), "run --help lacks {flag}");
+    }
+    assert!(!help.contains("--cacert"), "old names are hidden");
+    let serve_help = std::process::Command::new(bin)
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    let serve_help = String::from_utf8_lossy(&serve_help.stdout);
+    assert!(serve_help.contains("--tls-ca") && !serve_help.contains("--tls-root"));
+
+    // Old and new names reach the same setting: the missing file is named by its new flag.
+    for names in [
+        ["--cacert", "--cert", "--key"],
+        ["--tls-ca", "--tls-cert", "--tls-key"],
+    ] {
+        let out = std::process::Command::new(bin)
+            .args(["run", names[0], "/nonexistent/ca.pem"])
+            .args([
+                names[1],
+                "/nonexistent/c.pem",
+                names[2],
+                "/nonexistent/k.pem",
+            ])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            stderr.contains("--tls-ca /nonexistent/ca.pem"),
+            "{names:?}: {stderr}"
+        );
+    }
+    let out = std::process::Command::new(bin)
+        .args(["serve", "--tls-root", "/nonexistent/root.pem", "--help"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "serve still takes --tls-root");
+}

@@ -183,11 +183,11 @@ async fn cli_run(
         // No ready check: it would add a connection to the counts below (and wait for
         // servers that fail TLS on purpose).
         .args(["--ready-check-timeout-sec", "0"])
-        .arg("--cacert")
+        .arg("--tls-ca")
         .arg(d.join("root-cert.pem"))
-        .arg("--cert")
+        .arg("--tls-cert")
         .arg(d.join("cert-chain.pem"))
-        .arg("--key")
+        .arg("--tls-key")
         .arg(d.join("key.pem"))
         .args([
             "--model",

@@ -1,5 +1,5 @@
 //! `serve` behind TLS and mTLS with eastwest-certs identities, configured from PEM files
-//! as the CLI is (`--tls-cert/--tls-key/--tls-root --require-client-cert`), the way the
+//! as the CLI is (`--tls-cert/--tls-key/--tls-ca --require-client-cert`), the way the
 //! sidecar-terminated sglang pod stands behind the gateway.
 
 use std::net::SocketAddr;
@@ -57,7 +57,7 @@ async fn start_from_flags(dir: &Path, server: &Identity, mtls: bool) -> ModelSer
         &key,
     ];
     if mtls {
-        argv.extend(["--tls-root", &root, "--require-client-cert"]);
+        argv.extend(["--tls-ca", &root, "--require-client-cert"]);
     }
     let args = Cli::try_parse_from(argv).unwrap().serve;
     let cfg = args.config().unwrap();
