@@ -1,5 +1,5 @@
 use clap::{Parser, Subcommand};
-use eastwest_bench::{demo, run, serve, wan};
+use eastwest_bench::{demo, run, serve, sidecar, wan};
 
 /// Streaming-LLM latency harness for eastwest.
 #[derive(Debug, Parser)]
@@ -19,6 +19,8 @@ enum Command {
     Wan(wan::Args),
     /// The two-region demo: fra client -> WAN -> eastwest-proxy -> ash model server.
     Demo(demo::Args),
+    /// Plain TCP in, mTLS with SNI out: lets TLS-less clients reach a gateway.
+    Sidecar(sidecar::Args),
 }
 
 #[tokio::main]
@@ -36,6 +38,7 @@ async fn main() -> std::process::ExitCode {
         Command::Run(args) => run::main(args).await,
         Command::Wan(args) => wan::main(args).await,
         Command::Demo(args) => demo::main(args).await,
+        Command::Sidecar(args) => sidecar::main(args).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

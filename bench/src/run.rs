@@ -27,7 +27,7 @@ use http_body_util::BodyExt;
 use rand::SeedableRng;
 use serde::Serialize;
 
-pub use config::{Backend, ConnectionMode, Goodput, RunConfig, TlsClient, TlsFiles};
+pub use config::{Backend, ConnectionMode, Goodput, RunConfig, TlsClient, TlsFiles, TlsFlags};
 pub use dataset::Prompt;
 pub use metrics::{mean, percentile, std_dev, Metrics};
 pub use record::{Failure, RequestRecord};
@@ -123,33 +123,14 @@ pub struct RunFlags {
     /// TLS even with an http:// URL.
     #[arg(long)]
     pub tls: bool,
-    // The TLS flags share one vocabulary with the other binaries (--tls-cert/--tls-key/
-    // --tls-ca); the old names stay as hidden aliases.
-    /// PEM CA bundle to verify the server (default: system roots); the mesh root for SPIFFE.
-    #[arg(long = "tls-ca", alias = "cacert")]
-    pub cacert: Option<PathBuf>,
-    /// Client certificate chain (PEM) for mTLS.
-    #[arg(long = "tls-cert", alias = "cert", requires = "key")]
-    pub cert: Option<PathBuf>,
-    /// Client private key (PEM) for mTLS.
-    #[arg(long = "tls-key", alias = "key", requires = "cert")]
-    pub key: Option<PathBuf>,
+    #[command(flatten)]
+    pub tls_files: TlsFlags,
     /// TLS server name to send, e.g. outbound_.8000_._.sglang.demo.svc.cluster.local.
     #[arg(long)]
     pub sni: Option<String>,
     /// Dial HOST:PORT instead of the URL's host; Host header and SNI are unchanged.
     #[arg(long)]
     pub connect_to: Option<String>,
-    /// Verify the server's SPIFFE ID (repeatable) instead of its host name.
-    #[arg(long)]
-    pub spiffe_id: Vec<String>,
-    /// Accept any server SPIFFE ID in this trust domain instead of checking its host name.
-    #[arg(long, conflicts_with = "spiffe_id")]
-    pub spiffe_trust_domain: Option<String>,
-    /// Check the server's host name (WebPKI) even with a mesh (SPIFFE) client certificate;
-    /// without it, mesh certs mean the server must be in the client's trust domain.
-    #[arg(long, conflicts_with_all = ["spiffe_id", "spiffe_trust_domain"])]
-    pub verify_hostname: bool,
     /// Wait up to this many seconds for GET /v1/models to answer 200 before starting, as
     /// bench_serving does; 0 skips the check.
     #[arg(long, default_value_t = 60)]
@@ -244,21 +225,8 @@ impl RunFlags {
         }
         cfg.request_timeout = Duration::from_secs_f64(self.request_timeout);
         cfg.ready_check_timeout = Duration::from_secs(self.ready_check_timeout_sec);
-        let wants_tls = self.tls
-            || cfg.base_url.starts_with("https://")
-            || self.cacert.is_some()
-            || self.cert.is_some()
-            || !self.spiffe_id.is_empty()
-            || self.spiffe_trust_domain.is_some();
-        if wants_tls {
-            cfg.tls = Some(TlsClient::from_files(&TlsFiles {
-                cacert: self.cacert.as_deref(),
-                cert: self.cert.as_deref(),
-                key: self.key.as_deref(),
-                spiffe_ids: &self.spiffe_id,
-                spiffe_trust_domain: self.spiffe_trust_domain.as_deref(),
-                verify_hostname: self.verify_hostname,
-            })?);
+        if self.tls || cfg.base_url.starts_with("https://") || self.tls_files.any() {
+            cfg.tls = Some(self.tls_files.client()?);
         }
         cfg.validate()?;
         Ok(cfg)

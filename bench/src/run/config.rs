@@ -1,6 +1,6 @@
 //! What one benchmark run does: target, workload, connection handling, TLS, SLOs.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -174,6 +174,54 @@ pub struct TlsFiles<'a> {
     pub spiffe_trust_domain: Option<&'a str>,
     /// Check the server's host name even when the client certificate is a mesh (SPIFFE) one.
     pub verify_hostname: bool,
+}
+
+/// The client TLS flags of `run` and `sidecar`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct TlsFlags {
+    // The TLS flags share one vocabulary with the other binaries (--tls-cert/--tls-key/
+    // --tls-ca); the old names stay as hidden aliases.
+    /// PEM CA bundle to verify the server (default: system roots); the mesh root for SPIFFE.
+    #[arg(long = "tls-ca", alias = "cacert")]
+    pub cacert: Option<PathBuf>,
+    /// Client certificate chain (PEM) for mTLS.
+    #[arg(long = "tls-cert", alias = "cert", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// Client private key (PEM) for mTLS.
+    #[arg(long = "tls-key", alias = "key", requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// Verify the server's SPIFFE ID (repeatable) instead of its host name.
+    #[arg(long)]
+    pub spiffe_id: Vec<String>,
+    /// Accept any server SPIFFE ID in this trust domain instead of checking its host name.
+    #[arg(long, conflicts_with = "spiffe_id")]
+    pub spiffe_trust_domain: Option<String>,
+    /// Check the server's host name (WebPKI) even with a mesh (SPIFFE) client certificate;
+    /// without it, mesh certs mean the server must be in the client's trust domain.
+    #[arg(long, conflicts_with_all = ["spiffe_id", "spiffe_trust_domain"])]
+    pub verify_hostname: bool,
+}
+
+impl TlsFlags {
+    /// Whether any flag asks for TLS.
+    pub fn any(&self) -> bool {
+        self.cacert.is_some()
+            || self.cert.is_some()
+            || !self.spiffe_id.is_empty()
+            || self.spiffe_trust_domain.is_some()
+    }
+
+    /// The client config these flags describe.
+    pub fn client(&self) -> anyhow::Result<TlsClient> {
+        TlsClient::from_files(&TlsFiles {
+            cacert: self.cacert.as_deref(),
+            cert: self.cert.as_deref(),
+            key: self.key.as_deref(),
+            spiffe_ids: &self.spiffe_id,
+            spiffe_trust_domain: self.spiffe_trust_domain.as_deref(),
+            verify_hostname: self.verify_hostname,
+        })
+    }
 }
 
 impl TlsClient {

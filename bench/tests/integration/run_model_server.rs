@@ -312,3 +312,75 @@ async fn mtls_with_sni_and_connect_to_through_a_tcp_forwarder() {
     assert_eq!(json["errors"]["tls"], 6);
     server.shutdown().await;
 }
+
+/// `sidecar`: a plain-HTTP client (as bench_serving is) reaches the mTLS server through it;
+/// the sidecar sends the SNI and its client certificate, and checks the server's SPIFFE ID.
+#[tokio::test]
+async fn sidecar_lets_a_plain_client_reach_an_mtls_server_with_sni() {
+    let files = mesh_files();
+    let server = ModelServer::start(
+        "127.0.0.1:0".parse().unwrap(),
+        ServeConfig {
+            tls: Some(files.server_tls.clone()),
+            ..fast_server()
+        },
+    )
+    .await
+    .unwrap();
+    let fwd = forwarder(server.local_addr()).await;
+    let d = files.dir.path();
+    let tls = eastwest_bench::run::TlsFlags {
+        cacert: Some(d.join("root-cert.pem")),
+        cert: Some(d.join("cert-chain.pem")),
+        key: Some(d.join("key.pem")),
+        spiffe_id: vec!["spiffe://cluster.local/ns/demo/sa/sglang".into()],
+        ..Default::default()
+    };
+    let sidecar = eastwest_bench::sidecar::Sidecar::start(
+        "127.0.0.1:0".parse().unwrap(),
+        fwd.addr.to_string(),
+        tls.client().unwrap(),
+        SNI,
+    )
+    .await
+    .unwrap();
+
+    let cfg = config(
+        format!("http://{}", sidecar.local_addr()),
+        Backend::SglangOaiChat,
+    );
+    let result = run_benchmark(&cfg, None).await.unwrap();
+    assert_eq!(result.metrics.completed, 10, "{:?}", result.first_errors);
+    let hellos = fwd.first_bytes.lock().unwrap().clone();
+    assert!(!hellos.is_empty());
+    for h in &hellos {
+        assert!(
+            h.windows(SNI.len()).any(|w| w == SNI.as_bytes()),
+            "SNI missing"
+        );
+    }
+
+    // Expecting another SPIFFE ID: the sidecar refuses the server, every request fails.
+    let wrong = eastwest_bench::run::TlsFlags {
+        spiffe_id: vec!["spiffe://cluster.local/ns/demo/sa/impostor".into()],
+        ..tls
+    };
+    let strict = eastwest_bench::sidecar::Sidecar::start(
+        "127.0.0.1:0".parse().unwrap(),
+        fwd.addr.to_string(),
+        wrong.client().unwrap(),
+        SNI,
+    )
+    .await
+    .unwrap();
+    let mut cfg = config(
+        format!("http://{}", strict.local_addr()),
+        Backend::SglangOaiChat,
+    );
+    cfg.warmup_requests = 0;
+    let result = run_benchmark(&cfg, None).await.unwrap();
+    assert_eq!(result.metrics.completed, 0);
+    sidecar.shutdown().await;
+    strict.shutdown().await;
+    server.shutdown().await;
+}
