@@ -182,6 +182,8 @@ impl RunFlags {
             .clone()
             .or_else(|| self.model.clone());
         cfg.disable_ignore_eos = self.disable_ignore_eos;
+        cfg.temperature = self.temperature.unwrap_or(0.0);
+        cfg.top_p = self.top_p.unwrap_or(1.0);
         cfg.tag = self.tag.clone();
         if let Some(extra) = &self.extra_request_body {
             match serde_json::from_str(extra).context("--extra-request-body is not JSON")? {

@@ -11,7 +11,7 @@ use rustls_pki_types::CertificateDer;
 /// sent depends only on the API ([`Backend::is_chat`], [`Backend::path`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Backend {
-    /// sglang's native POST /generate (not supported by `run` yet: refused with a hint).
+    /// sglang's native POST /generate.
     Sglang,
     /// Same as `sglang`.
     SglangNative,
@@ -384,6 +384,10 @@ pub struct RunConfig {
     /// Merged into every request body last, overriding the defaults
     /// (`--extra-request-body`).
     pub extra_request_body: serde_json::Map<String, serde_json::Value>,
+    /// Native backend only: `sampling_params.temperature` (`--temperature`).
+    pub temperature: f64,
+    /// Native backend only: `sampling_params.top_p`, sent when below 1 (`--top-p`).
+    pub top_p: f64,
     /// Send `"ignore_eos": false` instead of true (`--disable-ignore-eos`).
     pub disable_ignore_eos: bool,
     /// Written as `tag` into the JSON output (`--tag`).
@@ -419,6 +423,8 @@ impl RunConfig {
             ready_check_timeout: Duration::ZERO,
             extra_request_body: serde_json::Map::new(),
             disable_ignore_eos: false,
+            temperature: 0.0,
+            top_p: 1.0,
             headers: Vec::new(),
             tag: None,
         }
@@ -444,13 +450,6 @@ impl RunConfig {
             bail!("--random-range-ratio must be within 0..=1");
         }
         self.numpy_seed()?;
-        if self.backend.is_native() {
-            bail!(
-                "--backend {}: sglang's native /generate API is not supported by eastwest-bench run yet; \
-                 use --backend sglang-oai (/v1/completions) or sglang-oai-chat",
-                self.backend.name()
-            );
-        }
         if self.random_output_len == 0 {
             bail!("--random-output-len must be at least 1");
         }

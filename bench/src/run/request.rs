@@ -18,6 +18,32 @@ use super::sse::SseParser;
 /// (`temperature` 0.0, `ignore_eos` unless `--disable-ignore-eos`), then
 /// `--extra-request-body` merged over them.
 pub fn request_body(cfg: &RunConfig, model: &str, prompt: &Prompt) -> Bytes {
+    if cfg.backend.is_native() {
+        // async_request_sglang_generate: sampling in sampling_params, top_p only below 1.
+        let mut sampling = serde_json::json!({
+            "temperature": cfg.temperature,
+            "max_new_tokens": prompt.output_len,
+            "ignore_eos": !cfg.disable_ignore_eos,
+        });
+        if cfg.top_p < 1.0 {
+            sampling["top_p"] = serde_json::json!(cfg.top_p);
+        }
+        let mut body = serde_json::json!({
+            "text": prompt.text,
+            "sampling_params": sampling,
+            "stream": true,
+            "lora_path": null,
+            "return_logprob": false,
+            "return_routed_experts": false,
+            "logprob_start_len": -1,
+        });
+        if let Some(obj) = body.as_object_mut() {
+            for (k, v) in &cfg.extra_request_body {
+                obj.insert(k.clone(), v.clone());
+            }
+        }
+        return Bytes::from(body.to_string());
+    }
     let mut body = if cfg.backend.is_chat() {
         serde_json::json!({
             "model": model,
@@ -79,6 +105,10 @@ struct Usage {
 
 /// State while a stream is read.
 struct StreamState {
+    /// sglang's native /generate stream: cumulative text and `meta_info.completion_tokens`.
+    native: bool,
+    /// Native: completion tokens at the last content event.
+    last_tokens: usize,
     start: Instant,
     last_content: Option<Instant>,
     last_event: Option<Instant>,
@@ -95,6 +125,10 @@ impl StreamState {
         let data = trim_ascii(data);
         if data == b"[DONE]" {
             self.done = true;
+            return;
+        }
+        if self.native {
+            self.on_native_event(data, at);
             return;
         }
         let chunk: Chunk<'_> = match serde_json::from_slice(data) {
@@ -136,6 +170,67 @@ impl StreamState {
     }
 }
 
+impl StreamState {
+    /// bench_serving's native parsing: an event with non-empty text is content; its
+    /// `completion_tokens` grew by k since the last one, so the gap counts as k ITLs of
+    /// gap/k each (an event that adds no token is skipped).
+    fn on_native_event(&mut self, data: &[u8], at: Instant) {
+        let event: NativeEvent<'_> = match serde_json::from_slice(data) {
+            Ok(e) => e,
+            Err(e) => {
+                let shown = String::from_utf8_lossy(&data[..data.len().min(120)]).into_owned();
+                self.record.error = Some(Failure::new("bad SSE data", format!("{e}: {shown}")));
+                return;
+            }
+        };
+        if let Some(err) = event.error {
+            self.record.error = Some(Failure::new("server error event", err.to_string()));
+            return;
+        }
+        let Some(text) = event.text.filter(|t| !t.is_empty()) else {
+            return;
+        };
+        let tokens = event
+            .meta_info
+            .and_then(|m| m.completion_tokens)
+            .unwrap_or(self.last_tokens + 1);
+        match self.last_content {
+            None => self.record.ttft = at.duration_since(self.start).as_secs_f64(),
+            Some(prev) => {
+                let new = tokens.saturating_sub(self.last_tokens);
+                if new == 0 {
+                    return;
+                }
+                let gap = at.duration_since(prev).as_secs_f64() / new as f64;
+                self.record.itl.extend(std::iter::repeat_n(gap, new));
+            }
+        }
+        self.last_content = Some(at);
+        self.last_tokens = tokens;
+        self.record.content_chunks += 1;
+        self.record.usage_completion_tokens = Some(tokens);
+        // Cumulative: the latest event holds the whole text.
+        self.record.generated_text.clear();
+        self.record.generated_text.push_str(&text);
+    }
+}
+
+#[derive(Deserialize)]
+struct NativeEvent<'a> {
+    #[serde(default, borrow)]
+    text: Option<Cow<'a, str>>,
+    #[serde(default)]
+    meta_info: Option<NativeMeta>,
+    #[serde(default)]
+    error: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct NativeMeta {
+    #[serde(default)]
+    completion_tokens: Option<usize>,
+}
+
 fn trim_ascii(mut b: &[u8]) -> &[u8] {
     while let [first, rest @ ..] = b {
         if first.is_ascii_whitespace() {
@@ -164,6 +259,8 @@ pub async fn run_one(
 ) -> RequestRecord {
     let start = Instant::now();
     let mut state = StreamState {
+        native: backend.is_native(),
+        last_tokens: 0,
         start,
         last_content: None,
         last_event: None,

@@ -19,8 +19,8 @@ use tokio::sync::{mpsc, Semaphore, SemaphorePermit};
 use tokio::time::Instant;
 
 use super::wire::{
-    ChatChoice, ChatStreamChoice, CompletionChoice, CompletionStreamChoice, Delta, Response,
-    ResponseMessage, StreamChunk, Usage,
+    ChatChoice, ChatStreamChoice, CompletionChoice, CompletionStreamChoice, Delta, NativeFinish,
+    NativeMeta, NativeOutput, Response, ResponseMessage, StreamChunk, Usage,
 };
 use super::{ServeConfig, ServeStats};
 use crate::timer::Alarm;
@@ -65,6 +65,8 @@ const WORDS: [&str; 32] = [
 pub enum Kind {
     Chat,
     Completion,
+    /// sglang's native POST /generate: each event carries the whole text so far.
+    Generate,
 }
 
 impl Kind {
@@ -72,7 +74,7 @@ impl Kind {
     fn chunk_object(self) -> &'static str {
         match self {
             Kind::Chat => "chat.completion.chunk",
-            Kind::Completion => "text_completion",
+            Kind::Completion | Kind::Generate => "text_completion",
         }
     }
 }
@@ -180,6 +182,7 @@ impl Engine {
         let prefix = match kind {
             Kind::Chat => "chatcmpl-",
             Kind::Completion => "cmpl-",
+            Kind::Generate => "",
         };
         let id = format!("{prefix}{:032x}", rng.random::<u128>());
         let created = SystemTime::now()
@@ -237,6 +240,8 @@ impl Engine {
             chunks: &self.counters.chunks,
         };
         let mut text = String::with_capacity(per_chunk * 12);
+        // /generate streams the whole text so far in every event, as sglang does.
+        let mut so_far = String::new();
         let mut alarm = Alarm::new();
         let model = job.model.as_str();
         let id = req.id.as_str();
@@ -264,6 +269,11 @@ impl Engine {
             emitted += in_chunk;
             let ok = match job.kind {
                 Kind::Chat => out.chat_delta(id, req.created, model, &text).await,
+                Kind::Generate => {
+                    so_far.push_str(&text);
+                    let finish = (emitted == n).then_some(job.finish_reason);
+                    out.send(&native(id, &so_far, &job, emitted, finish)).await
+                }
                 // sglang puts the completion's finish_reason on its last text chunk.
                 Kind::Completion => {
                     let finish = (emitted == n).then_some(job.finish_reason);
@@ -287,12 +297,16 @@ impl Engine {
                 out.completion_text(id, req.created, model, "", Some(job.finish_reason))
                     .await
             }
-            Kind::Completion => true,
+            Kind::Generate if n == 0 => {
+                out.send(&native(id, "", &job, 0, Some(job.finish_reason)))
+                    .await
+            }
+            Kind::Completion | Kind::Generate => true,
         };
         if !finished {
             return;
         }
-        if job.include_usage {
+        if job.include_usage && job.kind != Kind::Generate {
             // No choices, so the choice type is immaterial: both kinds share this chunk.
             let usage = StreamChunk::<ChatStreamChoice> {
                 id,
@@ -333,6 +347,9 @@ impl Engine {
         }
         let usage = Usage::new(job.prompt_tokens, n as u64);
         let body = match job.kind {
+            Kind::Generate => {
+                serde_json::to_vec(&native(&req.id, &text, &job, n, Some(job.finish_reason)))?
+            }
             Kind::Chat => serde_json::to_vec(&Response {
                 id: &req.id,
                 object: "chat.completion",
@@ -370,6 +387,32 @@ impl Engine {
         self.counters.requests.fetch_add(1, Ordering::SeqCst);
         drop(admission);
         Ok(Bytes::from(body))
+    }
+}
+
+/// One /generate response or event: sglang's `{"text", "meta_info"}` with the text so far.
+fn native<'a>(
+    id: &'a str,
+    text: &'a str,
+    job: &Job,
+    completion_tokens: usize,
+    finish: Option<&'static str>,
+) -> NativeOutput<'a> {
+    NativeOutput {
+        text,
+        meta_info: NativeMeta {
+            id,
+            finish_reason: finish.map(|kind| match kind {
+                "length" => NativeFinish::Length {
+                    length: completion_tokens,
+                },
+                _ => NativeFinish::Stop { matched: None },
+            }),
+            prompt_tokens: job.prompt_tokens,
+            weight_version: "default",
+            completion_tokens,
+            cached_tokens: 0,
+        },
     }
 }
 

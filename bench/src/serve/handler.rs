@@ -15,7 +15,7 @@ use super::body::ResponseBody;
 use super::engine::{Engine, Job, Kind};
 use super::wire::{
     chat_prompt_tokens, estimate_prompt_tokens, ChatRequest, CompletionRequest, ErrorBody,
-    ModelCard, ModelList, StreamOptions, CONTEXT_LENGTH, MAX_REQUEST_BYTES,
+    GenerateRequest, ModelCard, ModelList, StreamOptions, CONTEXT_LENGTH, MAX_REQUEST_BYTES,
 };
 
 /// Events buffered between generation and the connection; small, so a stalled client
@@ -67,6 +67,16 @@ pub async fn handle(engine: Arc<Engine>, req: Request<Incoming>) -> Result<Reply
                 Err(r) => error(r.status, r.kind, &r.message),
             }
         }
+        // sglang declares /generate for POST and PUT.
+        (&Method::POST | &Method::PUT, "/generate") => {
+            let job = read_json::<GenerateRequest>(req)
+                .await
+                .and_then(|r| generate_job(&engine, r));
+            match job {
+                Ok((job, stream)) => generate(engine, job, stream).await,
+                Err(r) => error(r.status, r.kind, &r.message),
+            }
+        }
         (&Method::POST, "/v1/completions") => {
             let job = read_json::<CompletionRequest>(req)
                 .await
@@ -84,6 +94,7 @@ pub async fn handle(engine: Arc<Engine>, req: Request<Incoming>) -> Result<Reply
             "/v1/models" | "/model_info" | "/get_model_info" | "/server_info" | "/get_server_info",
         ) => method_not_allowed("GET, HEAD"),
         (_, "/v1/chat/completions" | "/v1/completions") => method_not_allowed("POST"),
+        (_, "/generate") => method_not_allowed("POST, PUT"),
         _ => detail(StatusCode::NOT_FOUND, "Not Found"),
     };
     Ok(reply)
@@ -152,6 +163,30 @@ fn completion_job(engine: &Engine, req: CompletionRequest) -> Result<(Job, bool)
         output_tokens,
         finish_reason,
         include_usage: include_usage(&req.stream_options),
+    };
+    Ok((job, req.stream))
+}
+
+fn generate_job(engine: &Engine, req: GenerateRequest) -> Result<(Job, bool), Rejection> {
+    let prompt = match (req.text, req.input_ids) {
+        (Some(text), _) if !text.is_null() => text,
+        (_, Some(ids)) if !ids.is_null() => ids,
+        _ => {
+            return Err(reject(
+                StatusCode::BAD_REQUEST,
+                "Either text, input_ids or input_embeds should be provided.",
+            ))
+        }
+    };
+    let max_new = req.sampling_params.unwrap_or_default().max_new_tokens;
+    let (output_tokens, finish_reason) = output_length(engine, max_new)?;
+    let job = Job {
+        kind: Kind::Generate,
+        model: engine.model().to_owned(),
+        prompt_tokens: estimate_prompt_tokens(&prompt),
+        output_tokens,
+        finish_reason,
+        include_usage: false,
     };
     Ok((job, req.stream))
 }

@@ -56,6 +56,50 @@ pub struct CompletionRequest {
     pub stream_options: Option<StreamOptions>,
 }
 
+/// sglang's native `POST /generate` (the fields this server uses).
+#[derive(Debug, Deserialize)]
+pub struct GenerateRequest {
+    #[serde(default)]
+    pub text: Option<Value>,
+    #[serde(default)]
+    pub input_ids: Option<Value>,
+    #[serde(default)]
+    pub sampling_params: Option<SamplingParams>,
+    #[serde(default)]
+    pub stream: bool,
+}
+
+/// A /generate response or stream event: the text so far and sglang's `meta_info`.
+#[derive(Debug, Serialize)]
+pub struct NativeOutput<'a> {
+    pub text: &'a str,
+    pub meta_info: NativeMeta<'a>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct NativeMeta<'a> {
+    pub id: &'a str,
+    pub finish_reason: Option<NativeFinish>,
+    pub prompt_tokens: u64,
+    pub weight_version: &'static str,
+    pub completion_tokens: usize,
+    pub cached_tokens: u64,
+}
+
+/// `{"type": "length", "length": N}` or `{"type": "stop", "matched": null}`.
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum NativeFinish {
+    Length { length: usize },
+    Stop { matched: Option<()> },
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct SamplingParams {
+    #[serde(default)]
+    pub max_new_tokens: Option<u64>,
+}
+
 /// Rough prompt token count for `usage`: ~4 characters per token, token-id prompts
 /// counted exactly.
 pub fn estimate_prompt_tokens(prompt: &Value) -> u64 {

@@ -21,7 +21,11 @@ async fn output_keys_console_and_bodies_are_bench_servings() {
     let fx = fixture();
     let (url, log) = recording_server().await;
     let dir = tempfile::tempdir().unwrap();
-    for (backend, api) in [("sglang-oai", "completions"), ("sglang-oai-chat", "chat")] {
+    for (backend, api) in [
+        ("sglang-oai", "completions"),
+        ("sglang-oai-chat", "chat"),
+        ("sglang", "native"),
+    ] {
         let out = dir.path().join(format!("{backend}.jsonl"));
         let output = run(
             &url,
@@ -71,7 +75,9 @@ async fn output_keys_console_and_bodies_are_bench_servings() {
         assert!(line["accept_length"].is_null());
         assert_eq!(line["goodput_slos_ms"]["ttft"], 1000.0);
         assert!(line["slo_attainment_by_metric"]["e2el"].is_f64());
-        assert_eq!(line["generated_texts"][0], "a");
+        if api != "native" {
+            assert_eq!(line["generated_texts"][0], "a");
+        }
 
         // The console table: bench_serving's lines in its order (the two it prints only for
         // image datasets and speculative decoding left out), then eastwest's section.
@@ -113,5 +119,17 @@ async fn output_keys_console_and_bodies_are_bench_servings() {
         got.sort();
         want.sort();
         assert_eq!(got, want, "{backend} body {body}");
+        if api == "native" {
+            let mut got: Vec<String> = body["sampling_params"]
+                .as_object()
+                .unwrap()
+                .keys()
+                .cloned()
+                .collect();
+            let mut want = strings(&fx["native_sampling_params_keys"]);
+            got.sort();
+            want.sort();
+            assert_eq!(got, want, "native sampling_params {body}");
+        }
     }
 }

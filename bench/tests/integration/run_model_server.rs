@@ -384,3 +384,31 @@ async fn sidecar_lets_a_plain_client_reach_an_mtls_server_with_sni() {
     strict.shutdown().await;
     server.shutdown().await;
 }
+
+/// `--backend sglang`: native /generate, counted as bench_serving counts it (tokens from
+/// meta_info; an event bringing k tokens gives k ITLs of gap/k).
+#[tokio::test]
+async fn native_generate_backend_counts_tokens_as_bench_serving() {
+    let server = ModelServer::start(
+        "127.0.0.1:0".parse().unwrap(),
+        ServeConfig {
+            tokens_per_chunk: 2,
+            ..fast_server()
+        },
+    )
+    .await
+    .unwrap();
+    let mut cfg = config(format!("http://{}", server.local_addr()), Backend::Sglang);
+    cfg.random_output_len = 6;
+    let result = run_benchmark(&cfg, None).await.unwrap();
+    assert_eq!(result.metrics.completed, 10, "{:?}", result.first_errors);
+    assert_eq!(result.metrics.backend, "sglang");
+    for r in &result.records {
+        assert_eq!(r.output_len, 6);
+        assert_eq!(r.content_chunks, 3, "events at 2, 4, 6 tokens");
+        assert_eq!(r.itl.len(), 4, "2 events after the first, 2 tokens each");
+        assert_eq!(r.itl[0], r.itl[1], "a 2-token gap split evenly");
+        assert_eq!(r.generated_text.split(' ').count(), 6, "cumulative text");
+    }
+    server.shutdown().await;
+}

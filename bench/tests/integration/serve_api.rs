@@ -370,3 +370,41 @@ async fn streams_over_http2() {
         "role, 3 tokens, finish, [DONE]: {events:#?}"
     );
 }
+
+/// sglang's native /generate: every event carries the text so far and meta_info, the last
+/// one the finish reason; not streamed, one JSON object.
+#[tokio::test]
+async fn native_generate_streams_cumulative_text_with_meta_info() {
+    let server = start(fast_config()).await;
+    let addr = server.local_addr();
+    let body =
+        json!({"text": "hi", "sampling_params": {"max_new_tokens": 3}, "stream": true}).to_string();
+    let events = post_sse(addr, "/generate", &body).await;
+    assert_eq!(events.len(), 4, "3 tokens, [DONE]: {events:#?}");
+    assert_eq!(events[3].data, "[DONE]");
+    let mut previous = String::new();
+    for (i, e) in events[..3].iter().enumerate() {
+        let v = e.json();
+        let text = v["text"].as_str().unwrap().to_string();
+        assert!(
+            text.starts_with(&previous) && text.len() > previous.len(),
+            "cumulative"
+        );
+        previous = text;
+        assert_eq!(v["meta_info"]["completion_tokens"], i + 1);
+        let finish = &v["meta_info"]["finish_reason"];
+        if i < 2 {
+            assert!(finish.is_null());
+        } else {
+            assert_eq!(*finish, json!({"type": "length", "length": 3}));
+        }
+    }
+    let body = json!({"text": "hi", "sampling_params": {"max_new_tokens": 2}}).to_string();
+    let (status, v) = json_body(post(addr, "/generate", &body).await).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(v["meta_info"]["completion_tokens"], 2);
+    assert_eq!(v["text"].as_str().unwrap().split(' ').count(), 2);
+    let (status, err) = json_body(post(addr, "/generate", "{}").await).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(err["object"], "error");
+}
