@@ -90,6 +90,8 @@ pub struct Job {
     /// `length` when `max_tokens` cut the output, `stop` when the "model" ended it.
     pub finish_reason: &'static str,
     pub include_usage: bool,
+    /// Choices to generate (`n` × prompts); each streams its own events, `index` 0.. .
+    pub choices: u32,
 }
 
 #[derive(Default)]
@@ -234,10 +236,12 @@ impl Engine {
         let first = start + self.sample_ttft(&mut req.rng);
         let per_chunk = self.cfg.tokens_per_chunk.max(1);
         let n = job.output_tokens;
+        let choices = job.choices.max(1);
         let mut out = Events {
             buf: BytesMut::with_capacity(8 << 10),
             tx: &tx,
             chunks: &self.counters.chunks,
+            index: 0,
         };
         let mut text = String::with_capacity(per_chunk * 12);
         // /generate streams the whole text so far in every event, as sglang does.
@@ -256,53 +260,64 @@ impl Engine {
             if !sleep_or_closed(&mut alarm, due, &tx).await {
                 return;
             }
-            if emitted == 0
-                && job.kind == Kind::Chat
-                && !out.role_chunk(id, req.created, model).await
-            {
-                return;
+            if emitted == 0 && job.kind == Kind::Chat {
+                for c in 0..choices {
+                    out.index = c;
+                    if !out.role_chunk(id, req.created, model).await {
+                        return;
+                    }
+                }
             }
             text.clear();
             for i in emitted..emitted + in_chunk {
                 push_token(&mut text, i, &mut req.rng);
             }
             emitted += in_chunk;
-            let ok = match job.kind {
-                Kind::Chat => out.chat_delta(id, req.created, model, &text).await,
-                Kind::Generate => {
-                    so_far.push_str(&text);
-                    let finish = (emitted == n).then_some(job.finish_reason);
-                    out.send(&native(id, &so_far, &job, emitted, finish)).await
+            if job.kind == Kind::Generate {
+                so_far.push_str(&text);
+            }
+            for c in 0..choices {
+                out.index = c;
+                let ok = match job.kind {
+                    Kind::Chat => out.chat_delta(id, req.created, model, &text).await,
+                    Kind::Generate => {
+                        let finish = (emitted == n).then_some(job.finish_reason);
+                        out.send(&native(id, &so_far, &job, emitted, finish)).await
+                    }
+                    // sglang puts the completion's finish_reason on its last text chunk.
+                    Kind::Completion => {
+                        let finish = (emitted == n).then_some(job.finish_reason);
+                        out.completion_text(id, req.created, model, &text, finish)
+                            .await
+                    }
+                };
+                if !ok {
+                    return;
                 }
-                // sglang puts the completion's finish_reason on its last text chunk.
-                Kind::Completion => {
-                    let finish = (emitted == n).then_some(job.finish_reason);
-                    out.completion_text(id, req.created, model, &text, finish)
-                        .await
-                }
-            };
-            if !ok {
+            }
+        }
+        let mut finished = true;
+        for c in 0..choices {
+            out.index = c;
+            if n == 0 && job.kind == Kind::Chat && !out.role_chunk(id, req.created, model).await {
                 return;
             }
+            finished &= match job.kind {
+                Kind::Chat => {
+                    out.chat_finish(id, req.created, model, job.finish_reason)
+                        .await
+                }
+                Kind::Completion if n == 0 => {
+                    out.completion_text(id, req.created, model, "", Some(job.finish_reason))
+                        .await
+                }
+                Kind::Generate if n == 0 => {
+                    out.send(&native(id, "", &job, 0, Some(job.finish_reason)))
+                        .await
+                }
+                Kind::Completion | Kind::Generate => true,
+            };
         }
-        if n == 0 && job.kind == Kind::Chat && !out.role_chunk(id, req.created, model).await {
-            return;
-        }
-        let finished = match job.kind {
-            Kind::Chat => {
-                out.chat_finish(id, req.created, model, job.finish_reason)
-                    .await
-            }
-            Kind::Completion if n == 0 => {
-                out.completion_text(id, req.created, model, "", Some(job.finish_reason))
-                    .await
-            }
-            Kind::Generate if n == 0 => {
-                out.send(&native(id, "", &job, 0, Some(job.finish_reason)))
-                    .await
-            }
-            Kind::Completion | Kind::Generate => true,
-        };
         if !finished {
             return;
         }
@@ -314,7 +329,7 @@ impl Engine {
                 created: req.created,
                 model,
                 choices: &[],
-                usage: Some(Usage::new(job.prompt_tokens, n as u64)),
+                usage: Some(Usage::new(job.prompt_tokens, n as u64 * u64::from(choices))),
             };
             if !out.send(&usage).await {
                 return;
@@ -345,7 +360,8 @@ impl Engine {
         for i in 0..n {
             push_token(&mut text, i, &mut req.rng);
         }
-        let usage = Usage::new(job.prompt_tokens, n as u64);
+        let choices = job.choices.max(1);
+        let usage = Usage::new(job.prompt_tokens, n as u64 * u64::from(choices));
         let body = match job.kind {
             Kind::Generate => {
                 serde_json::to_vec(&native(&req.id, &text, &job, n, Some(job.finish_reason)))?
@@ -355,18 +371,20 @@ impl Engine {
                 object: "chat.completion",
                 created: req.created,
                 model: &job.model,
-                choices: [ChatChoice {
-                    index: 0,
-                    message: ResponseMessage {
-                        role: "assistant",
-                        content: &text,
-                        reasoning_content: None,
-                        tool_calls: None,
-                    },
-                    logprobs: None,
-                    finish_reason: job.finish_reason,
-                    matched_stop: None,
-                }],
+                choices: (0..choices)
+                    .map(|index| ChatChoice {
+                        index,
+                        message: ResponseMessage {
+                            role: "assistant",
+                            content: &text,
+                            reasoning_content: None,
+                            tool_calls: None,
+                        },
+                        logprobs: None,
+                        finish_reason: job.finish_reason,
+                        matched_stop: None,
+                    })
+                    .collect(),
                 usage,
             })?,
             Kind::Completion => serde_json::to_vec(&Response {
@@ -374,13 +392,15 @@ impl Engine {
                 object: "text_completion",
                 created: req.created,
                 model: &job.model,
-                choices: [CompletionChoice {
-                    index: 0,
-                    text: &text,
-                    logprobs: None,
-                    finish_reason: job.finish_reason,
-                    matched_stop: None,
-                }],
+                choices: (0..choices)
+                    .map(|index| CompletionChoice {
+                        index,
+                        text: &text,
+                        logprobs: None,
+                        finish_reason: job.finish_reason,
+                        matched_stop: None,
+                    })
+                    .collect(),
                 usage,
             })?,
         };
@@ -435,6 +455,8 @@ struct Events<'a> {
     buf: BytesMut,
     tx: &'a mpsc::Sender<Bytes>,
     chunks: &'a AtomicU64,
+    /// The choice the next chunk belongs to (`n > 1`, list prompts).
+    index: u32,
 }
 
 impl Events<'_> {
@@ -511,7 +533,7 @@ impl Events<'_> {
         finish_reason: Option<&str>,
     ) -> bool {
         let choices = [ChatStreamChoice {
-            index: 0,
+            index: self.index,
             delta,
             logprobs: None,
             finish_reason,
@@ -537,7 +559,7 @@ impl Events<'_> {
         finish_reason: Option<&str>,
     ) -> bool {
         let choices = [CompletionStreamChoice {
-            index: 0,
+            index: self.index,
             text,
             logprobs: None,
             finish_reason,

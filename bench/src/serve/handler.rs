@@ -14,8 +14,9 @@ use tokio::sync::mpsc;
 use super::body::ResponseBody;
 use super::engine::{Engine, Job, Kind};
 use super::wire::{
-    chat_prompt_tokens, estimate_prompt_tokens, ChatRequest, CompletionRequest, ErrorBody,
-    GenerateRequest, ModelCard, ModelList, StreamOptions, CONTEXT_LENGTH, MAX_REQUEST_BYTES,
+    chat_prompt_tokens, estimate_prompt_tokens, prompt_count, ChatRequest, CompletionRequest,
+    ErrorBody, GenerateRequest, ModelCard, ModelList, StreamOptions, CONTEXT_LENGTH,
+    MAX_REQUEST_BYTES,
 };
 
 /// Events buffered between generation and the connection; small, so a stalled client
@@ -140,6 +141,7 @@ fn chat_job(engine: &Engine, req: ChatRequest) -> Result<(Job, bool), Rejection>
     }
     let (output_tokens, finish_reason) =
         output_length(engine, req.max_completion_tokens.or(req.max_tokens))?;
+    let choices = choice_count(req.n, 1)?;
     let job = Job {
         kind: Kind::Chat,
         model: req.model.unwrap_or_else(|| engine.model().to_owned()),
@@ -147,6 +149,7 @@ fn chat_job(engine: &Engine, req: ChatRequest) -> Result<(Job, bool), Rejection>
         output_tokens,
         finish_reason,
         include_usage: include_usage(&req.stream_options),
+        choices,
     };
     Ok((job, req.stream))
 }
@@ -156,6 +159,7 @@ fn completion_job(engine: &Engine, req: CompletionRequest) -> Result<(Job, bool)
         return Err(reject(StatusCode::BAD_REQUEST, "prompt cannot be null"));
     }
     let (output_tokens, finish_reason) = output_length(engine, req.max_tokens)?;
+    let choices = choice_count(req.n, prompt_count(&req.prompt))?;
     let job = Job {
         kind: Kind::Completion,
         model: req.model.unwrap_or_else(|| engine.model().to_owned()),
@@ -163,6 +167,7 @@ fn completion_job(engine: &Engine, req: CompletionRequest) -> Result<(Job, bool)
         output_tokens,
         finish_reason,
         include_usage: include_usage(&req.stream_options),
+        choices,
     };
     Ok((job, req.stream))
 }
@@ -187,8 +192,25 @@ fn generate_job(engine: &Engine, req: GenerateRequest) -> Result<(Job, bool), Re
         output_tokens,
         finish_reason,
         include_usage: false,
+        choices: 1,
     };
     Ok((job, req.stream))
+}
+
+/// `n` choices per prompt; bounded so one request cannot ask for unbounded work.
+fn choice_count(n: u32, prompts: usize) -> Result<u32, Rejection> {
+    const MAX_CHOICES: u32 = 128;
+    let total = u32::try_from(prompts).unwrap_or(u32::MAX).saturating_mul(n);
+    if n == 0 {
+        return Err(reject(StatusCode::BAD_REQUEST, "n must be at least 1"));
+    }
+    if total > MAX_CHOICES {
+        return Err(reject(
+            StatusCode::BAD_REQUEST,
+            format!("{total} choices (n x prompts) asked; at most {MAX_CHOICES}"),
+        ));
+    }
+    Ok(total)
 }
 
 fn include_usage(opts: &Option<StreamOptions>) -> bool {

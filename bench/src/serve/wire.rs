@@ -23,6 +23,9 @@ pub struct ChatRequest {
     #[serde(default)]
     pub model: Option<String>,
     pub messages: Vec<ChatMessage>,
+    /// Choices to generate.
+    #[serde(default = "one")]
+    pub n: u32,
     #[serde(default)]
     pub max_tokens: Option<u64>,
     #[serde(default)]
@@ -48,6 +51,9 @@ pub struct CompletionRequest {
     #[serde(default)]
     pub model: Option<String>,
     pub prompt: Value,
+    /// Choices to generate per prompt.
+    #[serde(default = "one")]
+    pub n: u32,
     #[serde(default)]
     pub max_tokens: Option<u64>,
     #[serde(default)]
@@ -98,6 +104,21 @@ pub enum NativeFinish {
 pub struct SamplingParams {
     #[serde(default)]
     pub max_new_tokens: Option<u64>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// How many prompts a completions `prompt` holds: a list of strings or of token-id lists
+/// is one prompt per item; a string or one token-id list is one.
+pub fn prompt_count(prompt: &Value) -> usize {
+    match prompt {
+        Value::Array(items) if items.iter().all(|i| i.is_string() || i.is_array()) => {
+            items.len().max(1)
+        }
+        _ => 1,
+    }
 }
 
 /// Rough prompt token count for `usage`: ~4 characters per token, token-id prompts
@@ -232,7 +253,7 @@ pub struct Response<'a, C> {
     pub object: &'static str,
     pub created: u64,
     pub model: &'a str,
-    pub choices: [C; 1],
+    pub choices: Vec<C>,
     pub usage: Usage,
 }
 

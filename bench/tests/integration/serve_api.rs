@@ -408,3 +408,61 @@ async fn native_generate_streams_cumulative_text_with_meta_info() {
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(err["object"], "error");
 }
+
+/// `n > 1` and list prompts: one choice per (prompt, n), each with its own index; usage
+/// counts them all.
+#[tokio::test]
+async fn n_choices_and_list_prompts_return_that_many_choices() {
+    let server = start(fast_config()).await;
+    let addr = server.local_addr();
+    let body = json!({
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 2, "n": 2, "stream": true,
+        "stream_options": {"include_usage": true},
+    })
+    .to_string();
+    let events = post_sse(addr, "/v1/chat/completions", &body).await;
+    let mut content = [0, 0];
+    let mut finished = [0, 0];
+    for e in &events[..events.len() - 1] {
+        let v = e.json();
+        if let Some(choice) = v["choices"].get(0) {
+            let i = choice["index"].as_u64().unwrap() as usize;
+            if choice["delta"]["content"]
+                .as_str()
+                .is_some_and(|c| !c.is_empty())
+            {
+                content[i] += 1;
+            }
+            if choice["finish_reason"].is_string() {
+                finished[i] += 1;
+            }
+        } else {
+            assert_eq!(v["usage"]["completion_tokens"], 4, "2 choices x 2 tokens");
+        }
+    }
+    assert_eq!(content, [2, 2]);
+    assert_eq!(finished, [1, 1]);
+
+    let body = json!({"prompt": ["a", "b"], "n": 2, "max_tokens": 3}).to_string();
+    let (status, v) = json_body(post(addr, "/v1/completions", &body).await).await;
+    assert_eq!(status, StatusCode::OK);
+    let indices: Vec<u64> = v["choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["index"].as_u64().unwrap())
+        .collect();
+    assert_eq!(indices, [0, 1, 2, 3], "2 prompts x n=2");
+    assert_eq!(v["usage"]["completion_tokens"], 12);
+    let (status, _) = json_body(
+        post(
+            addr,
+            "/v1/completions",
+            &json!({"prompt": "a", "n": 0}).to_string(),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}
