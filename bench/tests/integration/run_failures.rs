@@ -121,6 +121,14 @@ async fn scripted_server(behaviours: Vec<&'static str>) -> String {
     url
 }
 
+/// A loopback address nothing listens on (bound, then dropped).
+fn dead_addr() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
 fn config(url: String) -> RunConfig {
     let mut cfg = RunConfig::new(url);
     cfg.model = Some("m".into());
@@ -171,12 +179,7 @@ async fn each_bad_response_fails_its_request_only_and_is_counted() {
 
 #[tokio::test]
 async fn refused_connection_fails_every_request_but_the_run_completes() {
-    // Bind then drop: nothing listens on this port any more.
-    let addr = TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let addr = dead_addr();
     let mut cfg = config(format!("http://{addr}"));
     cfg.max_concurrency = None;
     let result = run_benchmark(&cfg, None).await.unwrap();
@@ -200,10 +203,7 @@ fn cli_exit_codes_bad_flags_vs_failed_requests() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--goodput"));
 
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let addr = dead_addr();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("res.jsonl");
     let run = std::process::Command::new(bin)
@@ -250,10 +250,7 @@ fn cli_exit_codes_bad_flags_vs_failed_requests() {
 
 #[test]
 fn cli_waits_for_the_server_and_gives_up_after_the_ready_check_timeout() {
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let addr = dead_addr();
     let run = std::process::Command::new(env!("CARGO_BIN_EXE_eastwest-bench"))
         .args(["run", "--base-url", &format!("http://{addr}")])
         .args(["--num-prompts", "3", "--disable-tqdm"])
@@ -281,12 +278,7 @@ fn cli_waits_for_the_server_and_gives_up_after_the_ready_check_timeout() {
 
 #[tokio::test]
 async fn every_warmup_request_failing_stops_the_run_as_bench_serving_does() {
-    let addr = TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let mut cfg = config(format!("http://{addr}"));
+    let mut cfg = config(format!("http://{}", dead_addr()));
     cfg.warmup_requests = 2;
     let err = run_benchmark(&cfg, None).await.unwrap_err();
     assert!(

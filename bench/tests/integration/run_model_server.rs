@@ -140,6 +140,22 @@ async fn forwarder(upstream: std::net::SocketAddr) -> Forwarder {
     }
 }
 
+/// The model server with the mesh's server identity (mTLS), and a forwarder to it that
+/// records each connection's ClientHello.
+async fn mtls_server_behind_forwarder(files: &MeshFiles) -> (ModelServer, Forwarder) {
+    let server = ModelServer::start(
+        "127.0.0.1:0".parse().unwrap(),
+        ServeConfig {
+            tls: Some(files.server_tls.clone()),
+            ..fast_server()
+        },
+    )
+    .await
+    .unwrap();
+    let fwd = forwarder(server.local_addr()).await;
+    (server, fwd)
+}
+
 struct MeshFiles {
     dir: tempfile::TempDir,
     server_tls: Arc<rustls::ServerConfig>,
@@ -221,16 +237,7 @@ async fn cli_run(
 #[tokio::test]
 async fn mtls_with_sni_and_connect_to_through_a_tcp_forwarder() {
     let files = mesh_files();
-    let server = ModelServer::start(
-        "127.0.0.1:0".parse().unwrap(),
-        ServeConfig {
-            tls: Some(files.server_tls.clone()),
-            ..fast_server()
-        },
-    )
-    .await
-    .unwrap();
-    let fwd = forwarder(server.local_addr()).await;
+    let (server, fwd) = mtls_server_behind_forwarder(&files).await;
 
     // SPIFFE verification of the server: its name is not sglang.demo..., its ID matches.
     let (ok, json, stdout) = cli_run(
@@ -318,16 +325,7 @@ async fn mtls_with_sni_and_connect_to_through_a_tcp_forwarder() {
 #[tokio::test]
 async fn sidecar_lets_a_plain_client_reach_an_mtls_server_with_sni() {
     let files = mesh_files();
-    let server = ModelServer::start(
-        "127.0.0.1:0".parse().unwrap(),
-        ServeConfig {
-            tls: Some(files.server_tls.clone()),
-            ..fast_server()
-        },
-    )
-    .await
-    .unwrap();
-    let fwd = forwarder(server.local_addr()).await;
+    let (server, fwd) = mtls_server_behind_forwarder(&files).await;
     let d = files.dir.path();
     let tls = eastwest_bench::run::TlsFlags {
         cacert: Some(d.join("root-cert.pem")),

@@ -7,9 +7,9 @@ use std::time::Duration;
 use eastwest_bench::run::{run_benchmark, RunConfig};
 use eastwest_bench::serve::{ModelServer, ServeConfig};
 
-#[tokio::test]
-async fn requests_leave_on_an_absolute_schedule_never_early() {
-    let server = ModelServer::start(
+/// A model server that answers at once: the schedule, not generation, sets the pace.
+async fn instant_server() -> ModelServer {
+    ModelServer::start(
         "127.0.0.1:0".parse().unwrap(),
         ServeConfig {
             ttft: Duration::ZERO,
@@ -18,7 +18,12 @@ async fn requests_leave_on_an_absolute_schedule_never_early() {
         },
     )
     .await
-    .unwrap();
+    .unwrap()
+}
+
+#[tokio::test]
+async fn requests_leave_on_an_absolute_schedule_never_early() {
+    let server = instant_server().await;
     let mut cfg = RunConfig::new(format!("http://{}", server.local_addr()));
     cfg.num_prompts = 40;
     cfg.request_rate = 400.0;
@@ -54,16 +59,7 @@ async fn same_seed_same_lengths_and_schedule_as_bench_serving() {
         serde_json::from_str(include_str!("../fixtures/numpy_streams.json")).unwrap();
     let w = &fixture["workloads"][0];
     assert_eq!(w["seed"], 42, "sglang's default seed");
-    let server = ModelServer::start(
-        "127.0.0.1:0".parse().unwrap(),
-        ServeConfig {
-            ttft: Duration::ZERO,
-            itl: Duration::ZERO,
-            ..ServeConfig::default()
-        },
-    )
-    .await
-    .unwrap();
+    let server = instant_server().await;
     let mut cfg = RunConfig::new(format!("http://{}", server.local_addr()));
     // bench_serving's defaults: --seed 42, --random-range-ratio 0.0.
     assert_eq!((cfg.seed, cfg.random_range_ratio), (42, 0.0));
