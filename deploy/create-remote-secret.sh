@@ -7,6 +7,15 @@
 #
 #   deploy/create-remote-secret.sh --context ash --name ash | kubectl apply --context fra -f -
 #
+# eastwest-reader has the rights of Istio 1.24's istio-reader-clusterrole for a remote whose
+# istiod runs in the primary (the seed's `profile: remote`, global.externalIstiod): reads,
+# plus writing ConfigMaps and patching the injection/validation webhooks in the remote.
+# Use `istioctl create-remote-secret` instead (one of the two, not both) when:
+#   - the remote runs another Istio release than 1.24, or a revision, ambient or other
+#     features whose istiod needs more: istioctl binds the reader role installed by the same
+#     release (istio-reader-service-account), which always matches that istiod;
+#   - you need its other options (--type config, --auth-type plugin, --secret-name).
+#
 # Options: --context CTX (kubectl context of the remote cluster), --name NAME (cluster name,
 # default: the context), --namespace NS (where the reader lives and the Secret goes; default
 # istio-system), --server URL (API server address the primary should use; default: the
@@ -20,7 +29,8 @@ NAMESPACE="istio-system"
 SERVER=""
 READER="eastwest-reader"
 
-usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+# The header comment above, up to the first line that is not a comment.
+usage() { sed -n '2,/^[^#]/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit "${1:-0}"; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --context) CONTEXT="$2"; shift 2 ;;

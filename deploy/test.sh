@@ -100,7 +100,10 @@ while IFS= read -r kfile; do
   else
     fail "kustomize $rel: $(cat "$out.err")"
   fi
-done < <(find "$DEPLOY" -name kustomization.yaml -not -path '*/tools/*' | sort)
+done < <(find "$DEPLOY" -name kustomization.yaml -not -path '*/tools/*' | sort |
+  xargs grep -L '^kind: Component$')
+# Components (images/, oci/) are not applied alone: they render through the kustomizations
+# that include them.
 
 for version in $K8S_VERSIONS; do
   log "validate against Kubernetes $version schemas (strict)"
@@ -120,6 +123,43 @@ else
   fail "validator rejected $bad_found of $bad_total known-bad objects"
 fi
 
+log "images: every workload runs the image deploy/images names for its binary"
+if "${MANIFESTS[@]}" images --component "$DEPLOY/images" "${RENDERED[@]}"; then
+  pass "every rendered container's image comes from deploy/images (or is pinned)"
+else
+  fail "rendered images"
+fi
+# One edit of deploy/images must move every overlay: a copy of deploy/ with other names, a
+# registry and a digest, rendered again.
+retarget_images() {
+  local copy="$WORK/deploy-retargeted" digest dir out renders=()
+  digest="sha256:$(printf 'eastwest' | sha256sum | cut -d' ' -f1)"
+  # Every step checked: errexit does not apply inside an `if` condition.
+  rm -rf "$copy" && cp -r "$DEPLOY" "$copy" && mkdir -p "$copy/render" || return 1
+  "$PY" - "$copy/images/kustomization.yaml" "$digest" <<'EOF_PY' || return 1
+import sys, yaml
+path, digest = sys.argv[1], sys.argv[2]
+doc = yaml.safe_load(open(path))
+for entry in doc["images"]:
+    entry["newName"] = "registry.example/mesh/" + entry["name"].rsplit("/", 1)[-1]
+    entry["digest"] = digest  # with the tag: kustomize renders name:tag@digest
+yaml.safe_dump(doc, open(path, "w"))
+EOF_PY
+  for dir in overlays/fra overlays/ash samples/ash; do
+    out="$copy/render/${dir//\//-}.yaml"
+    "$KUBECTL" kustomize "$copy/$dir" >"$out" || return 1
+    renders+=("$out")
+  done
+  # Every image now comes from the edited component: no default name is left anywhere.
+  "${MANIFESTS[@]}" images --component "$copy/images" "${renders[@]}" &&
+    ! grep -hE 'image: (eastwest|docker.io/library/busybox)' "${renders[@]}"
+}
+if retarget_images; then
+  pass "a registry and digest set once in deploy/images reach every workload of every overlay"
+else
+  fail "changing deploy/images did not change every overlay's images"
+fi
+
 log "gateway overlays"
 for cluster in fra ash; do
   if "${MANIFESTS[@]}" gateway "$WORK/render/overlays-$cluster.yaml"; then
@@ -134,6 +174,18 @@ if "$VENV/bin/hadolint" "$REPO/Dockerfile"; then
   pass "hadolint Dockerfile"
 else
   fail "hadolint Dockerfile"
+fi
+
+if "${MANIFESTS[@]}" dockerfile "$REPO/Dockerfile"; then
+  pass "Dockerfile: one binary per image target, stripped, base images as pinnable build arguments"
+else
+  fail "Dockerfile targets"
+fi
+if "${MANIFESTS[@]}" build-context --dockerignore "$REPO/.dockerignore" \
+  --readme "$DEPLOY/README.md" --readme "$REPO/README.md"; then
+  pass "the READMEs write certificates outside the build context; .dockerignore drops key files"
+else
+  fail "certificates inside the build context"
 fi
 
 log "create-remote-secret.sh against a local API server"
@@ -158,17 +210,19 @@ fi
 log "README's certificate commands (eastwest-certs, kubectl create secret --dry-run=client)"
 CERTS="$BIN/eastwest-certs"
 # Every command chained with &&: errexit does not apply inside an `if` condition.
+# CERTS_DIR as the README sets it, in the temp dir here.
 make_cert_secrets() {
+  local CERTS_DIR="$WORK/certs"
   cd "$WORK" &&
-    "$CERTS" mesh --out certs --trust-domain cluster.local --clusters fra,ash >/dev/null &&
-    "$CERTS" gateway --ca certs/fra --out certs/gateway-fra/ --validity 365d >/dev/null &&
-    "$CERTS" gateway --ca certs/ash --out certs/gateway-ash/ --validity 365d >/dev/null &&
-    "$CERTS" workload --ca certs/fra --out certs/control-fra/ --validity 365d \
-      --spiffe spiffe://cluster.local/ns/istio-system/sa/eastwest-control >/dev/null &&
+    "$CERTS" mesh --out "$CERTS_DIR" --trust-domain cluster.local --clusters fra,ash >/dev/null &&
+    "$CERTS" gateway --ca "$CERTS_DIR/fra" --out "$CERTS_DIR/gateway-fra/" --validity 365d >/dev/null &&
+    "$CERTS" gateway --ca "$CERTS_DIR/ash" --out "$CERTS_DIR/gateway-ash/" --validity 365d >/dev/null &&
+    "$CERTS" workload --ca "$CERTS_DIR/fra" --out "$CERTS_DIR/control-fra/" --validity 365d \
+      --spiffe-id spiffe://cluster.local/ns/istio-system/sa/eastwest-control >/dev/null &&
     "$KUBECTL" create secret generic eastwest-proxy-certs -n istio-system \
-      --from-file=certs/gateway-fra/ --dry-run=client -o yaml >eastwest-proxy-certs.yaml &&
+      --from-file="$CERTS_DIR/gateway-fra/" --dry-run=client -o yaml >eastwest-proxy-certs.yaml &&
     "$KUBECTL" create secret generic eastwest-control-certs -n istio-system \
-      --from-file=certs/control-fra/ --dry-run=client -o yaml >eastwest-control-certs.yaml &&
+      --from-file="$CERTS_DIR/control-fra/" --dry-run=client -o yaml >eastwest-control-certs.yaml &&
     # The Secrets must hold the file names the DaemonSet's and Deployment's args point at.
     "$PY" -c '
 import sys, yaml
@@ -437,10 +491,13 @@ EOF
   fi
   "${control_argv[@]}" --kubeconfig "$WORK/unreachable-kubeconfig.yaml" --sync-timeout 1s \
     >"$WORK/wiring-control.log" 2>&1 &
-  PIDS+=($!)
+  WIRING_CONTROL_PID=$!
+  PIDS+=("$WIRING_CONTROL_PID")
   "${proxy_argv[@]}" >"$WORK/wiring-proxy.log" 2>&1 &
   local proxy_pid=$!
   PIDS+=("$proxy_pid")
+  WIRING_PROXY_PID=$proxy_pid WIRING_ADMIN_PORT=$admin_port WIRING_POD=$pod
+  WIRING_PROXY_ARGV=("${proxy_argv[@]}")
   local metrics
   if wait_for 30 "$proxy_pid" http_get "http://127.0.0.1:$admin_port/healthz/ready" &&
     metrics="$(http_get "http://127.0.0.1:$admin_port/metrics")" &&
@@ -461,8 +518,36 @@ if [ -n "$PROXY_PID" ] && kill -0 "$PROXY_PID" 2>/dev/null; then
   configmap_reload
 fi
 
+# The gateway pod re-created on the same node while eastwest-control is down: a new process,
+# the same DaemonSet command line, the same hostPath directory (the wiring test's cache dir).
+# It must turn ready from the cached table alone.
+recreated_pod() {
+  local pid
+  for pid in "$WIRING_PROXY_PID" "$WIRING_CONTROL_PID"; do
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
+  "${WIRING_PROXY_ARGV[@]}" >"$WORK/recreated-proxy.log" 2>&1 &
+  pid=$!
+  PIDS+=("$pid")
+  local metrics
+  if wait_for 30 "$pid" http_get "http://127.0.0.1:$WIRING_ADMIN_PORT/healthz/ready" &&
+    metrics="$(http_get "http://127.0.0.1:$WIRING_ADMIN_PORT/metrics")" &&
+    ! grep -q '^eastwest_control_connected 1' <<<"$metrics"; then
+    pass "a re-created gateway pod turned ready from the node's route cache with eastwest-control down"
+  else
+    fail "the re-created gateway did not turn ready from $WIRING_POD/cache within 30s; its log:"
+    tail -5 "$WORK/recreated-proxy.log"
+  fi
+}
+
 log "the manifests' command lines, run: ash's gateway <- mTLS -> fra's eastwest-control"
+WIRING_PROXY_PID=""
 manifests_wiring
+if [ -n "$WIRING_PROXY_PID" ] && [ -s "$WIRING_POD/cache/routes.json" ]; then
+  log "route cache on the node: the gateway pod re-created while eastwest-control is down"
+  recreated_pod
+fi
 
 echo "deploy: $PASSED passed, $FAILED failed"
 [ "$FAILED" = 0 ]

@@ -5,7 +5,16 @@ import json
 import statistics
 import sys
 
-ORDER = ["direct", "eastwest", "nginx", "nginx-halfclose", "haproxy"]
+ORDER = [
+    "direct",
+    "eastwest",
+    "eastwest-nosplice",
+    "eastwest-base",
+    "nginx",
+    "nginx-halfclose",
+    "haproxy",
+    "haproxy-splice",
+]
 
 
 def load(path):
@@ -42,6 +51,7 @@ def round_figures(phases):
     co = phases.get("connect", {})
     bu = phases.get("bulk", {})
     la = phases.get("latency", {})
+    lg = phases.get("large", {})
     idle = phases.get("idle", {})
     rss = idle.get("rss_kib")
     rss0 = idle.get("rss_before_kib")
@@ -59,6 +69,8 @@ def round_figures(phases):
         "us_req1": per(la.get("gw_cpu_s"), la.get("requests"), 1e6),
         "us_conn": per(co.get("gw_cpu_s"), co.get("connects"), 1e6),
         "us_mb": per(bu.get("gw_cpu_s"), (bu.get("bytes") or 0) / 1e6, 1e6),
+        "lg_mbps": lg.get("mb_per_sec"),
+        "lg_us_mb": per(lg.get("gw_cpu_s"), (lg.get("bytes") or 0) / 1e6, 1e6),
         "ka_p50": ka.get("p50_us"),
         "ka_p99": ka.get("p99_us"),
         "co_p50": co.get("p50_us"),
@@ -149,6 +161,27 @@ def main():
             f"| {t} | {n} | {rng('ka')} | {rng('cps')} | {rng('mbps')} | {rng('p99')} "
             f"| {rng('us_req', 1)} | {rng('us_conn', 1)} | {rng('us_mb', 1)} |"
         )
+    if any(f[t]["lg_mbps"] for t in targets):
+        out.append("")
+        out.append(
+            "Large responses (the `large` phase: request/response on a few kept-alive "
+            "connections), median and range over rounds:"
+        )
+        out.append("")
+        out.append("| | MB/s | ratio to direct | MB/s range | gateway CPU µs/MB | µs/MB range |")
+        out.append("|---|---:|---:|---:|---:|---:|")
+        d = f.get("direct", {}).get("lg_mbps")
+        for t in targets:
+            x, sp = f[t], med[t][1]
+
+            def rng(k, d=0):
+                return "—" if sp.get(k) is None else f"{fmt(sp[k][0], d)}–{fmt(sp[k][1], d)}"
+
+            ratio = f"{x['lg_mbps'] / d:.2f}" if x["lg_mbps"] and d else "—"
+            out.append(
+                f"| {t} | {fmt(x['lg_mbps'])} | {ratio} | {rng('lg_mbps')} "
+                f"| {fmt(x['lg_us_mb'], 1)} | {rng('lg_us_mb', 1)} |"
+            )
     out.extend(paired(by, targets))
     print("\n".join(out))
 
@@ -163,6 +196,8 @@ PAIRED = [
     ("us_req", "CPU µs/req", False),
     ("us_conn", "CPU µs/conn", False),
     ("us_mb", "CPU µs/MB", False),
+    ("lg_mbps", "large MB/s", True),
+    ("lg_us_mb", "large CPU µs/MB", False),
 ]
 
 

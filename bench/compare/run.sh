@@ -21,8 +21,8 @@ TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 PROXY=${PROXY:-$TARGET_DIR/release/eastwest-proxy}
 LOADGEN=${LOADGEN:-$TARGET_DIR/release/examples/loadgen}
 
-TARGETS=${TARGETS:-"direct eastwest nginx nginx-halfclose haproxy"}
-PHASES=${PHASES:-"idle latency keepalive connect bulk"}
+TARGETS=${TARGETS:-"direct eastwest nginx nginx-halfclose haproxy haproxy-splice"}
+PHASES=${PHASES:-"idle latency keepalive connect bulk large"}
 PHASE_SECS=${PHASE_SECS:-4}
 # Every target is measured ROUNDS times, interleaved; the report shows medians.
 ROUNDS=${ROUNDS:-3}
@@ -33,6 +33,11 @@ CONNECT_CONNS=${CONNECT_CONNS:-16}
 BULK_CONNS=${BULK_CONNS:-4}
 REQUEST_SIZE=${REQUEST_SIZE:-256}
 RESPONSE_SIZE=${RESPONSE_SIZE:-1024}
+# The "large" phase: request/response with big responses on a few kept-alive connections
+# (wrk fetching 1 MiB files): each response starts on a quiet connection, unlike "bulk"'s one
+# endless stream, so it shows what a gateway does while a direction ramps up.
+LARGE_CONNS=${LARGE_CONNS:-4}
+LARGE_RESPONSE_SIZE=${LARGE_RESPONSE_SIZE:-1048576}
 IDLE_CONNS=${IDLE_CONNS:-10000}
 PORT_BASE=${PORT_BASE:-18400}
 OUT=${OUT:-}
@@ -140,14 +145,18 @@ fill() {
 
 start_gateway() {
     case $1 in
-    eastwest)
+    eastwest | eastwest-nosplice | eastwest-base)
         # Its own directory: eastwest-proxy watches the config file's directory for reloads,
         # and the files this script writes to $WORK would wake it.
-        mkdir -p "$WORK/eastwest"
-        cfg=$(fill "$WORK/eastwest" eastwest.yaml.in "$EASTWEST_ADDR")
+        mkdir -p "$WORK/$1"
+        cfg=$(fill "$WORK/$1" eastwest.yaml.in "$EASTWEST_ADDR")
+        # A/B in one interleaved run: the same build with splice off, or an older build.
+        local proxy=$PROXY
+        if [ "$1" = eastwest-nosplice ]; then printf 'upstream:\n  splice: off\n' >>"$cfg"; fi
+        if [ "$1" = eastwest-base ]; then proxy=${PROXY_BASE:?set PROXY_BASE to the older build}; fi
         # One tokio worker thread, like nginx's one worker and haproxy's one thread.
-        EASTWEST_WORKER_THREADS=1 TOKIO_WORKER_THREADS=1 RUST_LOG=warn "${ON_GW[@]}" "$PROXY" --config "$cfg" \
-            2>"$WORK/eastwest.log" &
+        EASTWEST_WORKER_THREADS=1 TOKIO_WORKER_THREADS=1 RUST_LOG=warn "${ON_GW[@]}" "$proxy" --config "$cfg" \
+            2>"$WORK/$1.log" &
         GATEWAY_PID=$! ADDR=$EASTWEST_ADDR
         ;;
     nginx | nginx-halfclose)
@@ -160,8 +169,16 @@ start_gateway() {
         "${ON_GW[@]}" nginx -p "$WORK" -e stderr -c "$cfg" 2>"$WORK/nginx.log" &
         GATEWAY_PID=$! ADDR=$NGINX_ADDR
         ;;
-    haproxy)
+    haproxy | haproxy-splice)
         cfg=$(fill "$WORK" haproxy.cfg.in "$HAPROXY_ADDR")
+        # What a user after bulk throughput turns on: splice(2) once a direction carries bulk.
+        # Pipes cost it 2 fds each and it refuses to start if maxconn and maxpipes could exceed
+        # the fd limit: 256 pipes, and as many fewer connections (it skips the idle phase).
+        if [ "$1" = haproxy-splice ]; then
+            sed -i -e 's/^\( *\)mode tcp$/&\n\1option splice-auto/' \
+                -e "s/^\\( *\\)maxconn $MAX_IDLE\$/\\1maxconn $((MAX_IDLE - 256))/" \
+                -e 's/^\( *\)nbthread 1$/&\n\1maxpipes 256/' "$cfg"
+        fi
         "${ON_GW[@]}" haproxy -db -f "$cfg" 2>"$WORK/haproxy.log" &
         GATEWAY_PID=$! ADDR=$HAPROXY_ADDR
         ;;
@@ -257,7 +274,9 @@ for ROUND in $(seq 1 "$ROUNDS"); do
         log "== $target (round $ROUND of $ROUNDS)"
         start_gateway "$target"
         # Memory is the same every round (checked); measure it once, on a fresh gateway.
-        if [ -n "$GATEWAY_PID" ] && [ "$ROUND" = 1 ] && has_phase idle; then idle_phase "$target"; fi
+        if [ -n "$GATEWAY_PID" ] && [ "$ROUND" = 1 ] && has_phase idle && [ "$target" != haproxy-splice ]; then
+            idle_phase "$target"
+        fi
         ! has_phase latency ||
             phase "$target" latency --mode keepalive --connections 1 --duration "$PHASE_SECS"
         ! has_phase keepalive ||
@@ -266,6 +285,9 @@ for ROUND in $(seq 1 "$ROUNDS"); do
             phase "$target" connect --mode connect --connections "$CONNECT_CONNS" --duration "$PHASE_SECS"
         ! has_phase bulk ||
             phase "$target" bulk --mode bulk --connections "$BULK_CONNS" --duration "$PHASE_SECS"
+        ! has_phase large ||
+            RESPONSE_SIZE=$LARGE_RESPONSE_SIZE phase "$target" large --mode keepalive \
+                --connections "$LARGE_CONNS" --duration "$PHASE_SECS"
         stop_gateway
     done
 done
@@ -276,7 +298,7 @@ done
     echo "$(nginx -v 2>&1 | sed 's/.*: //'), $(haproxy -v | head -1 | cut -d' ' -f1-3)," \
         "eastwest-proxy $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')." \
         "${ROUNDS} rounds of ${PHASE_SECS}s phases (medians shown); keep-alive ${KEEPALIVE_CONNS} connections, connect ${CONNECT_CONNS}," \
-        "bulk ${BULK_CONNS}; requests ${REQUEST_SIZE} B, responses ${RESPONSE_SIZE} B; idle ${IDLE_CONNS}."
+        "bulk ${BULK_CONNS}, large ${LARGE_CONNS} × ${LARGE_RESPONSE_SIZE} B responses; requests ${REQUEST_SIZE} B, responses ${RESPONSE_SIZE} B; idle ${IDLE_CONNS}."
     echo
     python3 "$HERE/report.py" "$RESULTS"
 } >"$WORK/report.md"

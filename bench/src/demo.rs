@@ -29,9 +29,9 @@ pub struct Args {
     /// A few short requests per scenario (CI): finishes in seconds.
     #[arg(long)]
     pub quick: bool,
-    /// Round-trip time of the fra<->ash WAN link, ms.
-    #[arg(long, default_value_t = 90.0)]
-    pub rtt_ms: f64,
+    /// Round-trip time of the fra<->ash WAN link, e.g. 90ms; a bare number is milliseconds.
+    #[arg(long, alias = "rtt-ms", default_value = "90ms", value_parser = eastwest_cli::duration_or_millis)]
+    pub rtt: Duration,
     /// Requests per scenario [default: 80, --quick: 8].
     #[arg(long)]
     pub num_prompts: Option<usize>,
@@ -44,27 +44,25 @@ pub struct Args {
     /// Requests in flight per scenario.
     #[arg(long, default_value_t = 4)]
     pub concurrency: usize,
-    /// The model server's time to first token, ms.
-    #[arg(long, default_value_t = 20.0)]
-    pub ttft_ms: f64,
-    /// The model server's inter-token latency, ms.
-    #[arg(long, default_value_t = 7.0)]
-    pub itl_ms: f64,
+    /// The model server's time to first token, e.g. 20ms.
+    #[arg(long, alias = "ttft-ms", default_value = "20ms", value_parser = eastwest_cli::duration_or_millis)]
+    pub ttft: Duration,
+    /// The model server's inter-token latency, e.g. 7ms.
+    #[arg(long, alias = "itl-ms", default_value = "7ms", value_parser = eastwest_cli::duration_or_millis)]
+    pub itl: Duration,
     /// No progress bars.
     #[arg(long)]
     pub disable_tqdm: bool,
 }
 
-fn ms(x: f64, flag: &str) -> anyhow::Result<Duration> {
-    anyhow::ensure!(
-        x.is_finite() && x >= 0.0,
-        "{flag} must be a non-negative number of ms"
-    );
-    Ok(Duration::from_secs_f64(x / 1e3))
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
 }
 
 #[derive(Serialize)]
 struct Results<'a> {
+    /// Which build ran, and when: results from different commits must not be mixed up.
+    eastwest: serde_json::Value,
     options: serde_json::Value,
     topology: serde_json::Value,
     scenarios: &'a [ScenarioResult],
@@ -107,10 +105,11 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(output_len > 1, "--output-len must be at least 2");
     anyhow::ensure!(args.concurrency > 0, "--concurrency must be at least 1");
     let opts = TopologyOptions {
-        rtt: ms(args.rtt_ms, "--rtt-ms")?,
-        ttft: ms(args.ttft_ms, "--ttft-ms")?,
-        itl: ms(args.itl_ms, "--itl-ms")?,
+        rtt: args.rtt,
+        ttft: args.ttft,
+        itl: args.itl,
     };
+    let started_at = std::time::SystemTime::now();
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating --out {}", args.out.display()))?;
     let started = Instant::now();
@@ -119,7 +118,10 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
     println!("eastwest demo: Open WebUI in fra -> sglang in ash, all on 127.0.0.1");
     println!(
         "  model server (ash)   {}  {}  ttft {} ms, itl {} ms",
-        topo.server_addr, topo.server_id, args.ttft_ms, args.itl_ms
+        topo.server_addr,
+        topo.server_id,
+        ms(args.ttft),
+        ms(args.itl)
     );
     println!(
         "  east-west gateway    {}  AUTO_PASSTHROUGH, admin {}",
@@ -127,7 +129,8 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
     );
     println!(
         "  WAN link fra->ash    {}  RTT {} ms",
-        topo.wan_addr, args.rtt_ms
+        topo.wan_addr,
+        ms(args.rtt)
     );
     println!(
         "  client (fra)         {}  SNI {GATEWAY_SNI}",
@@ -138,11 +141,22 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
         args.concurrency, args.input_len
     );
 
+    // The topology takes the server's and the link's defaults for what the demo does not set.
+    let server = crate::serve::ServeConfig::default();
+    let wan = crate::wan::WanOptions::default();
     let topo_json = serde_json::json!({
-        "server": {"address": topo.server_addr, "spiffe_id": topo.server_id.to_string(), "cluster": "ash"},
+        "server": {
+            "address": topo.server_addr, "spiffe_id": topo.server_id.to_string(), "cluster": "ash",
+            "ttft_ms": ms(args.ttft), "itl_ms": ms(args.itl), "ttft_jitter_ms": ms(server.ttft_jitter),
+            "tokens_per_chunk": server.tokens_per_chunk, "max_running": server.max_running,
+            "seed": server.seed,
+        },
         "client": {"spiffe_id": topo.client_id.to_string(), "cluster": "fra"},
         "gateway": {"address": topo.gateway_addr, "admin": topo.admin_addr, "mode": "AUTO_PASSTHROUGH"},
-        "wan": {"address": topo.wan_addr, "rtt_ms": args.rtt_ms},
+        "wan": {
+            "address": topo.wan_addr, "rtt_ms": ms(args.rtt), "jitter_ms": ms(wan.jitter),
+            "bandwidth_bytes_per_sec": wan.bandwidth_bytes_per_sec,
+        },
         "service": format!("{SERVICE_HOST}:{SERVICE_PORT}"),
         "gateway_sni": GATEWAY_SNI,
     });
@@ -153,7 +167,7 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
     let (scenarios, warmup_events) = outcome?;
 
     println!("\n{}", report::comparison_table(&scenarios));
-    let rtt = args.rtt_ms;
+    let rtt = ms(args.rtt);
     let ttft = |i: usize| scenarios[i].metrics.mean_ttft_ms;
     let keep_delta = ttft(1) - ttft(0);
     let cold_delta = ttft(2) - ttft(0);
@@ -173,7 +187,7 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
     println!(
         "  mean ITL per scenario                = {} ms (server ITL {} ms: the gateway must not delay or bunch tokens)",
         itls.join(" / "),
-        args.itl_ms
+        ms(args.itl)
     );
     let client_events: u64 = scenarios.iter().map(|s| s.sse_events).sum::<u64>() + warmup_events;
     println!(
@@ -202,10 +216,18 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
 
     let plots = report::write_plots(&args.out, &scenarios)?;
     let results = Results {
+        eastwest: serde_json::json!({
+            "version": eastwest_cli::PKG_VERSION,
+            "commit": eastwest_cli::GIT_COMMIT,
+            "started_at": humantime::format_rfc3339_seconds(started_at).to_string(),
+            "command": std::env::args().collect::<Vec<_>>(),
+        }),
+        // Every setting the run used, defaults included (`num_prompts`/`output_len` resolved).
         options: serde_json::json!({
-            "rtt_ms": args.rtt_ms, "ttft_ms": args.ttft_ms, "itl_ms": args.itl_ms,
+            "rtt_ms": ms(args.rtt), "ttft_ms": ms(args.ttft), "itl_ms": ms(args.itl),
             "num_prompts": num_prompts, "input_len": args.input_len, "output_len": output_len,
             "concurrency": args.concurrency, "quick": args.quick,
+            "out": args.out, "disable_tqdm": args.disable_tqdm,
         }),
         topology: topo_json,
         scenarios: &scenarios,
@@ -280,7 +302,28 @@ async fn run_scenarios(
                 sc.name, result.metrics.failed, result.first_errors
             );
         }
-        results.push(ScenarioResult::new(sc.name, sc.description, &result));
+        let settings = serde_json::json!({
+            "cross_region": sc.cross_region,
+            "connection": format!("{:?}", cfg.connection).to_lowercase(),
+            "backend": format!("{:?}", cfg.backend),
+            "num_prompts": cfg.num_prompts,
+            "max_concurrency": cfg.max_concurrency,
+            "request_rate": cfg.request_rate.to_string(),
+            "random_input_len": cfg.random_input_len,
+            "random_output_len": cfg.random_output_len,
+            "random_range_ratio": cfg.random_range_ratio,
+            "warmup_requests": cfg.warmup_requests,
+            "seed": cfg.seed,
+            "sni": cfg.sni,
+            "connect_to": cfg.connect_to,
+            "request_timeout_s": cfg.request_timeout.as_secs_f64(),
+        });
+        results.push(ScenarioResult::new(
+            sc.name,
+            sc.description,
+            settings,
+            &result,
+        ));
     }
     Ok((results, warmup_events))
 }

@@ -7,7 +7,6 @@
 //! - [`demo`]: the two-region demo, the project's main job.
 
 pub mod demo;
-mod millis;
 pub mod run;
 pub mod serve;
 pub mod sidecar;

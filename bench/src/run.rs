@@ -48,8 +48,10 @@ pub struct RunFlags {
     /// Server base URL, e.g. http://127.0.0.1:30000 (overrides --host/--port).
     #[arg(long)]
     pub base_url: Option<String>,
+    /// Server host when --base-url is not given.
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
+    /// Server port when --base-url is not given.
     #[arg(long, default_value_t = 30000)]
     pub port: u16,
     /// bench_serving's backend names: *-chat → /v1/chat/completions, the others →
@@ -85,20 +87,25 @@ pub struct RunFlags {
     /// Written as "tag" into the JSON output.
     #[arg(long)]
     pub tag: Option<String>,
+    /// Requests to send (after the warmup).
     #[arg(long, default_value_t = 1000)]
     pub num_prompts: usize,
     /// Requests per second, Poisson arrivals; "inf" sends all at once.
     #[arg(long, default_value = "inf")]
     pub request_rate: f64,
+    /// Most requests in flight at once (default: no limit).
     #[arg(long)]
     pub max_concurrency: Option<usize>,
+    /// Prompt length in tokens (words), at most.
     #[arg(long, default_value_t = 1024)]
     pub random_input_len: usize,
+    /// Output tokens asked for (max_tokens), at most.
     #[arg(long, default_value_t = 1024)]
     pub random_output_len: usize,
     /// Lengths are drawn from [len*ratio, len].
     #[arg(long, default_value_t = 0.0)]
     pub random_range_ratio: f64,
+    /// Requests sent and discarded before measuring.
     #[arg(long, default_value_t = 1)]
     pub warmup_requests: usize,
     /// Seeds numpy's generator as bench_serving does (0..=4294967295): same seed, same
@@ -135,9 +142,9 @@ pub struct RunFlags {
     /// bench_serving does; 0 skips the check.
     #[arg(long, default_value_t = 60)]
     pub ready_check_timeout_sec: u64,
-    /// Give up on one request after this many seconds.
-    #[arg(long, default_value_t = 600.0)]
-    pub request_timeout: f64,
+    /// Give up on one request after this long, e.g. 10m; a bare number is seconds.
+    #[arg(long, default_value = "600s", value_parser = eastwest_cli::duration_or_secs)]
+    pub request_timeout: Duration,
     #[command(flatten)]
     pub ignored: compat::IgnoredFlags,
 }
@@ -222,10 +229,10 @@ impl RunFlags {
         cfg.sni = self.sni.clone();
         cfg.connect_to = self.connect_to.clone();
         cfg.goodput = Goodput::parse(&self.goodput)?;
-        if !(self.request_timeout.is_finite() && self.request_timeout > 0.0) {
-            anyhow::bail!("--request-timeout must be a positive number of seconds");
+        if self.request_timeout.is_zero() {
+            anyhow::bail!("--request-timeout must be more than zero");
         }
-        cfg.request_timeout = Duration::from_secs_f64(self.request_timeout);
+        cfg.request_timeout = self.request_timeout;
         cfg.ready_check_timeout = Duration::from_secs(self.ready_check_timeout_sec);
         if self.tls || cfg.base_url.starts_with("https://") || self.tls_files.any() {
             cfg.tls = Some(self.tls_files.client()?);

@@ -19,7 +19,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::millis::{ms, parse_ms};
 pub use server::ModelServer;
 pub use tls::server_config as tls_server_config;
 
@@ -85,15 +84,16 @@ pub struct Args {
     /// Model name listed by /v1/models.
     #[arg(long, default_value = "demo-model")]
     pub model: String,
-    /// Time to first token, milliseconds (after the request gets a running slot).
-    #[arg(long, default_value_t = 20.0, value_parser = parse_ms)]
-    pub ttft_ms: f64,
-    /// TTFT jitter, milliseconds: TTFT is uniform in [ttft - j, ttft + j].
-    #[arg(long, default_value_t = 0.0, value_parser = parse_ms)]
-    pub ttft_jitter_ms: f64,
-    /// Inter-token latency, milliseconds.
-    #[arg(long, default_value_t = 7.0, value_parser = parse_ms)]
-    pub itl_ms: f64,
+    /// Time to first token (after the request gets a running slot), e.g. 20ms; a bare number
+    /// is milliseconds.
+    #[arg(long, alias = "ttft-ms", default_value = "20ms", value_parser = eastwest_cli::duration_or_millis)]
+    pub ttft: Duration,
+    /// TTFT jitter: TTFT is uniform in [ttft - jitter, ttft + jitter], e.g. 5ms.
+    #[arg(long, alias = "ttft-jitter-ms", default_value = "0ms", value_parser = eastwest_cli::duration_or_millis)]
+    pub ttft_jitter: Duration,
+    /// Inter-token latency, e.g. 7ms.
+    #[arg(long, alias = "itl-ms", default_value = "7ms", value_parser = eastwest_cli::duration_or_millis)]
+    pub itl: Duration,
     /// Tokens per streamed chunk.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub tokens_per_chunk: u32,
@@ -114,11 +114,10 @@ pub struct Args {
     pub tls_key: Option<PathBuf>,
     /// Mesh root (PEM) that client certificates must chain to; clients must also carry a
     /// SPIFFE ID in the trust domain of --tls-cert.
-    // Named as in the other binaries; the old --tls-root stays as a hidden alias.
-    #[arg(long = "tls-ca", alias = "tls-root", requires = "require_client_cert")]
-    pub tls_root: Option<PathBuf>,
+    #[arg(long, alias = "tls-root", requires = "require_client_cert")]
+    pub tls_ca: Option<PathBuf>,
     /// Require a client certificate chaining to --tls-ca (mTLS).
-    #[arg(long, requires_all = ["tls_cert", "tls_root"])]
+    #[arg(long, requires_all = ["tls_cert", "tls_ca"])]
     pub require_client_cert: bool,
 }
 
@@ -126,18 +125,15 @@ impl Args {
     pub fn config(&self) -> anyhow::Result<ServeConfig> {
         let tls = match (&self.tls_cert, &self.tls_key) {
             (Some(cert), Some(key)) => {
-                let root = self
-                    .tls_root
-                    .as_deref()
-                    .filter(|_| self.require_client_cert);
+                let root = self.tls_ca.as_deref().filter(|_| self.require_client_cert);
                 Some(tls::server_config(cert, key, root).context("loading --tls-cert/--tls-key")?)
             }
             _ => None,
         };
         Ok(ServeConfig {
-            ttft: ms(self.ttft_ms),
-            ttft_jitter: ms(self.ttft_jitter_ms),
-            itl: ms(self.itl_ms),
+            ttft: self.ttft,
+            ttft_jitter: self.ttft_jitter,
+            itl: self.itl,
             tokens_per_chunk: self.tokens_per_chunk as usize,
             default_output_tokens: self.output_len,
             max_running: self.max_running as usize,

@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::millis::{ms, parse_ms};
 pub use link::WanLink;
 pub use measure::{measure, Measurement};
 pub use pipe::QUEUE_BYTES;
@@ -52,12 +51,12 @@ pub struct Args {
     /// Address every connection is relayed to.
     #[arg(long, required_unless_present = "measure")]
     pub upstream: Option<SocketAddr>,
-    /// Round-trip time to add, milliseconds (half each way).
-    #[arg(long, default_value_t = 90.0, value_parser = parse_ms)]
-    pub rtt_ms: f64,
-    /// One-way jitter, milliseconds (uniform +-; order is kept).
-    #[arg(long, default_value_t = 0.0, value_parser = parse_ms)]
-    pub jitter_ms: f64,
+    /// Round-trip time to add (half each way), e.g. 90ms; a bare number is milliseconds.
+    #[arg(long, alias = "rtt-ms", default_value = "90ms", value_parser = eastwest_cli::duration_or_millis)]
+    pub rtt: Duration,
+    /// One-way jitter (uniform +-; order is kept), e.g. 2ms.
+    #[arg(long, alias = "jitter-ms", default_value = "0ms", value_parser = eastwest_cli::duration_or_millis)]
+    pub jitter: Duration,
     /// Bandwidth cap per direction, megabits per second.
     #[arg(long)]
     pub bandwidth_mbps: Option<f64>,
@@ -78,8 +77,8 @@ impl Args {
             Some(m) => anyhow::bail!("--bandwidth-mbps {m}: must be a positive number"),
         };
         Ok(WanOptions {
-            rtt: ms(self.rtt_ms),
-            jitter: ms(self.jitter_ms),
+            rtt: self.rtt,
+            jitter: self.jitter,
             bandwidth_bytes_per_sec,
         })
     }

@@ -12,11 +12,12 @@ pub enum CertError {
     Generate { what: String, reason: String },
     #[error("{}: {reason}", path.display())]
     File { path: PathBuf, reason: String },
-    #[error("{}: {source}", path.display())]
+    /// The io::Error is in the message and deliberately not `source()`: reports that print
+    /// the chain (`{:#}`) would show it twice.
+    #[error("{}: {cause}", path.display())]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("unknown cluster {cluster:?} (mesh has: {known})")]
     UnknownCluster { cluster: String, known: String },
@@ -34,10 +35,10 @@ impl CertError {
         }
     }
 
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> CertError {
+    pub(crate) fn io(path: impl Into<PathBuf>, cause: std::io::Error) -> CertError {
         CertError::Io {
             path: path.into(),
-            source,
+            cause,
         }
     }
 

@@ -37,36 +37,43 @@ impl OutFile {
 }
 
 /// The files `mesh --out DIR` writes: `DIR/root-cert.pem`, `DIR/root-key.pem` and per
-/// cluster `DIR/<cluster>/{ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem,
-/// cacerts-secret.yaml}`.
+/// cluster [`cluster_files`].
 pub fn cacerts_files(mesh: &Mesh, out: &Path) -> Vec<OutFile> {
     let mut files = vec![
         OutFile::public(out.join("root-cert.pem"), mesh.root.cert_pem()),
         OutFile::secret(out.join("root-key.pem"), mesh.root.key_pem()),
     ];
-    for (cluster, ca) in &mesh.intermediates {
-        let dir = out.join(cluster);
-        // Istio's cert-chain.pem is the intermediate followed by the root.
-        let chain = format!("{}{}", ca.cert_pem(), mesh.root.cert_pem());
-        let secret = secret_manifest(
-            cluster,
-            &[
-                ("ca-cert.pem", ca.cert_pem()),
-                ("ca-key.pem", ca.key_pem()),
-                ("root-cert.pem", mesh.root.cert_pem()),
-                ("cert-chain.pem", &chain),
-            ],
-        );
-        files.push(OutFile::public(dir.join("ca-cert.pem"), ca.cert_pem()));
-        files.push(OutFile::secret(dir.join("ca-key.pem"), ca.key_pem()));
-        files.push(OutFile::public(
-            dir.join("root-cert.pem"),
-            mesh.root.cert_pem(),
-        ));
-        files.push(OutFile::public(dir.join("cert-chain.pem"), chain));
-        files.push(OutFile::secret(dir.join("cacerts-secret.yaml"), secret));
+    for cluster in mesh.intermediates.keys() {
+        files.extend(cluster_files(mesh, cluster, out));
     }
     files
+}
+
+/// One cluster's Istio `cacerts`: `DIR/<cluster>/{ca-cert.pem, ca-key.pem, root-cert.pem,
+/// cert-chain.pem, cacerts-secret.yaml}`; nothing for a cluster the mesh does not have.
+pub fn cluster_files(mesh: &Mesh, cluster: &str, out: &Path) -> Vec<OutFile> {
+    let Some(ca) = mesh.intermediates.get(cluster) else {
+        return Vec::new();
+    };
+    let dir = out.join(cluster);
+    // Istio's cert-chain.pem is the intermediate followed by the root.
+    let chain = format!("{}{}", ca.cert_pem(), mesh.root.cert_pem());
+    let secret = secret_manifest(
+        cluster,
+        &[
+            ("ca-cert.pem", ca.cert_pem()),
+            ("ca-key.pem", ca.key_pem()),
+            ("root-cert.pem", mesh.root.cert_pem()),
+            ("cert-chain.pem", &chain),
+        ],
+    );
+    vec![
+        OutFile::public(dir.join("ca-cert.pem"), ca.cert_pem()),
+        OutFile::secret(dir.join("ca-key.pem"), ca.key_pem()),
+        OutFile::public(dir.join("root-cert.pem"), mesh.root.cert_pem()),
+        OutFile::public(dir.join("cert-chain.pem"), chain),
+        OutFile::secret(dir.join("cacerts-secret.yaml"), secret),
+    ]
 }
 
 /// Kubernetes Secret `cacerts` in `istio-system`, as Istio's plug-in CA expects.

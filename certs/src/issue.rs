@@ -5,7 +5,7 @@
 //! `CA:FALSE`, digitalSignature+keyEncipherment, serverAuth+clientAuth, URI SAN = SPIFFE ID.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rcgen::{
@@ -221,12 +221,9 @@ impl Mesh {
         if opts.clusters.is_empty() {
             return Err(CertError::Options("at least one cluster is needed".into()));
         }
+        // Every name before the first (slow, for RSA) key.
         for c in &opts.clusters {
-            if c.is_empty() || !c.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '-') {
-                return Err(CertError::Options(format!(
-                    "cluster name {c:?} must be non-empty and only contain a-z A-Z 0-9 -"
-                )));
-            }
+            check_cluster_name(c)?;
         }
         let now = OffsetDateTime::now_utc();
         let root_key = opts.key_type.generate()?;
@@ -234,22 +231,64 @@ impl Mesh {
         let root_cert = params
             .self_signed(&root_key)
             .map_err(|e| CertError::generate("root CA", e))?;
-        let root = Ca::new(root_cert.der().clone(), root_key);
-
-        let mut intermediates = BTreeMap::new();
-        for cluster in &opts.clusters {
-            let key = opts.key_type.generate()?;
-            let params = ca_params(td, Some(cluster), now, opts.intermediate_validity, Some(0))?;
-            let cert = params
-                .signed_by(&key, &root.issuer()?)
-                .map_err(|e| CertError::generate(format!("intermediate CA for {cluster}"), e))?;
-            intermediates.insert(cluster.clone(), Ca::new(cert.der().clone(), key));
-        }
-        Ok(Mesh {
+        let mut mesh = Mesh {
             trust_domain: td.clone(),
+            root: Ca::new(root_cert.der().clone(), root_key),
+            intermediates: BTreeMap::new(),
+        };
+        for cluster in &opts.clusters {
+            mesh.add_cluster(cluster, opts.key_type, opts.intermediate_validity)?;
+        }
+        Ok(mesh)
+    }
+
+    /// The root that `mesh --out DIR` wrote (`DIR/root-cert.pem`, `DIR/root-key.pem`), with
+    /// no intermediates yet; the trust domain is the root's organization, as `mesh` writes it.
+    pub fn load_root(dir: &Path) -> Result<Mesh, CertError> {
+        let (cert_pem, cert_path) = read_pem(dir, "root-cert.pem")?;
+        let (key_pem, key_path) = read_pem(dir, "root-key.pem")?;
+        let root = Ca::from_pem(&cert_pem, &cert_path, &key_pem, &key_path)?;
+        let (_, x) = x509_parser::parse_x509_certificate(&root.cert_der)
+            .map_err(|e| CertError::file(&cert_path, format!("cannot parse: {e}")))?;
+        let trust_domain = x
+            .subject()
+            .iter_organization()
+            .next()
+            .and_then(|o| o.as_str().ok())
+            .ok_or_else(|| {
+                CertError::file(&cert_path, "no organization (trust domain) in the subject")
+            })?
+            .to_string();
+        Ok(Mesh {
+            trust_domain,
             root,
-            intermediates,
+            intermediates: BTreeMap::new(),
         })
+    }
+
+    /// Signs a new intermediate for `cluster` with the root. Its validity ends no later than
+    /// the root's (a chain is only as valid as its root).
+    pub fn add_cluster(
+        &mut self,
+        cluster: &str,
+        key_type: KeyType,
+        validity: Duration,
+    ) -> Result<&Ca, CertError> {
+        check_cluster_name(cluster)?;
+        if self.intermediates.contains_key(cluster) {
+            return Err(CertError::Options(format!(
+                "the mesh already has cluster {cluster:?}"
+            )));
+        }
+        let key = key_type.generate()?;
+        let now = OffsetDateTime::now_utc();
+        let mut params = ca_params(&self.trust_domain, Some(cluster), now, validity, Some(0))?;
+        params.not_after = params.not_after.min(self.root.not_after()?);
+        let cert = params
+            .signed_by(&key, &self.root.issuer()?)
+            .map_err(|e| CertError::generate(format!("intermediate CA for {cluster}"), e))?;
+        let ca = Ca::new(cert.der().clone(), key);
+        Ok(self.intermediates.entry(cluster.to_string()).or_insert(ca))
     }
 
     /// A 24 h P-256 leaf for `id`, signed by `cluster`'s intermediate.
@@ -300,15 +339,9 @@ pub struct ClusterCa {
 impl ClusterCa {
     /// Loads `DIR/ca-cert.pem`, `DIR/ca-key.pem` and `DIR/root-cert.pem`.
     pub fn load(dir: &Path) -> Result<ClusterCa, CertError> {
-        let read = |name: &str| {
-            let p = dir.join(name);
-            std::fs::read_to_string(&p)
-                .map(|s| (s, p.clone()))
-                .map_err(|e| CertError::io(p, e))
-        };
-        let (cert_pem, cert_path) = read("ca-cert.pem")?;
-        let (key_pem, key_path) = read("ca-key.pem")?;
-        let (root_pem, root_path) = read("root-cert.pem")?;
+        let (cert_pem, cert_path) = read_pem(dir, "ca-cert.pem")?;
+        let (key_pem, key_path) = read_pem(dir, "ca-key.pem")?;
+        let (root_pem, root_path) = read_pem(dir, "root-cert.pem")?;
         let ca = Ca::from_pem(&cert_pem, &cert_path, &key_pem, &key_path)?;
         let root = CertificateDer::from_pem_slice(root_pem.as_bytes())
             .map_err(|e| CertError::file(&root_path, format!("no PEM certificate: {e}")))?;
@@ -377,6 +410,25 @@ fn issue_leaf(
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
         root.clone(),
     ))
+}
+
+/// `DIR/name`'s text and path.
+fn read_pem(dir: &Path, name: &str) -> Result<(String, PathBuf), CertError> {
+    let path = dir.join(name);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Ok((text, path)),
+        Err(e) => Err(CertError::io(path, e)),
+    }
+}
+
+/// Cluster names become directory names and certificate fields.
+fn check_cluster_name(c: &str) -> Result<(), CertError> {
+    if c.is_empty() || !c.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '-') {
+        return Err(CertError::Options(format!(
+            "cluster name {c:?} must be non-empty and only contain a-z A-Z 0-9 -"
+        )));
+    }
+    Ok(())
 }
 
 fn ca_params(

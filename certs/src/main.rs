@@ -7,17 +7,23 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use eastwest_certs::files::{cacerts_files, identity_files, write_all};
+use eastwest_certs::files::{cacerts_files, cluster_files, identity_files, write_all, OutFile};
 use eastwest_certs::inspect::{inspect_file, read_cert_file, render_human};
 use eastwest_certs::{ClusterCa, KeyType, LeafOptions, Mesh, MeshOptions, SpiffeId};
 
 #[derive(Parser)]
 #[command(
     name = "eastwest-certs",
-    version,
-    about = "Mesh PKI for eastwest / Istio multi-cluster"
+    about = "Mesh PKI for eastwest / Istio multi-cluster",
+    after_help = "Examples:
+  eastwest-certs mesh --out ../pki --trust-domain cluster.local --clusters fra,ash
+  eastwest-certs cluster --root ../pki --name par
+  eastwest-certs gateway --ca ../pki/fra --out gw/ --validity 365d
+  eastwest-certs inspect gw/cert-chain.pem --root ../pki/root-cert.pem"
 )]
 struct Cli {
+    #[command(flatten)]
+    log: eastwest_cli::LogArgs,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -26,55 +32,97 @@ struct Cli {
 enum Cmd {
     /// A root CA and one intermediate per cluster in Istio's `cacerts` layout, plus a
     /// `cacerts` Secret manifest per cluster.
+    #[command(after_help = "Examples:
+  eastwest-certs mesh --out ../pki --clusters fra,ash
+  eastwest-certs mesh --out ../pki --trust-domain example.org --clusters fra,ash --key-type rsa4096 --root-validity 20y")]
     Mesh {
-        /// Output directory (DIR/<cluster>/{ca-cert,ca-key,root-cert,cert-chain}.pem).
+        /// Output directory (DIR/root-{cert,key}.pem and
+        /// DIR/<cluster>/{ca-cert,ca-key,root-cert,cert-chain}.pem). Keep it out of any Docker
+        /// build context: it holds the root key.
         #[arg(long)]
         out: PathBuf,
+        /// SPIFFE trust domain of the mesh (Istio's meshConfig.trustDomain).
         #[arg(long, default_value = "cluster.local")]
         trust_domain: String,
         /// Comma-separated cluster names, e.g. fra,ash.
         #[arg(long, value_delimiter = ',', required = true)]
         clusters: Vec<String>,
-        /// ecdsa-p256 (default), rsa2048 or rsa4096.
+        /// Key algorithm: ecdsa-p256, rsa2048 or rsa4096.
         #[arg(long, default_value = "ecdsa-p256")]
         key_type: KeyType,
         /// Root validity, e.g. 10y, 3650d.
-        #[arg(long, default_value = "10y", value_parser = parse_duration)]
+        #[arg(long, default_value = "10y", value_parser = validity)]
         root_validity: Duration,
         /// Intermediate validity, e.g. 5y.
-        #[arg(long, default_value = "5y", value_parser = parse_duration)]
+        #[arg(long, default_value = "5y", value_parser = validity)]
         intermediate_validity: Duration,
-        /// Overwrite existing files.
+        /// Overwrite existing files (a new root: every cluster's certificates change).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Add a cluster to an existing mesh: a new intermediate signed by the root that `mesh`
+    /// wrote, in the same layout (DIR/<name>/...). The root and the other clusters are not
+    /// touched.
+    #[command(after_help = "Examples:
+  eastwest-certs cluster --root ../pki --name par
+  eastwest-certs cluster --root ../pki --name par --validity 2y --key-type rsa2048")]
+    Cluster {
+        /// The directory `mesh --out` wrote (root-cert.pem and root-key.pem).
+        #[arg(long)]
+        root: PathBuf,
+        /// The new cluster's name, e.g. par.
+        #[arg(long)]
+        name: String,
+        /// Intermediate validity, e.g. 5y; never past the root's.
+        #[arg(long, default_value = "5y", value_parser = validity)]
+        validity: Duration,
+        /// Key algorithm: ecdsa-p256, rsa2048 or rsa4096.
+        #[arg(long, default_value = "ecdsa-p256")]
+        key_type: KeyType,
+        /// Overwrite this cluster's files if they exist (never the root).
         #[arg(long)]
         force: bool,
     },
     /// A short-lived workload leaf whose URI SAN is the SPIFFE ID, with its chain.
+    #[command(after_help = "Examples:
+  eastwest-certs workload --ca ../pki/ash --spiffe-id spiffe://cluster.local/ns/echo/sa/client --out client
+  eastwest-certs workload --ca ../pki/fra --spiffe-id spiffe://cluster.local/ns/istio-system/sa/eastwest-control --out control/ --validity 365d")]
     Workload {
         #[command(flatten)]
         leaf: LeafArgs,
-        /// spiffe://<td>/ns/<ns>/sa/<sa>
-        #[arg(long)]
-        spiffe: SpiffeId,
+        /// The workload's SPIFFE ID: spiffe://<td>/ns/<ns>/sa/<sa>
+        #[arg(long, alias = "spiffe")]
+        spiffe_id: SpiffeId,
     },
     /// Like `workload`, for a gateway identity (default: the east-west gateway's service
     /// account spiffe://<td>/ns/istio-system/sa/istio-eastwestgateway).
+    #[command(after_help = "Examples:
+  eastwest-certs gateway --ca ../pki/fra --out gw-fra/ --validity 365d
+  eastwest-certs gateway --ca ../pki/ash --dns eastwest.ash.example --out gw-ash/")]
     Gateway {
         #[command(flatten)]
         leaf: LeafArgs,
         /// Full SPIFFE ID; overrides --trust-domain/--namespace/--service-account.
-        #[arg(long)]
-        spiffe: Option<SpiffeId>,
+        #[arg(long, alias = "spiffe")]
+        spiffe_id: Option<SpiffeId>,
+        /// Trust domain of the gateway's SPIFFE ID.
         #[arg(long, default_value = "cluster.local")]
         trust_domain: String,
+        /// Namespace of the gateway's service account.
         #[arg(long, default_value = "istio-system")]
         namespace: String,
+        /// The gateway's service account.
         #[arg(long, default_value = "istio-eastwestgateway")]
         service_account: String,
     },
     /// Show subject, issuer, SANs, validity, key type and CA flags of PEM/DER certs;
     /// with --root verify each file's chain. Exits 1 on a broken chain, an expired
     /// certificate or unreadable input.
+    #[command(after_help = "Examples:
+  eastwest-certs inspect gw/cert-chain.pem --root ../pki/root-cert.pem
+  eastwest-certs inspect --json ../pki/fra/ca-cert.pem ../pki/ash/ca-cert.pem")]
     Inspect {
+        /// Certificate files (PEM, one or more certificates each, or DER).
         #[arg(required = true)]
         files: Vec<PathBuf>,
         /// Root certificate to verify each file's chain against.
@@ -84,6 +132,7 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    Completions(eastwest_cli::Completions),
 }
 
 #[derive(Args)]
@@ -99,27 +148,27 @@ struct LeafArgs {
     #[arg(long)]
     out: PathBuf,
     /// Validity, e.g. 24h, 90d.
-    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    #[arg(long, default_value = "24h", value_parser = validity)]
     validity: Duration,
+    /// Key algorithm: ecdsa-p256, rsa2048 or rsa4096.
     #[arg(long, default_value = "ecdsa-p256")]
     key_type: KeyType,
+    /// Overwrite existing files.
     #[arg(long)]
     force: bool,
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match run(cli) {
+    let cli: Cli = eastwest_cli::parse();
+    cli.log.init("warn");
+    match run(cli.cmd) {
         Ok(code) => code,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
+        Err(e) => eastwest_cli::exit_failure(&e),
     }
 }
 
-fn run(cli: Cli) -> Result<ExitCode> {
-    match cli.cmd {
+fn run(cmd: Cmd) -> Result<ExitCode> {
+    match cmd {
         Cmd::Mesh {
             out,
             trust_domain,
@@ -139,22 +188,28 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 root_validity,
                 intermediate_validity,
             })?;
-            let files = cacerts_files(&mesh, &out);
-            write_all(&files, force)?;
-            for f in &files {
-                println!("wrote {}", f.path.display());
-            }
-            Ok(ExitCode::SUCCESS)
+            write(&cacerts_files(&mesh, &out), force)
         }
-        Cmd::Workload { leaf, spiffe } => issue(&leaf, &spiffe),
+        Cmd::Cluster {
+            root,
+            name,
+            validity,
+            key_type,
+            force,
+        } => {
+            let mut mesh = Mesh::load_root(&root).context("loading the mesh root")?;
+            mesh.add_cluster(&name, key_type, validity)?;
+            write(&cluster_files(&mesh, &name, &root), force)
+        }
+        Cmd::Workload { leaf, spiffe_id } => issue(&leaf, &spiffe_id),
         Cmd::Gateway {
             leaf,
-            spiffe,
+            spiffe_id,
             trust_domain,
             namespace,
             service_account,
         } => {
-            let id = match spiffe {
+            let id = match spiffe_id {
                 Some(id) => id,
                 None => format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}")
                     .parse()?,
@@ -162,7 +217,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
             issue(&leaf, &id)
         }
         Cmd::Inspect { files, root, json } => inspect(&files, root.as_deref(), json),
+        Cmd::Completions(completions) => {
+            completions.print::<Cli>();
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+/// Writes `files` (refusing to overwrite without `force`) and lists them.
+fn write(files: &[OutFile], force: bool) -> Result<ExitCode> {
+    write_all(files, force)?;
+    for f in files {
+        println!("wrote {}", f.path.display());
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn issue(leaf: &LeafArgs, id: &SpiffeId) -> Result<ExitCode> {
@@ -177,12 +245,7 @@ fn issue(leaf: &LeafArgs, id: &SpiffeId) -> Result<ExitCode> {
             dns_names: leaf.dns.clone(),
         },
     )?;
-    let files = identity_files(&identity, &leaf.out);
-    write_all(&files, leaf.force)?;
-    for f in &files {
-        println!("wrote {}", f.path.display());
-    }
-    Ok(ExitCode::SUCCESS)
+    write(&identity_files(&identity, &leaf.out), leaf.force)
 }
 
 fn inspect(files: &[PathBuf], root: Option<&Path>, json: bool) -> Result<ExitCode> {
@@ -216,28 +279,20 @@ fn inspect(files: &[PathBuf], root: Option<&Path>, json: bool) -> Result<ExitCod
     })
 }
 
-/// `90s`, `30m`, `24h`, `90d`, `10y` (365 days).
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?}: expected a number with unit s, m, h, d or y (e.g. 24h)"))?;
-    let secs = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        "y" => 365 * 86_400,
-        _ => {
-            return Err(format!(
-                "{s:?}: unknown unit {unit:?} (use s, m, h, d or y)"
-            ))
-        }
-    };
-    if n == 0 {
-        return Err(format!("{s:?}: validity must be positive"));
+/// A certificate validity: a humantime duration (`24h`, `90d`, `10y`), more than zero.
+fn validity(s: &str) -> Result<Duration, String> {
+    match eastwest_cli::duration(s)? {
+        d if d.is_zero() => Err("a validity must be more than zero".to_string()),
+        d => Ok(d),
     }
-    n.checked_mul(secs)
-        .map(Duration::from_secs)
-        .ok_or_else(|| format!("{s:?}: too long"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn help_is_complete() {
+        eastwest_cli::assert_help_complete::<Cli>(false);
+    }
 }

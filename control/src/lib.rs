@@ -113,7 +113,7 @@ impl Control {
             Some(files) => Some(tokio_rustls::TlsAcceptor::from(tls::server_config(files)?)),
             None if cfg.listen.ip().is_loopback() => None,
             None => bail!(
-                "plain text is only allowed on loopback; --listen {} needs --tls-cert/--tls-key/--tls-root",
+                "plain text is only allowed on loopback; --listen {} needs --tls-cert/--tls-key/--tls-ca",
                 cfg.listen
             ),
         };

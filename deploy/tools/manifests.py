@@ -5,7 +5,15 @@
                                            (strict: unknown fields are errors); ServiceMonitors
                                            against the Prometheus Operator's API models
   gateway FILE                             the rendered gateway overlay keeps the promises
-                                           deploy/README.md makes (labels, ports, probes, ...)
+                                           deploy/README.md makes (labels, ports, probes, OCI
+                                           load balancer, route cache, remote reader, ...)
+  images --component DIR FILE...           every container runs the image deploy/images names
+                                           for its binary; other images carry a fixed tag
+  dockerfile FILE                          one binary per image target, stripped, base images
+                                           as pinnable build arguments
+  build-context --dockerignore F --readme F...
+                                           the READMEs' eastwest-certs --out paths are outside
+                                           the build context, and key files are ignored
   args --binary NAME=PATH... FILE...       every --flag a container passes to an eastwest
                                            binary is listed by that binary's --help
   argv FILE KIND NAME [--flag F=V] [--replace OLD=NEW]
@@ -118,6 +126,8 @@ GATEWAY = "istio-eastwestgateway"
 GATEWAY_LABELS = {"istio": "eastwestgateway", "app": "istio-eastwestgateway"}
 NETWORK = "topology.istio.io/network"
 NSG = "oci.oraclecloud.com/oci-network-security-groups"
+OCI_LB = "service.beta.kubernetes.io/oci-load-balancer-"
+ROUTE_CACHE_DIR = "/var/lib/eastwest"
 GATEWAY_PORTS = {"status-port": 15021, "tls": 15443, "tls-istiod": 15012, "tls-webhook": 15017}
 
 
@@ -183,8 +193,7 @@ def check_proxy(path, objs, fails):
         fails.add(path, svc, f"{NETWORK} label must equal the pods' ({network!r})")
     if svc["spec"].get("type") != "LoadBalancer":
         fails.add(path, svc, "must be type LoadBalancer")
-    if NSG not in svc["metadata"].get("annotations", {}):
-        fails.add(path, svc, f"annotation {NSG} missing")
+    check_oci_load_balancer(path, svc, fails)
     if not matches(svc["spec"].get("selector"), labels):
         fails.add(path, svc, "selector does not select the gateway pods")
     ports = {p.get("name"): p.get("port") for p in svc["spec"].get("ports", [])}
@@ -206,6 +215,7 @@ def check_proxy(path, objs, fails):
         fails.add(path, ds, "pods need prometheus.io/scrape=true and prometheus.io/port=15021")
     check_hardened(path, ds, pod, fails)
     proxy = pod["containers"][0]
+    check_route_cache(path, ds, pod, proxy, fails)
     probe = proxy.get("readinessProbe", {}).get("httpGet", {})
     if probe.get("path") != "/healthz/ready" or probe.get("port") != 15021:
         fails.add(path, ds, "readinessProbe must GET :15021/healthz/ready")
@@ -236,6 +246,110 @@ def check_proxy(path, objs, fails):
             fails.add(path, svc, "fra's gateway Service must expose 15010 for eastwest-control")
     elif "15443" not in listeners:
         fails.add(path, cm, "the gateway must listen on 15443")
+
+
+def check_oci_load_balancer(path, svc, fails):
+    """The annotations deploy/oci sets (flexible shape, security lists left alone) and the
+    overlay's NSG, with values OKE's cloud controller manager accepts."""
+    ann = svc["metadata"].get("annotations", {})
+    if not str(ann.get(NSG, "")).startswith("ocid1.networksecuritygroup."):
+        fails.add(path, svc, f"annotation {NSG} must hold an NSG OCID, found {ann.get(NSG)!r}")
+    if ann.get(OCI_LB + "shape") != "flexible":
+        fails.add(path, svc, f"{OCI_LB}shape must be \"flexible\", found {ann.get(OCI_LB + 'shape')!r}")
+    try:
+        low, high = int(ann[OCI_LB + "shape-flex-min"]), int(ann[OCI_LB + "shape-flex-max"])
+        if not 10 <= low <= high <= 8000:
+            raise ValueError(f"{low}..{high}")
+    except (KeyError, ValueError) as e:
+        fails.add(path, svc, f"{OCI_LB}shape-flex-min/max must be Mbps with 10 <= min <= max <= 8000 ({e})")
+    mode = ann.get(OCI_LB + "security-list-management-mode")
+    if mode != "None":
+        fails.add(path, svc, f"{OCI_LB}security-list-management-mode must be \"None\" "
+                             f"(the NSG admits traffic; OCI's default All edits security lists), found {mode!r}")
+
+
+def check_route_cache(path, ds, pod, proxy, fails):
+    """--route-cache lives on the node (hostPath under /var/lib/eastwest), so a re-created pod
+    finds it, and an init container hands the kubelet-created (root-owned) directory to the
+    proxy's user."""
+    cache = next((a.split("=", 1)[1] for a in proxy.get("args", []) if a.startswith("--route-cache=")), "")
+    mount = next((m for m in proxy.get("volumeMounts", [])
+                  if cache.startswith(m["mountPath"].rstrip("/") + "/")), None)
+    volume = next((v for v in pod.get("volumes", []) if mount and v["name"] == mount["name"]), {})
+    host = volume.get("hostPath", {})
+    if not cache or not host.get("path", "").startswith(ROUTE_CACHE_DIR) \
+            or host.get("type") != "DirectoryOrCreate":
+        fails.add(path, ds, f"--route-cache ({cache or 'missing'}) must be on a hostPath volume under "
+                            f"{ROUTE_CACHE_DIR} of type DirectoryOrCreate, found {volume or 'no volume'}")
+        return
+    user = proxy.get("securityContext", {}).get("runAsUser", pod.get("securityContext", {}).get("runAsUser"))
+    group = proxy.get("securityContext", {}).get("runAsGroup", pod.get("securityContext", {}).get("runAsGroup"))
+    owners = [c for c in pod.get("initContainers", [])
+              if any(m["name"] == mount["name"] for m in c.get("volumeMounts", []))
+              and f"chown {user}:{group} " in " ".join(c.get("command", []) + c.get("args", []))]
+    if not owners:
+        fails.add(path, ds, f"no init container chowns the route cache to {user}:{group}")
+    for c in owners:
+        sc = c.get("securityContext", {})
+        added = set(sc.get("capabilities", {}).get("add", []))
+        if ("ALL" not in sc.get("capabilities", {}).get("drop", []) or not added <= {"CHOWN", "FOWNER"}
+                or sc.get("allowPrivilegeEscalation") is not False or sc.get("readOnlyRootFilesystem") is not True):
+            fails.add(path, ds, f"init container {c['name']}: must drop ALL, add at most CHOWN and FOWNER, "
+                                "no privilege escalation, read-only root")
+        if not {"cpu", "memory"} <= set(c.get("resources", {}).get("limits", {})):
+            fails.add(path, ds, f"init container {c['name']}: resources.limits needs cpu and memory")
+
+
+# Istio 1.24's istio-reader-clusterrole with istiodRemote.enabled (the seed's `profile: remote`;
+# istio/istio 1.24.6, manifests/charts/istio-control/istio-discovery/templates/
+# reader-clusterrole.yaml): what istiod in the primary does in the remote through the remote
+# secret. (apiGroup, resource) -> verbs.
+ISTIO_REMOTE_READER = {
+    **{(g, "*"): {"get", "list", "watch"} for g in (
+        "config.istio.io", "security.istio.io", "networking.istio.io", "authentication.istio.io",
+        "rbac.istio.io", "telemetry.istio.io", "extensions.istio.io")},
+    **{("", r): {"get", "list", "watch"} for r in (
+        "endpoints", "pods", "services", "nodes", "replicationcontrollers", "namespaces", "secrets")},
+    ("networking.istio.io", "workloadentries"): {"get", "list", "watch"},
+    ("networking.x-k8s.io", "gateways"): {"get", "list", "watch"},
+    ("gateway.networking.k8s.io", "gateways"): {"get", "list", "watch"},
+    ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"},
+    ("discovery.k8s.io", "endpointslices"): {"get", "list", "watch"},
+    ("multicluster.x-k8s.io", "serviceexports"): {"get", "list", "watch", "create", "delete"},
+    ("multicluster.x-k8s.io", "serviceimports"): {"get", "list", "watch"},
+    ("apps", "replicasets"): {"get", "list", "watch"},
+    ("authentication.k8s.io", "tokenreviews"): {"create"},
+    ("authorization.k8s.io", "subjectaccessreviews"): {"create"},
+    ("", "configmaps"): {"create", "get", "list", "watch", "update"},
+    ("admissionregistration.k8s.io", "mutatingwebhookconfigurations"): {"get", "list", "watch", "update", "patch"},
+    ("admissionregistration.k8s.io", "validatingwebhookconfigurations"): {"get", "list", "watch", "update"},
+}
+READER = "eastwest-reader"
+
+
+def check_reader(path, objs, fails):
+    """The remote cluster's eastwest-reader (behind create-remote-secret.sh's Secret) may do at
+    least what Istio's reader role lets istiod in the primary do there."""
+    sa = find(objs, "ServiceAccount", READER)
+    if not sa:
+        fails.add(path, None, f"a remote cluster's overlay needs ServiceAccount {READER}")
+        return
+    granted = {}
+    for binding in objs:
+        if binding.get("kind") != "ClusterRoleBinding" or not any(
+                s.get("kind") == "ServiceAccount" and s.get("name") == READER for s in binding.get("subjects", [])):
+            continue
+        role = find(objs, "ClusterRole", binding["roleRef"]["name"]) or {}
+        for rule in role.get("rules", []):
+            for group in rule.get("apiGroups", []):
+                for res in rule.get("resources", []):
+                    granted.setdefault((group, res), set()).update(rule.get("verbs", []))
+    for (group, res), verbs in sorted(ISTIO_REMOTE_READER.items()):
+        have = granted.get((group, res), set()) | granted.get((group, "*"), set())
+        missing = verbs - have
+        if missing:
+            fails.add(path, sa, f"does not grant {sorted(missing)} on {group or 'core'}/{res}, which "
+                                "Istio's reader role gives istiod in a remote with an external istiod")
 
 
 def check_rules(path, obj, allowed, fails):
@@ -300,6 +414,9 @@ def cmd_gateway(args):
     objs = load(args.file)
     check_proxy(args.file, objs, fails)
     check_control(args.file, objs, fails)
+    # A cluster without eastwest-control is a remote: the primary reads it through the reader.
+    if not find(objs, "Deployment", "eastwest-control"):
+        check_reader(args.file, objs, fails)
     return fails.finish(f"{args.file}: gateway checks passed")
 
 
@@ -383,6 +500,148 @@ def cmd_argv(args):
 
 
 # ---------------------------------------------------------------------------------------------
+# images, Dockerfile, build context
+
+EASTWEST_BINARIES = ("eastwest-proxy", "eastwest-control", "eastwest-bench", "eastwest-certs")
+DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+def image_ref(entry):
+    """The reference kustomize renders for an `images:` entry."""
+    ref = entry.get("newName", entry["name"])
+    if entry.get("newTag"):
+        ref += f":{entry['newTag']}"
+    return f"{ref}@{entry['digest']}" if entry.get("digest") else ref
+
+
+def pod_containers(obj):
+    pod = obj.get("spec", {}).get("template", {}).get("spec", {})
+    return pod.get("initContainers", []) + pod.get("containers", [])
+
+
+def cmd_images(args):
+    """Every container that runs an eastwest binary has the image deploy/images names for that
+    binary (so one edit there moves every overlay), every other image has a tag other than
+    latest or a digest, and the component's own entries are well-formed."""
+    fails = Failures()
+    component = os.path.join(args.component, "kustomization.yaml")
+    entries = {e["name"]: e for e in load(component)[0].get("images", [])}
+    for name, entry in entries.items():
+        if not (entry.get("newTag") or entry.get("digest")):
+            fails.add(component, None, f"image {name}: needs newTag or digest")
+        if entry.get("digest") and not DIGEST.match(entry["digest"]):
+            fails.add(component, None, f"image {name}: digest {entry['digest']!r} is not sha256:<64 hex>")
+    wanted = {b: image_ref(entries[b]) for b in EASTWEST_BINARIES if b in entries}
+    used = set()
+    checked = 0
+    for path in args.files:
+        for obj in load(path):
+            for c in pod_containers(obj):
+                checked += 1
+                image = c.get("image", "")
+                binary = os.path.basename((c.get("command") or [""])[0])
+                if binary in EASTWEST_BINARIES:
+                    used.add(binary)
+                    if image != wanted.get(binary):
+                        fails.add(path, obj, f"container {c['name']} runs {binary} from image {image!r}, "
+                                             f"not {wanted.get(binary)!r} (deploy/images)")
+                    continue
+                last = image.rsplit("/", 1)[-1]
+                if "@" in last:
+                    if not DIGEST.match(last.split("@", 1)[1]):
+                        fails.add(path, obj, f"container {c['name']}: bad digest in {image!r}")
+                elif ":" not in last or last.endswith(":latest"):
+                    fails.add(path, obj, f"container {c['name']}: image {image!r} needs a fixed tag")
+    for binary in sorted(set(wanted) - used - {"eastwest-certs"}):
+        fails.add(component, None, f"image {binary} is named but no rendered container runs {binary}")
+    return fails.finish(f"{checked} containers: every image is the one deploy/images names, or pinned")
+
+
+def dockerfile_stages(path):
+    """(global ARG defaults, [(stage name, base, [instructions])]) of a Dockerfile; continuation
+    lines joined, comments dropped."""
+    with open(path, encoding="utf-8") as f:
+        text = re.sub(r"\\\n", " ", "".join(l for l in f if not l.lstrip().startswith("#")))
+    global_args, stages = {}, []
+    for line in (l.strip() for l in text.splitlines() if l.strip()):
+        word, _, rest = line.partition(" ")
+        word = word.upper()
+        if word == "FROM":
+            m = re.match(r"(?:--\S+\s+)*(\S+)(?:\s+AS\s+(\S+))?", rest, re.I)
+            stages.append((m.group(2) or "", m.group(1), []))
+        elif word == "ARG" and not stages:
+            name, _, default = rest.partition("=")
+            global_args[name.strip()] = default.strip()
+        elif stages:
+            stages[-1][2].append((word, rest))
+    return global_args, stages
+
+
+def cmd_dockerfile(args):
+    fails = Failures()
+    global_args, stages = dockerfile_stages(args.file)
+    names = [n for n, _, _ in stages]
+    for name, base, _ in stages:
+        m = re.fullmatch(r"\$\{?(\w+)\}?", base)
+        if base not in names and not (m and m.group(1) in global_args):
+            fails.add(args.file, None, f"stage {name or '?'}: FROM {base} is neither an earlier stage "
+                                       "nor a build argument (so it cannot be pinned by digest)")
+    for arg, default in global_args.items():
+        ref, _, digest = default.partition("@")
+        if ":" not in ref.rsplit("/", 1)[-1]:
+            fails.add(args.file, None, f"ARG {arg}={default}: needs a tag")
+        if digest and not DIGEST.match(digest):
+            fails.add(args.file, None, f"ARG {arg}: digest {digest!r} is not sha256:<64 hex>")
+    build_env = " ".join(rest for n, _, ins in stages for word, rest in ins if word in ("ENV", "RUN") and n == "build")
+    if "CARGO_PROFILE_RELEASE_STRIP=symbols" not in build_env:
+        fails.add(args.file, None, "the build stage must strip the binaries (CARGO_PROFILE_RELEASE_STRIP=symbols)")
+    if not names or names[-1] != "eastwest-proxy":
+        fails.add(args.file, None, "the last stage (the default target) must be eastwest-proxy")
+    for binary in ("eastwest-proxy", "eastwest-control", "eastwest-bench"):
+        stage = next((ins for n, _, ins in stages if n == binary), None)
+        if stage is None:
+            fails.add(args.file, None, f"no target {binary}")
+            continue
+        copied = [os.path.basename(src) for word, rest in stage if word == "COPY"
+                  for src in rest.split()[:-1] if not src.startswith("--")]
+        if copied != [binary]:
+            fails.add(args.file, None, f"target {binary} must copy only {binary}, copies {copied}")
+        entry = [rest for word, rest in stage if word == "ENTRYPOINT"]
+        if not entry or binary not in entry[-1]:
+            fails.add(args.file, None, f"target {binary}: ENTRYPOINT must run {binary}")
+        if not any(word == "USER" and not rest.startswith("0") for word, rest in stage):
+            fails.add(args.file, None, f"target {binary}: needs a non-root USER")
+    return fails.finish(f"{args.file}: {len(stages)} stages, one binary per image, stripped, pinnable bases")
+
+
+def cmd_build_context(args):
+    """eastwest-certs writes root keys; the READMEs must not have users write them inside the
+    repository (the Docker build context), and .dockerignore keeps key files out anyway."""
+    fails = Failures()
+    with open(args.dockerignore, encoding="utf-8") as f:
+        ignored = {l.strip() for l in f if l.strip() and not l.startswith("#")}
+    for pattern in ("**/*.pem", "**/*.key"):
+        if pattern not in ignored:
+            fails.add(args.dockerignore, None, f"must ignore {pattern}")
+    outs = 0
+    for readme in args.readme:
+        with open(readme, encoding="utf-8") as f:
+            text = re.sub(r"\\\n", " ", f.read())
+        dirs = {m.group(1): m.group(2).strip("\"'") for m in re.finditer(r"export (\w+)=(\S+)", text)}
+        for line in text.splitlines():
+            if "eastwest-certs " not in line:
+                continue
+            for out in re.findall(r"--out[= ](\S+)", line):
+                outs += 1
+                var = re.match(r"[\"']?\$\{?(\w+)", out)
+                root = dirs.get(var.group(1), "") if var else out
+                if not (root.startswith(("$HOME", "~", "/")) and not root.startswith(("/work", "/src"))):
+                    fails.add(readme, None, f"eastwest-certs --out {out}: must be outside the repository "
+                                            f"(an absolute or $HOME path, or a variable exported as one)")
+    return fails.finish(f"{outs} eastwest-certs --out paths outside the build context; key files ignored")
+
+
+# ---------------------------------------------------------------------------------------------
 # helpers for the Prometheus part of the test
 
 
@@ -442,6 +701,17 @@ def main():
     c.add_argument("--flag", action="append", default=[], help="NAME=VALUE")
     c.add_argument("--replace", action="append", default=[], help="OLD=NEW")
     c.set_defaults(func=cmd_argv)
+    i = sub.add_parser("images")
+    i.add_argument("--component", required=True, help="deploy/images")
+    i.add_argument("files", nargs="+")
+    i.set_defaults(func=cmd_images)
+    d = sub.add_parser("dockerfile")
+    d.add_argument("file")
+    d.set_defaults(func=cmd_dockerfile)
+    b = sub.add_parser("build-context")
+    b.add_argument("--dockerignore", required=True)
+    b.add_argument("--readme", action="append", default=[])
+    b.set_defaults(func=cmd_build_context)
     e = sub.add_parser("extract-proxy-config")
     e.add_argument("file")
     e.add_argument("out")

@@ -82,7 +82,8 @@ fn handle(
         }
         "/metrics" => {
             prometheus.run_upkeep();
-            let mut resp = Response::new(Full::new(Bytes::from(prometheus.render())));
+            let mut resp =
+                Response::new(Full::new(Bytes::from(crate::metrics::render(prometheus))));
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,
                 header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

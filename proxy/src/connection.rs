@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use crate::balance::ActiveGuard;
 use crate::client_hello::{self, HelloError, Parse, MAX_HELLO_BYTES};
 use crate::connect::connect;
-use crate::copy::{relay, CopyEnd};
+use crate::copy::{relay, CopyEnd, RelayConfig};
 use crate::istio_sni;
 use crate::listener::ListenerStats;
 use crate::metrics::Outcome;
@@ -96,8 +96,12 @@ pub(crate) async fn serve(
         set,
         hello_len,
     } = opened;
-    let idle = routing.config.upstream.idle_timeout;
-    let keepalive = routing.config.upstream.tcp_keepalive;
+    let upstream_config = &routing.config.upstream;
+    let relay_config = RelayConfig {
+        idle: upstream_config.idle_timeout,
+        upstream_keepalive: upstream_config.tcp_keepalive,
+        splice: upstream_config.splice,
+    };
     // The snapshot is not needed any more; don't pin old configs for the connection's life.
     drop(routing);
 
@@ -110,8 +114,7 @@ pub(crate) async fn serve(
             &route_metrics.bytes_to_upstream,
             &route_metrics.bytes_to_downstream,
         ),
-        idle,
-        keepalive,
+        relay_config,
         shared.hard_stop.cancelled(),
     )
     .await;
@@ -122,7 +125,7 @@ pub(crate) async fn serve(
     report.to_downstream = result.to_downstream;
     report.detail = match result.end {
         CopyEnd::Closed => String::new(),
-        CopyEnd::Idle => format!("idle for {idle:?}"),
+        CopyEnd::Idle => format!("idle for {:?}", relay_config.idle),
         CopyEnd::Cancelled => "closed at end of drain".into(),
         CopyEnd::Error(e) => e.to_string(),
     };

@@ -419,18 +419,26 @@ fn spawn_cache_writer(path: PathBuf) -> watch::Sender<Option<RouteTable>> {
     tx
 }
 
+/// A temp file of its own (random name, same directory) per write: the cache may be a node's
+/// hostPath that two gateway pods write at once during a rollout, and a shared temp name would
+/// let one rename the other's half-written file or fail its rename.
 fn write_atomically(path: &Path, data: &[u8]) -> anyhow::Result<()> {
     use std::io::Write;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let mut f =
-        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(data)
-        .and_then(|()| f.sync_all())
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".routes-")
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .with_context(|| format!("creating a temp file in {}", dir.display()))?;
+    tmp.write_all(data)
+        .and_then(|()| tmp.as_file().sync_all())
+        .with_context(|| format!("writing {}", tmp.path().display()))?;
+    tmp.persist(path)
+        .map_err(|e| e.error)
+        .with_context(|| format!("renaming the temp file to {}", path.display()))?;
     Ok(())
 }
 
@@ -451,5 +459,32 @@ mod tests {
         assert_eq!(backoff.after_session(false), BACKOFF_MAX);
         assert_eq!(backoff.after_session(true), BACKOFF_MIN);
         assert_eq!(backoff.after_session(false), BACKOFF_MIN * 2);
+    }
+
+    /// The DaemonSet keeps the cache on the node (hostPath), so during a rollout two gateway
+    /// pods on one node write the same file: neither write may fail or leave a torn file.
+    #[test]
+    fn two_writers_of_one_route_cache_never_tear_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("routes.json");
+        let tables = [vec![b'a'; 64 * 1024], vec![b'b'; 16]];
+        std::thread::scope(|s| {
+            for data in &tables {
+                let path = &path;
+                s.spawn(move || {
+                    for i in 0..300 {
+                        write_atomically(path, data)
+                            .unwrap_or_else(|e| panic!("write {i} failed: {e:#}"));
+                    }
+                });
+            }
+        });
+        let left = std::fs::read(&path).unwrap();
+        assert!(tables.contains(&left), "torn cache: {} bytes", left.len());
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["routes.json"], "temp files left behind");
     }
 }

@@ -7,19 +7,29 @@
 //! the end of its write: once the socket is drained the buffer goes back to a per-thread pool
 //! of its size, so a quiet connection holds none, whatever it moved before. EOF on one side is
 //! passed on as a half-close while the other direction keeps flowing.
+//!
+//! A direction that carries bulk (`SPLICE_AFTER` bytes moved in reads that filled the buffer)
+//! switches to `splice(2)` through a pooled pipe ([`pipe`]), so its bytes are not copied into
+//! the proxy and out again. It still moves whatever has arrived at once, so it behaves like the
+//! copy path: only cheaper per byte.
+
+mod pipe;
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use eastwest_routes::Splice;
 use metrics::Counter;
 use socket2::SockRef;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::connect::keepalive;
+use pipe::Pipe;
 
 /// Buffer sizes, and how many bytes a direction must have moved to use each.
 const SIZES: [(usize, u64); 3] = [
@@ -30,6 +40,9 @@ const SIZES: [(usize, u64); 3] = [
 /// Idle buffers kept per thread and size (4 MiB, 4 MiB, 4 MiB at most); beyond that they are
 /// freed. Only directions between a read and the end of its write hold one.
 const POOL_MAX: [usize; 3] = [1024, 64, 16];
+/// With `splice: auto`, a direction splices once it has moved this much in reads that filled
+/// its buffer: bulk, not a stream of small messages (those never fill a 4 KiB buffer).
+const SPLICE_AFTER: u64 = 64 * 1024;
 
 #[derive(Debug)]
 pub enum CopyEnd {
@@ -49,6 +62,24 @@ pub struct CopyResult {
     pub end: CopyEnd,
 }
 
+/// How a relay moves bytes, from the upstream config.
+#[derive(Debug, Clone, Copy)]
+pub struct RelayConfig {
+    /// No byte either way for this long ends the relay.
+    pub idle: Duration,
+    pub upstream_keepalive: Duration,
+    pub splice: Splice,
+}
+
+/// One direction's share of the relay: where its bytes are counted, and the state both share.
+struct Direction<'a> {
+    counter: &'a Counter,
+    total: &'a AtomicU64,
+    activity: &'a Activity,
+    one_side_done: &'a AtomicBool,
+    splice: Splice,
+}
+
 /// Relays until both directions end, an error, `idle` without traffic, or `cancel`.
 ///
 /// The upstream socket gets its TCP keepalive only once the connection has lived
@@ -59,10 +90,14 @@ pub async fn relay(
     downstream: &mut TcpStream,
     upstream: &mut TcpStream,
     counters: (&Counter, &Counter),
-    idle: Duration,
-    upstream_keepalive: Duration,
+    config: RelayConfig,
     cancel: impl std::future::Future<Output = ()>,
 ) -> CopyResult {
+    let RelayConfig {
+        idle,
+        upstream_keepalive,
+        splice,
+    } = config;
     let activity = Activity::new();
     let upstream_fd = upstream.as_raw_fd();
     let arm_keepalive = move || {
@@ -84,18 +119,24 @@ pub async fn relay(
             pump(
                 &mut dr,
                 &mut uw,
-                counters.0,
-                &sent,
-                &activity,
-                &one_side_done
+                Direction {
+                    counter: counters.0,
+                    total: &sent,
+                    activity: &activity,
+                    one_side_done: &one_side_done,
+                    splice,
+                },
             ),
             pump(
                 &mut ur,
                 &mut dw,
-                counters.1,
-                &received,
-                &activity,
-                &one_side_done
+                Direction {
+                    counter: counters.1,
+                    total: &received,
+                    activity: &activity,
+                    one_side_done: &one_side_done,
+                    splice,
+                },
             ),
         )
     };
@@ -147,16 +188,27 @@ fn give(b: Vec<u8>) {
 }
 
 async fn pump(
-    reader: &mut tokio::net::tcp::ReadHalf<'_>,
-    writer: &mut tokio::net::tcp::WriteHalf<'_>,
-    counter: &Counter,
-    total: &AtomicU64,
-    activity: &Activity,
-    one_side_done: &AtomicBool,
+    reader: &mut ReadHalf<'_>,
+    writer: &mut WriteHalf<'_>,
+    dir: Direction<'_>,
 ) -> io::Result<()> {
     let mut buf: Option<Vec<u8>> = None;
     let mut moved: u64 = 0;
+    // Bytes moved in reads that filled the buffer: what tells bulk from small messages.
+    let mut bulk: u64 = 0;
     loop {
+        if dir.splice == Splice::Auto && bulk >= SPLICE_AFTER {
+            if let Some(b) = buf.take() {
+                give(b);
+            }
+            // Boxed: its state would otherwise enlarge every connection's future, also the
+            // idle ones that never splice (one allocation per direction that switches).
+            if Box::pin(splice_until_eof(reader, writer, &dir)).await? {
+                return end(writer, &dir).await;
+            }
+            // No pipe to be had (fd limit): copy, and try again after as much bulk again.
+            bulk = 0;
+        }
         if buf.is_none() {
             // Hold no buffer while the connection is quiet. (poll_read_ready keeps the waker in
             // the socket's own slot; `readable()` would keep a 168-byte waiter in this future,
@@ -171,29 +223,99 @@ async fn pump(
             if let Some(b) = buf.take() {
                 give(b);
             }
-            if one_side_done.swap(true, Ordering::Relaxed) {
-                // The other direction ended first: the relay is over, and closing the socket
-                // right after sends this FIN without a shutdown call of its own.
-                return Ok(());
-            }
-            return match writer.shutdown().await {
-                Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(e),
-                _ => Ok(()),
-            };
+            return end(writer, &dir).await;
         }
         writer.write_all(&b[..n]).await?;
-        activity.touch();
-        counter.increment(n as u64);
-        total.fetch_add(n as u64, Ordering::Relaxed);
+        dir.moved(n);
         moved += n as u64;
         // A full read: more is probably waiting, so keep reading into this buffer unless the
         // direction has earned a bigger one (taken at the next read). A short read: the
         // socket is probably drained; hand the buffer back while we wait.
+        if n == b.len() {
+            bulk += n as u64;
+        }
         if n < b.len() || SIZES[tier(moved)].0 != b.len() {
             if let Some(b) = buf.take() {
                 give(b);
             }
         }
+    }
+}
+
+/// Moves bytes socket → pipe → socket until EOF (`true`), or `false` if no pipe can be had.
+/// Like the copy path it sends on whatever arrived before reading again, holds its pipe only
+/// while bytes move, and counts bytes once the destination has taken them.
+async fn splice_until_eof(
+    reader: &ReadHalf<'_>,
+    writer: &WriteHalf<'_>,
+    dir: &Direction<'_>,
+) -> io::Result<bool> {
+    let (from, to) = (reader.as_ref(), writer.as_ref());
+    let mut lent: Option<Pipe> = None;
+    loop {
+        let pipe = match &mut lent {
+            Some(pipe) => pipe,
+            None => {
+                std::future::poll_fn(|cx| from.poll_read_ready(cx)).await?;
+                match Pipe::take() {
+                    Ok(pipe) => lent.insert(pipe),
+                    Err(err) => {
+                        tracing::debug!(%err, "no pipe for splice; copying");
+                        return Ok(false);
+                    }
+                }
+            }
+        };
+        // try_io clears tokio's readiness on EAGAIN, so the wait above sleeps until the kernel
+        // has more. The pipe is empty here: all of its room is for this read.
+        match from.try_io(Interest::READABLE, || pipe.fill(from)) {
+            Ok(0) => {
+                if let Some(pipe) = lent.take() {
+                    pipe.give();
+                }
+                return Ok(true);
+            }
+            Ok(_) => {}
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                // Drained: wait for more without holding the pipe.
+                if let Some(pipe) = lent.take() {
+                    pipe.give();
+                }
+                continue;
+            }
+            Err(err) => return Err(err),
+        }
+        while pipe.held() > 0 {
+            match to.try_io(Interest::WRITABLE, || pipe.drain(to)) {
+                Ok(n) => dir.moved(n),
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                    std::future::poll_fn(|cx| to.poll_write_ready(cx)).await?;
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    }
+}
+
+/// EOF from the reader: pass it on as a half-close, unless the other direction ended first.
+async fn end(writer: &mut WriteHalf<'_>, dir: &Direction<'_>) -> io::Result<()> {
+    if dir.one_side_done.swap(true, Ordering::Relaxed) {
+        // The other direction ended first: the relay is over, and closing the socket right
+        // after sends this FIN without a shutdown call of its own.
+        return Ok(());
+    }
+    match writer.shutdown().await {
+        Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(e),
+        _ => Ok(()),
+    }
+}
+
+impl Direction<'_> {
+    /// `n` bytes reached the destination.
+    fn moved(&self, n: usize) {
+        self.activity.touch();
+        self.counter.increment(n as u64);
+        self.total.fetch_add(n as u64, Ordering::Relaxed);
     }
 }
 
@@ -258,40 +380,94 @@ mod tests {
         POOLS.with(|p| p.borrow().each_ref().map(Vec::len))
     }
 
-    /// A direction that moved enough to earn 64 KiB buffers gives its buffer back once the
-    /// socket is drained: a quiet connection holds none, whatever it moved before.
-    #[tokio::test(flavor = "current_thread")]
-    async fn a_quiet_connection_holds_no_buffer_whatever_it_moved() {
-        let (mut client, mut downstream) = pair().await;
-        let (mut upstream, mut server) = pair().await;
+    /// client ↔ downstream, relayed to upstream ↔ server.
+    struct Ends {
+        client: TcpStream,
+        downstream: TcpStream,
+        upstream: TcpStream,
+        server: TcpStream,
+    }
+
+    async fn ends() -> Ends {
+        let (client, downstream) = pair().await;
+        let (upstream, server) = pair().await;
+        Ends {
+            client,
+            downstream,
+            upstream,
+            server,
+        }
+    }
+
+    /// Relays 1 MiB from client to server; returns `measure()` taken as soon as the server has
+    /// it all, with the relay still running. (Single-threaded: the relay's last write and what
+    /// it does right after happen in one poll, before the server could read the last byte.)
+    async fn after_bulk<T>(ends: &mut Ends, splice: Splice, measure: impl FnOnce() -> T) -> T {
         let (sent, received) = (Counter::noop(), Counter::noop());
         let hour = Duration::from_secs(3600);
+        let config = RelayConfig {
+            idle: hour,
+            upstream_keepalive: hour,
+            splice,
+        };
         let relay = relay(
-            &mut downstream,
-            &mut upstream,
+            &mut ends.downstream,
+            &mut ends.upstream,
             (&sent, &received),
-            hour,
-            hour,
+            config,
             std::future::pending(),
         );
         let bulk = vec![7u8; 1 << 20];
         let exchange = async {
             let mut got = vec![0u8; bulk.len()];
-            let (wrote, read) = tokio::join!(client.write_all(&bulk), server.read_exact(&mut got));
+            let (wrote, read) = tokio::join!(
+                ends.client.write_all(&bulk),
+                ends.server.read_exact(&mut got)
+            );
             wrote.unwrap();
             read.unwrap();
             assert!(got == bulk);
-            // Single-threaded: the relay's last write and its return of the buffer happen in
-            // one poll, before the server could read the last byte.
-            pooled()
+            measure()
         };
-        let pooled = tokio::select! {
-            pooled = exchange => pooled,
+        tokio::select! {
+            measured = exchange => measured,
             end = relay => panic!("relay ended: {:?}", end.end),
-        };
+        }
+    }
+
+    /// A direction that moved enough to earn 64 KiB buffers gives its buffer back once the
+    /// socket is drained: a quiet connection holds none, whatever it moved before.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_quiet_connection_holds_no_buffer_whatever_it_moved() {
+        let pooled = after_bulk(&mut ends().await, Splice::Off, pooled).await;
         assert!(
             pooled[1] >= 1,
             "no 64 KiB buffer back in the pool: {pooled:?}"
         );
+    }
+
+    /// With splice on, a bulk direction moves through a pipe and gives it back, empty, once
+    /// drained; a pipe that still holds bytes is closed instead, never pooled.
+    #[tokio::test(flavor = "current_thread")]
+    async fn spliced_directions_pool_only_empty_pipes() {
+        let mut ends = ends().await;
+        let before = pipe::pooled();
+        let after = after_bulk(&mut ends, Splice::Auto, pipe::pooled).await;
+        assert_eq!(
+            after,
+            before + 1,
+            "the spliced direction's pipe is not back"
+        );
+
+        // A pipe given back while holding bytes is closed.
+        let mut dirty = Pipe::take().unwrap();
+        let pooled = pipe::pooled();
+        ends.client.write_all(b"left in the pipe").await.unwrap();
+        let downstream = &ends.downstream;
+        downstream.readable().await.unwrap();
+        let n = downstream.try_io(Interest::READABLE, || dirty.fill(downstream));
+        assert_eq!(n.unwrap(), 16);
+        dirty.give();
+        assert_eq!(pipe::pooled(), pooled);
     }
 }

@@ -7,13 +7,22 @@ use eastwest_proxy::{control_client, Proxy};
 
 /// SNI-routing TLS passthrough east-west gateway, Istio-compatible.
 #[derive(Debug, Parser)]
-#[command(name = "eastwest-proxy", version, about)]
+#[command(
+    name = "eastwest-proxy",
+    about,
+    subcommand_negates_reqs = true,
+    args_conflicts_with_subcommands = true,
+    after_help = "Examples:
+  eastwest-proxy --config gateway.yaml --check
+  eastwest-proxy --config gateway.yaml --log-format json
+  eastwest-proxy --config gateway.yaml --control https://eastwest-control.istio-system.svc:15010 --cluster ash --network network2 --tls-cert cert-chain.pem --tls-key key.pem --tls-ca root-cert.pem --route-cache /var/lib/eastwest/routes.json"
+)]
 struct Cli {
     /// YAML config file (listeners, upstream settings, admin, routes).
-    #[arg(long, short = 'c', env = "EASTWEST_CONFIG")]
-    config: PathBuf,
+    #[arg(long, short = 'c', env = "EASTWEST_CONFIG", required = true)]
+    config: Option<PathBuf>,
     /// Validate the config and exit: 0 when usable, 1 with every problem listed otherwise.
-    #[arg(long)]
+    #[arg(long, env = "EASTWEST_CHECK")]
     check: bool,
     /// eastwest-control to take route tables from (`https://host:15010`, or
     /// `http://127.0.0.1:port` for plain text on loopback). The config file's routes are used
@@ -27,14 +36,14 @@ struct Cli {
     #[arg(long, env = "EASTWEST_NETWORK")]
     network: Option<String>,
     /// Certificate chain (PEM) of this gateway's mesh identity, for mTLS to eastwest-control.
-    #[arg(long, requires_all = ["control_key", "control_root"])]
-    control_cert: Option<PathBuf>,
-    /// Private key (PEM) for --control-cert.
-    #[arg(long)]
-    control_key: Option<PathBuf>,
+    #[arg(long, env = "EASTWEST_TLS_CERT", alias = "control-cert", requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) for --tls-cert.
+    #[arg(long, env = "EASTWEST_TLS_KEY", alias = "control-key")]
+    tls_key: Option<PathBuf>,
     /// Mesh root certificate (PEM); eastwest-control must chain to it and be in its trust domain.
-    #[arg(long)]
-    control_root: Option<PathBuf>,
+    #[arg(long, env = "EASTWEST_TLS_CA", alias = "control-root")]
+    tls_ca: Option<PathBuf>,
     /// Keeps the last table from eastwest-control here, so a restart while control is down
     /// still routes.
     #[arg(long, env = "EASTWEST_ROUTE_CACHE")]
@@ -42,43 +51,56 @@ struct Cli {
     /// Threads relaying traffic (default: one per CPU the process may run on).
     #[arg(long, env = "EASTWEST_WORKER_THREADS")]
     worker_threads: Option<usize>,
-    /// Log format.
-    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
-    log_format: String,
+    #[command(flatten)]
+    log: eastwest_cli::LogArgs,
+    #[command(subcommand)]
+    command: Option<eastwest_cli::OnlyCompletions>,
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    init_logging(&cli.log_format);
-    let config = match eastwest_routes::load_proxy_config(&cli.config) {
+    let cli: Cli = eastwest_cli::parse();
+    if let Some(eastwest_cli::OnlyCompletions::Completions(completions)) = &cli.command {
+        completions.print::<Cli>();
+        return ExitCode::SUCCESS;
+    }
+    // clap requires --config unless a subcommand is given.
+    let Some(config_path) = cli.config.clone() else {
+        return ExitCode::FAILURE;
+    };
+    cli.log.init("info");
+    let config = match eastwest_routes::load_proxy_config(&config_path) {
         Ok(config) => config,
-        Err(err) => {
-            eprintln!("{err}");
-            return ExitCode::FAILURE;
-        }
+        Err(err) => return eastwest_cli::exit_failure(&err.into()),
     };
     if cli.check {
         println!(
-            "{}: ok ({} listeners, {} services)",
-            cli.config.display(),
-            config.listeners.len(),
-            config.routes.services.len()
+            "{}: ok ({}, {})",
+            config_path.display(),
+            counted(config.listeners.len(), "listener"),
+            counted(config.routes.services.len(), "service")
         );
         return ExitCode::SUCCESS;
     }
     let runtime = match runtime(cli.worker_threads) {
         Ok(rt) => rt,
         Err(err) => {
-            eprintln!("eastwest-proxy: cannot start the runtime: {err}");
-            return ExitCode::FAILURE;
+            return eastwest_cli::exit_failure(
+                &anyhow::Error::new(err).context("cannot start the runtime"),
+            )
         }
     };
-    match runtime.block_on(run(cli, config)) {
+    match runtime.block_on(run(cli, config_path, config)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("eastwest-proxy: {err:#}");
-            ExitCode::FAILURE
-        }
+        Err(err) => eastwest_cli::exit_failure(&err),
+    }
+}
+
+/// `1 service`, `2 services`.
+fn counted(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
     }
 }
 
@@ -97,7 +119,11 @@ fn runtime(worker_threads: Option<usize>) -> std::io::Result<tokio::runtime::Run
         .build()
 }
 
-async fn run(cli: Cli, config: eastwest_routes::ProxyConfig) -> anyhow::Result<()> {
+async fn run(
+    cli: Cli,
+    config_path: PathBuf,
+    config: eastwest_routes::ProxyConfig,
+) -> anyhow::Result<()> {
     // Handlers first: a SIGTERM or SIGHUP that arrives while starting must not kill the process
     // the default way. (A SIGHUP before the config watcher runs is moot: the file was just read.)
     let shutdown = shutdown_signal()?;
@@ -118,9 +144,9 @@ async fn run(cli: Cli, config: eastwest_routes::ProxyConfig) -> anyhow::Result<(
                 }
             });
     let proxy = Proxy::start(config).await?;
-    proxy.set_config_file(cli.config.clone());
+    proxy.set_config_file(config_path.clone());
     tracing::info!(admin = %proxy.admin_addr(), "eastwest-proxy started");
-    eastwest_proxy::watch_config_file(proxy.clone(), cli.config.clone())?;
+    eastwest_proxy::watch_config_file(proxy.clone(), config_path)?;
     if let Some(control) = control {
         // Not ready until there are routes from control (or from the cache of its last table).
         proxy.set_ready(false);
@@ -153,14 +179,14 @@ fn control_client_config(cli: &Cli) -> anyhow::Result<Option<control_client::Con
     let Some(url) = cli.control.clone() else {
         return Ok(None);
     };
-    let tls = match (&cli.control_cert, &cli.control_key, &cli.control_root) {
+    let tls = match (&cli.tls_cert, &cli.tls_key, &cli.tls_ca) {
         (Some(cert), Some(key), Some(root)) => {
             let identity = eastwest_certs::Identity::load(cert, key, root)?;
             let trust_domain = identity.spiffe_id().trust_domain.clone();
             Some(identity.client_config(eastwest_certs::PeerPolicy::TrustDomain(trust_domain))?)
         }
         _ if url.starts_with("https://") => {
-            anyhow::bail!("--control {url} needs --control-cert, --control-key and --control-root")
+            anyhow::bail!("--control {url} needs --tls-cert, --tls-key and --tls-ca")
         }
         _ => None,
     };
@@ -187,17 +213,12 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     })
 }
 
-fn init_logging(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colour codes only for a person at a terminal, never into `kubectl logs` or a file.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn help_is_complete() {
+        eastwest_cli::assert_help_complete::<Cli>(true);
     }
 }

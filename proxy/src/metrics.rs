@@ -70,6 +70,84 @@ pub fn recorder() -> &'static PrometheusHandle {
     })
 }
 
+/// The exposition text for `/metrics`, in the same order on every scrape: families by name,
+/// series by labels. metrics-exporter-prometheus renders from hash maps (a new order each
+/// time, not fixed upstream as of 0.17), and scrapers and people diffing two scrapes
+/// both do better with a stable one.
+pub fn render(handle: &PrometheusHandle) -> String {
+    sorted_exposition(&handle.render())
+}
+
+/// `text` with its families (blocks separated by a blank line, as the exporter writes them)
+/// sorted by name and the samples of each family by series. A histogram's buckets, `_sum`
+/// and `_count` of one label set share a sort key, and the sort is stable, so they stay
+/// together and in order.
+fn sorted_exposition(text: &str) -> String {
+    let mut families: Vec<Vec<&str>> = text
+        .split("\n\n")
+        .map(|block| block.lines().filter(|l| !l.is_empty()).collect::<Vec<_>>())
+        .filter(|lines| !lines.is_empty())
+        .collect();
+    for lines in &mut families {
+        let samples_from = lines.iter().take_while(|l| l.starts_with('#')).count();
+        lines[samples_from..].sort_by_key(|line| series_key(line));
+    }
+    families.sort_by_key(|lines| family_name(lines));
+    let mut out = String::with_capacity(text.len() + 1);
+    for lines in families {
+        for line in lines {
+            out.push_str(line);
+            out.push('\n');
+        }
+        out.push('\n');
+    }
+    out
+}
+
+fn family_name<'a>(lines: &[&'a str]) -> &'a str {
+    lines
+        .iter()
+        .find_map(|l| l.strip_prefix("# TYPE "))
+        .or_else(|| lines.first().copied())
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_default()
+}
+
+/// A sample line's labels without `le` and `quantile`: what one series of a family shares.
+fn series_key(line: &str) -> String {
+    let Some((_, rest)) = line.split_once('{') else {
+        return String::new();
+    };
+    let labels = rest.rsplit_once('}').map_or(rest, |(labels, _)| labels);
+    let mut key = String::with_capacity(labels.len());
+    let mut rest = labels;
+    while !rest.is_empty() {
+        // One `name="value"` pair; values escape `"` as `\"`.
+        let mut end = rest.len();
+        let mut in_value = false;
+        let mut escaped = false;
+        for (i, c) in rest.char_indices() {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' => escaped = true,
+                '"' => in_value = !in_value,
+                ',' if !in_value => {
+                    end = i;
+                    break;
+                }
+                _ => {}
+            }
+        }
+        let pair = &rest[..end];
+        if !(pair.starts_with("le=") || pair.starts_with("quantile=")) {
+            key.push_str(pair);
+            key.push(',');
+        }
+        rest = rest.get(end + 1..).unwrap_or_default();
+    }
+    key
+}
+
 /// Histogram samples accumulate until drained; drain them every few seconds even when nobody
 /// scrapes `/metrics`, so memory stays flat. Once per process.
 pub(crate) fn spawn_upkeep(handle: &'static PrometheusHandle) {
@@ -205,5 +283,29 @@ impl Outcome {
             Outcome::UpstreamFailed => "upstream_failed",
             Outcome::Overloaded => "overloaded",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn families_and_series_sort_and_histograms_keep_their_bucket_order() {
+        let scrape = "# TYPE b_total counter\nb_total{route=\"y\"} 1\nb_total{route=\"x,\\\"z\"} 2\n\n\
+                      # HELP a_seconds Latency.\n# TYPE a_seconds histogram\n\
+                      a_seconds_bucket{l=\"q\",le=\"0.1\"} 1\na_seconds_bucket{l=\"q\",le=\"+Inf\"} 2\n\
+                      a_seconds_sum{l=\"q\"} 0.3\na_seconds_count{l=\"q\"} 2\n\
+                      a_seconds_bucket{l=\"p\",le=\"0.1\"} 0\na_seconds_bucket{l=\"p\",le=\"+Inf\"} 1\n\
+                      a_seconds_sum{l=\"p\"} 0.5\na_seconds_count{l=\"p\"} 1\n\n";
+        assert_eq!(
+            sorted_exposition(scrape),
+            "# HELP a_seconds Latency.\n# TYPE a_seconds histogram\n\
+             a_seconds_bucket{l=\"p\",le=\"0.1\"} 0\na_seconds_bucket{l=\"p\",le=\"+Inf\"} 1\n\
+             a_seconds_sum{l=\"p\"} 0.5\na_seconds_count{l=\"p\"} 1\n\
+             a_seconds_bucket{l=\"q\",le=\"0.1\"} 1\na_seconds_bucket{l=\"q\",le=\"+Inf\"} 2\n\
+             a_seconds_sum{l=\"q\"} 0.3\na_seconds_count{l=\"q\"} 2\n\n\
+             # TYPE b_total counter\nb_total{route=\"x,\\\"z\"} 2\nb_total{route=\"y\"} 1\n\n"
+        );
     }
 }

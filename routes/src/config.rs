@@ -53,6 +53,20 @@ pub struct UpstreamConfig {
     pub tcp_keepalive: Duration,
     #[serde(default)]
     pub load_balancing: LoadBalancing,
+    /// `auto` (default): a direction that carries bulk (64 KiB moved in reads that filled the
+    /// buffer) moves its bytes socket → pipe → socket with `splice(2)`, without copying them
+    /// through the proxy; small messages keep plain reads and writes, and either way bytes
+    /// leave as soon as they arrive. `off`: always read and write.
+    #[serde(default)]
+    pub splice: Splice,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Splice {
+    #[default]
+    Auto,
+    Off,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -159,6 +173,7 @@ impl Default for UpstreamConfig {
             idle_timeout: defaults::idle_timeout(),
             tcp_keepalive: defaults::tcp_keepalive(),
             load_balancing: LoadBalancing::default(),
+            splice: Splice::default(),
         }
     }
 }

@@ -10,12 +10,10 @@ use crate::{Invalid, ProxyConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{file}: cannot read: {source}")]
-    Read {
-        file: String,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The io::Error is in the message and deliberately not `source()`: reports that print
+    /// the chain (`{:#}`) would show it twice.
+    #[error("{file}: cannot read: {cause}")]
+    Read { file: String, cause: std::io::Error },
     /// YAML syntax or type errors, and every validation failure, each with its place.
     #[error("{}", Problems(.0))]
     Invalid(Vec<Problem>),
@@ -67,9 +65,9 @@ impl fmt::Display for Problems<'_> {
 /// Reads, parses and validates `path`.
 pub fn load_proxy_config(path: &Path) -> Result<ProxyConfig, ConfigError> {
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Read {
         file: file.clone(),
-        source,
+        cause,
     })?;
     parse_proxy_config(&text, &file)
 }
@@ -78,27 +76,11 @@ pub fn load_proxy_config(path: &Path) -> Result<ProxyConfig, ConfigError> {
 pub fn parse_proxy_config(text: &str, file: &str) -> Result<ProxyConfig, ConfigError> {
     let de = serde_yaml::Deserializer::from_str(text);
     let config: ProxyConfig = serde_path_to_error::deserialize(de).map_err(|err| {
-        let field = err.path().to_string();
-        let inner = err.into_inner();
-        let location = inner.location();
-        // serde_yaml appends " at line X column Y"; we print the position up front instead.
-        let message = inner.to_string();
-        let message = match message.find(" at line ") {
-            Some(i) => message[..i].to_string(),
-            None => message,
-        };
-        // ...and it may prefix the path, which we print as `field` already.
-        let message = match message.split_once(": ") {
-            Some((head, rest)) if field.starts_with(head) => rest.to_string(),
-            _ => message,
-        };
-        ConfigError::Invalid(vec![Problem {
-            file: file.to_string(),
-            line: location.as_ref().map(|l| l.line()),
-            column: location.as_ref().map(|l| l.column()),
-            field: if field == "." { String::new() } else { field },
-            message,
-        }])
+        // serde_yaml reads lazily: a field can fail to deserialize before the parser reaches a
+        // syntax error further on (an unclosed `{` turns the rest of the file into one value).
+        // So when deserializing fails, a syntax error anywhere is the problem to report.
+        let problem = syntax_problem(text, file).unwrap_or_else(|| type_problem(err, file));
+        ConfigError::Invalid(vec![problem])
     })?;
     let invalid = config.validate();
     if invalid.is_empty() {
@@ -106,6 +88,66 @@ pub fn parse_proxy_config(text: &str, file: &str) -> Result<ProxyConfig, ConfigE
     } else {
         Err(ConfigError::Invalid(locate_all(text, file, invalid)))
     }
+}
+
+/// The first YAML syntax error in `text`, if it has one.
+fn syntax_problem(text: &str, file: &str) -> Option<Problem> {
+    struct Ignore;
+    impl MarkedEventReceiver for Ignore {
+        fn on_event(&mut self, _: Event, _: Marker) {}
+    }
+    let err = Parser::new_from_str(text).load(&mut Ignore, true).err()?;
+    Some(Problem {
+        file: file.to_string(),
+        line: Some(err.marker().line()),
+        column: Some(err.marker().col() + 1),
+        field: String::new(),
+        message: format!("YAML syntax error: {}", err.info()),
+    })
+}
+
+/// A value of the wrong type (or an unknown field) that serde refused, with its place.
+fn type_problem(err: serde_path_to_error::Error<serde_yaml::Error>, file: &str) -> Problem {
+    let field = err.path().to_string();
+    let inner = err.into_inner();
+    let location = inner.location();
+    // serde_yaml appends " at line X column Y"; we print the position up front instead.
+    let message = inner.to_string();
+    let message = match message.find(" at line ") {
+        Some(i) => message[..i].to_string(),
+        None => message,
+    };
+    // ...and it may prefix the path, which we print as `field` already.
+    let message = match message.split_once(": ") {
+        Some((head, rest)) if field.starts_with(head) => rest.to_string(),
+        _ => message,
+    };
+    let field = if field == "." { String::new() } else { field };
+    Problem {
+        file: file.to_string(),
+        line: location.as_ref().map(|l| l.line()),
+        column: location.as_ref().map(|l| l.column()),
+        message: expected_form(&field, message),
+        field,
+    }
+}
+
+/// serde's words for a wrong value name Rust types (`expected u16`, `invalid socket address
+/// syntax`); an operator needs the form to write instead.
+fn expected_form(field: &str, message: String) -> String {
+    let last = field.rsplit(['.', ']']).next().unwrap_or(field);
+    if message == "invalid socket address syntax" {
+        return "expected host:port, e.g. 10.0.0.7:8000".to_string();
+    }
+    if let Some(value) = message.strip_suffix(", expected a duration") {
+        return format!("{value}, expected a duration such as 30s");
+    }
+    if last == "port" || last.ends_with("_port") {
+        if let Some(value) = message.strip_suffix(", expected u16") {
+            return format!("{value}, expected a port number 1–65535");
+        }
+    }
+    message
 }
 
 fn locate_all(text: &str, file: &str, invalid: Vec<Invalid>) -> Vec<Problem> {

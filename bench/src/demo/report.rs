@@ -11,7 +11,7 @@ use anyhow::Context;
 use http_body_util::{BodyExt, Empty};
 use serde::Serialize;
 
-use super::svg::{cdf_chart, Series};
+use super::svg::{cdf_chart, cdf_panels, Series};
 use crate::run::{BenchResult, Metrics};
 
 /// One scenario's outcome, as written to results.json.
@@ -19,6 +19,8 @@ use crate::run::{BenchResult, Metrics};
 pub struct ScenarioResult {
     pub name: String,
     pub description: String,
+    /// The load generator's settings for this scenario.
+    pub settings: serde_json::Value,
     pub metrics: Metrics,
     /// Per successful request, ms.
     pub ttfts_ms: Vec<f64>,
@@ -29,11 +31,17 @@ pub struct ScenarioResult {
 }
 
 impl ScenarioResult {
-    pub fn new(name: &str, description: &str, r: &BenchResult) -> ScenarioResult {
+    pub fn new(
+        name: &str,
+        description: &str,
+        settings: serde_json::Value,
+        r: &BenchResult,
+    ) -> ScenarioResult {
         let ok = r.records.iter().filter(|r| r.success());
         ScenarioResult {
             name: name.into(),
             description: description.into(),
+            settings,
             metrics: r.metrics.clone(),
             ttfts_ms: ok.clone().map(|r| r.ttft * 1e3).collect(),
             itls_ms: ok
@@ -88,7 +96,8 @@ pub fn comparison_table(scenarios: &[ScenarioResult]) -> String {
     s
 }
 
-/// Writes `ttft_cdf.svg` and `itl_cdf.svg` into `dir`; returns their paths.
+/// Writes `ttft_cdf.svg`, `ttft_by_scenario.svg` and `itl_cdf.svg` into `dir`; returns their
+/// paths.
 pub fn write_plots(dir: &Path, scenarios: &[ScenarioResult]) -> anyhow::Result<Vec<String>> {
     let series = |pick: fn(&ScenarioResult) -> &[f64]| -> Vec<Series<'_>> {
         scenarios
@@ -107,6 +116,14 @@ pub fn write_plots(dir: &Path, scenarios: &[ScenarioResult]) -> anyhow::Result<V
         &series(|s| &s.ttfts_ms),
         1.0,
     );
+    // On the shared axis each scenario is a near-vertical line (its spread is a few ms, the
+    // scenarios are RTTs apart); one panel per scenario with its own axis shows the spread.
+    let ttft_panels = cdf_panels(
+        "Time to first token per scenario (CDF, own x axis each)",
+        "TTFT (ms)",
+        "ms",
+        &series(|s| &s.ttfts_ms),
+    );
     // ITL: cut the x axis at the 99.5th percentile so the body of the distribution shows.
     let itl = cdf_chart(
         "Inter-token latency, every gap (CDF, x axis to p99.5)",
@@ -115,7 +132,11 @@ pub fn write_plots(dir: &Path, scenarios: &[ScenarioResult]) -> anyhow::Result<V
         0.995,
     );
     let mut written = Vec::new();
-    for (name, svg) in [("ttft_cdf.svg", ttft), ("itl_cdf.svg", itl)] {
+    for (name, svg) in [
+        ("ttft_cdf.svg", ttft),
+        ("ttft_by_scenario.svg", ttft_panels),
+        ("itl_cdf.svg", itl),
+    ] {
         let path = dir.join(name);
         std::fs::write(&path, svg).with_context(|| format!("writing {}", path.display()))?;
         written.push(path.display().to_string());

@@ -5,7 +5,7 @@ fn quick_demo_writes_results_and_plots() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("demo-out");
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_eastwest-bench"))
-        .args(["demo", "--quick", "--rtt-ms", "20"])
+        .args(["demo", "--quick", "--rtt", "20ms"])
         .arg("--out")
         .arg(&out)
         .output()
@@ -37,6 +37,8 @@ fn quick_demo_writes_results_and_plots() {
         assert!(m["mean_itl_ms"].as_f64().unwrap() > 0.0);
         assert_eq!(sc["ttfts_ms"].as_array().unwrap().len(), 8);
         assert_eq!(sc["itls_ms"].as_array().unwrap().len(), 8 * 7);
+        assert_eq!(sc["settings"]["num_prompts"], 8);
+        assert!(sc["settings"]["connection"].is_string());
     }
     assert_eq!(
         results["checks"]["server_sse_events"],
@@ -44,7 +46,35 @@ fn quick_demo_writes_results_and_plots() {
     );
     assert!(results["gateway_counters"].as_object().is_some());
 
-    for svg in ["ttft_cdf.svg", "itl_cdf.svg"] {
+    // Which build, when, and every setting, so a results.json explains itself.
+    let build = &results["eastwest"];
+    assert_eq!(build["version"], env!("CARGO_PKG_VERSION"));
+    assert!(build["commit"].as_str().is_some_and(|c| !c.is_empty()));
+    assert!(build["started_at"]
+        .as_str()
+        .is_some_and(|t| t.ends_with('Z')));
+    assert!(build["command"]
+        .as_array()
+        .is_some_and(|a| a.iter().any(|w| w == "--quick")));
+    let options = &results["options"];
+    assert_eq!(options["rtt_ms"], 20.0);
+    for setting in [
+        "ttft_ms",
+        "itl_ms",
+        "num_prompts",
+        "input_len",
+        "output_len",
+        "concurrency",
+        "quick",
+        "out",
+    ] {
+        assert!(
+            !options[setting].is_null(),
+            "results.json lacks options.{setting}"
+        );
+    }
+
+    for svg in ["ttft_cdf.svg", "ttft_by_scenario.svg", "itl_cdf.svg"] {
         let text = std::fs::read_to_string(out.join(svg)).unwrap();
         assert!(text.starts_with("<svg"), "{svg}");
         let doc = roxmltree::Document::parse(&text).unwrap_or_else(|e| panic!("{svg}: {e}"));

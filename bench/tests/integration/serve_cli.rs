@@ -36,6 +36,7 @@ async fn spawn(args: &[&str]) -> (Child, String) {
 
 #[tokio::test]
 async fn serve_behind_wan_answers_a_raw_http1_stream() {
+    // The old millisecond spellings stay as aliases that take bare numbers.
     let (_serve, serve_addr) = spawn(&[
         "serve",
         "--listen",
@@ -52,8 +53,8 @@ async fn serve_behind_wan_answers_a_raw_http1_stream() {
         "127.0.0.1:0",
         "--upstream",
         &serve_addr,
-        "--rtt-ms",
-        "4",
+        "--rtt",
+        "4ms",
     ])
     .await;
     let body =
@@ -88,7 +89,18 @@ async fn bad_flags_are_refused() {
         .await
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--itl-ms"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--itl"));
+    let out = Command::new(env!("CARGO_BIN_EXE_eastwest-bench"))
+        .args(["wan", "--measure", "1", "--rtt", "90 parsecs"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--rtt") && err.contains("expected a duration such as 30s"),
+        "{err}"
+    );
     let out = Command::new(env!("CARGO_BIN_EXE_eastwest-bench"))
         .args(["wan", "--listen", "127.0.0.1:0"])
         .output()

@@ -180,9 +180,10 @@ fn errors_name_the_file_and_the_reason() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let err = failed_workload(d, "nope", "spiffe://cluster.local/ns/a/sa/b");
-    assert!(
-        err.contains("nope/ca-cert.pem") && err.contains("No such file"),
-        "{err}"
+    // One line, `error: <what>: <cause>`, the cause once.
+    assert_eq!(
+        err,
+        "error: loading CA from nope: nope/ca-cert.pem: No such file or directory (os error 2)\n"
     );
 
     std::fs::create_dir(d.join("bad")).unwrap();
@@ -345,4 +346,58 @@ async fn files_written_by_cli_complete_mtls_between_clusters() {
         .await
         .unwrap()
         .unwrap();
+}
+
+#[test]
+fn cluster_adds_an_intermediate_without_touching_the_root() {
+    let dir = mesh_dir(&["--trust-domain", "example.org"]);
+    let d = dir.path();
+    // What `cluster` must leave alone: the root and another cluster's key.
+    let kept = || -> Vec<Vec<u8>> {
+        [
+            "pki/root-cert.pem",
+            "pki/root-key.pem",
+            "pki/fra/ca-key.pem",
+        ]
+        .iter()
+        .map(|f| std::fs::read(d.join(f)).unwrap())
+        .collect()
+    };
+    let before = kept();
+    let out = ok(d, &["cluster", "--root", "pki", "--name", "par"]);
+    assert!(out.contains("pki/par/ca-cert.pem"), "{out}");
+    assert_eq!(kept(), before, "the root or another cluster changed");
+    assert_eq!(mode(&d.join("pki/par/ca-key.pem")), 0o600);
+    assert_eq!(
+        std::fs::read(d.join("pki/par/root-cert.pem")).unwrap(),
+        before[0]
+    );
+    // The new cluster's leaves chain to the old root and carry the mesh's trust domain.
+    ok(
+        d,
+        &[
+            "workload",
+            "--ca",
+            "pki/par",
+            "--spiffe-id",
+            "spiffe://example.org/ns/echo/sa/par",
+            "--out",
+            "par-leaf",
+        ],
+    );
+    let (verified, text) = verify(
+        d,
+        &["-untrusted", "pki/par/ca-cert.pem"],
+        "par-leaf-cert-chain.pem",
+    );
+    assert!(verified, "{text}");
+    // A second run refuses to replace the new cluster's files without --force.
+    let out = run(d, &["cluster", "--root", "pki", "--name", "par"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--force"));
+    ok(d, &["cluster", "--root", "pki", "--name", "par", "--force"]);
+    assert_eq!(
+        std::fs::read(d.join("pki/root-key.pem")).unwrap(),
+        before[1]
+    );
 }

@@ -104,6 +104,55 @@ async fn remote_secret_cluster_joins_changes_and_leaves_at_runtime() {
     assert!(!metrics.contains("cluster=\"ash\""), "{metrics}");
 }
 
+/// RBAC cannot grant Secrets by label, so control's Role lists and watches every Secret of its
+/// namespace; like istiod, it asks the API server for `istio/multiCluster=true` ones only
+/// (deploy/README.md promises this). A kubeconfig in any other Secret is never used.
+#[tokio::test]
+async fn only_labelled_secrets_in_the_secret_namespace_are_remote_clusters() {
+    let fra = ApiServer::start().await;
+    let ash = remote("network2", "192.0.2.20", "10.2.0.1").await;
+    let other = remote("network3", "192.0.2.30", "10.3.0.1").await;
+    let mut unlabelled = remote_secret("istio-system", "unlabelled", &other.kubeconfig("x"));
+    unlabelled["metadata"]["labels"] = serde_json::json!({"app": "something-else"});
+    fra.apply("secrets", unlabelled);
+    fra.apply(
+        "secrets",
+        remote_secret("default", "elsewhere", &other.kubeconfig("x")),
+    );
+    // Applied last: once its cluster is in the table, the two above were seen (or filtered).
+    fra.apply(
+        "secrets",
+        remote_secret("istio-system", "ash", &ash.kubeconfig("ash")),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let control = start_control(&fra, dir.path(), |c| {
+        c.secret_namespace = Some("istio-system".into())
+    })
+    .await;
+    let table = || control.current_table("network1").unwrap_or_default();
+    wait_for("ash's services, and ready", || async {
+        table()
+            .remote_services
+            .iter()
+            .any(|r| r.network == "network2")
+            && control.not_synced().is_empty()
+    })
+    .await;
+    assert!(
+        table()
+            .remote_services
+            .iter()
+            .all(|r| r.network == "network2"),
+        "a cluster from an unlabelled or out-of-namespace Secret: {:?}",
+        table().remote_services
+    );
+    let (_, metrics) = http_get(control.admin_addr(), "/metrics").await;
+    assert!(
+        !metrics.contains("cluster=\"unlabelled\"") && !metrics.contains("cluster=\"elsewhere\""),
+        "{metrics}"
+    );
+}
+
 #[tokio::test]
 async fn unusable_remote_secret_is_counted_and_skipped() {
     let fra = ApiServer::start().await;

@@ -9,4 +9,5 @@ mod control_stream;
 mod fuzz_corpus;
 mod lifecycle;
 mod passthrough;
+mod splice;
 mod support;

@@ -108,6 +108,40 @@ fn tcp_keepalive_must_be_what_linux_accepts() {
 }
 
 #[test]
+fn an_unclosed_brace_is_a_syntax_error_where_the_parser_finds_it() {
+    let p = problems(
+        "admin: {address: 127.0.0.1:15021\nlisteners:\n  - name: tls\n    address: 0.0.0.0:15443\n",
+    );
+    assert_eq!(
+        p,
+        ["gw.yaml:2:10: YAML syntax error: while parsing a flow mapping, did not find expected ',' or '}'"]
+    );
+}
+
+#[test]
+fn wrong_types_say_what_form_is_expected() {
+    for (from, to, want) in [
+        (
+            "address: 0.0.0.0:15443",
+            "address: 0.0.0.0:99999",
+            "gw.yaml:6:14: field `listeners[0].address`: expected host:port, e.g. 10.0.0.7:8000",
+        ),
+        (
+            "port: 5000",
+            "port: 70000",
+            "gw.yaml:20:17: field `routes.services[0].ports[0].port`: invalid value: integer `70000`, expected a port number 1–65535",
+        ),
+    ] {
+        assert_eq!(problems(&GOOD.replace(from, to)), [want]);
+    }
+    let text = format!("drain_period: 30\n{GOOD}");
+    assert_eq!(
+        problems(&text),
+        ["gw.yaml:1:15: field `drain_period`: invalid value: string \"30\", expected a duration such as 30s"]
+    );
+}
+
+#[test]
 fn syntax_errors_have_a_position() {
     let p = problems("listeners: [\n  {name: a\n");
     assert!(p[0].starts_with("gw.yaml:"), "{}", p[0]);
