@@ -94,6 +94,24 @@ def check_non_streamed(client, model, n):
         fail("non-streamed chat: empty content")
 
 
+def check_errors(client, model):
+    # sglang's flat error body must come out as the client's typed error with its message.
+    try:
+        client.chat.completions.create(model=model, messages=[], max_tokens=1)
+    except openai.BadRequestError as err:
+        if err.status_code != 400 or "Messages cannot be empty" not in str(err):
+            fail(f"error: unexpected BadRequestError {err!r}")
+    else:
+        fail("error: empty messages were accepted")
+    try:
+        client.get("/nothing", cast_to=object)
+    except openai.NotFoundError as err:
+        if err.status_code != 404:
+            fail(f"error: unexpected NotFoundError {err!r}")
+    else:
+        fail("error: unknown route answered")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base-url", required=True, help="e.g. http://127.0.0.1:30000/v1")
@@ -107,6 +125,7 @@ def main():
     check_chat(client, args.model, args.max_tokens)
     check_completion(client, args.model, args.max_tokens)
     check_non_streamed(client, args.model, args.max_tokens)
+    check_errors(client, args.model)
     print(f"openai client check: ok (openai {openai.__version__}, {args.max_tokens} tokens)")
 
 

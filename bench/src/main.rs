@@ -1,5 +1,5 @@
 use clap::{Parser, Subcommand};
-use eastwest_bench::{demo, run, serve, wan};
+use eastwest_bench::{demo, run, serve, sidecar, wan};
 
 /// Streaming-LLM latency harness for eastwest.
 #[derive(Debug, Parser)]
@@ -42,6 +42,11 @@ enum Command {
   eastwest-bench demo --quick --out /tmp/demo-out
   eastwest-bench demo --rtt 150ms --num-prompts 200 --concurrency 8")]
     Demo(demo::Args),
+    /// Plain TCP in, mTLS with SNI out: lets TLS-less clients (bench_serving) reach a gateway.
+    #[command(after_help = "Examples:
+  eastwest-bench sidecar --listen 127.0.0.1:15001 --upstream 10.0.0.7:15443 --sni outbound_.8000_._.sglang.demo.svc.cluster.local --tls-ca root-cert.pem --tls-cert cert-chain.pem --tls-key key.pem
+  eastwest-bench sidecar --upstream gateway.example:15443 --tls-ca root-cert.pem --tls-cert cert-chain.pem --tls-key key.pem --spiffe-id spiffe://cluster.local/ns/demo/sa/sglang")]
+    Sidecar(sidecar::Args),
     Completions(eastwest_cli::Completions),
 }
 
@@ -68,6 +73,7 @@ async fn run_async(command: Command) -> anyhow::Result<()> {
         Command::Run(args) => run::main(args).await,
         Command::Wan(args) => wan::main(args).await,
         Command::Demo(args) => demo::main(args).await,
+        Command::Sidecar(args) => sidecar::main(args).await,
         Command::Completions(_) => Ok(()),
     }
 }

@@ -5,10 +5,13 @@
 //! chunks, TPOT = (E2E − TTFT) / (output tokens − 1); every SSE event is timestamped when
 //! the body frame completing it arrives (hyper 1, HTTP/1.1, no buffering).
 
+mod arrivals;
 mod client;
+mod compat;
 mod config;
 mod dataset;
 mod metrics;
+mod numpy_random;
 mod record;
 mod request;
 pub mod sse;
@@ -22,10 +25,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use http_body_util::BodyExt;
 use rand::SeedableRng;
-use rand_distr::Distribution;
 use serde::Serialize;
 
-pub use config::{Backend, ConnectionMode, Goodput, RunConfig, TlsClient, TlsFiles};
+pub use config::{Backend, ConnectionMode, Goodput, RunConfig, TlsClient, TlsFiles, TlsFlags};
 pub use dataset::Prompt;
 pub use metrics::{mean, percentile, std_dev, Metrics};
 pub use record::{Failure, RequestRecord};
@@ -34,6 +36,8 @@ use client::Target;
 
 /// The `run` subcommand's flags (boxed: they are many, and the subcommand enum holds them).
 #[derive(Debug, clap::Args)]
+// A repeated flag takes its last value, as with bench_serving's argparse.
+#[command(args_override_self = true)]
 pub struct Args {
     #[command(flatten)]
     pub flags: Box<RunFlags>,
@@ -50,15 +54,39 @@ pub struct RunFlags {
     /// Server port when --base-url is not given.
     #[arg(long, default_value_t = 30000)]
     pub port: u16,
-    /// sglang-oai: /v1/completions; sglang-oai-chat: /v1/chat/completions.
+    /// bench_serving's backend names: *-chat → /v1/chat/completions, the others →
+    /// /v1/completions; the JSON output reports the name given.
     #[arg(long, value_enum, default_value = "sglang-oai-chat")]
     pub backend: Backend,
-    /// Only "random" (prompts of random words; no tokenizer needed).
-    #[arg(long, default_value = "random", value_parser = ["random"])]
+    /// "random" (prompts of random words; no tokenizer needed) or "random-ids" (the same
+    /// here, with a warning).
+    #[arg(long, default_value = "random", value_parser = ["random", "random-ids", "sharegpt"])]
     pub dataset_name: String,
     /// Model name; asked from GET /v1/models when not given.
     #[arg(long)]
     pub model: Option<String>,
+    /// The model name sent in requests (default: --model), as bench_serving.
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// A JSON object merged into every request body, over the defaults.
+    #[arg(long)]
+    pub extra_request_body: Option<String>,
+    /// Send "ignore_eos": false.
+    #[arg(long)]
+    pub disable_ignore_eos: bool,
+    /// Sampling temperature for sglang's native backend (OpenAI backends send 0.0 unless
+    /// --extra-request-body sets it, as bench_serving does).
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    /// top_p for sglang's native backend (as --temperature).
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    /// Extra request headers, KEY=VALUE.
+    #[arg(long, num_args = 1.., action = clap::ArgAction::Set)]
+    pub header: Vec<String>,
+    /// Written as "tag" into the JSON output.
+    #[arg(long)]
+    pub tag: Option<String>,
     /// Requests to send (after the warmup).
     #[arg(long, default_value_t = 1000)]
     pub num_prompts: usize,
@@ -80,8 +108,9 @@ pub struct RunFlags {
     /// Requests sent and discarded before measuring.
     #[arg(long, default_value_t = 1)]
     pub warmup_requests: usize,
-    /// Seed for prompts, lengths and arrival times: the same seed sends the same load.
-    #[arg(long, default_value_t = 1)]
+    /// Seeds numpy's generator as bench_serving does (0..=4294967295): same seed, same
+    /// lengths and arrival times.
+    #[arg(long, default_value_t = 42)]
     pub seed: u64,
     /// Append one JSON line of results to this file.
     #[arg(long)]
@@ -93,7 +122,7 @@ pub struct RunFlags {
     #[arg(long)]
     pub disable_tqdm: bool,
     /// SLOs in ms for goodput, e.g. `--goodput ttft:200 tpot:50` (also e2el).
-    #[arg(long, num_args = 1..)]
+    #[arg(long, num_args = 1.., action = clap::ArgAction::Set)]
     pub goodput: Vec<String>,
     /// new: a TCP(+TLS) connection per request (like bench_serving); keepalive: reuse.
     #[arg(long, value_enum, default_value = "new")]
@@ -101,37 +130,53 @@ pub struct RunFlags {
     /// TLS even with an http:// URL.
     #[arg(long)]
     pub tls: bool,
-    /// PEM CA bundle to verify the server (default: system roots); the mesh root for SPIFFE.
-    #[arg(long, alias = "cacert")]
-    pub tls_ca: Option<PathBuf>,
-    /// Client certificate chain (PEM) for mTLS.
-    #[arg(long, alias = "cert", requires = "tls_key")]
-    pub tls_cert: Option<PathBuf>,
-    /// Client private key (PEM) for mTLS.
-    #[arg(long, alias = "key", requires = "tls_cert")]
-    pub tls_key: Option<PathBuf>,
+    #[command(flatten)]
+    pub tls_files: TlsFlags,
     /// TLS server name to send, e.g. outbound_.8000_._.sglang.demo.svc.cluster.local.
     #[arg(long)]
     pub sni: Option<String>,
     /// Dial HOST:PORT instead of the URL's host; Host header and SNI are unchanged.
     #[arg(long)]
     pub connect_to: Option<String>,
-    /// Verify the server's SPIFFE ID (repeatable) instead of its host name.
-    #[arg(long)]
-    pub spiffe_id: Vec<String>,
-    /// Accept any server SPIFFE ID in this trust domain instead of checking its host name.
-    #[arg(long, conflicts_with = "spiffe_id")]
-    pub spiffe_trust_domain: Option<String>,
-    /// Check the server's host name (WebPKI) even with a mesh (SPIFFE) client certificate;
-    /// without it, mesh certs mean the server must be in the client's trust domain.
-    #[arg(long, conflicts_with_all = ["spiffe_id", "spiffe_trust_domain"])]
-    pub verify_hostname: bool,
+    /// Wait up to this many seconds for GET /v1/models to answer 200 before starting, as
+    /// bench_serving does; 0 skips the check.
+    #[arg(long, default_value_t = 60)]
+    pub ready_check_timeout_sec: u64,
     /// Give up on one request after this long, e.g. 10m; a bare number is seconds.
     #[arg(long, default_value = "600s", value_parser = eastwest_cli::duration_or_secs)]
     pub request_timeout: Duration,
+    #[command(flatten)]
+    pub ignored: compat::IgnoredFlags,
 }
 
 impl RunFlags {
+    /// What the user asked for that cannot apply here, one line each.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = self.ignored.warnings();
+        if self.dataset_name == "random-ids" {
+            out.push(
+                "--dataset-name random-ids is run as random: the lengths are bench_serving's, but \
+                 without the tokenizer's vocabulary the arrival times differ from its run"
+                    .into(),
+            );
+        }
+        if !self.backend.is_native() {
+            for (given, flag) in [
+                (self.temperature.is_some(), "--temperature"),
+                (self.top_p.is_some(), "--top-p"),
+            ] {
+                if given {
+                    out.push(format!(
+                        "{flag} is ignored with --backend {}: as in bench_serving it applies to the native sglang backend only; \
+                         use --extra-request-body '{{\"temperature\": ...}}'",
+                        self.backend.name()
+                    ));
+                }
+            }
+        }
+        out
+    }
+
     pub fn to_config(&self) -> anyhow::Result<RunConfig> {
         let base_url = self
             .base_url
@@ -139,7 +184,39 @@ impl RunFlags {
             .unwrap_or_else(|| format!("http://{}:{}", self.host, self.port));
         let mut cfg = RunConfig::new(base_url);
         cfg.backend = self.backend;
-        cfg.model = self.model.clone();
+        cfg.model = self
+            .served_model_name
+            .clone()
+            .or_else(|| self.model.clone());
+        cfg.disable_ignore_eos = self.disable_ignore_eos;
+        cfg.temperature = self.temperature.unwrap_or(0.0);
+        cfg.top_p = self.top_p.unwrap_or(1.0);
+        cfg.tag = self.tag.clone();
+        if let Some(extra) = &self.extra_request_body {
+            match serde_json::from_str(extra).context("--extra-request-body is not JSON")? {
+                serde_json::Value::Object(map) => cfg.extra_request_body = map,
+                _ => anyhow::bail!("--extra-request-body must be a JSON object"),
+            }
+        }
+        for h in &self.header {
+            // bench_serving's parse_custom_headers: KEY=VALUE, items without both are skipped.
+            let Some((k, v)) = h
+                .split_once('=')
+                .filter(|(k, v)| !k.is_empty() && !v.is_empty())
+            else {
+                continue;
+            };
+            let name = http::HeaderName::try_from(k).with_context(|| format!("--header {h:?}"))?;
+            let value =
+                http::HeaderValue::try_from(v).with_context(|| format!("--header {h:?}"))?;
+            cfg.headers.push((name, value));
+        }
+        if self.dataset_name == "sharegpt" {
+            anyhow::bail!(
+                "--dataset-name sharegpt is not supported (it needs the ShareGPT file and a tokenizer); \
+                 use --dataset-name random, which draws the same lengths as bench_serving"
+            );
+        }
         cfg.num_prompts = self.num_prompts;
         cfg.request_rate = self.request_rate;
         cfg.max_concurrency = self.max_concurrency;
@@ -156,21 +233,9 @@ impl RunFlags {
             anyhow::bail!("--request-timeout must be more than zero");
         }
         cfg.request_timeout = self.request_timeout;
-        let wants_tls = self.tls
-            || cfg.base_url.starts_with("https://")
-            || self.tls_ca.is_some()
-            || self.tls_cert.is_some()
-            || !self.spiffe_id.is_empty()
-            || self.spiffe_trust_domain.is_some();
-        if wants_tls {
-            cfg.tls = Some(TlsClient::from_files(&TlsFiles {
-                cacert: self.tls_ca.as_deref(),
-                cert: self.tls_cert.as_deref(),
-                key: self.tls_key.as_deref(),
-                spiffe_ids: &self.spiffe_id,
-                spiffe_trust_domain: self.spiffe_trust_domain.as_deref(),
-                verify_hostname: self.verify_hostname,
-            })?);
+        cfg.ready_check_timeout = Duration::from_secs(self.ready_check_timeout_sec);
+        if self.tls || cfg.base_url.starts_with("https://") || self.tls_files.any() {
+            cfg.tls = Some(self.tls_files.client()?);
         }
         cfg.validate()?;
         Ok(cfg)
@@ -241,7 +306,7 @@ impl BenchResult {
     }
 
     /// One JSON line: the metrics (sglang keys), with `output_details` also per-request
-    /// `input_lens, output_lens, ttfts, itls, errors` (seconds, like sglang).
+    /// `input_lens, output_lens, ttfts, itls, generated_texts, errors` (seconds, like sglang).
     pub fn json_line(&self, output_details: bool) -> anyhow::Result<String> {
         let mut v = serde_json::to_value(&self.metrics)?;
         if let (true, Some(obj)) = (output_details, v.as_object_mut()) {
@@ -263,6 +328,10 @@ impl BenchResult {
                     .into(),
             );
             obj.insert(
+                "generated_texts".into(),
+                r.iter().map(|r| r.generated_text.as_str()).collect(),
+            );
+            obj.insert(
                 "errors".into(),
                 r.iter()
                     .map(|r| r.error.as_ref().map(|e| e.to_string()).unwrap_or_default())
@@ -281,6 +350,9 @@ pub async fn run_benchmark(
 ) -> anyhow::Result<BenchResult> {
     cfg.validate()?;
     let target = Target::resolve(cfg).await?;
+    if !cfg.ready_check_timeout.is_zero() {
+        wait_until_ready(&target, &cfg.base_url, cfg.ready_check_timeout).await?;
+    }
     let model = match &cfg.model {
         Some(m) => m.clone(),
         None => fetch_model(&target).await.unwrap_or_else(|e| {
@@ -288,14 +360,17 @@ pub async fn run_benchmark(
             "default".to_string()
         }),
     };
-    let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
+    // One numpy stream for lengths then arrivals, in bench_serving's order.
+    let mut np = numpy_random::RandomState::seed(cfg.numpy_seed()?);
+    let mut words = rand::rngs::StdRng::seed_from_u64(cfg.seed);
     let prompts = dataset::sample_random(
-        &mut rng,
+        &mut np,
+        &mut words,
         cfg.num_prompts,
         cfg.random_input_len,
         cfg.random_output_len,
         cfg.random_range_ratio,
-    );
+    )?;
 
     // Warmup (like bench_serving: the first prompt, at most 32 output tokens, all at once).
     let mut warmup_failed = 0;
@@ -303,7 +378,7 @@ pub async fn run_benchmark(
     if cfg.warmup_requests > 0 {
         let mut warm = prompts[0].clone();
         warm.output_len = warm.output_len.min(32);
-        let body = request::request_body(cfg.backend, &model, &warm);
+        let body = request::request_body(cfg, &model, &warm);
         let mut set = tokio::task::JoinSet::new();
         for _ in 0..cfg.warmup_requests {
             let (target, body, warm) = (target.clone(), body.clone(), warm.clone());
@@ -312,25 +387,29 @@ pub async fn run_benchmark(
                 async move { request::run_one(&target, backend, body, &warm, timeout).await },
             );
         }
+        let mut first_error = None;
         while let Some(r) = set.join_next().await {
             let r = r.context("warmup task")?;
             warmup_sse_events += r.sse_events;
             if let Some(err) = r.error {
                 warmup_failed += 1;
                 tracing::warn!("warmup request failed: {err}");
+                first_error.get_or_insert(err);
             }
+        }
+        // As bench_serving: a benchmark whose every warmup request failed cannot succeed.
+        if let (true, Some(err)) = (warmup_failed == cfg.warmup_requests, first_error) {
+            anyhow::bail!(
+                "Warmup failed - Please make sure benchmark arguments are correctly specified. Error: {err}"
+            );
         }
     }
 
     let bodies: Vec<_> = prompts
         .iter()
-        .map(|p| request::request_body(cfg.backend, &model, p))
+        .map(|p| request::request_body(cfg, &model, p))
         .collect();
-    let arrivals = if cfg.request_rate.is_finite() {
-        Some(rand_distr::Exp::new(cfg.request_rate).context("--request-rate")?)
-    } else {
-        None
-    };
+    let schedule = arrivals::schedule(&mut np, cfg.request_rate, prompts.len());
     let semaphore = cfg
         .max_concurrency
         .map(|c| Arc::new(tokio::sync::Semaphore::new(c)));
@@ -339,8 +418,16 @@ pub async fn run_benchmark(
     }
 
     let started = Instant::now();
+    let mut alarm = crate::timer::Alarm::new();
     let mut set = tokio::task::JoinSet::new();
     for (i, (prompt, body)) in prompts.iter().cloned().zip(bodies).enumerate() {
+        let scheduled = schedule.as_ref().and_then(|s| s.get(i)).copied();
+        if let Some(offset) = scheduled {
+            alarm
+                .sleep_until(tokio::time::Instant::from_std(started + offset))
+                .await;
+        }
+        let arrival = started.elapsed().as_secs_f64();
         let target = target.clone();
         let semaphore = semaphore.clone();
         let progress = progress.cloned();
@@ -350,18 +437,16 @@ pub async fn run_benchmark(
                 Some(s) => s.clone().acquire_owned().await.ok(),
                 None => None,
             };
-            let record = request::run_one(&target, backend, body, &prompt, timeout).await;
+            let start = started.elapsed().as_secs_f64();
+            let mut record = request::run_one(&target, backend, body, &prompt, timeout).await;
+            record.start = start;
+            record.scheduled = scheduled.map(|d| d.as_secs_f64());
+            record.arrival = arrival;
             if let Some(p) = &progress {
                 p.inc(record.error.is_some());
             }
             (i, record)
         });
-        if let Some(exp) = &arrivals {
-            if i + 1 < prompts.len() {
-                // Poisson arrivals: exponential gaps between request starts.
-                tokio::time::sleep(Duration::from_secs_f64(exp.sample(&mut rng))).await;
-            }
-        }
     }
     let mut records: Vec<Option<RequestRecord>> = vec![None; prompts.len()];
     while let Some(joined) = set.join_next().await {
@@ -381,9 +466,15 @@ pub async fn run_benchmark(
                 .or_insert_with(|| f.detail.clone());
         }
     }
+    let mut metrics = metrics::calculate(cfg, &records, duration);
+    // As bench_serving: the server's /server_info in the results, null if it has none.
+    metrics.server_info = match get(&target, "/server_info", Duration::from_secs(5)).await {
+        Ok((status, body)) if status == http::StatusCode::OK => serde_json::from_slice(&body).ok(),
+        _ => None,
+    };
     Ok(BenchResult {
         model,
-        metrics: metrics::calculate(cfg, &records, duration),
+        metrics,
         warmup_failed,
         warmup_sse_events,
         first_errors,
@@ -391,28 +482,39 @@ pub async fn run_benchmark(
     })
 }
 
+/// GET `path` on the target: the status and (up to 1 MiB of) the body.
+async fn get(
+    target: &Target,
+    path: &str,
+    timeout: Duration,
+) -> anyhow::Result<(http::StatusCode, bytes::Bytes)> {
+    let exchange = async {
+        let mut sender = target
+            .checkout()
+            .await
+            .map_err(|f| anyhow::anyhow!("{f}"))?;
+        let req = http::Request::get(format!("{}{path}", target.path_prefix))
+            .header(http::header::HOST, target.authority.as_str())
+            .body(http_body_util::Full::new(bytes::Bytes::new()))?;
+        let resp = sender.send_request(req).await?;
+        let status = resp.status();
+        let body = http_body_util::Limited::new(resp.into_body(), 1 << 20)
+            .collect()
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .to_bytes();
+        target.checkin(sender);
+        anyhow::Ok((status, body))
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .context("timed out")?
+}
+
 /// The first model id of GET /v1/models.
 async fn fetch_model(target: &Target) -> anyhow::Result<String> {
-    let mut sender = target
-        .checkout()
-        .await
-        .map_err(|f| anyhow::anyhow!("{f}"))?;
-    let req = http::Request::get(format!("{}/v1/models", target.path_prefix))
-        .header(http::header::HOST, target.authority.as_str())
-        .body(http_body_util::Full::new(bytes::Bytes::new()))?;
-    let resp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req))
-        .await
-        .context("timed out")??;
-    anyhow::ensure!(resp.status().is_success(), "HTTP {}", resp.status());
-    let body = tokio::time::timeout(
-        Duration::from_secs(10),
-        http_body_util::Limited::new(resp.into_body(), 1 << 20).collect(),
-    )
-    .await
-    .context("timed out")?
-    .map_err(|e| anyhow::anyhow!("{e}"))?
-    .to_bytes();
-    target.checkin(sender);
+    let (status, body) = get(target, "/v1/models", Duration::from_secs(10)).await?;
+    anyhow::ensure!(status.is_success(), "HTTP {status}");
     let v: serde_json::Value = serde_json::from_slice(&body).context("not JSON")?;
     v["data"][0]["id"]
         .as_str()
@@ -420,9 +522,47 @@ async fn fetch_model(target: &Target) -> anyhow::Result<String> {
         .context("no data[0].id")
 }
 
+/// bench_serving's `wait_for_endpoint`: polls GET /v1/models once a second (5 s per try)
+/// until it answers 200, for at most `timeout`.
+async fn wait_until_ready(
+    target: &Target,
+    base_url: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let url = format!("{}/v1/models", base_url.trim_end_matches('/'));
+    println!(
+        "Waiting up to {}s for {url} to become ready...",
+        timeout.as_secs_f64()
+    );
+    let start = Instant::now();
+    loop {
+        let left = timeout.saturating_sub(start.elapsed());
+        let attempt = get(target, "/v1/models", left.min(Duration::from_secs(5))).await;
+        if matches!(&attempt, Ok((status, _)) if *status == http::StatusCode::OK) {
+            println!("Server ready in {:.1}s.", start.elapsed().as_secs_f64());
+            return Ok(());
+        }
+        if start.elapsed() >= timeout {
+            let why = match attempt {
+                Ok((status, _)) => format!("HTTP {status}"),
+                Err(e) => format!("{e:#}"),
+            };
+            anyhow::bail!(
+                "server at {url} is not ready after {}s (--ready-check-timeout-sec; last try: {why})",
+                timeout.as_secs_f64()
+            );
+        }
+        tokio::time::sleep(Duration::from_secs(1).min(timeout.saturating_sub(start.elapsed())))
+            .await;
+    }
+}
+
 pub async fn main(args: Args) -> anyhow::Result<()> {
     let args = args.flags;
     let cfg = args.to_config()?;
+    for warning in args.warnings() {
+        eprintln!("eastwest-bench run: warning: {warning}");
+    }
     println!("benchmark_args={args:?}");
     let progress = (!args.disable_tqdm).then(|| ProgressSink::stderr("requests"));
     if cfg.warmup_requests > 0 {
@@ -444,6 +584,16 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
             .open(path)
             .with_context(|| format!("--output-file {}", path.display()))?;
         writeln!(f, "{line}").with_context(|| format!("writing {}", path.display()))?;
+    }
+    let m = &result.metrics;
+    if m.completed == 0 {
+        let first = result
+            .first_errors
+            .iter()
+            .next()
+            .map(|(kind, detail)| format!(" (first: {kind}: {detail})"))
+            .unwrap_or_default();
+        anyhow::bail!("all {} requests failed{first}", m.failed);
     }
     Ok(())
 }

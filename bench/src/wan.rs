@@ -6,8 +6,6 @@
 mod link;
 mod measure;
 mod pipe;
-// Also used by `serve` for token release times.
-pub(crate) mod timer;
 
 use std::net::SocketAddr;
 use std::time::Duration;

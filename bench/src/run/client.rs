@@ -28,6 +28,8 @@ pub struct Target {
     tls: Option<(TlsClient, ServerName<'static>)>,
     mode: ConnectionMode,
     idle: Mutex<Vec<Sender>>,
+    /// `--header KEY=VALUE`s, sent with every benchmark request.
+    pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
 }
 
 impl Target {
@@ -94,6 +96,7 @@ impl Target {
             tls,
             mode: cfg.connection,
             idle: Mutex::new(Vec::new()),
+            headers: cfg.headers.clone(),
         }))
     }
 

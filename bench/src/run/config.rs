@@ -1,35 +1,78 @@
 //! What one benchmark run does: target, workload, connection handling, TLS, SLOs.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use rustls_pki_types::CertificateDer;
 
-/// Which OpenAI-compatible endpoint to call (sglang `bench_serving` backend names).
+/// bench_serving's `--backend` names. The name is what the JSON output reports; what is
+/// sent depends only on the API ([`Backend::is_chat`], [`Backend::path`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Backend {
+    /// sglang's native POST /generate.
+    Sglang,
+    /// Same as `sglang`.
+    SglangNative,
     /// POST /v1/completions
-    #[value(name = "sglang-oai", alias = "vllm", alias = "openai")]
     SglangOai,
     /// POST /v1/chat/completions
-    #[value(name = "sglang-oai-chat", alias = "vllm-chat", alias = "openai-chat")]
     SglangOaiChat,
+    /// POST /v1/completions
+    Vllm,
+    /// POST /v1/chat/completions
+    VllmChat,
+    /// POST /v1/completions
+    Lmdeploy,
+    /// POST /v1/chat/completions
+    LmdeployChat,
+    /// POST /v1/completions (eastwest's alias)
+    Openai,
+    /// POST /v1/chat/completions (eastwest's alias)
+    OpenaiChat,
 }
 
 impl Backend {
+    /// The name as given on the command line (bench_serving's spelling).
     pub fn name(self) -> &'static str {
         match self {
+            Backend::Sglang => "sglang",
+            Backend::SglangNative => "sglang-native",
             Backend::SglangOai => "sglang-oai",
             Backend::SglangOaiChat => "sglang-oai-chat",
+            Backend::Vllm => "vllm",
+            Backend::VllmChat => "vllm-chat",
+            Backend::Lmdeploy => "lmdeploy",
+            Backend::LmdeployChat => "lmdeploy-chat",
+            Backend::Openai => "openai",
+            Backend::OpenaiChat => "openai-chat",
         }
     }
 
+    /// sglang's native API (`/generate`), rather than an OpenAI-compatible one.
+    pub fn is_native(self) -> bool {
+        matches!(self, Backend::Sglang | Backend::SglangNative)
+    }
+
+    /// Chat completions (messages) rather than completions (prompt).
+    pub fn is_chat(self) -> bool {
+        matches!(
+            self,
+            Backend::SglangOaiChat
+                | Backend::VllmChat
+                | Backend::LmdeployChat
+                | Backend::OpenaiChat
+        )
+    }
+
     pub fn path(self) -> &'static str {
-        match self {
-            Backend::SglangOai => "/v1/completions",
-            Backend::SglangOaiChat => "/v1/chat/completions",
+        if self.is_native() {
+            "/generate"
+        } else if self.is_chat() {
+            "/v1/chat/completions"
+        } else {
+            "/v1/completions"
         }
     }
 }
@@ -64,6 +107,18 @@ pub struct Goodput {
 impl Goodput {
     pub fn is_set(&self) -> bool {
         self.ttft_ms.is_some() || self.tpot_ms.is_some() || self.e2el_ms.is_some()
+    }
+
+    /// The SLOs given, by bench_serving's names (`ttft`, `tpot`, `e2el`).
+    pub fn slos(&self) -> std::collections::BTreeMap<String, f64> {
+        [
+            ("ttft", self.ttft_ms),
+            ("tpot", self.tpot_ms),
+            ("e2el", self.e2el_ms),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| Some((k.to_string(), v?)))
+        .collect()
     }
 
     /// Parses `ttft:200 tpot:50 e2el:3000` items.
@@ -119,6 +174,54 @@ pub struct TlsFiles<'a> {
     pub spiffe_trust_domain: Option<&'a str>,
     /// Check the server's host name even when the client certificate is a mesh (SPIFFE) one.
     pub verify_hostname: bool,
+}
+
+/// The client TLS flags of `run` and `sidecar`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct TlsFlags {
+    // The TLS flags share one vocabulary with the other binaries (--tls-cert/--tls-key/
+    // --tls-ca); the old names stay as hidden aliases.
+    /// PEM CA bundle to verify the server (default: system roots); the mesh root for SPIFFE.
+    #[arg(long = "tls-ca", alias = "cacert")]
+    pub cacert: Option<PathBuf>,
+    /// Client certificate chain (PEM) for mTLS.
+    #[arg(long = "tls-cert", alias = "cert", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// Client private key (PEM) for mTLS.
+    #[arg(long = "tls-key", alias = "key", requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// Verify the server's SPIFFE ID (repeatable) instead of its host name.
+    #[arg(long)]
+    pub spiffe_id: Vec<String>,
+    /// Accept any server SPIFFE ID in this trust domain instead of checking its host name.
+    #[arg(long, conflicts_with = "spiffe_id")]
+    pub spiffe_trust_domain: Option<String>,
+    /// Check the server's host name (WebPKI) even with a mesh (SPIFFE) client certificate;
+    /// without it, mesh certs mean the server must be in the client's trust domain.
+    #[arg(long, conflicts_with_all = ["spiffe_id", "spiffe_trust_domain"])]
+    pub verify_hostname: bool,
+}
+
+impl TlsFlags {
+    /// Whether any flag asks for TLS.
+    pub fn any(&self) -> bool {
+        self.cacert.is_some()
+            || self.cert.is_some()
+            || !self.spiffe_id.is_empty()
+            || self.spiffe_trust_domain.is_some()
+    }
+
+    /// The client config these flags describe.
+    pub fn client(&self) -> anyhow::Result<TlsClient> {
+        TlsClient::from_files(&TlsFiles {
+            cacert: self.cacert.as_deref(),
+            cert: self.cert.as_deref(),
+            key: self.key.as_deref(),
+            spiffe_ids: &self.spiffe_id,
+            spiffe_trust_domain: self.spiffe_trust_domain.as_deref(),
+            verify_hostname: self.verify_hostname,
+        })
+    }
 }
 
 impl TlsClient {
@@ -278,6 +381,22 @@ pub struct RunConfig {
     pub goodput: Goodput,
     /// Upper bound for one request, start to end of stream.
     pub request_timeout: Duration,
+    /// Merged into every request body last, overriding the defaults
+    /// (`--extra-request-body`).
+    pub extra_request_body: serde_json::Map<String, serde_json::Value>,
+    /// Native backend only: `sampling_params.temperature` (`--temperature`).
+    pub temperature: f64,
+    /// Native backend only: `sampling_params.top_p`, sent when below 1 (`--top-p`).
+    pub top_p: f64,
+    /// Send `"ignore_eos": false` instead of true (`--disable-ignore-eos`).
+    pub disable_ignore_eos: bool,
+    /// Written as `tag` into the JSON output (`--tag`).
+    pub tag: Option<String>,
+    /// Extra request headers (`--header KEY=VALUE`).
+    pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    /// Wait this long for GET /v1/models to answer 200 before starting (zero: no check;
+    /// the CLI's default is 60 s, as bench_serving's).
+    pub ready_check_timeout: Duration,
 }
 
 impl RunConfig {
@@ -294,14 +413,27 @@ impl RunConfig {
             random_output_len: 1024,
             random_range_ratio: 0.0,
             warmup_requests: 1,
-            seed: 1,
+            seed: 42,
             connection: ConnectionMode::New,
             tls: None,
             sni: None,
             connect_to: None,
             goodput: Goodput::default(),
             request_timeout: Duration::from_secs(600),
+            ready_check_timeout: Duration::ZERO,
+            extra_request_body: serde_json::Map::new(),
+            disable_ignore_eos: false,
+            temperature: 0.0,
+            top_p: 1.0,
+            headers: Vec::new(),
+            tag: None,
         }
+    }
+
+    /// The seed as numpy's `np.random.seed` takes it.
+    pub fn numpy_seed(&self) -> anyhow::Result<u32> {
+        u32::try_from(self.seed)
+            .map_err(|_| anyhow::anyhow!("--seed must be between 0 and 2**32 - 1 (numpy's range)"))
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
@@ -317,6 +449,7 @@ impl RunConfig {
         if !(0.0..=1.0).contains(&self.random_range_ratio) {
             bail!("--random-range-ratio must be within 0..=1");
         }
+        self.numpy_seed()?;
         if self.random_output_len == 0 {
             bail!("--random-output-len must be at least 1");
         }

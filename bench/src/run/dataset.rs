@@ -1,8 +1,11 @@
 //! bench_serving's "random" dataset without a tokenizer: prompts of N words from a small
 //! vocabulary (about one token each for common BPE tokenizers).
 
+use anyhow::Context;
 use rand::rngs::StdRng;
 use rand::Rng;
+
+use super::numpy_random::RandomState;
 
 #[derive(Debug, Clone)]
 pub struct Prompt {
@@ -19,27 +22,47 @@ const WORDS: &[&str] = &[
     "north", "south",
 ];
 
-/// Lengths drawn uniformly from `[len * ratio, len]` like bench_serving (input at least 1,
-/// output at least 1 so that every request streams something).
+/// bench_serving's `compute_random_lens`: `n` lengths uniform in `[max(len * ratio, 1), len]`
+/// from numpy's stream (all zero, without a draw, for `len == 0`).
+fn random_lens(
+    np: &mut RandomState,
+    full_len: usize,
+    range_ratio: f64,
+    n: usize,
+) -> anyhow::Result<Vec<usize>> {
+    if full_len == 0 {
+        return Ok(vec![0; n]);
+    }
+    let low = ((full_len as f64 * range_ratio) as i64).max(1);
+    let high = i64::try_from(full_len).context("length too large")? + 1;
+    (0..n)
+        .map(|_| Ok(np.randint(low, high)? as usize))
+        .collect()
+}
+
+/// The `random` dataset: input lengths, then output lengths, drawn from `np` exactly as
+/// bench_serving draws them (so one seed gives both tools the same lengths); the prompt
+/// words come from `words`, a separate generator, as sglang's text comes from ShareGPT.
 pub fn sample_random(
-    rng: &mut StdRng,
+    np: &mut RandomState,
+    words: &mut StdRng,
     num: usize,
     input_len: usize,
     output_len: usize,
     range_ratio: f64,
-) -> Vec<Prompt> {
-    let in_lo = ((input_len as f64 * range_ratio) as usize).max(1);
-    let out_lo = ((output_len as f64 * range_ratio) as usize).max(1);
-    (0..num)
-        .map(|_| {
-            let input_len = rng.random_range(in_lo..=input_len.max(in_lo));
-            let output_len = rng.random_range(out_lo..=output_len.max(out_lo));
+) -> anyhow::Result<Vec<Prompt>> {
+    let input_lens = random_lens(np, input_len, range_ratio, num)?;
+    let output_lens = random_lens(np, output_len, range_ratio, num)?;
+    Ok(input_lens
+        .into_iter()
+        .zip(output_lens)
+        .map(|(input_len, output_len)| {
             let mut text = String::with_capacity(input_len * 7);
             for i in 0..input_len {
                 if i > 0 {
                     text.push(' ');
                 }
-                text.push_str(WORDS[rng.random_range(0..WORDS.len())]);
+                text.push_str(WORDS[words.random_range(0..WORDS.len())]);
             }
             Prompt {
                 text,
@@ -47,5 +70,5 @@ pub fn sample_random(
                 output_len,
             }
         })
-        .collect()
+        .collect())
 }

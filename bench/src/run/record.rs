@@ -33,6 +33,8 @@ pub struct RequestRecord {
     pub requested_output_len: usize,
     /// Output tokens: the usage chunk's `completion_tokens` when sent, else content chunks.
     pub output_len: usize,
+    /// The content received (bench_serving's `generated_text`).
+    pub generated_text: String,
     /// Time to the first non-empty content delta.
     pub ttft: f64,
     /// Gaps between consecutive content chunks.
@@ -46,6 +48,15 @@ pub struct RequestRecord {
     /// Completion tokens reported by the server's usage chunk, if any.
     pub usage_completion_tokens: Option<usize>,
     pub error: Option<Failure>,
+    /// When the arrival process wanted this request sent, in seconds from the benchmark's
+    /// start (`None` for `--request-rate inf`).
+    pub scheduled: Option<f64>,
+    /// When it was sent (its arrival; it may then wait for `--max-concurrency`), seconds
+    /// from the benchmark's start.
+    pub arrival: f64,
+    /// When it started (after any `--max-concurrency` wait), seconds from the benchmark's
+    /// start: bench_serving's `start_time`, for the per-second peaks.
+    pub start: f64,
 }
 
 impl RequestRecord {

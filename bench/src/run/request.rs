@@ -9,35 +9,67 @@ use http_body_util::{BodyExt, Full};
 use serde::Deserialize;
 
 use super::client::Target;
-use super::config::Backend;
+use super::config::{Backend, RunConfig};
 use super::dataset::Prompt;
 use super::record::{Failure, RequestRecord};
 use super::sse::SseParser;
 
-/// The JSON body for `prompt`, as bench_serving sends it (plus `stream_options` so that
-/// servers report exact completion tokens in a final usage chunk).
-pub fn request_body(backend: Backend, model: &str, prompt: &Prompt) -> Bytes {
-    let body = match backend {
-        Backend::SglangOai => serde_json::json!({
+/// The JSON body for `prompt`, as bench_serving builds it: its defaults
+/// (`temperature` 0.0, `ignore_eos` unless `--disable-ignore-eos`), then
+/// `--extra-request-body` merged over them.
+pub fn request_body(cfg: &RunConfig, model: &str, prompt: &Prompt) -> Bytes {
+    if cfg.backend.is_native() {
+        // async_request_sglang_generate: sampling in sampling_params, top_p only below 1.
+        let mut sampling = serde_json::json!({
+            "temperature": cfg.temperature,
+            "max_new_tokens": prompt.output_len,
+            "ignore_eos": !cfg.disable_ignore_eos,
+        });
+        if cfg.top_p < 1.0 {
+            sampling["top_p"] = serde_json::json!(cfg.top_p);
+        }
+        let mut body = serde_json::json!({
+            "text": prompt.text,
+            "sampling_params": sampling,
+            "stream": true,
+            "lora_path": null,
+            "return_logprob": false,
+            "return_routed_experts": false,
+            "logprob_start_len": -1,
+        });
+        if let Some(obj) = body.as_object_mut() {
+            for (k, v) in &cfg.extra_request_body {
+                obj.insert(k.clone(), v.clone());
+            }
+        }
+        return Bytes::from(body.to_string());
+    }
+    let mut body = if cfg.backend.is_chat() {
+        serde_json::json!({
+            "model": model,
+            "messages": [{"role": "user", "content": prompt.text}],
+            "max_completion_tokens": prompt.output_len,
+            "stream": true,
+        })
+    } else {
+        serde_json::json!({
             "model": model,
             "prompt": prompt.text,
-            "temperature": 0.0,
             "best_of": 1,
             "max_tokens": prompt.output_len,
             "stream": true,
-            "ignore_eos": true,
-            "stream_options": {"include_usage": true},
-        }),
-        Backend::SglangOaiChat => serde_json::json!({
-            "model": model,
-            "messages": [{"role": "user", "content": prompt.text}],
-            "temperature": 0.0,
-            "max_tokens": prompt.output_len,
-            "stream": true,
-            "ignore_eos": true,
-            "stream_options": {"include_usage": true},
-        }),
+        })
     };
+    if let Some(obj) = body.as_object_mut() {
+        obj.insert("temperature".into(), serde_json::json!(0.0));
+        obj.insert(
+            "ignore_eos".into(),
+            serde_json::json!(!cfg.disable_ignore_eos),
+        );
+        for (k, v) in &cfg.extra_request_body {
+            obj.insert(k.clone(), v.clone());
+        }
+    }
     Bytes::from(body.to_string())
 }
 
@@ -73,6 +105,10 @@ struct Usage {
 
 /// State while a stream is read.
 struct StreamState {
+    /// sglang's native /generate stream: cumulative text and `meta_info.completion_tokens`.
+    native: bool,
+    /// Native: completion tokens at the last content event.
+    last_tokens: usize,
     start: Instant,
     last_content: Option<Instant>,
     last_event: Option<Instant>,
@@ -89,6 +125,10 @@ impl StreamState {
         let data = trim_ascii(data);
         if data == b"[DONE]" {
             self.done = true;
+            return;
+        }
+        if self.native {
+            self.on_native_event(data, at);
             return;
         }
         let chunk: Chunk<'_> = match serde_json::from_slice(data) {
@@ -108,15 +148,15 @@ impl StreamState {
             self.record.error = Some(Failure::new("server error event", msg));
             return;
         }
-        let has_content = chunk.choices.first().is_some_and(|c| {
-            let text = c
-                .delta
+        let content = chunk.choices.first().and_then(|c| {
+            c.delta
                 .as_ref()
                 .and_then(|d| d.content.as_deref())
-                .or(c.text.as_deref());
-            text.is_some_and(|t| !t.is_empty())
+                .or(c.text.as_deref())
+                .filter(|t| !t.is_empty())
         });
-        if has_content {
+        if let Some(text) = content {
+            self.record.generated_text.push_str(text);
             match self.last_content {
                 None => self.record.ttft = at.duration_since(self.start).as_secs_f64(),
                 Some(prev) => self.record.itl.push(at.duration_since(prev).as_secs_f64()),
@@ -128,6 +168,67 @@ impl StreamState {
             self.record.usage_completion_tokens = Some(n);
         }
     }
+}
+
+impl StreamState {
+    /// bench_serving's native parsing: an event with non-empty text is content; its
+    /// `completion_tokens` grew by k since the last one, so the gap counts as k ITLs of
+    /// gap/k each (an event that adds no token is skipped).
+    fn on_native_event(&mut self, data: &[u8], at: Instant) {
+        let event: NativeEvent<'_> = match serde_json::from_slice(data) {
+            Ok(e) => e,
+            Err(e) => {
+                let shown = String::from_utf8_lossy(&data[..data.len().min(120)]).into_owned();
+                self.record.error = Some(Failure::new("bad SSE data", format!("{e}: {shown}")));
+                return;
+            }
+        };
+        if let Some(err) = event.error {
+            self.record.error = Some(Failure::new("server error event", err.to_string()));
+            return;
+        }
+        let Some(text) = event.text.filter(|t| !t.is_empty()) else {
+            return;
+        };
+        let tokens = event
+            .meta_info
+            .and_then(|m| m.completion_tokens)
+            .unwrap_or(self.last_tokens + 1);
+        match self.last_content {
+            None => self.record.ttft = at.duration_since(self.start).as_secs_f64(),
+            Some(prev) => {
+                let new = tokens.saturating_sub(self.last_tokens);
+                if new == 0 {
+                    return;
+                }
+                let gap = at.duration_since(prev).as_secs_f64() / new as f64;
+                self.record.itl.extend(std::iter::repeat_n(gap, new));
+            }
+        }
+        self.last_content = Some(at);
+        self.last_tokens = tokens;
+        self.record.content_chunks += 1;
+        self.record.usage_completion_tokens = Some(tokens);
+        // Cumulative: the latest event holds the whole text.
+        self.record.generated_text.clear();
+        self.record.generated_text.push_str(&text);
+    }
+}
+
+#[derive(Deserialize)]
+struct NativeEvent<'a> {
+    #[serde(default, borrow)]
+    text: Option<Cow<'a, str>>,
+    #[serde(default)]
+    meta_info: Option<NativeMeta>,
+    #[serde(default)]
+    error: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct NativeMeta {
+    #[serde(default)]
+    completion_tokens: Option<usize>,
 }
 
 fn trim_ascii(mut b: &[u8]) -> &[u8] {
@@ -158,6 +259,8 @@ pub async fn run_one(
 ) -> RequestRecord {
     let start = Instant::now();
     let mut state = StreamState {
+        native: backend.is_native(),
+        last_tokens: 0,
         start,
         last_content: None,
         last_event: None,
@@ -195,9 +298,9 @@ pub async fn run_one(
         .unwrap_or_else(Instant::now)
         .duration_since(start)
         .as_secs_f64();
-    record.output_len = record
-        .usage_completion_tokens
-        .unwrap_or(record.content_chunks);
+    // bench_serving's count: the server's usage when it sends one, else what was asked
+    // (exact with ignore_eos; content events are not tokens when a chunk holds several).
+    record.output_len = record.usage_completion_tokens.unwrap_or(prompt.output_len);
     record
 }
 
@@ -290,6 +393,12 @@ fn build_request(
         .header(http::header::ACCEPT, "text/event-stream");
     if let Ok(key) = std::env::var("OPENAI_API_KEY") {
         req = req.header(http::header::AUTHORIZATION, format!("Bearer {key}"));
+    }
+    // --header last, as bench_serving's update() lets them replace the defaults.
+    if let Some(headers) = req.headers_mut() {
+        for (name, value) in &target.headers {
+            headers.insert(name.clone(), value.clone());
+        }
     }
     req.body(Full::new(body))
         .map_err(|e| Failure::new("request", e.to_string()))

@@ -4,7 +4,7 @@
 //!
 //! Chunk `c` is due at `start + ttft + itl * (index of its last token)`, computed from the
 //! request's start rather than from the previous chunk, so timer lateness never accumulates.
-//! Due times are kept with the WAN link's sub-millisecond timer rather than tokio's 1 ms
+//! Due times are kept with the crate's sub-millisecond timer (`crate::timer`) rather than tokio's 1 ms
 //! wheel, which would make every token up to 1 ms late.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -19,11 +19,11 @@ use tokio::sync::{mpsc, Semaphore, SemaphorePermit};
 use tokio::time::Instant;
 
 use super::wire::{
-    ChatChoice, ChatStreamChoice, CompletionChoice, CompletionStreamChoice, Delta, Response,
-    ResponseMessage, StreamChunk, Usage,
+    ChatChoice, ChatStreamChoice, CompletionChoice, CompletionStreamChoice, Delta, NativeFinish,
+    NativeMeta, NativeOutput, Response, ResponseMessage, StreamChunk, Usage,
 };
 use super::{ServeConfig, ServeStats};
-use crate::wan::timer::Alarm;
+use crate::timer::Alarm;
 
 /// Output tokens: short English words, so streamed text looks like text.
 const WORDS: [&str; 32] = [
@@ -65,6 +65,8 @@ const WORDS: [&str; 32] = [
 pub enum Kind {
     Chat,
     Completion,
+    /// sglang's native POST /generate: each event carries the whole text so far.
+    Generate,
 }
 
 impl Kind {
@@ -72,7 +74,7 @@ impl Kind {
     fn chunk_object(self) -> &'static str {
         match self {
             Kind::Chat => "chat.completion.chunk",
-            Kind::Completion => "text_completion",
+            Kind::Completion | Kind::Generate => "text_completion",
         }
     }
 }
@@ -88,6 +90,8 @@ pub struct Job {
     /// `length` when `max_tokens` cut the output, `stop` when the "model" ended it.
     pub finish_reason: &'static str,
     pub include_usage: bool,
+    /// Choices to generate (`n` × prompts); each streams its own events, `index` 0.. .
+    pub choices: u32,
 }
 
 #[derive(Default)]
@@ -153,6 +157,15 @@ impl Engine {
         self.cfg.default_output_tokens
     }
 
+    pub fn max_running(&self) -> usize {
+        self.cfg.max_running
+    }
+
+    /// sglang's `--stream-interval`.
+    pub fn tokens_per_chunk(&self) -> usize {
+        self.cfg.tokens_per_chunk
+    }
+
     pub fn stats(&self) -> ServeStats {
         let c = &self.counters;
         ServeStats {
@@ -171,6 +184,7 @@ impl Engine {
         let prefix = match kind {
             Kind::Chat => "chatcmpl-",
             Kind::Completion => "cmpl-",
+            Kind::Generate => "",
         };
         let id = format!("{prefix}{:032x}", rng.random::<u128>());
         let created = SystemTime::now()
@@ -222,12 +236,16 @@ impl Engine {
         let first = start + self.sample_ttft(&mut req.rng);
         let per_chunk = self.cfg.tokens_per_chunk.max(1);
         let n = job.output_tokens;
+        let choices = job.choices.max(1);
         let mut out = Events {
             buf: BytesMut::with_capacity(8 << 10),
             tx: &tx,
             chunks: &self.counters.chunks,
+            index: 0,
         };
         let mut text = String::with_capacity(per_chunk * 12);
+        // /generate streams the whole text so far in every event, as sglang does.
+        let mut so_far = String::new();
         let mut alarm = Alarm::new();
         let model = job.model.as_str();
         let id = req.id.as_str();
@@ -242,48 +260,68 @@ impl Engine {
             if !sleep_or_closed(&mut alarm, due, &tx).await {
                 return;
             }
-            if emitted == 0
-                && job.kind == Kind::Chat
-                && !out.role_chunk(id, req.created, model).await
-            {
-                return;
+            if emitted == 0 && job.kind == Kind::Chat {
+                for c in 0..choices {
+                    out.index = c;
+                    if !out.role_chunk(id, req.created, model).await {
+                        return;
+                    }
+                }
             }
             text.clear();
             for i in emitted..emitted + in_chunk {
                 push_token(&mut text, i, &mut req.rng);
             }
             emitted += in_chunk;
-            let ok = match job.kind {
-                Kind::Chat => out.chat_delta(id, req.created, model, &text).await,
-                // sglang puts the completion's finish_reason on its last text chunk.
-                Kind::Completion => {
-                    let finish = (emitted == n).then_some(job.finish_reason);
-                    out.completion_text(id, req.created, model, &text, finish)
-                        .await
+            if job.kind == Kind::Generate {
+                so_far.push_str(&text);
+            }
+            for c in 0..choices {
+                out.index = c;
+                let ok = match job.kind {
+                    Kind::Chat => out.chat_delta(id, req.created, model, &text).await,
+                    Kind::Generate => {
+                        let finish = (emitted == n).then_some(job.finish_reason);
+                        out.send(&native(id, &so_far, &job, emitted, finish)).await
+                    }
+                    // sglang puts the completion's finish_reason on its last text chunk.
+                    Kind::Completion => {
+                        let finish = (emitted == n).then_some(job.finish_reason);
+                        out.completion_text(id, req.created, model, &text, finish)
+                            .await
+                    }
+                };
+                if !ok {
+                    return;
                 }
-            };
-            if !ok {
+            }
+        }
+        let mut finished = true;
+        for c in 0..choices {
+            out.index = c;
+            if n == 0 && job.kind == Kind::Chat && !out.role_chunk(id, req.created, model).await {
                 return;
             }
+            finished &= match job.kind {
+                Kind::Chat => {
+                    out.chat_finish(id, req.created, model, job.finish_reason)
+                        .await
+                }
+                Kind::Completion if n == 0 => {
+                    out.completion_text(id, req.created, model, "", Some(job.finish_reason))
+                        .await
+                }
+                Kind::Generate if n == 0 => {
+                    out.send(&native(id, "", &job, 0, Some(job.finish_reason)))
+                        .await
+                }
+                Kind::Completion | Kind::Generate => true,
+            };
         }
-        if n == 0 && job.kind == Kind::Chat && !out.role_chunk(id, req.created, model).await {
-            return;
-        }
-        let finished = match job.kind {
-            Kind::Chat => {
-                out.chat_finish(id, req.created, model, job.finish_reason)
-                    .await
-            }
-            Kind::Completion if n == 0 => {
-                out.completion_text(id, req.created, model, "", Some(job.finish_reason))
-                    .await
-            }
-            Kind::Completion => true,
-        };
         if !finished {
             return;
         }
-        if job.include_usage {
+        if job.include_usage && job.kind != Kind::Generate {
             // No choices, so the choice type is immaterial: both kinds share this chunk.
             let usage = StreamChunk::<ChatStreamChoice> {
                 id,
@@ -291,7 +329,7 @@ impl Engine {
                 created: req.created,
                 model,
                 choices: &[],
-                usage: Some(Usage::new(job.prompt_tokens, n as u64)),
+                usage: Some(Usage::new(job.prompt_tokens, n as u64 * u64::from(choices))),
             };
             if !out.send(&usage).await {
                 return;
@@ -322,25 +360,31 @@ impl Engine {
         for i in 0..n {
             push_token(&mut text, i, &mut req.rng);
         }
-        let usage = Usage::new(job.prompt_tokens, n as u64);
+        let choices = job.choices.max(1);
+        let usage = Usage::new(job.prompt_tokens, n as u64 * u64::from(choices));
         let body = match job.kind {
+            Kind::Generate => {
+                serde_json::to_vec(&native(&req.id, &text, &job, n, Some(job.finish_reason)))?
+            }
             Kind::Chat => serde_json::to_vec(&Response {
                 id: &req.id,
                 object: "chat.completion",
                 created: req.created,
                 model: &job.model,
-                choices: [ChatChoice {
-                    index: 0,
-                    message: ResponseMessage {
-                        role: "assistant",
-                        content: &text,
-                        reasoning_content: None,
-                        tool_calls: None,
-                    },
-                    logprobs: None,
-                    finish_reason: job.finish_reason,
-                    matched_stop: None,
-                }],
+                choices: (0..choices)
+                    .map(|index| ChatChoice {
+                        index,
+                        message: ResponseMessage {
+                            role: "assistant",
+                            content: &text,
+                            reasoning_content: None,
+                            tool_calls: None,
+                        },
+                        logprobs: None,
+                        finish_reason: job.finish_reason,
+                        matched_stop: None,
+                    })
+                    .collect(),
                 usage,
             })?,
             Kind::Completion => serde_json::to_vec(&Response {
@@ -348,19 +392,47 @@ impl Engine {
                 object: "text_completion",
                 created: req.created,
                 model: &job.model,
-                choices: [CompletionChoice {
-                    index: 0,
-                    text: &text,
-                    logprobs: None,
-                    finish_reason: job.finish_reason,
-                    matched_stop: None,
-                }],
+                choices: (0..choices)
+                    .map(|index| CompletionChoice {
+                        index,
+                        text: &text,
+                        logprobs: None,
+                        finish_reason: job.finish_reason,
+                        matched_stop: None,
+                    })
+                    .collect(),
                 usage,
             })?,
         };
         self.counters.requests.fetch_add(1, Ordering::SeqCst);
         drop(admission);
         Ok(Bytes::from(body))
+    }
+}
+
+/// One /generate response or event: sglang's `{"text", "meta_info"}` with the text so far.
+fn native<'a>(
+    id: &'a str,
+    text: &'a str,
+    job: &Job,
+    completion_tokens: usize,
+    finish: Option<&'static str>,
+) -> NativeOutput<'a> {
+    NativeOutput {
+        text,
+        meta_info: NativeMeta {
+            id,
+            finish_reason: finish.map(|kind| match kind {
+                "length" => NativeFinish::Length {
+                    length: completion_tokens,
+                },
+                _ => NativeFinish::Stop { matched: None },
+            }),
+            prompt_tokens: job.prompt_tokens,
+            weight_version: "default",
+            completion_tokens,
+            cached_tokens: 0,
+        },
     }
 }
 
@@ -383,6 +455,8 @@ struct Events<'a> {
     buf: BytesMut,
     tx: &'a mpsc::Sender<Bytes>,
     chunks: &'a AtomicU64,
+    /// The choice the next chunk belongs to (`n > 1`, list prompts).
+    index: u32,
 }
 
 impl Events<'_> {
@@ -459,7 +533,7 @@ impl Events<'_> {
         finish_reason: Option<&str>,
     ) -> bool {
         let choices = [ChatStreamChoice {
-            index: 0,
+            index: self.index,
             delta,
             logprobs: None,
             finish_reason,
@@ -485,7 +559,7 @@ impl Events<'_> {
         finish_reason: Option<&str>,
     ) -> bool {
         let choices = [CompletionStreamChoice {
-            index: 0,
+            index: self.index,
             text,
             logprobs: None,
             finish_reason,

@@ -14,8 +14,9 @@ use tokio::sync::mpsc;
 use super::body::ResponseBody;
 use super::engine::{Engine, Job, Kind};
 use super::wire::{
-    chat_prompt_tokens, estimate_prompt_tokens, ChatRequest, CompletionRequest, ErrorBody,
-    ErrorDetail, ModelCard, ModelList, StreamOptions, CONTEXT_LENGTH, MAX_REQUEST_BYTES,
+    chat_prompt_tokens, estimate_prompt_tokens, prompt_count, ChatRequest, CompletionRequest,
+    ErrorBody, GenerateRequest, ModelCard, ModelList, StreamOptions, CONTEXT_LENGTH,
+    MAX_REQUEST_BYTES,
 };
 
 /// Events buffered between generation and the connection; small, so a stalled client
@@ -24,15 +25,27 @@ const EVENT_QUEUE: usize = 16;
 
 type Reply = Response<ResponseBody>;
 
-/// A request refused before generation: becomes an OpenAI error reply.
+/// A request refused before generation: becomes sglang's error reply.
 struct Rejection {
     status: StatusCode,
+    /// sglang's `type`: "Bad Request" for a body FastAPI could not validate (its
+    /// RequestValidationError handler), "BadRequestError" for one the server refused.
+    kind: &'static str,
     message: String,
 }
 
 fn reject(status: StatusCode, message: impl Into<String>) -> Rejection {
     Rejection {
         status,
+        kind: "BadRequestError",
+        message: message.into(),
+    }
+}
+
+fn invalid(message: impl Into<String>) -> Rejection {
+    Rejection {
+        status: StatusCode::BAD_REQUEST,
+        kind: "Bad Request",
         message: message.into(),
     }
 }
@@ -44,13 +57,25 @@ pub async fn handle(engine: Arc<Engine>, req: Request<Incoming>) -> Result<Reply
             plain(StatusCode::OK, ResponseBody::empty(), None)
         }
         (&Method::GET, "/v1/models") => models(&engine),
+        (&Method::GET, "/model_info" | "/get_model_info") => model_info(&engine),
+        (&Method::GET, "/server_info" | "/get_server_info") => server_info(&engine),
         (&Method::POST, "/v1/chat/completions") => {
             let job = read_json::<ChatRequest>(req)
                 .await
                 .and_then(|r| chat_job(&engine, r));
             match job {
                 Ok((job, stream)) => generate(engine, job, stream).await,
-                Err(r) => error(r.status, &r.message),
+                Err(r) => error(r.status, r.kind, &r.message),
+            }
+        }
+        // sglang declares /generate for POST and PUT.
+        (&Method::POST | &Method::PUT, "/generate") => {
+            let job = read_json::<GenerateRequest>(req)
+                .await
+                .and_then(|r| generate_job(&engine, r));
+            match job {
+                Ok((job, stream)) => generate(engine, job, stream).await,
+                Err(r) => error(r.status, r.kind, &r.message),
             }
         }
         (&Method::POST, "/v1/completions") => {
@@ -59,18 +84,19 @@ pub async fn handle(engine: Arc<Engine>, req: Request<Incoming>) -> Result<Reply
                 .and_then(|r| completion_job(&engine, r));
             match job {
                 Ok((job, stream)) => generate(engine, job, stream).await,
-                Err(r) => error(r.status, &r.message),
+                Err(r) => error(r.status, r.kind, &r.message),
             }
         }
+        // Starlette's answers (sglang runs on FastAPI): `{"detail": ...}`, and the
+        // route's methods in `Allow` on a 405.
+        (_, "/health" | "/health_generate") => method_not_allowed("GET, HEAD"),
         (
             _,
-            "/health"
-            | "/health_generate"
-            | "/v1/models"
-            | "/v1/chat/completions"
-            | "/v1/completions",
-        ) => error(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed"),
-        (_, other) => error(StatusCode::NOT_FOUND, &format!("no route for {other}")),
+            "/v1/models" | "/model_info" | "/get_model_info" | "/server_info" | "/get_server_info",
+        ) => method_not_allowed("GET, HEAD"),
+        (_, "/v1/chat/completions" | "/v1/completions") => method_not_allowed("POST"),
+        (_, "/generate") => method_not_allowed("POST, PUT"),
+        _ => detail(StatusCode::NOT_FOUND, "Not Found"),
     };
     Ok(reply)
 }
@@ -101,7 +127,11 @@ async fn generate(engine: Arc<Engine>, job: Job, stream: bool) -> Reply {
             ResponseBody::full(body),
             Some("application/json"),
         ),
-        Err(err) => error(StatusCode::SERVICE_UNAVAILABLE, &format!("{err:#}")),
+        Err(err) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "InternalServerError",
+            &format!("{err:#}"),
+        ),
     }
 }
 
@@ -111,6 +141,7 @@ fn chat_job(engine: &Engine, req: ChatRequest) -> Result<(Job, bool), Rejection>
     }
     let (output_tokens, finish_reason) =
         output_length(engine, req.max_completion_tokens.or(req.max_tokens))?;
+    let choices = choice_count(req.n, 1)?;
     let job = Job {
         kind: Kind::Chat,
         model: req.model.unwrap_or_else(|| engine.model().to_owned()),
@@ -118,6 +149,7 @@ fn chat_job(engine: &Engine, req: ChatRequest) -> Result<(Job, bool), Rejection>
         output_tokens,
         finish_reason,
         include_usage: include_usage(&req.stream_options),
+        choices,
     };
     Ok((job, req.stream))
 }
@@ -127,6 +159,7 @@ fn completion_job(engine: &Engine, req: CompletionRequest) -> Result<(Job, bool)
         return Err(reject(StatusCode::BAD_REQUEST, "prompt cannot be null"));
     }
     let (output_tokens, finish_reason) = output_length(engine, req.max_tokens)?;
+    let choices = choice_count(req.n, prompt_count(&req.prompt))?;
     let job = Job {
         kind: Kind::Completion,
         model: req.model.unwrap_or_else(|| engine.model().to_owned()),
@@ -134,8 +167,50 @@ fn completion_job(engine: &Engine, req: CompletionRequest) -> Result<(Job, bool)
         output_tokens,
         finish_reason,
         include_usage: include_usage(&req.stream_options),
+        choices,
     };
     Ok((job, req.stream))
+}
+
+fn generate_job(engine: &Engine, req: GenerateRequest) -> Result<(Job, bool), Rejection> {
+    let prompt = match (req.text, req.input_ids) {
+        (Some(text), _) if !text.is_null() => text,
+        (_, Some(ids)) if !ids.is_null() => ids,
+        _ => {
+            return Err(reject(
+                StatusCode::BAD_REQUEST,
+                "Either text, input_ids or input_embeds should be provided.",
+            ))
+        }
+    };
+    let max_new = req.sampling_params.unwrap_or_default().max_new_tokens;
+    let (output_tokens, finish_reason) = output_length(engine, max_new)?;
+    let job = Job {
+        kind: Kind::Generate,
+        model: engine.model().to_owned(),
+        prompt_tokens: estimate_prompt_tokens(&prompt),
+        output_tokens,
+        finish_reason,
+        include_usage: false,
+        choices: 1,
+    };
+    Ok((job, req.stream))
+}
+
+/// `n` choices per prompt; bounded so one request cannot ask for unbounded work.
+fn choice_count(n: u32, prompts: usize) -> Result<u32, Rejection> {
+    const MAX_CHOICES: u32 = 128;
+    let total = u32::try_from(prompts).unwrap_or(u32::MAX).saturating_mul(n);
+    if n == 0 {
+        return Err(reject(StatusCode::BAD_REQUEST, "n must be at least 1"));
+    }
+    if total > MAX_CHOICES {
+        return Err(reject(
+            StatusCode::BAD_REQUEST,
+            format!("{total} choices (n x prompts) asked; at most {MAX_CHOICES}"),
+        ));
+    }
+    Ok(total)
 }
 
 fn include_usage(opts: &Option<StreamOptions>) -> bool {
@@ -162,6 +237,19 @@ fn output_length(
 }
 
 async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, Rejection> {
+    // sglang's validate_json_request: only application/json (parameters allowed).
+    let media_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|v| v.trim().to_ascii_lowercase())
+        .unwrap_or_default();
+    if media_type != "application/json" {
+        return Err(invalid(format!(
+            "content-type {media_type:?}: Unsupported Media Type: Only 'application/json' is allowed"
+        )));
+    }
     let body = match Limited::new(req.into_body(), MAX_REQUEST_BYTES)
         .collect()
         .await
@@ -173,19 +261,9 @@ async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, Rej
                 format!("request body larger than {MAX_REQUEST_BYTES} bytes"),
             ))
         }
-        Err(err) => {
-            return Err(reject(
-                StatusCode::BAD_REQUEST,
-                format!("reading request body: {err}"),
-            ))
-        }
+        Err(err) => return Err(invalid(format!("reading request body: {err}"))),
     };
-    serde_json::from_slice(&body).map_err(|err| {
-        reject(
-            StatusCode::BAD_REQUEST,
-            format!("invalid request body: {err}"),
-        )
-    })
+    serde_json::from_slice(&body).map_err(|err| invalid(format!("invalid request body: {err}")))
 }
 
 fn models(engine: &Engine) -> Reply {
@@ -208,22 +286,67 @@ fn models(engine: &Engine) -> Reply {
     json(StatusCode::OK, &list)
 }
 
-fn error(status: StatusCode, message: &str) -> Reply {
-    let kind = match status {
-        StatusCode::NOT_FOUND => "NotFoundError",
-        StatusCode::METHOD_NOT_ALLOWED => "MethodNotAllowed",
-        s if s.is_server_error() => "InternalServerError",
-        _ => "BadRequestError",
-    };
+/// sglang's flat error body (`ErrorResponse`): `{"object": "error", "message", "type",
+/// "param": null, "code"}`.
+fn error(status: StatusCode, kind: &'static str, message: &str) -> Reply {
     let body = ErrorBody {
-        error: ErrorDetail {
-            message,
-            kind,
-            param: None,
-            code: status.as_u16(),
-        },
+        object: "error",
+        message,
+        kind,
+        param: None,
+        code: status.as_u16(),
     };
     json(status, &body)
+}
+
+/// Starlette's own error body, for requests no route takes.
+fn detail(status: StatusCode, detail: &str) -> Reply {
+    json(status, &serde_json::json!({ "detail": detail }))
+}
+
+fn method_not_allowed(allow: &'static str) -> Reply {
+    let mut reply = detail(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed");
+    reply
+        .headers_mut()
+        .insert(header::ALLOW, header::HeaderValue::from_static(allow));
+    reply
+}
+
+/// GET /model_info (and the deprecated /get_model_info): sglang's fields this server can
+/// fill.
+fn model_info(engine: &Engine) -> Reply {
+    let model = engine.model();
+    json(
+        StatusCode::OK,
+        &serde_json::json!({
+            "model_path": model,
+            "served_model_name": model,
+            "tokenizer_path": model,
+            "is_generation": true,
+            "preferred_sampling_params": null,
+            "weight_version": "default",
+            "has_image_understanding": false,
+            "has_audio_understanding": false,
+        }),
+    )
+}
+
+/// GET /server_info (and the deprecated /get_server_info): the startup configuration,
+/// which bench_serving copies into its results.
+fn server_info(engine: &Engine) -> Reply {
+    let model = engine.model();
+    json(
+        StatusCode::OK,
+        &serde_json::json!({
+            "model_path": model,
+            "served_model_name": model,
+            "context_length": CONTEXT_LENGTH,
+            "max_running_requests": engine.max_running(),
+            "stream_interval": engine.tokens_per_chunk(),
+            "internal_states": [],
+            "version": concat!("eastwest-bench ", env!("CARGO_PKG_VERSION")),
+        }),
+    )
 }
 
 fn json(status: StatusCode, value: &impl serde::Serialize) -> Reply {

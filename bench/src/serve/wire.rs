@@ -23,6 +23,9 @@ pub struct ChatRequest {
     #[serde(default)]
     pub model: Option<String>,
     pub messages: Vec<ChatMessage>,
+    /// Choices to generate.
+    #[serde(default = "one")]
+    pub n: u32,
     #[serde(default)]
     pub max_tokens: Option<u64>,
     #[serde(default)]
@@ -48,12 +51,74 @@ pub struct CompletionRequest {
     #[serde(default)]
     pub model: Option<String>,
     pub prompt: Value,
+    /// Choices to generate per prompt.
+    #[serde(default = "one")]
+    pub n: u32,
     #[serde(default)]
     pub max_tokens: Option<u64>,
     #[serde(default)]
     pub stream: bool,
     #[serde(default)]
     pub stream_options: Option<StreamOptions>,
+}
+
+/// sglang's native `POST /generate` (the fields this server uses).
+#[derive(Debug, Deserialize)]
+pub struct GenerateRequest {
+    #[serde(default)]
+    pub text: Option<Value>,
+    #[serde(default)]
+    pub input_ids: Option<Value>,
+    #[serde(default)]
+    pub sampling_params: Option<SamplingParams>,
+    #[serde(default)]
+    pub stream: bool,
+}
+
+/// A /generate response or stream event: the text so far and sglang's `meta_info`.
+#[derive(Debug, Serialize)]
+pub struct NativeOutput<'a> {
+    pub text: &'a str,
+    pub meta_info: NativeMeta<'a>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct NativeMeta<'a> {
+    pub id: &'a str,
+    pub finish_reason: Option<NativeFinish>,
+    pub prompt_tokens: u64,
+    pub weight_version: &'static str,
+    pub completion_tokens: usize,
+    pub cached_tokens: u64,
+}
+
+/// `{"type": "length", "length": N}` or `{"type": "stop", "matched": null}`.
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum NativeFinish {
+    Length { length: usize },
+    Stop { matched: Option<()> },
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct SamplingParams {
+    #[serde(default)]
+    pub max_new_tokens: Option<u64>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// How many prompts a completions `prompt` holds: a list of strings or of token-id lists
+/// is one prompt per item; a string or one token-id list is one.
+pub fn prompt_count(prompt: &Value) -> usize {
+    match prompt {
+        Value::Array(items) if items.iter().all(|i| i.is_string() || i.is_array()) => {
+            items.len().max(1)
+        }
+        _ => 1,
+    }
 }
 
 /// Rough prompt token count for `usage`: ~4 characters per token, token-id prompts
@@ -89,6 +154,12 @@ pub struct Usage {
     pub prompt_tokens: u64,
     pub total_tokens: u64,
     pub completion_tokens: u64,
+    /// sglang fills it (`cached_tokens`) only with `--enable-cache-report`: null here.
+    pub prompt_tokens_details: Option<()>,
+    /// sglang's own field, 0 without a reasoning parser.
+    pub reasoning_tokens: u64,
+    /// Set by sglang only when there are reasoning tokens: null here.
+    pub completion_tokens_details: Option<()>,
 }
 
 impl Usage {
@@ -97,6 +168,9 @@ impl Usage {
             prompt_tokens,
             total_tokens: prompt_tokens + completion_tokens,
             completion_tokens,
+            prompt_tokens_details: None,
+            reasoning_tokens: 0,
+            completion_tokens_details: None,
         }
     }
 }
@@ -179,7 +253,7 @@ pub struct Response<'a, C> {
     pub object: &'static str,
     pub created: u64,
     pub model: &'a str,
-    pub choices: [C; 1],
+    pub choices: Vec<C>,
     pub usage: Usage,
 }
 
@@ -200,14 +274,11 @@ pub struct ModelList<'a> {
     pub data: [ModelCard<'a>; 1],
 }
 
-/// OpenAI's error envelope: `{"error": {"message", "type", "param", "code"}}`.
+/// sglang's error body (`ErrorResponse` in its protocol.py), flat rather than OpenAI's
+/// `{"error": {...}}` envelope: `{"object": "error", "message", "type", "param", "code"}`.
 #[derive(Debug, Serialize)]
 pub struct ErrorBody<'a> {
-    pub error: ErrorDetail<'a>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct ErrorDetail<'a> {
+    pub object: &'static str,
     pub message: &'a str,
     #[serde(rename = "type")]
     pub kind: &'static str,

@@ -18,7 +18,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::time::Instant;
 
-use super::timer::Alarm;
+use crate::timer::Alarm;
 
 /// Largest single read (and so the largest chunk).
 pub const READ_MAX: usize = 16 << 10;

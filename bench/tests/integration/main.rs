@@ -2,8 +2,11 @@
 //! One test binary per crate: each links once, which keeps a fresh build small and quick.
 
 mod demo_quick;
+mod run_compat;
 mod run_failures;
+mod run_flags;
 mod run_model_server;
+mod run_pacing;
 mod run_through_proxy;
 mod serve_api;
 mod serve_cli;

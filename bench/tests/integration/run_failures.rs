@@ -121,6 +121,14 @@ async fn scripted_server(behaviours: Vec<&'static str>) -> String {
     url
 }
 
+/// A loopback address nothing listens on (bound, then dropped).
+fn dead_addr() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
 fn config(url: String) -> RunConfig {
     let mut cfg = RunConfig::new(url);
     cfg.model = Some("m".into());
@@ -171,12 +179,7 @@ async fn each_bad_response_fails_its_request_only_and_is_counted() {
 
 #[tokio::test]
 async fn refused_connection_fails_every_request_but_the_run_completes() {
-    // Bind then drop: nothing listens on this port any more.
-    let addr = TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let addr = dead_addr();
     let mut cfg = config(format!("http://{addr}"));
     cfg.max_concurrency = None;
     let result = run_benchmark(&cfg, None).await.unwrap();
@@ -200,10 +203,7 @@ fn cli_exit_codes_bad_flags_vs_failed_requests() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--goodput"));
 
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let addr = dead_addr();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("res.jsonl");
     let run = std::process::Command::new(bin)
@@ -220,6 +220,8 @@ fn cli_exit_codes_bad_flags_vs_failed_requests() {
             "--disable-tqdm",
             "--warmup-requests",
             "0",
+            "--ready-check-timeout-sec",
+            "0",
         ])
         .args(["--goodput", "ttft:100", "tpot:20"])
         .arg("--output-file")
@@ -227,10 +229,15 @@ fn cli_exit_codes_bad_flags_vs_failed_requests() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    // Every request failed: the results are still printed and written, but the exit status
+    // says so, with the reason on one line.
+    assert!(!run.status.success(), "{stdout}\n{stderr}");
+    let reason: Vec<&str> = stderr.lines().filter(|l| l.contains("failed")).collect();
+    assert_eq!(reason.len(), 1, "{stderr}");
     assert!(
-        run.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&run.stderr)
+        reason[0].contains("all 3 requests failed (first: connect:"),
+        "{stderr}"
     );
     assert!(stdout.contains("============ Serving Benchmark Result ============"));
     assert!(stdout.contains("connect:"), "{stdout}");
@@ -241,16 +248,56 @@ fn cli_exit_codes_bad_flags_vs_failed_requests() {
     assert_eq!(line["request_goodput"], 0.0);
 }
 
+#[test]
+fn cli_waits_for_the_server_and_gives_up_after_the_ready_check_timeout() {
+    let addr = dead_addr();
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_eastwest-bench"))
+        .args(["run", "--base-url", &format!("http://{addr}")])
+        .args(["--num-prompts", "3", "--disable-tqdm"])
+        .args(["--ready-check-timeout-sec", "1"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains(&format!(
+            "Waiting up to 1s for http://{addr}/v1/models to become ready..."
+        )),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("is not ready after 1s (--ready-check-timeout-sec"),
+        "{stderr}"
+    );
+    assert!(
+        !stdout.contains("Serving Benchmark Result"),
+        "never started"
+    );
+}
+
 #[tokio::test]
-async fn without_usage_chunk_tokens_are_content_events() {
+async fn every_warmup_request_failing_stops_the_run_as_bench_serving_does() {
+    let mut cfg = config(format!("http://{}", dead_addr()));
+    cfg.warmup_requests = 2;
+    let err = run_benchmark(&cfg, None).await.unwrap_err();
+    assert!(
+        format!("{err:#}").starts_with("Warmup failed - Please make sure benchmark arguments"),
+        "{err:#}"
+    );
+}
+
+#[tokio::test]
+async fn without_usage_output_tokens_are_the_requested_ones_as_bench_serving_counts() {
     let url = scripted_server(vec!["nousage"]).await;
     let mut cfg = config(url);
     cfg.backend = eastwest_bench::run::Backend::SglangOai;
     let result = run_benchmark(&cfg, None).await.unwrap();
     assert_eq!(result.metrics.completed, 10, "{:?}", result.first_errors);
     for r in &result.records {
-        // The empty-text event is not a token.
-        assert_eq!(r.output_len, 4);
+        // max_tokens (3), not the 4 content events; the empty-text event is not content.
+        assert_eq!(r.output_len, 3);
+        assert_eq!(r.content_chunks, 4);
         assert_eq!(r.itl.len(), 3);
         assert_eq!(r.usage_completion_tokens, None);
     }

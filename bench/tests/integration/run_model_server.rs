@@ -140,6 +140,22 @@ async fn forwarder(upstream: std::net::SocketAddr) -> Forwarder {
     }
 }
 
+/// The model server with the mesh's server identity (mTLS), and a forwarder to it that
+/// records each connection's ClientHello.
+async fn mtls_server_behind_forwarder(files: &MeshFiles) -> (ModelServer, Forwarder) {
+    let server = ModelServer::start(
+        "127.0.0.1:0".parse().unwrap(),
+        ServeConfig {
+            tls: Some(files.server_tls.clone()),
+            ..fast_server()
+        },
+    )
+    .await
+    .unwrap();
+    let fwd = forwarder(server.local_addr()).await;
+    (server, fwd)
+}
+
 struct MeshFiles {
     dir: tempfile::TempDir,
     server_tls: Arc<rustls::ServerConfig>,
@@ -180,6 +196,9 @@ async fn cli_run(
             "https://sglang.demo.svc.cluster.local:8000",
         ])
         .args(["--connect-to", &connect_to.to_string(), "--sni", SNI])
+        // No ready check: it would add a connection to the counts below (and wait for
+        // servers that fail TLS on purpose).
+        .args(["--ready-check-timeout-sec", "0"])
         .arg("--tls-ca")
         .arg(d.join("root-cert.pem"))
         .arg("--tls-cert")
@@ -218,16 +237,7 @@ async fn cli_run(
 #[tokio::test]
 async fn mtls_with_sni_and_connect_to_through_a_tcp_forwarder() {
     let files = mesh_files();
-    let server = ModelServer::start(
-        "127.0.0.1:0".parse().unwrap(),
-        ServeConfig {
-            tls: Some(files.server_tls.clone()),
-            ..fast_server()
-        },
-    )
-    .await
-    .unwrap();
-    let fwd = forwarder(server.local_addr()).await;
+    let (server, fwd) = mtls_server_behind_forwarder(&files).await;
 
     // SPIFFE verification of the server: its name is not sglang.demo..., its ID matches.
     let (ok, json, stdout) = cli_run(
@@ -257,7 +267,7 @@ async fn mtls_with_sni_and_connect_to_through_a_tcp_forwarder() {
     let keepalive_conns = fwd.accepted.load(Ordering::SeqCst);
     assert!(keepalive_conns <= 3, "{keepalive_conns} connections");
 
-    // New connection per request: warmup + 6.
+    // New connection per request: warmup + 6, then GET /server_info (as bench_serving).
     let before = fwd.accepted.load(Ordering::SeqCst);
     let (ok, json, _) = cli_run(
         &files,
@@ -272,16 +282,23 @@ async fn mtls_with_sni_and_connect_to_through_a_tcp_forwarder() {
     .await;
     assert!(ok);
     assert_eq!(json["completed"], 6);
-    assert_eq!(fwd.accepted.load(Ordering::SeqCst) - before, 7);
+    assert_eq!(fwd.accepted.load(Ordering::SeqCst) - before, 8);
 
-    // A server that is not the expected SPIFFE ID: every request fails at TLS, run exits 0.
+    // A server that is not the expected SPIFFE ID: every request fails at TLS; the results
+    // are written and the exit status is non-zero.
     let (ok, json, stdout) = cli_run(
         &files,
         fwd.addr,
-        &["--spiffe-id", "spiffe://cluster.local/ns/demo/sa/impostor"],
+        &[
+            "--spiffe-id",
+            "spiffe://cluster.local/ns/demo/sa/impostor",
+            // A failed warmup would stop the run before it writes its results.
+            "--warmup-requests",
+            "0",
+        ],
     )
     .await;
-    assert!(ok, "{stdout}");
+    assert!(!ok, "{stdout}");
     assert_eq!(json["completed"], 0);
     assert_eq!(json["errors"]["tls"], 6, "{stdout}");
 
@@ -292,8 +309,104 @@ async fn mtls_with_sni_and_connect_to_through_a_tcp_forwarder() {
     assert_eq!(json["completed"], 6);
 
     // Host-name verification asked for fails: mesh certs carry no DNS names.
-    let (ok, json, _) = cli_run(&files, fwd.addr, &["--verify-hostname"]).await;
-    assert!(ok);
+    let (ok, json, _) = cli_run(
+        &files,
+        fwd.addr,
+        &["--verify-hostname", "--warmup-requests", "0"],
+    )
+    .await;
+    assert!(!ok);
     assert_eq!(json["errors"]["tls"], 6);
+    server.shutdown().await;
+}
+
+/// `sidecar`: a plain-HTTP client (as bench_serving is) reaches the mTLS server through it;
+/// the sidecar sends the SNI and its client certificate, and checks the server's SPIFFE ID.
+#[tokio::test]
+async fn sidecar_lets_a_plain_client_reach_an_mtls_server_with_sni() {
+    let files = mesh_files();
+    let (server, fwd) = mtls_server_behind_forwarder(&files).await;
+    let d = files.dir.path();
+    let tls = eastwest_bench::run::TlsFlags {
+        cacert: Some(d.join("root-cert.pem")),
+        cert: Some(d.join("cert-chain.pem")),
+        key: Some(d.join("key.pem")),
+        spiffe_id: vec!["spiffe://cluster.local/ns/demo/sa/sglang".into()],
+        ..Default::default()
+    };
+    let sidecar = eastwest_bench::sidecar::Sidecar::start(
+        "127.0.0.1:0".parse().unwrap(),
+        fwd.addr.to_string(),
+        tls.client().unwrap(),
+        SNI,
+    )
+    .await
+    .unwrap();
+
+    let cfg = config(
+        format!("http://{}", sidecar.local_addr()),
+        Backend::SglangOaiChat,
+    );
+    let result = run_benchmark(&cfg, None).await.unwrap();
+    assert_eq!(result.metrics.completed, 10, "{:?}", result.first_errors);
+    let hellos = fwd.first_bytes.lock().unwrap().clone();
+    assert!(!hellos.is_empty());
+    for h in &hellos {
+        assert!(
+            h.windows(SNI.len()).any(|w| w == SNI.as_bytes()),
+            "SNI missing"
+        );
+    }
+
+    // Expecting another SPIFFE ID: the sidecar refuses the server, every request fails.
+    let wrong = eastwest_bench::run::TlsFlags {
+        spiffe_id: vec!["spiffe://cluster.local/ns/demo/sa/impostor".into()],
+        ..tls
+    };
+    let strict = eastwest_bench::sidecar::Sidecar::start(
+        "127.0.0.1:0".parse().unwrap(),
+        fwd.addr.to_string(),
+        wrong.client().unwrap(),
+        SNI,
+    )
+    .await
+    .unwrap();
+    let mut cfg = config(
+        format!("http://{}", strict.local_addr()),
+        Backend::SglangOaiChat,
+    );
+    cfg.warmup_requests = 0;
+    let result = run_benchmark(&cfg, None).await.unwrap();
+    assert_eq!(result.metrics.completed, 0);
+    sidecar.shutdown().await;
+    strict.shutdown().await;
+    server.shutdown().await;
+}
+
+/// `--backend sglang`: native /generate, counted as bench_serving counts it (tokens from
+/// meta_info; an event bringing k tokens gives k ITLs of gap/k).
+#[tokio::test]
+async fn native_generate_backend_counts_tokens_as_bench_serving() {
+    let server = ModelServer::start(
+        "127.0.0.1:0".parse().unwrap(),
+        ServeConfig {
+            tokens_per_chunk: 2,
+            ..fast_server()
+        },
+    )
+    .await
+    .unwrap();
+    let mut cfg = config(format!("http://{}", server.local_addr()), Backend::Sglang);
+    cfg.random_output_len = 6;
+    let result = run_benchmark(&cfg, None).await.unwrap();
+    assert_eq!(result.metrics.completed, 10, "{:?}", result.first_errors);
+    assert_eq!(result.metrics.backend, "sglang");
+    for r in &result.records {
+        assert_eq!(r.output_len, 6);
+        assert_eq!(r.content_chunks, 3, "events at 2, 4, 6 tokens");
+        assert_eq!(r.itl.len(), 4, "2 events after the first, 2 tokens each");
+        assert_eq!(r.itl[0], r.itl[1], "a 2-token gap split evenly");
+        assert_eq!(r.generated_text.split(' ').count(), 6, "cumulative text");
+    }
     server.shutdown().await;
 }

@@ -67,6 +67,11 @@ async fn chat_stream_is_role_tokens_finish_usage_done() {
     let prompt = usage["usage"]["prompt_tokens"].as_u64().unwrap();
     assert!(prompt > 0);
     assert_eq!(usage["usage"]["total_tokens"], prompt + 5);
+    // sglang's UsageInfo without cache report or reasoning parser: details null.
+    assert_eq!(usage["usage"]["prompt_tokens_details"], Value::Null);
+    assert_eq!(usage["usage"]["completion_tokens_details"], Value::Null);
+    assert_eq!(usage["usage"]["reasoning_tokens"], 0);
+    assert_eq!(usage["usage"].as_object().unwrap().len(), 6);
     assert_eq!(server.stats().requests, 1);
     assert_eq!(server.stats().chunks, 9);
 }
@@ -236,69 +241,107 @@ async fn models_and_health() {
 }
 
 #[tokio::test]
-async fn errors_are_openai_error_json() {
+async fn errors_are_sglang_error_json() {
     let server = start(fast_config()).await;
     let addr = server.local_addr();
-    let cases: [(Method, &str, Option<&str>, StatusCode, &str); 6] = [
+    // (body, status, sglang's "type", message part): a body FastAPI cannot validate is
+    // "Bad Request" (sglang's RequestValidationError handler), one sglang refuses is
+    // "BadRequestError" (its create_error_response).
+    let cases: [(&str, Option<&str>, &str, &str); 4] = [
         (
-            Method::POST,
             "/v1/chat/completions",
             Some("{not json"),
-            StatusCode::BAD_REQUEST,
+            "Bad Request",
             "line 1 column 2",
         ),
         (
-            Method::POST,
             "/v1/chat/completions",
             Some(r#"{"model":"m"}"#),
-            StatusCode::BAD_REQUEST,
+            "Bad Request",
             "missing field `messages`",
         ),
         (
-            Method::POST,
             "/v1/chat/completions",
             Some(r#"{"messages":[]}"#),
-            StatusCode::BAD_REQUEST,
+            "BadRequestError",
             "Messages cannot be empty",
         ),
         (
-            Method::POST,
             "/v1/completions",
             Some(r#"{"prompt":"x","max_tokens":0}"#),
-            StatusCode::BAD_REQUEST,
+            "BadRequestError",
             "max_tokens must be positive",
         ),
-        (
-            Method::GET,
-            "/v1/chat/completions",
-            None,
-            StatusCode::METHOD_NOT_ALLOWED,
-            "Method Not Allowed",
-        ),
-        (
-            Method::GET,
-            "/v2/nothing",
-            None,
-            StatusCode::NOT_FOUND,
-            "/v2/nothing",
-        ),
     ];
-    for (method, path, body, want_status, want_msg) in cases {
-        let (status, err) = json_body(request(addr, method.clone(), path, body).await).await;
-        assert_eq!(status, want_status, "{method} {path} {body:?}: {err}");
-        let msg = err["error"]["message"].as_str().unwrap();
-        assert!(
-            msg.contains(want_msg),
-            "{method} {path}: {msg:?} lacks {want_msg:?}"
-        );
-        assert_eq!(err["error"]["code"], want_status.as_u16());
-        assert!(err["error"]["type"].is_string());
+    for (path, body, kind, want_msg) in cases {
+        let (status, err) = json_body(request(addr, Method::POST, path, body).await).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path} {body:?}: {err}");
+        let keys: Vec<&String> = err.as_object().unwrap().keys().collect();
+        assert_eq!(keys.len(), 5, "flat, five keys: {err}");
+        assert_eq!(err["object"], "error");
+        assert_eq!(err["type"], kind, "{err}");
+        assert!(err["param"].is_null());
+        assert_eq!(err["code"], 400);
+        let msg = err["message"].as_str().unwrap();
+        assert!(msg.contains(want_msg), "{path}: {msg:?} lacks {want_msg:?}");
     }
+
+    // Not JSON: 400 whatever the body, as sglang's validate_json_request.
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut req = build(
+        Method::POST,
+        "/v1/chat/completions",
+        Some(r#"{"messages":[{"role":"user","content":"hi"}]}"#),
+    );
+    req.headers_mut()
+        .insert("content-type", "text/plain".parse().unwrap());
+    let (status, err) = json_body(send_h1(tcp, req).await).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(err["type"], "Bad Request");
+    assert!(err["message"]
+        .as_str()
+        .unwrap()
+        .contains("Only 'application/json' is allowed"));
+
+    // No route / wrong method: Starlette's bodies, and Allow on 405.
+    let resp = request(addr, Method::GET, "/v1/chat/completions", None).await;
+    let allow = resp.headers().get("allow").cloned();
+    let (status, err) = json_body(resp).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(err, json!({"detail": "Method Not Allowed"}));
+    assert_eq!(allow.unwrap(), "POST");
+    let resp = request(addr, Method::POST, "/v1/models", Some("{}")).await;
+    assert_eq!(resp.headers().get("allow").unwrap(), "GET, HEAD");
+    let (status, err) = json_body(request(addr, Method::GET, "/v2/nothing", None).await).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(err, json!({"detail": "Not Found"}));
+
     // The server is fine afterwards.
     let body =
         json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}).to_string();
     let (status, _) = json_body(post(addr, "/v1/chat/completions", &body).await).await;
     assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn model_and_server_info_as_sglang_names_them() {
+    let server = start(fast_config()).await;
+    let addr = server.local_addr();
+    for path in ["/model_info", "/get_model_info"] {
+        let (status, info) = json_body(request(addr, Method::GET, path, None).await).await;
+        assert_eq!(status, StatusCode::OK, "{path}");
+        assert_eq!(info["model_path"], "demo-model");
+        assert_eq!(info["is_generation"], true);
+    }
+    for path in ["/server_info", "/get_server_info"] {
+        let (status, info) = json_body(request(addr, Method::GET, path, None).await).await;
+        assert_eq!(status, StatusCode::OK, "{path}");
+        assert_eq!(info["max_running_requests"], 256);
+        assert!(info["version"]
+            .as_str()
+            .unwrap()
+            .starts_with("eastwest-bench"));
+    }
 }
 
 #[tokio::test]
@@ -326,4 +369,100 @@ async fn streams_over_http2() {
         6,
         "role, 3 tokens, finish, [DONE]: {events:#?}"
     );
+}
+
+/// sglang's native /generate: every event carries the text so far and meta_info, the last
+/// one the finish reason; not streamed, one JSON object.
+#[tokio::test]
+async fn native_generate_streams_cumulative_text_with_meta_info() {
+    let server = start(fast_config()).await;
+    let addr = server.local_addr();
+    let body =
+        json!({"text": "hi", "sampling_params": {"max_new_tokens": 3}, "stream": true}).to_string();
+    let events = post_sse(addr, "/generate", &body).await;
+    assert_eq!(events.len(), 4, "3 tokens, [DONE]: {events:#?}");
+    assert_eq!(events[3].data, "[DONE]");
+    let mut previous = String::new();
+    for (i, e) in events[..3].iter().enumerate() {
+        let v = e.json();
+        let text = v["text"].as_str().unwrap().to_string();
+        assert!(
+            text.starts_with(&previous) && text.len() > previous.len(),
+            "cumulative"
+        );
+        previous = text;
+        assert_eq!(v["meta_info"]["completion_tokens"], i + 1);
+        let finish = &v["meta_info"]["finish_reason"];
+        if i < 2 {
+            assert!(finish.is_null());
+        } else {
+            assert_eq!(*finish, json!({"type": "length", "length": 3}));
+        }
+    }
+    let body = json!({"text": "hi", "sampling_params": {"max_new_tokens": 2}}).to_string();
+    let (status, v) = json_body(post(addr, "/generate", &body).await).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(v["meta_info"]["completion_tokens"], 2);
+    assert_eq!(v["text"].as_str().unwrap().split(' ').count(), 2);
+    let (status, err) = json_body(post(addr, "/generate", "{}").await).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(err["object"], "error");
+}
+
+/// `n > 1` and list prompts: one choice per (prompt, n), each with its own index; usage
+/// counts them all.
+#[tokio::test]
+async fn n_choices_and_list_prompts_return_that_many_choices() {
+    let server = start(fast_config()).await;
+    let addr = server.local_addr();
+    let body = json!({
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 2, "n": 2, "stream": true,
+        "stream_options": {"include_usage": true},
+    })
+    .to_string();
+    let events = post_sse(addr, "/v1/chat/completions", &body).await;
+    let mut content = [0, 0];
+    let mut finished = [0, 0];
+    for e in &events[..events.len() - 1] {
+        let v = e.json();
+        if let Some(choice) = v["choices"].get(0) {
+            let i = choice["index"].as_u64().unwrap() as usize;
+            if choice["delta"]["content"]
+                .as_str()
+                .is_some_and(|c| !c.is_empty())
+            {
+                content[i] += 1;
+            }
+            if choice["finish_reason"].is_string() {
+                finished[i] += 1;
+            }
+        } else {
+            assert_eq!(v["usage"]["completion_tokens"], 4, "2 choices x 2 tokens");
+        }
+    }
+    assert_eq!(content, [2, 2]);
+    assert_eq!(finished, [1, 1]);
+
+    let body = json!({"prompt": ["a", "b"], "n": 2, "max_tokens": 3}).to_string();
+    let (status, v) = json_body(post(addr, "/v1/completions", &body).await).await;
+    assert_eq!(status, StatusCode::OK);
+    let indices: Vec<u64> = v["choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["index"].as_u64().unwrap())
+        .collect();
+    assert_eq!(indices, [0, 1, 2, 3], "2 prompts x n=2");
+    assert_eq!(v["usage"]["completion_tokens"], 12);
+    let (status, _) = json_body(
+        post(
+            addr,
+            "/v1/completions",
+            &json!({"prompt": "a", "n": 0}).to_string(),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
 }

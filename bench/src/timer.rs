@@ -1,4 +1,5 @@
-//! A sub-millisecond sleep for the WAN link's release times.
+//! A sub-millisecond sleep: the WAN link's release times, `serve`'s token due times and
+//! `run`'s request arrivals.
 //!
 //! tokio's timer wheel has 1 ms ticks and rounds deadlines up, so each delayed chunk would
 //! leave 0–1 ms late in each direction (up to ~2 ms per round trip). This timer is one
@@ -69,10 +70,10 @@ fn shared() -> &'static Arc<Shared> {
         // If the thread cannot start, alarms fall back to never firing early: see
         // `Alarm::sleep_until`, which also bounds the wait with tokio's timer.
         let spawned = std::thread::Builder::new()
-            .name("wan-timer".into())
+            .name("precise-timer".into())
             .spawn(move || run(&worker));
         if let Err(err) = spawned {
-            tracing::error!(%err, "starting the WAN timer thread; falling back to tokio's timer");
+            tracing::error!(%err, "starting the precise timer thread; falling back to tokio's timer");
         }
         shared
     })
