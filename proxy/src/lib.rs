@@ -15,6 +15,7 @@ mod copy;
 pub mod istio_sni;
 mod listener;
 pub mod metrics;
+mod outlier;
 mod reload;
 mod routing;
 

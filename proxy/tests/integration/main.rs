@@ -8,5 +8,6 @@ mod client_hello;
 mod control_stream;
 mod fuzz_corpus;
 mod lifecycle;
+mod outlier;
 mod passthrough;
 mod support;
