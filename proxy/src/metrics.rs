@@ -199,18 +199,21 @@ pub enum Outcome {
     UnknownRoute,
     HelloTimeout,
     Malformed,
+    /// A ClientHello over `client_hello::MAX_HELLO_BYTES`.
+    TooLarge,
     UpstreamFailed,
     Overloaded,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 8] = [
+    pub const ALL: [Outcome; 9] = [
         Outcome::Routed,
         Outcome::NoSni,
         Outcome::BadSni,
         Outcome::UnknownRoute,
         Outcome::HelloTimeout,
         Outcome::Malformed,
+        Outcome::TooLarge,
         Outcome::UpstreamFailed,
         Outcome::Overloaded,
     ];
@@ -223,6 +226,7 @@ impl Outcome {
             Outcome::UnknownRoute => "unknown_route",
             Outcome::HelloTimeout => "hello_timeout",
             Outcome::Malformed => "malformed",
+            Outcome::TooLarge => "too_large",
             Outcome::UpstreamFailed => "upstream_failed",
             Outcome::Overloaded => "overloaded",
         }
