@@ -23,6 +23,18 @@ impl Write for Captured {
 }
 
 impl Captured {
+    /// Captures this thread's logs for as long as the guard lives.
+    fn install() -> (Captured, tracing::subscriber::DefaultGuard) {
+        let log = Captured::default();
+        let writer = log.clone();
+        let guard = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .with_writer(move || writer.clone())
+            .set_default();
+        (log, guard)
+    }
+
     fn access_lines(&self) -> Vec<String> {
         String::from_utf8_lossy(&self.0.lock().unwrap())
             .lines()
@@ -34,14 +46,7 @@ impl Captured {
 
 #[tokio::test]
 async fn one_line_per_connection_with_sni_alpn_route_endpoint_bytes_and_result() {
-    let log = Captured::default();
-    let writer = log.clone();
-    let _subscriber = tracing_subscriber::fmt()
-        .with_ansi(false)
-        .with_max_level(tracing::Level::INFO)
-        .with_writer(move || writer.clone())
-        .set_default();
-
+    let (log, _subscriber) = Captured::install();
     let pki = pki();
     let (backend, _rx) = raw_backend(b"answer").await;
     let mut cfg = passthrough_config("logged", vec![service(SGLANG, 8000, &[(backend, &[])])]);
@@ -91,14 +96,7 @@ async fn one_line_per_connection_with_sni_alpn_route_endpoint_bytes_and_result()
 #[tokio::test]
 async fn an_oversized_hello_is_logged_as_too_large_with_its_reason() {
     use tokio::io::AsyncWriteExt;
-    let log = Captured::default();
-    let writer = log.clone();
-    let _subscriber = tracing_subscriber::fmt()
-        .with_ansi(false)
-        .with_max_level(tracing::Level::INFO)
-        .with_writer(move || writer.clone())
-        .set_default();
-
+    let (log, _subscriber) = Captured::install();
     let pki = pki();
     let (backend, _rx) = raw_backend(b"answer").await;
     let mut cfg = passthrough_config("big", vec![service(SGLANG, 8000, &[(backend, &[])])]);
