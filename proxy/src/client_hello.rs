@@ -2,17 +2,15 @@
 //!
 //! The parser works on the bytes received so far and says whether it needs more. It accepts
 //! what real clients send: a hello split over many TCP segments (the caller keeps reading),
-//! fragmented over several TLS records (reassembled here), and large post-quantum hellos up to
-//! [`MAX_HELLO_BYTES`]. TLS 1.2 and 1.3 hellos share this format.
+//! fragmented over TLS records in any way (reassembled here; even one byte per record is
+//! legal TLS), and large post-quantum hellos up to [`MAX_HELLO_BYTES`]. TLS 1.2 and 1.3 hellos
+//! share this format. [`HelloReader`] remembers how far it walked, so a hello trickling in
+//! costs O(bytes) in total however it is fragmented.
 
 use std::borrow::Cow;
 
-/// Largest ClientHello we will buffer; a bigger one is treated as malformed.
+/// Largest ClientHello handshake message we accept; a bigger one is [`HelloError::TooLarge`].
 pub const MAX_HELLO_BYTES: usize = 64 * 1024;
-/// Most records a ClientHello may span. Clients split one only at the 16 KiB record limit
-/// (a few records for the largest post-quantum hellos); hundreds of tiny records are an
-/// attempt to make every read re-walk them.
-pub const MAX_HELLO_RECORDS: usize = 256;
 
 const RECORD_HEADER: usize = 5;
 const CONTENT_HANDSHAKE: u8 = 22;
@@ -64,72 +62,79 @@ pub enum Parse<T> {
     Done(T),
 }
 
-/// Parses `buf` (everything received from the client so far, from the first byte).
-///
-/// The result borrows from `buf`, or owns a reassembled copy when the hello spanned records.
+/// Parses `buf` (everything received from the client so far, from the first byte) from
+/// scratch. A caller that reads more and calls again should keep a [`HelloReader`] instead.
 pub fn parse(buf: &[u8]) -> Result<Parse<HelloInfo<'_>>, HelloError> {
-    // Fast path: the whole handshake message sits in the first record.
-    let Some(first) = record(buf, 0)? else {
-        return Ok(Parse::NeedMore);
-    };
-    match handshake_len(first)? {
-        None => {}
-        Some(total) if first.len() >= total => {
-            let parsed = parse_client_hello(&first[4..total])?;
-            return Ok(Parse::Done(HelloInfo {
-                message: Cow::Borrowed(&first[..total]),
-                parsed,
-            }));
-        }
-        Some(_) => {}
-    }
-    // Slow path: the message continues in further records. Walk their headers first and copy
-    // the payloads only once all have arrived, so a hello trickling in costs each read a walk
-    // over at most MAX_HELLO_RECORDS headers, not a copy of everything so far.
-    let mut head = [0u8; 4];
-    let mut head_len = 0;
-    let mut have = 0;
-    let mut at = 0;
-    let mut records = 0;
-    let total = loop {
-        let Some(payload) = record(buf, at)? else {
-            return Ok(Parse::NeedMore);
-        };
-        records += 1;
-        if records > MAX_HELLO_RECORDS {
-            return Err(HelloError::Malformed(
-                "ClientHello spread over too many records",
-            ));
-        }
-        let n = payload.len().min(head.len() - head_len);
-        head[head_len..head_len + n].copy_from_slice(&payload[..n]);
-        head_len += n;
-        have += payload.len();
-        at += RECORD_HEADER + payload.len();
-        if have > MAX_HELLO_BYTES {
-            return Err(HelloError::TooLarge);
-        }
-        if let Some(total) = handshake_len(&head[..head_len])? {
-            if have >= total {
-                break total;
+    HelloReader::default().parse(buf)
+}
+
+/// Parses a ClientHello as its bytes arrive, walking each record header once.
+#[derive(Debug, Default, Clone)]
+pub struct HelloReader {
+    /// Offset of the first record not walked yet.
+    at: usize,
+    /// Handshake bytes in the records walked so far.
+    have: usize,
+    /// The handshake header (type and length), as far as it has arrived.
+    head: [u8; 4],
+    head_len: usize,
+}
+
+impl HelloReader {
+    /// Parses `buf`: everything received so far, from the first byte, a prefix of which was
+    /// given to the previous calls. Only records this reader has not walked are looked at.
+    pub fn parse<'b>(&mut self, buf: &'b [u8]) -> Result<Parse<HelloInfo<'b>>, HelloError> {
+        if self.at == 0 {
+            // Fast path: the whole handshake message sits in the first record.
+            let Some(first) = record(buf, 0)? else {
+                return Ok(Parse::NeedMore);
+            };
+            if let Some(total) = handshake_len(first)? {
+                if first.len() >= total {
+                    let parsed = parse_client_hello(&first[4..total])?;
+                    return Ok(Parse::Done(HelloInfo {
+                        message: Cow::Borrowed(&first[..total]),
+                        parsed,
+                    }));
+                }
             }
         }
-    };
-    let mut message = Vec::with_capacity(have);
-    let mut next = 0;
-    while next < at {
-        let Some(payload) = record(buf, next)? else {
-            break;
+        // The message continues in further records. Walk the headers of those that arrived
+        // since the last call, and copy the payloads only once all are there.
+        let total = loop {
+            let Some(payload) = record(buf, self.at)? else {
+                return Ok(Parse::NeedMore);
+            };
+            let n = payload.len().min(self.head.len() - self.head_len);
+            self.head[self.head_len..self.head_len + n].copy_from_slice(&payload[..n]);
+            self.head_len += n;
+            self.have += payload.len();
+            self.at += RECORD_HEADER + payload.len();
+            if self.have > MAX_HELLO_BYTES {
+                return Err(HelloError::TooLarge);
+            }
+            if let Some(total) = handshake_len(&self.head[..self.head_len])? {
+                if self.have >= total {
+                    break total;
+                }
+            }
         };
-        message.extend_from_slice(payload);
-        next += RECORD_HEADER + payload.len();
+        let mut message = Vec::with_capacity(self.have);
+        let mut next = 0;
+        while next < self.at {
+            let Some(payload) = record(buf, next)? else {
+                break;
+            };
+            message.extend_from_slice(payload);
+            next += RECORD_HEADER + payload.len();
+        }
+        message.truncate(total);
+        let parsed = parse_client_hello(&message[4..])?;
+        Ok(Parse::Done(HelloInfo {
+            message: Cow::Owned(message),
+            parsed,
+        }))
     }
-    message.truncate(total);
-    let parsed = parse_client_hello(&message[4..])?;
-    Ok(Parse::Done(HelloInfo {
-        message: Cow::Owned(message),
-        parsed,
-    }))
 }
 
 /// A parsed hello, holding (or borrowing) the handshake message it came from.

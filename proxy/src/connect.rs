@@ -1,4 +1,5 @@
-//! Dialing an upstream: timeout per attempt, another endpoint after a refusal or timeout.
+//! Dialing an upstream: timeout per attempt, another endpoint after a refusal or timeout;
+//! each outcome feeds outlier detection.
 
 use std::io;
 use std::net::SocketAddr;
@@ -8,8 +9,9 @@ use eastwest_routes::UpstreamConfig;
 use socket2::TcpKeepalive;
 use tokio::net::TcpStream;
 
-use crate::balance::{self, ActiveGuard};
+use crate::balance::{self, ActiveGuard, Pick};
 use crate::metrics as m;
+use crate::outlier;
 use crate::routing::{Target, UpstreamSet};
 
 pub struct Connected {
@@ -35,15 +37,17 @@ pub async fn connect(set: &UpstreamSet, cfg: &UpstreamConfig) -> Result<Connecte
     let mut attempts = 0;
     let mut last = io::Error::new(io::ErrorKind::NotFound, "route has no endpoints");
     for _ in 0..cfg.connect_attempts {
-        let Some(i) = balance::pick(set, cfg.load_balancing, &tried) else {
+        let Some(Pick { index: i, probe }) = balance::pick(set, cfg, &tried, outlier::now_ms())
+        else {
             break;
         };
         attempts += 1;
         let upstream = &set.upstreams[i];
         // Count the attempt as load right away so concurrent picks spread out.
-        let guard = ActiveGuard::new(&upstream.active);
+        let guard = ActiveGuard::new(&upstream.state);
         match tokio::time::timeout(cfg.connect_timeout, dial(&upstream.target)).await {
             Ok(Ok((stream, peer))) => {
+                upstream.state.connected();
                 // TCP_NODELAY so a token leaves the moment it arrives. (Keepalive comes later,
                 // from `copy::relay`; downstream sockets get both from their listener.)
                 if let Err(err) = stream.set_nodelay(true) {
@@ -64,7 +68,9 @@ pub async fn connect(set: &UpstreamSet, cfg: &UpstreamConfig) -> Result<Connecte
             }
         }
         tried.push(i);
-        tracing::debug!(route = %set.route, upstream = %upstream.target, error = %last, "upstream connect failed");
+        tracing::debug!(route = %set.route, upstream = %upstream.target, error = %last, probe, "upstream connect failed");
+        let od = &cfg.outlier_detection;
+        outlier::failed(set, i, probe, od, outlier::now_ms(), outlier::reason(&last));
         metrics::counter!(m::CONNECT_FAILURES, "route" => set.route.to_string()).increment(1);
     }
     Err(ConnectFailed {

@@ -10,7 +10,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::balance::ActiveGuard;
-use crate::client_hello::{self, HelloError, Parse, MAX_HELLO_BYTES};
+use crate::client_hello::{self, HelloError, HelloReader, Parse};
 use crate::connect::connect;
 use crate::copy::{relay, CopyEnd, RelayConfig};
 use crate::istio_sni;
@@ -157,8 +157,9 @@ async fn open(
     let listener = &routing.config.listeners[listener];
     // 1. The ClientHello, within the listener's timeout.
     let mut buf = Vec::with_capacity(4096);
-    if let Err(outcome) = read_hello(downstream, &mut buf, listener.hello_timeout).await {
+    if let Err((outcome, detail)) = read_hello(downstream, &mut buf, listener.hello_timeout).await {
         report.outcome = outcome;
+        report.detail = detail;
         return None;
     }
     let hello = match client_hello::parse(&buf) {
@@ -231,21 +232,34 @@ async fn read_hello(
     stream: &mut TcpStream,
     buf: &mut Vec<u8>,
     timeout: Duration,
-) -> Result<(), Outcome> {
+) -> Result<(), (Outcome, String)> {
     let read = async {
+        // Walks each record once however the hello is fragmented, and refuses a handshake
+        // message over MAX_HELLO_BYTES; as every record carries at least one byte of it, that
+        // also bounds `buf` (record headers included).
+        let mut reader = HelloReader::default();
         loop {
-            // Grows only for hellos beyond 4 KiB (post-quantum key shares); capped below.
+            // Grows only for hellos beyond 4 KiB (post-quantum key shares, tiny records).
             if buf.len() == buf.capacity() {
                 buf.reserve(4096);
             }
             match stream.read_buf(buf).await {
-                Ok(0) | Err(_) => return Err(Outcome::Malformed),
+                Ok(0) => {
+                    return Err((
+                        Outcome::Malformed,
+                        "closed before a whole ClientHello".into(),
+                    ))
+                }
+                Err(err) => {
+                    return Err((Outcome::Malformed, format!("reading ClientHello: {err}")))
+                }
                 Ok(_) => {}
             }
-            match client_hello::parse(buf) {
-                // Slack for the record headers of a hello split over several records.
-                Ok(Parse::NeedMore) if buf.len() <= MAX_HELLO_BYTES + 1024 => continue,
-                Ok(Parse::NeedMore) | Err(HelloError::TooLarge) => return Err(Outcome::Malformed),
+            match reader.parse(buf) {
+                Ok(Parse::NeedMore) => continue,
+                Err(err @ HelloError::TooLarge) => {
+                    return Err((Outcome::TooLarge, err.to_string()))
+                }
                 // Done, or an error the caller reports with its reason.
                 _ => return Ok(()),
             }
@@ -253,7 +267,7 @@ async fn read_hello(
     };
     match tokio::time::timeout(timeout, read).await {
         Ok(res) => res,
-        Err(_) => Err(Outcome::HelloTimeout),
+        Err(_) => Err((Outcome::HelloTimeout, String::new())),
     }
 }
 

@@ -26,8 +26,9 @@ pub fn parse(sni: &str) -> Result<IstioSni<'_>, IstioSniError> {
     let rest = strip_prefix_ignore_case(sni, "outbound_.").ok_or(IstioSniError::NotOutbound)?;
     let (port, rest) = rest.split_once("_.").ok_or(IstioSniError::NotOutbound)?;
     let (subset, hostname) = rest.split_once("_.").ok_or(IstioSniError::NotOutbound)?;
-    // u16 parsing accepts a leading '+'; Istio never writes one.
-    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+    // Istio writes the port in canonical decimal: u16 parsing would also take a leading '+'
+    // or leading zeros (`08000`), names no sidecar sends and that would not round-trip.
+    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) || port.starts_with('0') {
         return Err(IstioSniError::BadPort);
     }
     let port: u16 = port.parse().map_err(|_| IstioSniError::BadPort)?;
@@ -77,6 +78,10 @@ mod tests {
         assert_eq!(parse("outbound_.+80_._.a.b"), Err(IstioSniError::BadPort));
         assert_eq!(parse("outbound_.70000_._.a.b"), Err(IstioSniError::BadPort));
         assert_eq!(parse("outbound_.0_._.a.b"), Err(IstioSniError::BadPort));
+        assert_eq!(parse("outbound_.08000_._.a.b"), Err(IstioSniError::BadPort));
+        assert_eq!(parse("outbound_.00_._.a.b"), Err(IstioSniError::BadPort));
+        // Found by the istio_sni fuzz target: it did not round-trip.
+        assert_eq!(parse("outbound_.018858_._.x"), Err(IstioSniError::BadPort));
         assert_eq!(parse("outbound_.80_._."), Err(IstioSniError::EmptyHostname));
     }
 }

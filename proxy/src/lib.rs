@@ -16,6 +16,7 @@ pub mod fd_limit;
 pub mod istio_sni;
 mod listener;
 pub mod metrics;
+mod outlier;
 mod reload;
 mod routing;
 

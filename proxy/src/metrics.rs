@@ -5,7 +5,9 @@
 
 use std::sync::OnceLock;
 
-use metrics::{counter, describe_counter, describe_gauge, describe_histogram, Counter, Unit};
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, Counter, Gauge, Unit,
+};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 pub const CONNECTIONS_OPENED: &str = "eastwest_connections_opened_total";
@@ -23,6 +25,8 @@ pub const CONFIG_RELOADS: &str = "eastwest_config_reloads_total";
 pub const CONFIG_RELOAD_FAILURES: &str = "eastwest_config_reload_failures_total";
 pub const ROUTE_TABLES_REJECTED: &str = "eastwest_route_tables_rejected_total";
 pub const ACCEPT_ERRORS: &str = "eastwest_accept_errors_total";
+pub const ENDPOINT_EJECTIONS: &str = "eastwest_endpoint_ejections_total";
+pub const ENDPOINTS_EJECTED: &str = "eastwest_endpoints_ejected";
 
 pub const TO_UPSTREAM: &str = "to_upstream";
 pub const TO_DOWNSTREAM: &str = "to_downstream";
@@ -236,6 +240,15 @@ fn describe() {
         "Errors from accept(), e.g. EMFILE, by listener."
     );
     describe_counter!(
+        ENDPOINT_EJECTIONS,
+        "Upstream endpoints ejected by outlier detection after connect failures, by route and \
+         reason (refused, reset, timeout, other); a failed half-open probe counts again."
+    );
+    describe_gauge!(
+        ENDPOINTS_EJECTED,
+        "Upstream endpoints ejected now (or awaiting their half-open probe), by route."
+    );
+    describe_counter!(
         crate::control_client::ROUTE_UPDATES,
         "Route updates received from the control plane, by kind (full table or delta)."
     );
@@ -259,6 +272,14 @@ pub fn closed(listener: &str, route: &str, outcome: Outcome) -> Counter {
     )
 }
 
+pub fn endpoint_ejections(route: &str, reason: &'static str) -> Counter {
+    counter!(ENDPOINT_EJECTIONS, "route" => route.to_string(), "reason" => reason)
+}
+
+pub fn ejected_endpoints(route: &str) -> Gauge {
+    gauge!(ENDPOINTS_EJECTED, "route" => route.to_string())
+}
+
 pub fn bytes(route: &str, direction: &'static str) -> Counter {
     counter!(BYTES, "route" => route.to_string(), "direction" => direction)
 }
@@ -272,18 +293,21 @@ pub enum Outcome {
     UnknownRoute,
     HelloTimeout,
     Malformed,
+    /// A ClientHello over `client_hello::MAX_HELLO_BYTES`.
+    TooLarge,
     UpstreamFailed,
     Overloaded,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 8] = [
+    pub const ALL: [Outcome; 9] = [
         Outcome::Routed,
         Outcome::NoSni,
         Outcome::BadSni,
         Outcome::UnknownRoute,
         Outcome::HelloTimeout,
         Outcome::Malformed,
+        Outcome::TooLarge,
         Outcome::UpstreamFailed,
         Outcome::Overloaded,
     ];
@@ -296,6 +320,7 @@ impl Outcome {
             Outcome::UnknownRoute => "unknown_route",
             Outcome::HelloTimeout => "hello_timeout",
             Outcome::Malformed => "malformed",
+            Outcome::TooLarge => "too_large",
             Outcome::UpstreamFailed => "upstream_failed",
             Outcome::Overloaded => "overloaded",
         }

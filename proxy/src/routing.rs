@@ -5,7 +5,6 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, OnceLock};
 
 use eastwest_routes::{
@@ -15,6 +14,7 @@ use metrics::{Counter, Histogram};
 
 use crate::istio_sni::IstioSni;
 use crate::metrics as m;
+use crate::outlier::EndpointState;
 
 /// Where an upstream lives: an address, or a `host:port` resolved when connecting.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -35,9 +35,9 @@ impl std::fmt::Display for Target {
 #[derive(Debug)]
 pub struct Upstream {
     pub target: Target,
-    /// Connections open to this upstream, shared by every snapshot that lists it so the
-    /// balancer's view survives route swaps.
-    pub active: Arc<AtomicUsize>,
+    /// Connection count and outlier state, shared by every snapshot that lists this upstream
+    /// so the balancer's view survives route swaps.
+    pub state: Arc<EndpointState>,
 }
 
 /// The endpoints one route may use.
@@ -398,18 +398,18 @@ fn compile_service(svc: &Service, old: Option<&ServiceRoutes>) -> ServiceRoutes 
     compiled
 }
 
-/// What a rebuilt route keeps from its previous version: each upstream's connection count
-/// (so balancing survives swaps) and the route's metric handles.
+/// What a rebuilt route keeps from its previous version: each upstream's connection count and
+/// outlier state (so balancing and ejections survive swaps) and the route's metric handles.
 #[derive(Default)]
 struct Carry {
-    active: HashMap<Target, Arc<AtomicUsize>>,
+    state: HashMap<Target, Arc<EndpointState>>,
     metrics: HashMap<Arc<str>, Arc<OnceLock<RouteMetrics>>>,
 }
 
 impl Carry {
     fn add(&mut self, set: &UpstreamSet) {
         for u in set.upstreams.iter() {
-            self.active.insert(u.target.clone(), u.active.clone());
+            self.state.insert(u.target.clone(), u.state.clone());
         }
         self.metrics.insert(set.route.clone(), set.metrics.clone());
     }
@@ -418,7 +418,7 @@ impl Carry {
         let upstreams = targets
             .into_iter()
             .map(|target| Upstream {
-                active: self.active.entry(target.clone()).or_default().clone(),
+                state: self.state.entry(target.clone()).or_default().clone(),
                 target,
             })
             .collect();

@@ -133,6 +133,8 @@ pub struct UpstreamConfig {
     /// leave as soon as they arrive. `off`: always read and write.
     #[serde(default)]
     pub splice: Splice,
+    #[serde(default)]
+    pub outlier_detection: OutlierDetection,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -141,6 +143,33 @@ pub enum Splice {
     #[default]
     Auto,
     Off,
+}
+
+/// Passive outlier detection (Envoy's, for connect failures): an endpoint whose connect is
+/// refused, reset or times out `consecutive_failures` times in a row is ejected — new
+/// connections avoid it — for `base_ejection_time` × the number of consecutive ejections, at
+/// most `max_ejection_time`. When that ends one connection probes it (half-open): success
+/// returns it to the pool, failure ejects it again for longer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutlierDetection {
+    /// Off: every endpoint stays a candidate, however often it fails. Default true.
+    #[serde(default = "defaults::outlier_enabled")]
+    pub enabled: bool,
+    /// Connect failures in a row that eject an endpoint. Default 1: a refused or timed-out
+    /// connect is unambiguous, and each further try costs a client up to `connect_timeout`.
+    #[serde(default = "defaults::consecutive_failures")]
+    pub consecutive_failures: u32,
+    /// First ejection's length; the n-th consecutive one lasts n times this. Default 30s.
+    #[serde(default = "defaults::base_ejection_time", with = "humantime_serde")]
+    pub base_ejection_time: Duration,
+    /// Cap on one ejection's length. Default 300s.
+    #[serde(default = "defaults::max_ejection_time", with = "humantime_serde")]
+    pub max_ejection_time: Duration,
+    /// Most endpoints of a route (service port or subset) ejected at once, in percent of
+    /// them; one may always be ejected, but never the last one not ejected. Default 50.
+    #[serde(default = "defaults::max_ejection_percent")]
+    pub max_ejection_percent: u32,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -236,6 +265,21 @@ mod defaults {
     pub fn defer_accept() -> bool {
         true
     }
+    pub fn outlier_enabled() -> bool {
+        true
+    }
+    pub fn consecutive_failures() -> u32 {
+        1
+    }
+    pub fn base_ejection_time() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn max_ejection_time() -> Duration {
+        Duration::from_secs(300)
+    }
+    pub fn max_ejection_percent() -> u32 {
+        50
+    }
 }
 
 impl Default for AdminConfig {
@@ -261,6 +305,50 @@ impl Default for UpstreamConfig {
             tcp_keepalive: defaults::tcp_keepalive(),
             load_balancing: LoadBalancing::default(),
             splice: Splice::default(),
+            outlier_detection: OutlierDetection::default(),
+        }
+    }
+}
+
+impl Default for OutlierDetection {
+    fn default() -> Self {
+        OutlierDetection {
+            enabled: defaults::outlier_enabled(),
+            consecutive_failures: defaults::consecutive_failures(),
+            base_ejection_time: defaults::base_ejection_time(),
+            max_ejection_time: defaults::max_ejection_time(),
+            max_ejection_percent: defaults::max_ejection_percent(),
+        }
+    }
+}
+
+impl OutlierDetection {
+    fn validate(&self, errors: &mut Vec<Invalid>) {
+        let at = "upstream.outlier_detection";
+        if self.consecutive_failures == 0 {
+            errors.push(Invalid::new(
+                format!("{at}.consecutive_failures"),
+                "must be at least 1",
+            ));
+        }
+        // Millisecond resolution: the proxy keeps ejection deadlines in whole milliseconds.
+        if self.base_ejection_time < Duration::from_millis(1) {
+            errors.push(Invalid::new(
+                format!("{at}.base_ejection_time"),
+                "must be at least 1ms",
+            ));
+        }
+        if self.max_ejection_time < self.base_ejection_time {
+            errors.push(Invalid::new(
+                format!("{at}.max_ejection_time"),
+                "must not be less than base_ejection_time",
+            ));
+        }
+        if self.max_ejection_percent > 100 {
+            errors.push(Invalid::new(
+                format!("{at}.max_ejection_percent"),
+                "must be from 0 to 100",
+            ));
         }
     }
 }
@@ -312,6 +400,7 @@ impl ProxyConfig {
                 "must be more than 0",
             ));
         }
+        self.upstream.outlier_detection.validate(&mut errors);
         if self.upstream.idle_timeout.is_zero() {
             errors.push(Invalid::new("upstream.idle_timeout", "must be more than 0"));
         }

@@ -12,8 +12,8 @@ mod sni;
 mod table;
 
 pub use config::{
-    AdminConfig, ListenerConfig, ListenerMode, LoadBalancing, ProxyConfig, SniRule, Splice,
-    UpstreamConfig,
+    AdminConfig, ListenerConfig, ListenerMode, LoadBalancing, OutlierDetection, ProxyConfig,
+    SniRule, Splice, UpstreamConfig,
 };
 pub use delta::{RouteDelta, RouteUpdate};
 pub use load::{load_proxy_config, parse_proxy_config, ConfigError};

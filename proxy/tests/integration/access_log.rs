@@ -23,6 +23,18 @@ impl Write for Captured {
 }
 
 impl Captured {
+    /// Captures this thread's logs for as long as the guard lives.
+    fn install() -> (Captured, tracing::subscriber::DefaultGuard) {
+        let log = Captured::default();
+        let writer = log.clone();
+        let guard = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .with_writer(move || writer.clone())
+            .set_default();
+        (log, guard)
+    }
+
     fn access_lines(&self) -> Vec<String> {
         String::from_utf8_lossy(&self.0.lock().unwrap())
             .lines()
@@ -34,14 +46,7 @@ impl Captured {
 
 #[tokio::test]
 async fn one_line_per_connection_with_sni_alpn_route_endpoint_bytes_and_result() {
-    let log = Captured::default();
-    let writer = log.clone();
-    let _subscriber = tracing_subscriber::fmt()
-        .with_ansi(false)
-        .with_max_level(tracing::Level::INFO)
-        .with_writer(move || writer.clone())
-        .set_default();
-
+    let (log, _subscriber) = Captured::install();
     let pki = pki();
     let (backend, _rx) = raw_backend(b"answer").await;
     let mut cfg = passthrough_config("logged", vec![service(SGLANG, 8000, &[(backend, &[])])]);
@@ -85,5 +90,38 @@ async fn one_line_per_connection_with_sni_alpn_route_endpoint_bytes_and_result()
             && refused.contains("route=\"-\"")
             && refused.contains("endpoint=-"),
         "{refused}"
+    );
+}
+
+#[tokio::test]
+async fn an_oversized_hello_is_logged_as_too_large_with_its_reason() {
+    use tokio::io::AsyncWriteExt;
+    let (log, _subscriber) = Captured::install();
+    let pki = pki();
+    let (backend, _rx) = raw_backend(b"answer").await;
+    let mut cfg = passthrough_config("big", vec![service(SGLANG, 8000, &[(backend, &[])])]);
+    cfg.access_log = true;
+    let proxy = Proxy::start(cfg).await.unwrap();
+    let gw = proxy.listener_addr("big").unwrap();
+
+    let hello = client_hello_bytes(&pki.client, &istio_sni(8000, "", SGLANG));
+    let big = hello::with_extension(&hello, eastwest_proxy::client_hello::MAX_HELLO_BYTES);
+    let mut s = tokio::net::TcpStream::connect(gw).await.unwrap();
+    // The proxy may close before all of it is written.
+    let _ = s.write_all(&big).await;
+    assert!(closed_by_proxy(s).await);
+    wait_metric(
+        &proxy,
+        "eastwest_connections_closed_total{listener=\"big\",route=\"\",result=\"too_large\"}",
+        1.0,
+    )
+    .await;
+    let lines = log.access_lines();
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert!(lines[0].contains("result=\"too_large\""), "{}", lines[0]);
+    assert!(
+        lines[0].contains("detail=ClientHello larger than 65536 bytes"),
+        "{}",
+        lines[0]
     );
 }

@@ -2,7 +2,7 @@
 
 use crate::support::hello::with_extension;
 use crate::support::*;
-use eastwest_proxy::client_hello::{parse, HelloError, Parse, MAX_HELLO_BYTES, MAX_HELLO_RECORDS};
+use eastwest_proxy::client_hello::{parse, HelloError, HelloReader, Parse, MAX_HELLO_BYTES};
 
 fn done(bytes: &[u8]) -> (Option<String>, Vec<String>, bool) {
     match parse(bytes) {
@@ -86,22 +86,59 @@ fn tls12_hello_without_extensions() {
 }
 
 #[test]
-fn tiny_records_parse_up_to_a_cap() {
+fn any_record_fragmentation_parses() {
     let pki = pki();
     let hello = client_hello_bytes(&pki.client, "tiny.example.com");
     // Two bytes per record: even the 4-byte handshake header spans records.
-    let two = split_records(&hello, 2);
-    assert!((hello.len() - 5).div_ceil(2) <= MAX_HELLO_RECORDS);
-    assert_eq!(done(&two).0.as_deref(), Some("tiny.example.com"));
-    // One byte per record: more records than any client sends.
-    let one = split_records(&hello, 1);
-    assert!(hello.len() - 5 > MAX_HELLO_RECORDS);
     assert_eq!(
-        parse(&one),
-        Err(HelloError::Malformed(
-            "ClientHello spread over too many records"
-        ))
+        done(&split_records(&hello, 2)).0.as_deref(),
+        Some("tiny.example.com")
     );
+    // One byte per record, of a hello near the 64 KiB cap: legal TLS, however odd.
+    let big = with_extension(&hello, MAX_HELLO_BYTES - hello.len() - 64);
+    let one = split_records(&single_record(&big), 1);
+    assert!(one.len() > 6 * 60_000);
+    assert_eq!(done(&one).0.as_deref(), Some("tiny.example.com"));
+}
+
+#[test]
+fn a_trickled_hello_is_walked_once() {
+    // One record per read, as a client trickling 1-byte records would deliver it: each call
+    // walks only the new record (the whole walk is O(bytes), not O(records²)).
+    let pki = pki();
+    let hello = client_hello_bytes(&pki.client, "trickle.example.com");
+    let big = with_extension(&hello, MAX_HELLO_BYTES - hello.len() - 64);
+    let one = split_records(&single_record(&big), 1);
+    let mut reader = HelloReader::default();
+    let mut end = 0;
+    let info = loop {
+        end = (end + 6).min(one.len());
+        match reader.parse(&one[..end]).unwrap() {
+            Parse::NeedMore => assert!(end < one.len()),
+            Parse::Done(info) => break info,
+        }
+    };
+    assert_eq!(end, one.len());
+    assert_eq!(info.client_hello().sni, Some("trickle.example.com"));
+    // Over the cap in tiny records: refused as too large, not malformed.
+    let over = with_extension(&hello, MAX_HELLO_BYTES);
+    let over = split_records(&single_record(&over), 1);
+    assert_eq!(parse(&over), Err(HelloError::TooLarge));
+}
+
+/// `with_extension`'s output (16 KiB records) as one record, so `split_records` can re-frame
+/// it; the record length field is not looked at by `split_records`.
+fn single_record(hello: &[u8]) -> Vec<u8> {
+    let mut msg = Vec::new();
+    let mut at = 0;
+    while at < hello.len() {
+        let len = u16::from_be_bytes([hello[at + 3], hello[at + 4]]) as usize;
+        msg.extend_from_slice(&hello[at + 5..at + 5 + len]);
+        at += 5 + len;
+    }
+    let mut out = vec![22, 3, 1, 0, 0];
+    out.extend_from_slice(&msg);
+    out
 }
 
 #[test]

@@ -44,9 +44,13 @@ fn client_hello_corpus_replays() {
 
 #[test]
 fn istio_sni_corpus_replays() {
-    for (_, data) in corpus("istio_sni") {
+    for (path, data) in corpus("istio_sni") {
         if let Ok(s) = std::str::from_utf8(&data) {
-            let _ = istio_sni::parse(s);
+            // The fuzz target's property: a parsed name is exactly what Istio would write.
+            if let Ok(sni) = istio_sni::parse(s) {
+                let again = format!("outbound_.{}_.{}_.{}", sni.port, sni.subset, sni.hostname);
+                assert!(again.eq_ignore_ascii_case(s), "{}", path.display());
+            }
         }
     }
 }

@@ -9,6 +9,7 @@ mod control_stream;
 mod fd_limit;
 mod fuzz_corpus;
 mod lifecycle;
+mod outlier;
 mod passthrough;
 mod splice;
 mod support;

@@ -213,7 +213,12 @@ async fn hello_one_byte_per_write_and_across_records() {
     let gw = proxy.listener_addr("trickle").unwrap();
     let hello = client_hello_bytes(&pki.client, &istio_sni(8000, "", SGLANG));
 
-    for bytes in [hello.clone(), split_records(&hello, 64)] {
+    // One byte per record is legal TLS too.
+    for bytes in [
+        hello.clone(),
+        split_records(&hello, 64),
+        split_records(&hello, 1),
+    ] {
         let mut s = TcpStream::connect(gw).await.unwrap();
         s.set_nodelay(true).unwrap();
         for b in &bytes {

@@ -142,6 +142,34 @@ fn wrong_types_say_what_form_is_expected() {
 }
 
 #[test]
+fn outlier_detection_has_defaults_and_checked_values() {
+    let cfg = parse_proxy_config(GOOD, "gw.yaml").unwrap();
+    let od = &cfg.upstream.outlier_detection;
+    assert!(od.enabled);
+    assert_eq!(od.consecutive_failures, 1);
+    assert_eq!(od.base_ejection_time.as_secs(), 30);
+    assert_eq!(od.max_ejection_time.as_secs(), 300);
+    assert_eq!(od.max_ejection_percent, 50);
+
+    let text = format!(
+        "{GOOD}upstream:\n  outlier_detection:\n    consecutive_failures: 0\n    \
+         base_ejection_time: 10s\n    max_ejection_time: 5s\n    max_ejection_percent: 101\n"
+    );
+    let p = problems(&text);
+    assert_eq!(p.len(), 3, "{p:?}");
+    for field in [
+        "upstream.outlier_detection.consecutive_failures",
+        "upstream.outlier_detection.max_ejection_time",
+        "upstream.outlier_detection.max_ejection_percent",
+    ] {
+        assert!(p.iter().any(|p| p.contains(field)), "{field}: {p:?}");
+    }
+    let off = format!("{GOOD}upstream: {{outlier_detection: {{enabled: false}}}}\n");
+    let cfg = parse_proxy_config(&off, "gw.yaml").unwrap();
+    assert!(!cfg.upstream.outlier_detection.enabled);
+}
+
+#[test]
 fn syntax_errors_have_a_position() {
     let p = problems("listeners: [\n  {name: a\n");
     assert!(p[0].starts_with("gw.yaml:"), "{}", p[0]);

@@ -91,11 +91,20 @@ pub fn pki() -> Pki {
 /// An mTLS backend like a sidecar-fronted pod: requires a mesh client cert, answers each
 /// connection with "<name> <client spiffe id>\n" then echoes everything.
 pub async fn tls_echo_backend(name: &'static str, server: &Identity) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    tls_echo_backend_on(listener, name, server)
+}
+
+/// [`tls_echo_backend`] on a listener the caller bound (e.g. to revive a dead address).
+pub fn tls_echo_backend_on(
+    listener: TcpListener,
+    name: &'static str,
+    server: &Identity,
+) -> SocketAddr {
     let cfg = server
         .server_config_with_alpn(PeerPolicy::TrustDomain(TD.into()), vec![b"istio".to_vec()])
         .unwrap();
     let acceptor = TlsAcceptor::from(cfg);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
@@ -339,4 +348,29 @@ pub async fn half_closed_exchange(gw: SocketAddr, parts: &[&[u8]]) -> Vec<u8> {
         .unwrap()
         .unwrap();
     got
+}
+
+/// Fails unless `promtool check metrics` accepts `body` (a `/metrics` page).
+pub fn promtool_check(body: &str) {
+    use std::io::Write;
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool not found: apt-get install prometheus (scripts/test.sh does)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
