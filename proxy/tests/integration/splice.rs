@@ -35,19 +35,11 @@ impl Drop for Gateway {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 async fn gateway(backend: SocketAddr, splice: &str) -> Gateway {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let yaml = format!(
-        "admin: {{address: 127.0.0.1:0}}\n\
+        "admin: {{status_address: 127.0.0.1:0, metrics_address: 127.0.0.1:0, debug_address: 127.0.0.1:0}}\n\
          upstream: {{splice: {splice}}}\n\
          listeners:\n  - name: bulk\n    address: 127.0.0.1:{port}\n\
          routes:\n  services:\n    - hostname: {SGLANG}\n      ports:\n        - port: 8000\n          endpoints:\n            - address: {backend}\n"
