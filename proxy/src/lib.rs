@@ -118,8 +118,16 @@ pub enum ApplyError {
 }
 
 impl Proxy {
-    /// Validates `config`, binds every listener and the admin servers, and starts serving.
+    /// Validates `config`, binds every listener and the admin servers, and starts serving,
+    /// ready at once.
     pub async fn start(config: ProxyConfig) -> anyhow::Result<Proxy> {
+        Self::start_with_readiness(config, true).await
+    }
+
+    /// As [`Proxy::start`], but `ready: false` keeps readiness failing until
+    /// [`Proxy::set_ready`]: a gateway waiting for its routes from control must never answer a
+    /// probe with 200 in between, or the load balancer sends it traffic it cannot route.
+    pub async fn start_with_readiness(config: ProxyConfig, ready: bool) -> anyhow::Result<Proxy> {
         let invalid = config.validate();
         if !invalid.is_empty() {
             return Err(ApplyError::Invalid(invalid).into());
@@ -176,7 +184,7 @@ impl Proxy {
             admin::spawn(proxy.shared.clone(), server, listener, prometheus);
         }
         metrics::spawn_upkeep(prometheus);
-        proxy.shared.ready.store(true, Ordering::SeqCst);
+        proxy.shared.ready.store(ready, Ordering::SeqCst);
         Ok(proxy)
     }
 

@@ -154,7 +154,9 @@ async fn run(
         Err(err) => tracing::warn!(%err, soft = eastwest_proxy::fd_limit::current(),
             "cannot raise the open-file limit to the hard limit"),
     }
-    let proxy = Proxy::start(config).await?;
+    // With control, not ready until there are routes from it (or from the cache of its last
+    // table): never ready in between.
+    let proxy = Proxy::start_with_readiness(config, control.is_none()).await?;
     proxy.set_config_file(config_path.clone());
     tracing::info!(
         status = %proxy.status_addr(),
@@ -164,8 +166,6 @@ async fn run(
     );
     eastwest_proxy::watch_config_file(proxy.clone(), config_path)?;
     if let Some(control) = control {
-        // Not ready until there are routes from control (or from the cache of its last table).
-        proxy.set_ready(false);
         if let Some(table) = cached {
             let version = table.version;
             match proxy.apply_routes(table) {

@@ -538,3 +538,15 @@ async fn metrics_come_in_the_same_order_on_every_scrape() {
     sorted.sort();
     assert_eq!(families, sorted);
 }
+
+/// A gateway that takes its routes from control starts not ready and stays so until they
+/// arrive: the load balancer must never see a 200 from a gateway with no routes yet.
+#[tokio::test]
+async fn a_gateway_started_not_ready_answers_503_until_it_has_routes() {
+    let proxy = Proxy::start_with_readiness(passthrough_config("gw", Vec::new()), false)
+        .await
+        .unwrap();
+    assert_eq!(admin_get(&proxy, "/healthz/ready").await.0, 503);
+    proxy.set_ready(true);
+    assert_eq!(admin_get(&proxy, "/healthz/ready").await.0, 200);
+}
