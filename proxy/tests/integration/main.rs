@@ -11,5 +11,6 @@ mod fuzz_corpus;
 mod lifecycle;
 mod outlier;
 mod passthrough;
+mod running;
 mod splice;
 mod support;
