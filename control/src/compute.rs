@@ -142,6 +142,8 @@ fn endpoints_for(
                         .and_then(|pod| cluster.pods.get(ns, pod))
                         .map(|l| (**l).clone())
                         .unwrap_or_default(),
+                    hbone_port: None,
+                    workload: None,
                 });
             }
         }

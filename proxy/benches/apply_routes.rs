@@ -43,6 +43,8 @@ fn service(s: u32, moved: u16) -> Service {
                             port,
                         )),
                         labels: BTreeMap::from([("version".to_string(), format!("v{}", e % 2))]),
+                        hbone_port: None,
+                        workload: None,
                     }
                 })
                 .collect(),

@@ -290,6 +290,11 @@ fn route(
                 (Outcome::UnknownRoute, why.to_string())
             })
         }
+        // Not served by this TLS-passthrough path (hbone listeners terminate TLS).
+        ListenerMode::Hbone => Err((
+            Outcome::UnknownRoute,
+            "hbone listeners are not implemented yet".to_string(),
+        )),
         ListenerMode::Sni => routing
             .sni_rule(&listener.name, sni)
             .ok_or_else(|| match sni {

@@ -33,6 +33,65 @@ pub struct ProxyConfig {
     /// Used as-is from a file; replaced by eastwest-control's tables with `--control`.
     #[serde(default)]
     pub routes: RouteTable,
+    /// The gateway's own mesh identity; `hbone` listeners need one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<IdentityConfig>,
+}
+
+/// The gateway's SPIFFE identity: the certificate an `hbone` listener presents, and the roots
+/// and trust domains it verifies clients (source ztunnels) against. Exactly one source.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// The mesh's trust domain (default `cluster.local`): the gateway's own SPIFFE ID is in
+    /// it, and clients must be too.
+    #[serde(default = "defaults::trust_domain")]
+    pub trust_domain: String,
+    /// Further client trust domains accepted (a mesh being migrated between domains).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_trust_domains: Vec<String>,
+    /// Certificate chain, key and roots in PEM files (from `eastwest-certs gateway` or a
+    /// mounted Secret), re-read when they change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files: Option<IdentityFiles>,
+    /// Or: a certificate from istiod's CA, renewed before it expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub istiod: Option<IstiodCa>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityFiles {
+    /// The gateway's certificate then its intermediates (`cert-chain.pem`).
+    pub cert_chain: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    /// The mesh root(s) clients must chain to (`root-cert.pem`).
+    pub roots: std::path::PathBuf,
+}
+
+/// istiod's certificate API (`istio.v1.auth.IstioCertificateService/CreateCertificate`), as
+/// every Istio proxy uses it: authenticated by the pod's projected service-account token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IstiodCa {
+    /// e.g. `https://istiod.istio-system.svc:15012`.
+    pub address: String,
+    /// The mesh root(s): istiod's serving certificate chains to them, and so do clients.
+    pub roots: std::path::PathBuf,
+    /// Projected token with audience `istio-ca`.
+    #[serde(default = "defaults::istio_token")]
+    pub token_path: std::path::PathBuf,
+    /// The Istio cluster ID sent as `ClusterID` metadata (for a remote cluster's gateway).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_id: Option<String>,
+    /// The namespace and service account of the gateway's SPIFFE ID.
+    #[serde(default = "defaults::gateway_namespace")]
+    pub namespace: String,
+    #[serde(default = "defaults::gateway_service_account")]
+    pub service_account: String,
+    /// Requested lifetime; renewal starts at half of it.
+    #[serde(default = "defaults::cert_ttl", with = "humantime_serde")]
+    pub cert_ttl: Duration,
 }
 
 /// The three admin servers, laid out as Istio's gateways do. Read at startup only.
@@ -218,6 +277,10 @@ pub enum ListenerMode {
     AutoPassthrough,
     /// Fixed rules: SNI pattern to upstream addresses.
     Sni,
+    /// Istio ambient's double HBONE (Istio's port 15008): HTTP/2 CONNECT over mTLS; the
+    /// `:authority` names a service port in the route table, and the stream's bytes (the inner
+    /// HBONE) go unopened to an ambient endpoint's `hbone_port`. Needs `identity`.
+    Hbone,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -230,7 +293,24 @@ pub struct SniRule {
 
 mod defaults {
     use std::net::SocketAddr;
+    use std::path::PathBuf;
     use std::time::Duration;
+
+    pub fn trust_domain() -> String {
+        "cluster.local".to_string()
+    }
+    pub fn istio_token() -> PathBuf {
+        PathBuf::from("/var/run/secrets/tokens/istio-token")
+    }
+    pub fn gateway_namespace() -> String {
+        "istio-system".to_string()
+    }
+    pub fn gateway_service_account() -> String {
+        "istio-eastwestgateway".to_string()
+    }
+    pub fn cert_ttl() -> Duration {
+        Duration::from_secs(24 * 3600)
+    }
 
     pub fn drain_accept_period() -> Duration {
         Duration::from_secs(5)
@@ -379,6 +459,7 @@ impl ProxyConfig {
             upstream: UpstreamConfig::default(),
             listeners,
             routes: RouteTable::default(),
+            identity: None,
         }
     }
 
@@ -472,6 +553,14 @@ impl ProxyConfig {
                     format!("{at}.rules"),
                     "mode: sni needs at least one rule",
                 )),
+                ListenerMode::Hbone if !l.rules.is_empty() => errors.push(Invalid::new(
+                    format!("{at}.rules"),
+                    "rules belong to mode: sni; hbone routes by the route table",
+                )),
+                ListenerMode::Hbone if self.identity.is_none() => errors.push(Invalid::new(
+                    format!("{at}.mode"),
+                    "mode: hbone needs `identity:` (the certificate it presents to ztunnels)",
+                )),
                 _ => {}
             }
             let mut patterns = HashSet::new();
@@ -494,6 +583,22 @@ impl ProxyConfig {
                         errors.push(Invalid::new(format!("{at}.upstreams[{k}]"), why));
                     }
                 }
+            }
+        }
+        if let Some(id) = &self.identity {
+            match (&id.files, &id.istiod) {
+                (None, None) => errors.push(Invalid::new(
+                    "identity",
+                    "needs one source: `files:` or `istiod:`",
+                )),
+                (Some(_), Some(_)) => errors.push(Invalid::new(
+                    "identity.istiod",
+                    "`files:` and `istiod:` exclude each other",
+                )),
+                _ => {}
+            }
+            if id.trust_domain.is_empty() {
+                errors.push(Invalid::new("identity.trust_domain", "must not be empty"));
             }
         }
         self.routes.validate("routes.", &mut errors);

@@ -223,6 +223,8 @@ mod tests {
                 endpoints: vec![Endpoint {
                     address: format!("{ip}:8080").parse().unwrap(),
                     labels: Default::default(),
+                    hbone_port: None,
+                    workload: None,
                 }],
             }],
         }

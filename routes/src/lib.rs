@@ -12,15 +12,15 @@ mod sni;
 mod table;
 
 pub use config::{
-    AdminConfig, ListenerConfig, ListenerMode, LoadBalancing, OutlierDetection, ProxyConfig,
-    SniRule, Splice, UpstreamConfig,
+    AdminConfig, IdentityConfig, IdentityFiles, IstiodCa, ListenerConfig, ListenerMode,
+    LoadBalancing, OutlierDetection, ProxyConfig, SniRule, Splice, UpstreamConfig,
 };
 pub use delta::{RouteDelta, RouteUpdate};
 pub use load::{load_proxy_config, parse_proxy_config, ConfigError};
 pub use sni::{SniPattern, SniPatternError};
 pub use table::{
     is_subset_name, Endpoint, NetworkGateway, RemoteService, RouteTable, Service, ServicePort,
-    Subset,
+    Subset, Workload,
 };
 
 /// A validation failure: the dotted path of the offending field and what is wrong.

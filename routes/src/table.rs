@@ -77,6 +77,39 @@ pub struct Endpoint {
     pub address: SocketAddr,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// Set when the pod is captured by ambient mode: the port its node's ztunnel accepts HBONE
+    /// on for it (15008). `hbone` listeners forward only to endpoints that have one, to
+    /// `<address IP>:<hbone_port>`; sidecar pods (None) are reached on 15443.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hbone_port: Option<u16>,
+    /// Who the endpoint is, for Istio's `destination_*` metric labels. Absent for endpoints
+    /// written by hand or without a Pod behind them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<Arc<Workload>>,
+}
+
+/// The Pod behind an endpoint, named as Istio's telemetry names it. Shared by the endpoints
+/// of one pod in several service ports.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Workload {
+    /// The workload name Istio derives from the Pod (its Deployment, StatefulSet, ... or the
+    /// Pod itself): `destination_workload`.
+    pub name: String,
+    pub namespace: String,
+    /// `app.kubernetes.io/name` or `app` label: `destination_app`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app: Option<String>,
+    /// `app.kubernetes.io/version` or `version` label: `destination_version`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// The Pod's service account (`destination_principal` is
+    /// `spiffe://<trust domain>/ns/<namespace>/sa/<service_account>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account: Option<String>,
+    /// The cluster the Pod runs in: `destination_cluster`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -93,6 +93,8 @@ impl Topology {
                     endpoints: vec![Endpoint {
                         address: server_addr,
                         labels: Default::default(),
+                        hbone_port: None,
+                        workload: None,
                     }],
                 }],
             }

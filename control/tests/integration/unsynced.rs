@@ -66,6 +66,8 @@ async fn an_unreachable_api_server_withdraws_no_routes_and_leaves_the_cache() {
                 endpoints: vec![Endpoint {
                     address: cached,
                     labels: Default::default(),
+                    hbone_port: None,
+                    workload: None,
                 }],
             }],
         })],

@@ -193,6 +193,8 @@ pub fn service(host: &str, port: u16, endpoints: &[(SocketAddr, &[(&str, &str)])
                         .iter()
                         .map(|(k, v)| (k.to_string(), v.to_string()))
                         .collect(),
+                    hbone_port: None,
+                    workload: None,
                 })
                 .collect(),
         }],
