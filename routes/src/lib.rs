@@ -13,7 +13,7 @@ mod table;
 
 pub use config::{
     AdminConfig, IdentityConfig, IdentityFiles, IstiodCa, ListenerConfig, ListenerMode,
-    LoadBalancing, OutlierDetection, ProxyConfig, SniRule, Splice, UpstreamConfig,
+    LoadBalancing, OutlierDetection, ProxyConfig, SniRule, Splice, TelemetryConfig, UpstreamConfig,
 };
 pub use delta::{RouteDelta, RouteUpdate};
 pub use load::{load_proxy_config, parse_proxy_config, ConfigError};
