@@ -234,6 +234,9 @@ fn handle(
             }
         }
         "/metrics" => {
+            // Readiness as of this scrape, so alerts see what the load balancer sees.
+            let ready = shared.ready.load(Ordering::SeqCst);
+            metrics::gauge!(crate::metrics::READY).set(if ready { 1.0 } else { 0.0 });
             prometheus.run_upkeep();
             let mut resp =
                 Response::new(Full::new(Bytes::from(crate::metrics::render(prometheus))));

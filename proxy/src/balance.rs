@@ -120,10 +120,8 @@ mod tests {
             .map(|(i, &l)| {
                 let state = EndpointState::default();
                 state.active.store(l, Ordering::Relaxed);
-                Upstream {
-                    target: Target::Addr(([127, 0, 0, 1], 1000 + i as u16).into()),
-                    state: Arc::new(state),
-                }
+                let target = Target::Addr(([127, 0, 0, 1], 1000 + i as u16).into());
+                Upstream::new(target, Arc::new(state), None)
             })
             .collect::<Vec<_>>();
         UpstreamSet::for_test(upstreams)

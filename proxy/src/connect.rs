@@ -17,6 +17,8 @@ use crate::routing::{Target, UpstreamSet};
 pub struct Connected {
     pub stream: TcpStream,
     pub peer: SocketAddr,
+    /// Which of the route's upstreams accepted.
+    pub index: usize,
     /// Keeps this connection counted against the chosen upstream.
     pub guard: ActiveGuard,
 }
@@ -56,6 +58,7 @@ pub async fn connect(set: &UpstreamSet, cfg: &UpstreamConfig) -> Result<Connecte
                 return Ok(Connected {
                     stream,
                     peer,
+                    index: i,
                     guard,
                 });
             }

@@ -16,7 +16,7 @@ use crate::copy::{relay, CopyEnd, RelayConfig};
 use crate::istio_sni;
 use crate::listener::ListenerStats;
 use crate::metrics::Outcome;
-use crate::routing::{RouteMiss, Routing, UpstreamSet};
+use crate::routing::{PassthroughSeries, RouteMiss, Routing, UpstreamSet};
 use crate::Shared;
 
 /// What the hello said, kept for the access log.
@@ -95,6 +95,7 @@ pub(crate) async fn serve(
         guard,
         set,
         hello_len,
+        series,
     } = opened;
     let upstream_config = &routing.config.upstream;
     let relay_config = RelayConfig {
@@ -110,15 +111,13 @@ pub(crate) async fn serve(
     let result = relay(
         &mut downstream,
         &mut upstream,
-        (
-            &route_metrics.bytes_to_upstream,
-            &route_metrics.bytes_to_downstream,
-        ),
+        (&series.to_upstream, &series.to_downstream),
         relay_config,
         shared.hard_stop.cancelled(),
     )
     .await;
     drop(guard);
+    series.istio.closed.increment(1);
     report.outcome = Outcome::Routed;
     report.closed_routed = Some(route_metrics.closed_routed(&set.route, &stats.name));
     report.to_upstream = hello_len + result.to_upstream;
@@ -142,6 +141,8 @@ struct Opened {
     guard: ActiveGuard,
     set: Arc<UpstreamSet>,
     hello_len: u64,
+    /// Byte counters (eastwest's and Istio's at once) and Istio's connection counters.
+    series: PassthroughSeries,
 }
 
 /// Reads the ClientHello, routes it, connects upstream and sends the hello there (steps 1–3).
@@ -202,28 +203,37 @@ async fn open(
     let connected = match connect(&set, &routing.config.upstream).await {
         Ok(c) => c,
         Err(err) => {
+            // Istio's gateway counts these too, with response_flags="UF".
+            let istio = set.passthrough_failure(routing);
+            istio.opened.increment(1);
+            istio.closed.increment(1);
             report.outcome = Outcome::UpstreamFailed;
             report.detail = err.to_string();
             return None;
         }
     };
     let route_metrics = set.metrics();
+    let series = set.passthrough_series(connected.index, routing);
+    series.istio.opened.increment(1);
     route_metrics
         .connect_duration
         .record(connect_started.elapsed().as_secs_f64());
     report.endpoint = Some(connected.peer);
     let mut upstream = connected.stream;
     if let Err(err) = upstream.write_all(&buf).await {
+        series.istio.closed.increment(1);
         report.outcome = Outcome::UpstreamFailed;
         report.detail = format!("writing ClientHello upstream: {err}");
         return None;
     }
-    route_metrics.bytes_to_upstream.increment(buf.len() as u64);
+    series.to_upstream.increment(buf.len() as u64);
+    let series = PassthroughSeries::clone(series);
     Some(Opened {
         upstream,
         guard: connected.guard,
         hello_len: buf.len() as u64,
         set,
+        series,
     })
 }
 

@@ -13,6 +13,7 @@ mod connection;
 pub mod control_client;
 mod copy;
 pub mod fd_limit;
+pub mod istio_metrics;
 pub mod istio_sni;
 mod listener;
 pub mod metrics;
@@ -271,7 +272,7 @@ impl Proxy {
             )));
             let version = self.shared.config_version.fetch_add(1, Ordering::SeqCst) + 1;
             ::metrics::gauge!(metrics::CONFIG_VERSION).set(version as f64);
-            ::metrics::gauge!(metrics::ROUTE_TABLE_VERSION).set(route_version as f64);
+            metrics::route_table_applied(route_version);
 
             let routing = self.shared.routing.load();
             for (name, address, socket, active) in fresh {
@@ -327,7 +328,7 @@ impl Proxy {
         self.shared
             .routes_from_control
             .store(true, Ordering::SeqCst);
-        ::metrics::gauge!(metrics::ROUTE_TABLE_VERSION).set(version as f64);
+        metrics::route_table_applied(version);
         drop_in_background(old);
         Ok(())
     }

@@ -21,6 +21,8 @@ pub const CONNECT_FAILURES: &str = "eastwest_upstream_connect_failures_total";
 pub const CONNECTION_DURATION: &str = "eastwest_connection_duration_seconds";
 pub const CONFIG_VERSION: &str = "eastwest_config_version";
 pub const ROUTE_TABLE_VERSION: &str = "eastwest_route_table_version";
+pub const ROUTE_TABLE_UPDATED: &str = "eastwest_route_table_updated_timestamp_seconds";
+pub const READY: &str = "eastwest_ready";
 pub const CONFIG_RELOADS: &str = "eastwest_config_reloads_total";
 pub const CONFIG_RELOAD_FAILURES: &str = "eastwest_config_reload_failures_total";
 pub const ROUTE_TABLES_REJECTED: &str = "eastwest_route_tables_rejected_total";
@@ -70,6 +72,7 @@ pub fn recorder() -> &'static PrometheusHandle {
             tracing::warn!("a metrics recorder was already installed; /metrics may be empty");
         }
         describe();
+        crate::istio_metrics::describe();
         handle
     })
 }
@@ -226,6 +229,16 @@ fn describe() {
         "Version of the applied config (count of applied configs)."
     );
     describe_gauge!(ROUTE_TABLE_VERSION, "Version of the applied route table.");
+    describe_gauge!(
+        ROUTE_TABLE_UPDATED,
+        Unit::Seconds,
+        "Unix time the route table in force was applied (from the config file or control): \
+         its age is time() minus this."
+    );
+    describe_gauge!(
+        READY,
+        "1 while /healthz/ready answers 200 (as of the scrape), 0 while it answers 503."
+    );
     describe_counter!(CONFIG_RELOADS, "Config reloads applied.");
     describe_counter!(
         CONFIG_RELOAD_FAILURES,
@@ -282,6 +295,15 @@ pub fn ejected_endpoints(route: &str) -> Gauge {
 
 pub fn bytes(route: &str, direction: &'static str) -> Counter {
     counter!(BYTES, "route" => route.to_string(), "direction" => direction)
+}
+
+/// Records that a route table was applied now.
+pub(crate) fn route_table_applied(version: u64) {
+    gauge!(ROUTE_TABLE_VERSION).set(version as f64);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    gauge!(ROUTE_TABLE_UPDATED).set(now);
 }
 
 /// How a downstream connection ended; the `result` label.

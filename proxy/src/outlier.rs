@@ -194,9 +194,9 @@ mod tests {
 
     fn set(n: usize) -> UpstreamSet {
         let upstreams = (0..n)
-            .map(|i| Upstream {
-                target: Target::Addr(([127, 0, 0, 1], 1000 + i as u16).into()),
-                state: Arc::default(),
+            .map(|i| {
+                let target = Target::Addr(([127, 0, 0, 1], 1000 + i as u16).into());
+                Upstream::new(target, Arc::default(), None)
             })
             .collect();
         UpstreamSet::for_test(upstreams)

@@ -8,10 +8,11 @@ use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 
 use eastwest_routes::{
-    Endpoint, Invalid, ListenerMode, ProxyConfig, RouteTable, Service, SniPattern,
+    Endpoint, Invalid, ListenerMode, ProxyConfig, RouteTable, Service, SniPattern, Workload,
 };
 use metrics::{Counter, Histogram};
 
+use crate::istio_metrics::{ConnectionInfo, GatewayLabels, IstioTcp, ServiceLabels};
 use crate::istio_sni::IstioSni;
 use crate::metrics as m;
 use crate::outlier::EndpointState;
@@ -38,6 +39,33 @@ pub struct Upstream {
     /// Connection count and outlier state, shared by every snapshot that lists this upstream
     /// so the balancer's view survives route swaps.
     pub state: Arc<EndpointState>,
+    /// The Pod behind the endpoint, for Istio's `destination_*` labels.
+    pub workload: Option<Arc<Workload>>,
+    /// Istio series of TLS-passthrough connections to this endpoint, built on the first one
+    /// in this route-table version (the next version builds anew: the workload may differ).
+    istio: OnceLock<PassthroughSeries>,
+}
+
+impl Upstream {
+    pub fn new(target: Target, state: Arc<EndpointState>, workload: Option<Arc<Workload>>) -> Self {
+        Upstream {
+            target,
+            state,
+            workload,
+            istio: OnceLock::new(),
+        }
+    }
+}
+
+/// What a relayed passthrough connection counts into, beyond the route's own handles.
+/// Cloned per connection (five `Arc` clones): the connection outlives the route table.
+#[derive(Debug, Clone)]
+pub struct PassthroughSeries {
+    pub istio: IstioTcp,
+    /// `eastwest_bytes_total{direction="to_upstream"}` and `istio_tcp_received_bytes_total`.
+    pub to_upstream: metrics::Counter,
+    /// `eastwest_bytes_total{direction="to_downstream"}` and `istio_tcp_sent_bytes_total`.
+    pub to_downstream: metrics::Counter,
 }
 
 /// The endpoints one route may use.
@@ -46,6 +74,8 @@ pub struct UpstreamSet {
     /// Metrics/log label: `<service fqdn>:<port>` or `<listener>/<sni pattern>`.
     pub route: Arc<str>,
     pub upstreams: Box<[Upstream]>,
+    /// The destination service as Istio's labels name it.
+    pub service: Arc<ServiceLabels>,
     /// Registered on first use, shared by the route's subsets and carried across swaps, so a
     /// table of thousands of services costs no metric registrations until traffic arrives.
     metrics: Arc<OnceLock<RouteMetrics>>,
@@ -84,6 +114,44 @@ impl UpstreamSet {
             connect_duration: metrics::histogram!(m::CONNECT_DURATION, "route" => self.route.to_string()),
             closed_routed: OnceLock::new(),
         })
+    }
+}
+
+impl UpstreamSet {
+    /// The Istio series (and combined byte counters) of a passthrough connection to upstream
+    /// `index`, cached in the upstream for this route-table version.
+    pub fn passthrough_series(&self, index: usize, routing: &Routing) -> &PassthroughSeries {
+        let upstream = &self.upstreams[index];
+        upstream.istio.get_or_init(|| {
+            let istio = IstioTcp::new(
+                &routing.telemetry,
+                &self.service,
+                upstream.workload.as_deref(),
+                routing.trust_domain(),
+                ConnectionInfo::PASSTHROUGH,
+            );
+            let route = self.metrics();
+            PassthroughSeries {
+                to_upstream: crate::istio_metrics::both(&route.bytes_to_upstream, &istio.received),
+                to_downstream: crate::istio_metrics::both(&route.bytes_to_downstream, &istio.sent),
+                istio,
+            }
+        })
+    }
+
+    /// The Istio series of a passthrough connection no endpoint of the route accepted
+    /// (`response_flags="UF"`). Looked up each time: failures are not the hot path.
+    pub fn passthrough_failure(&self, routing: &Routing) -> IstioTcp {
+        IstioTcp::new(
+            &routing.telemetry,
+            &self.service,
+            None,
+            routing.trust_domain(),
+            ConnectionInfo {
+                response_flags: crate::istio_metrics::FLAGS_UPSTREAM_FAILURE,
+                ..ConnectionInfo::PASSTHROUGH
+            },
+        )
     }
 }
 
@@ -129,6 +197,9 @@ pub struct Routing {
     /// Whether `routes.services` are in strict hostname order (then the next table may be
     /// applied by [`Routing::update`]).
     sorted: bool,
+    /// The gateway's own labels in Istio's metrics, from `config.telemetry` and the
+    /// environment.
+    pub telemetry: Arc<GatewayLabels>,
 }
 
 /// The outcome of [`Routing::update`].
@@ -171,6 +242,10 @@ impl Routing {
         routes: RouteTable,
         previous: Option<&Routing>,
     ) -> Routing {
+        let telemetry = Arc::new(GatewayLabels::from_config(&config.telemetry));
+        // Upstreams cache Istio series carrying the gateway's labels: when those change, build
+        // every route afresh rather than keep series with the old ones.
+        let previous = previous.filter(|p| p.telemetry == telemetry);
         let mut services = HashMap::with_capacity(routes.services.len());
         for svc in &routes.services {
             let lower = lowercase(&svc.hostname);
@@ -192,7 +267,7 @@ impl Routing {
                 .rules
                 .iter()
                 .map(|rule| {
-                    let targets = rule
+                    let targets: Vec<Target> = rule
                         .upstreams
                         .iter()
                         .map(|u| match u.parse::<SocketAddr>() {
@@ -201,7 +276,18 @@ impl Routing {
                         })
                         .collect();
                     let route: Arc<str> = format!("{}/{}", listener.name, rule.sni).into();
-                    (rule.sni.clone(), carry.set(&route, targets))
+                    // The first upstream's host names the destination service (e.g. istiod's).
+                    let service = match rule.upstreams.first().map(|u| host_of(u)) {
+                        Some(host) if host.parse::<std::net::IpAddr>().is_err() => {
+                            ServiceLabels::from_host(host)
+                        }
+                        _ => ServiceLabels::unknown(),
+                    };
+                    let targets = targets.into_iter().map(|t| (t, None)).collect();
+                    (
+                        rule.sni.clone(),
+                        carry.set(&route, &Arc::new(service), targets),
+                    )
                 })
                 .collect();
             rules.sort_by_key(|(pattern, _)| std::cmp::Reverse(pattern.specificity()));
@@ -215,7 +301,16 @@ impl Routing {
             services,
             sni_rules,
             sorted,
+            telemetry,
         }
+    }
+
+    /// The trust domain of destination principals: the identity's, else Istio's default.
+    pub fn trust_domain(&self) -> &str {
+        self.config
+            .identity
+            .as_ref()
+            .map_or("cluster.local", |i| i.trust_domain.as_str())
     }
 
     /// Validates and compiles `routes` on top of this routing in O(changed services): when
@@ -265,6 +360,7 @@ impl Routing {
             services,
             sni_rules: self.sni_rules.clone(),
             sorted: true,
+            telemetry: self.telemetry.clone(),
         })
     }
 
@@ -364,6 +460,12 @@ fn diff(old: &[Arc<Service>], new: &[Arc<Service>]) -> Option<(Vec<usize>, Vec<u
     ordered.then_some((changed, removed))
 }
 
+/// `host` of `host:port` (or of `[v6]:port`).
+fn host_of(upstream: &str) -> &str {
+    let host = upstream.rsplit_once(':').map_or(upstream, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
 /// Borrowed when already lowercase, as hostnames nearly always are.
 fn lowercase(s: &str) -> std::borrow::Cow<'_, str> {
     if s.bytes().any(|b| b.is_ascii_uppercase()) {
@@ -381,18 +483,20 @@ fn compile_service(svc: &Service, old: Option<&ServiceRoutes>) -> ServiceRoutes 
         }
     }
     let mut compiled = ServiceRoutes::default();
+    let service = Arc::new(ServiceLabels::from_host(&svc.hostname));
     for port in &svc.ports {
         let route: Arc<str> = format!("{}:{}", svc.hostname, port.port).into();
         let targets = |eps: &mut dyn Iterator<Item = &Endpoint>| {
-            eps.map(|ep| Target::Addr(ep.address)).collect::<Vec<_>>()
+            eps.map(|ep| (Target::Addr(ep.address), ep.workload.clone()))
+                .collect::<Vec<_>>()
         };
         let entry = compiled.ports.entry(port.port).or_default();
-        entry.all = Some(carry.set(&route, targets(&mut port.endpoints.iter())));
+        entry.all = Some(carry.set(&route, &service, targets(&mut port.endpoints.iter())));
         for subset in &svc.subsets {
             let selected = targets(&mut port.endpoints.iter().filter(|ep| subset.selects(ep)));
             entry
                 .subsets
-                .insert(subset.name.clone(), carry.set(&route, selected));
+                .insert(subset.name.clone(), carry.set(&route, &service, selected));
         }
     }
     compiled
@@ -414,17 +518,23 @@ impl Carry {
         self.metrics.insert(set.route.clone(), set.metrics.clone());
     }
 
-    fn set(&mut self, route: &Arc<str>, targets: Vec<Target>) -> Arc<UpstreamSet> {
+    fn set(
+        &mut self,
+        route: &Arc<str>,
+        service: &Arc<ServiceLabels>,
+        targets: Vec<(Target, Option<Arc<Workload>>)>,
+    ) -> Arc<UpstreamSet> {
         let upstreams = targets
             .into_iter()
-            .map(|target| Upstream {
-                state: self.state.entry(target.clone()).or_default().clone(),
-                target,
+            .map(|(target, workload)| {
+                let state = self.state.entry(target.clone()).or_default().clone();
+                Upstream::new(target, state, workload)
             })
             .collect();
         Arc::new(UpstreamSet {
             route: route.clone(),
             upstreams,
+            service: service.clone(),
             metrics: self.metrics.entry(route.clone()).or_default().clone(),
         })
     }
@@ -436,6 +546,7 @@ impl UpstreamSet {
         UpstreamSet {
             route: "test".into(),
             upstreams: upstreams.into_boxed_slice(),
+            service: Arc::new(ServiceLabels::unknown()),
             metrics: Arc::default(),
         }
     }
