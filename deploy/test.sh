@@ -81,6 +81,7 @@ fi
 PY="$VENV/bin/python"
 KUBECTL="${KUBECTL:-$VENV/bin/kubectl}"
 MANIFESTS=("$PY" "$DEPLOY/tools/manifests.py")
+KIALI=("$PY" "$DEPLOY/tools/kiali_edge.py")
 "$KUBECTL" version --client 2>/dev/null | sed 's/^/   /'
 prometheus --version 2>&1 | head -1 | sed 's/^/   /'
 
@@ -199,6 +200,25 @@ fi
 
 # ---------------------------------------------------------------------------------------------
 # eastwest-proxy --check and a real Prometheus scrape
+
+log "alerts: promtool check rules and promtool test rules on monitoring/alerts"
+# The PrometheusRule's spec is a plain rules file; its tests name it eastwest-alerts.yaml.
+mkdir -p "$WORK/alerts"
+"$PY" -c 'import sys, yaml; yaml.safe_dump(yaml.safe_load(open(sys.argv[1]))["spec"], open(sys.argv[2], "w"))' \
+  "$DEPLOY/monitoring/alerts/prometheusrule.yaml" "$WORK/alerts/eastwest-alerts.yaml"
+cp "$DEPLOY/monitoring/alerts/eastwest-alerts.test.yaml" "$WORK/alerts/"
+if promtool check rules "$WORK/alerts/eastwest-alerts.yaml" >"$WORK/alerts/check.log" 2>&1; then
+  pass "promtool check rules: $(grep -o '[0-9]* rules found' "$WORK/alerts/check.log")"
+else
+  fail "promtool check rules:"
+  cat "$WORK/alerts/check.log"
+fi
+if (cd "$WORK/alerts" && promtool test rules eastwest-alerts.test.yaml) >"$WORK/alerts/test.log" 2>&1; then
+  pass "promtool test rules: every alert fires when it should and only then"
+else
+  fail "promtool test rules:"
+  cat "$WORK/alerts/test.log"
+fi
 
 log "promtool check config monitoring/prometheus-scrape.yaml"
 if promtool check config "$DEPLOY/monitoring/prometheus-scrape.yaml"; then
@@ -343,7 +363,18 @@ listeners:
     mode: auto-passthrough
 $1
 routes:
-  services: []
+  services:
+    - hostname: sglang.demo.svc.cluster.local
+      ports:
+        - port: 8000
+          endpoints:
+            - address: 127.0.0.1:$SGLANG_PORT
+              workload: {name: sglang, namespace: demo, app: sglang, version: v1, service_account: sglang, cluster: ash}
+    # Its endpoint is a closed port: the gateway's connect-failure series.
+    - hostname: down.demo.svc.cluster.local
+      ports:
+        - port: 8000
+          endpoints: [{address: "127.0.0.1:$DOWN_PORT"}]
 EOF
 }
 
@@ -390,9 +421,13 @@ prometheus_scrape() {
   DEBUG_PORT="$(free_port)"
   TLS_PORT="$(free_port)"
   PROM_PORT="$(free_port)"
+  SGLANG_PORT="$(free_port)"
+  DOWN_PORT="$(free_port)"
   CONFIG_DIR="$WORK/configmap"
   configmap_write "$CONFIG_DIR" "$(loopback_config "")"
-  "$PROXY" --config "$CONFIG_DIR/config.yaml" >"$WORK/proxy.log" 2>&1 &
+  # The gateway's own labels in Istio's metrics from the variables its DaemonSet sets.
+  POD_NAME=istio-eastwestgateway-x2k9p POD_NAMESPACE=istio-system EASTWEST_CLUSTER=ash \
+    "$PROXY" --config "$CONFIG_DIR/config.yaml" >"$WORK/proxy.log" 2>&1 &
   PROXY_PID=$!
   PIDS+=("$PROXY_PID")
   if wait_for 30 "$PROXY_PID" http_get "http://127.0.0.1:$STATUS_PORT/healthz/ready"; then
@@ -441,6 +476,72 @@ prometheus_scrape() {
       http_get "http://${target#*=}/metrics" | head -20 || true
     fi
   done
+  kiali_edge "$prom_pid"
+}
+
+# The demo's hop seen as Kiali sees it: a stream to sglang.demo.svc.cluster.local through the
+# gateway while Prometheus scrapes it, then Kiali's own TCP-edge queries (deploy/tools/
+# kiali_edge.py cites them) must return the edge istio-eastwestgateway -> sglang with bytes.
+kiali_edge() {
+  local prom_pid=$1 edge=("${KIALI[@]}" check "http://127.0.0.1:$PROM_PORT" demo \
+    istio-eastwestgateway sglang.demo.svc.cluster.local)
+  "${KIALI[@]}" stream "$TLS_PORT" "$SGLANG_PORT" \
+    outbound_.8000_._.sglang.demo.svc.cluster.local 60 >"$WORK/stream.log" 2>&1 &
+  local stream_pid=$!
+  PIDS+=("$stream_pid")
+  if wait_for 60 "$prom_pid" "${edge[@]}"; then
+    pass "Kiali's TCP-edge queries show $("${edge[@]}")"
+  else
+    fail "no gateway -> sglang edge from Kiali's queries within 60s:"
+    "${edge[@]}" || true
+    tail -5 "$WORK/stream.log"
+  fi
+  kill "$stream_pid" 2>/dev/null || true
+  "${KIALI[@]}" hello "$TLS_PORT" outbound_.8000_._.down.demo.svc.cluster.local || true
+  local scrape
+  scrape="$(http_get "http://127.0.0.1:$METRICS_PORT/metrics")"
+  printf '%s\n' "$scrape" >"$WORK/scrape.txt"
+  if promtool check metrics <<<"$scrape" >"$WORK/check-metrics.log" 2>&1; then
+    pass "promtool check metrics: the live scrape (eastwest_ and istio_tcp_ families)"
+  else
+    fail "promtool check metrics on the live scrape:"
+    head -20 "$WORK/check-metrics.log"
+  fi
+}
+
+# Every query of the Grafana dashboard and the alerts parses (Prometheus' query API, of the
+# Prometheus still running from prometheus_scrape, is the parser) and names only metrics in
+# real /metrics pages: the file-fed gateway's ($WORK/scrape.txt) and, for the control
+# metrics, the gateway the manifests' command line runs with --control.
+monitoring_queries() {
+  local scrapes=("$WORK/scrape.txt")
+  if [ -n "$WIRING_PROXY_PID" ] &&
+    http_get "http://127.0.0.1:$WIRING_METRICS_PORT/metrics" >"$WORK/scrape-control.txt"; then
+    scrapes+=("$WORK/scrape-control.txt")
+  fi
+  if [ ! -s "$WORK/scrape.txt" ] || [ -z "${PROM_PORT:-}" ]; then
+    fail "no scrape or no Prometheus to check the dashboard and alert queries with"
+    return
+  fi
+  if "$PY" "$DEPLOY/tools/monitoring_check.py" "http://127.0.0.1:$PROM_PORT" \
+    "$DEPLOY/monitoring/grafana/eastwest-gateway.json" \
+    "$DEPLOY/monitoring/alerts/prometheusrule.yaml" "${scrapes[@]}" \
+    >"$WORK/monitoring-check.log" 2>&1; then
+    pass "dashboard and alerts: $(tail -1 "$WORK/monitoring-check.log")"
+  else
+    fail "dashboard and alert queries:"
+    cat "$WORK/monitoring-check.log"
+  fi
+  # The check must reject a query that does not parse and one naming an unknown metric.
+  local bad
+  bad="$("$PY" "$DEPLOY/tools/monitoring_check.py" "http://127.0.0.1:$PROM_PORT" \
+    "$DEPLOY/tools/testdata/bad-dashboard.json" "$DEPLOY/monitoring/alerts/prometheusrule.yaml" \
+    "${scrapes[@]}" | grep -c '^FAIL' || true)"
+  if [ "$bad" = 2 ]; then
+    pass "the query check rejects both known-bad dashboard queries"
+  else
+    fail "the query check reported $bad of 2 known-bad dashboard queries"
+  fi
 }
 
 # The proxy config as deployed: a ConfigMap volume (directory, no subPath) updated in place.
@@ -558,6 +659,8 @@ recreated_pod() {
 log "the manifests' command lines, run: ash's gateway <- mTLS -> fra's eastwest-control"
 WIRING_PROXY_PID=""
 manifests_wiring
+log "the Grafana dashboard's and the alerts' queries against real scrapes"
+monitoring_queries
 if [ -n "$WIRING_PROXY_PID" ] && [ -s "$WIRING_POD/cache/routes.json" ]; then
   log "route cache on the node: the gateway pod re-created while eastwest-control is down"
   recreated_pod

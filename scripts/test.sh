@@ -3,12 +3,12 @@
 #
 #   bash scripts/test.sh
 #
-# 1. installs what the tests need beyond cargo (Debian: prometheus for promtool, openssl,
-#    python3-venv; PyPI into a cached venv: the OpenAI client for the wire-compatibility test);
+# 1. installs what the tests need beyond cargo (Debian: prometheus for promtool and the server,
+#    openssl, python3-venv; PyPI into a cached venv: the OpenAI client for the wire-compatibility test);
 # 2. cargo fmt --check and cargo clippy -D warnings over the whole workspace;
 # 3. cargo test over the whole workspace (unit, integration, fuzz-corpus replay, CLI tests);
 # 4. deploy/test.sh: kustomize render, Kubernetes schema validation, Prometheus scraping a
-#    real eastwest-proxy.
+#    real eastwest-proxy (Kiali's TCP-edge queries, dashboard and alert checks).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -21,7 +21,8 @@ for component in rustfmt clippy; do
 done
 missing=()
 command -v cc >/dev/null || missing+=(gcc libc6-dev) # ring's C and assembly parts
-command -v promtool >/dev/null || missing+=(prometheus)
+# promtool, and the prometheus server deploy/test.sh runs for Kiali's queries.
+{ command -v promtool && command -v prometheus; } >/dev/null || missing+=(prometheus)
 command -v openssl >/dev/null || missing+=(openssl)
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 command -v python3 >/dev/null || missing+=(python3)

@@ -88,15 +88,20 @@ def lost_fields(given, kept, at=""):
 
 
 def validate_servicemonitor(obj):
-    """The Prometheus Operator's ServiceMonitor model. The model ignores unknown fields, so a
-    round trip that loses any field means the manifest has one the CRD does not know."""
+    """The Prometheus Operator's model of the object's kind (ServiceMonitor, PrometheusRule).
+    The model ignores unknown fields, so a round trip that loses any field means the manifest
+    has one the CRD does not know."""
     from cloudcoil.models.prometheus_operator import v1 as monitoring
 
-    parsed = monitoring.ServiceMonitor.model_validate(obj)
+    kind = obj.get("kind", "")
+    model = getattr(monitoring, kind, None)
+    if model is None:
+        raise ValueError(f"no monitoring.coreos.com/v1 model for kind {kind!r}")
+    parsed = model.model_validate(obj)
     back = strip_nones(parsed.model_dump(by_alias=True, exclude_none=True, mode="json"))
     lost = lost_fields(obj, back)
     if lost:
-        raise ValueError(f"unknown to monitoring.coreos.com/v1 ServiceMonitor: {', '.join(lost)}")
+        raise ValueError(f"unknown to monitoring.coreos.com/v1 {kind}: {', '.join(lost)}")
 
 
 def cmd_validate(args):
