@@ -77,6 +77,26 @@ impl Backend {
     }
 }
 
+/// bench_serving's `--dataset-name` values that `run` can draw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dataset {
+    /// Lengths as bench_serving draws them; prompts of random words (bench_serving takes
+    /// ShareGPT text).
+    Random,
+    /// Lengths, then one numpy offset per prompt into the tokenizer's vocabulary; prompt
+    /// `i` is the decoded ids `(offset + i + j) % vocab_size` (needs a tokenizer).
+    RandomIds,
+}
+
+impl Dataset {
+    pub fn name(self) -> &'static str {
+        match self {
+            Dataset::Random => "random",
+            Dataset::RandomIds => "random-ids",
+        }
+    }
+}
+
 /// How requests get their HTTP/1.1 connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ConnectionMode {
@@ -363,6 +383,9 @@ pub struct RunConfig {
     /// Model name; `None` asks the server's /v1/models (like bench_serving).
     pub model: Option<String>,
     pub num_prompts: usize,
+    pub dataset: Dataset,
+    /// `--tokenizer`: sizes and makes prompts, and retokenizes the output, as bench_serving.
+    pub tokenizer: Option<Arc<super::tokenizer::Tokenizer>>,
     /// Requests per second (Poisson arrivals); `f64::INFINITY` sends all at once.
     pub request_rate: f64,
     pub max_concurrency: Option<usize>,
@@ -397,6 +420,9 @@ pub struct RunConfig {
     /// Wait this long for GET /v1/models to answer 200 before starting (zero: no check;
     /// the CLI's default is 60 s, as bench_serving's).
     pub ready_check_timeout: Duration,
+    /// Print bench_serving's progress lines on stdout (`#Input tokens`, warmup, ready
+    /// check), as the CLI does; the library is quiet by default.
+    pub console: bool,
 }
 
 impl RunConfig {
@@ -407,6 +433,8 @@ impl RunConfig {
             backend: Backend::SglangOaiChat,
             model: None,
             num_prompts: 1000,
+            dataset: Dataset::Random,
+            tokenizer: None,
             request_rate: f64::INFINITY,
             max_concurrency: None,
             random_input_len: 1024,
@@ -421,6 +449,7 @@ impl RunConfig {
             goodput: Goodput::default(),
             request_timeout: Duration::from_secs(600),
             ready_check_timeout: Duration::ZERO,
+            console: false,
             extra_request_body: serde_json::Map::new(),
             disable_ignore_eos: false,
             temperature: 0.0,
@@ -450,6 +479,12 @@ impl RunConfig {
             bail!("--random-range-ratio must be within 0..=1");
         }
         self.numpy_seed()?;
+        if self.dataset == Dataset::RandomIds && self.tokenizer.is_none() {
+            bail!(
+                "--dataset-name random-ids needs --tokenizer (a tokenizer.json or a model directory holding one): \
+                 its prompts are token ids of the tokenizer's vocabulary"
+            );
+        }
         if self.random_output_len == 0 {
             bail!("--random-output-len must be at least 1");
         }

@@ -16,7 +16,8 @@ pub struct Metrics {
     pub tag: Option<String>,
     pub backend: String,
     pub dataset_name: String,
-    /// A number, or the string "inf" (bench_serving writes the non-JSON `Infinity`).
+    /// A number, or the string "inf" here; the JSON line writes `Infinity` as bench_serving
+    /// (Python's `json.dumps(float("inf"))`) does.
     pub request_rate: serde_json::Value,
     pub max_concurrency: Option<usize>,
     /// Always null: there is no sharegpt dataset here.
@@ -33,7 +34,8 @@ pub struct Metrics {
     pub total_input_text_tokens: usize,
     pub total_input_vision_tokens: usize,
     pub total_output_tokens: usize,
-    /// No tokenizer here: the same as `total_output_tokens`.
+    /// Output tokens counted by retokenizing each generated text with `--tokenizer`;
+    /// without one, the same as `total_output_tokens`.
     pub total_output_tokens_retokenized: usize,
     pub request_throughput: f64,
     pub input_throughput: f64,
@@ -152,6 +154,18 @@ pub fn calculate(cfg: &RunConfig, records: &[RequestRecord], duration: f64) -> M
     let completed = ok.len();
     let total_input: usize = ok.iter().map(|r| r.prompt_len).sum();
     let total_output: usize = ok.iter().map(|r| r.output_len).sum();
+    let total_output_retokenized = match &cfg.tokenizer {
+        Some(tok) => ok
+            .iter()
+            .map(|r| {
+                tok.count(&r.generated_text).unwrap_or_else(|e| {
+                    tracing::warn!("retokenizing a generated text: {e:#}");
+                    0
+                })
+            })
+            .sum(),
+        None => total_output,
+    };
     let ttft = stats_ms(ok.iter().map(|r| r.ttft).collect());
     let tpot = stats_ms(ok.iter().filter_map(|r| r.tpot()).collect());
     let itl = stats_ms(ok.iter().flat_map(|r| r.itl.iter().copied()).collect());
@@ -197,7 +211,7 @@ pub fn calculate(cfg: &RunConfig, records: &[RequestRecord], duration: f64) -> M
     Metrics {
         tag: cfg.tag.clone(),
         backend: cfg.backend.name().to_string(),
-        dataset_name: "random".to_string(),
+        dataset_name: cfg.dataset.name().to_string(),
         request_rate: if cfg.request_rate.is_finite() {
             serde_json::json!(cfg.request_rate)
         } else {
@@ -215,7 +229,7 @@ pub fn calculate(cfg: &RunConfig, records: &[RequestRecord], duration: f64) -> M
         total_input_text_tokens: total_input,
         total_input_vision_tokens: 0,
         total_output_tokens: total_output,
-        total_output_tokens_retokenized: total_output,
+        total_output_tokens_retokenized: total_output_retokenized,
         request_throughput: completed as f64 / duration,
         input_throughput: total_input as f64 / duration,
         output_throughput: total_output as f64 / duration,

@@ -242,7 +242,7 @@ fn cli_exit_codes_bad_flags_vs_failed_requests() {
     assert!(stdout.contains("============ Serving Benchmark Result ============"));
     assert!(stdout.contains("connect:"), "{stdout}");
     let line: serde_json::Value =
-        serde_json::from_str(std::fs::read_to_string(&out).unwrap().trim()).unwrap();
+        super::run_flags::parse_jsonl(&std::fs::read_to_string(&out).unwrap());
     assert_eq!(line["completed"], 0);
     assert_eq!(line["failed"], 3);
     assert_eq!(line["request_goodput"], 0.0);
