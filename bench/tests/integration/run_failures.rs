@@ -202,6 +202,24 @@ fn cli_exit_codes_bad_flags_vs_failed_requests() {
         .unwrap();
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--goodput"));
+    // random-ids is token ids of a vocabulary: without a tokenizer there is none.
+    let bad = std::process::Command::new(bin)
+        .args(["run", "--dataset-name", "random-ids"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(stderr.contains("random-ids needs --tokenizer"), "{stderr}");
+    let bad = std::process::Command::new(bin)
+        .args(["run", "--tokenizer", "/nonexistent/tokenizer.json"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        stderr.contains("--tokenizer /nonexistent/tokenizer.json"),
+        "{stderr}"
+    );
 
     let addr = dead_addr();
     let dir = tempfile::tempdir().unwrap();
