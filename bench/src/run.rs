@@ -32,7 +32,7 @@ pub use config::{
     Backend, ConnectionMode, Dataset, Goodput, RunConfig, TlsClient, TlsFiles, TlsFlags,
 };
 pub use dataset::Prompt;
-pub use metrics::{mean, percentile, std_dev, Metrics};
+pub use metrics::{mean, percentile, std_dev, Metrics, SloMap};
 pub use record::{Failure, RequestRecord};
 
 use client::Target;

@@ -117,11 +117,13 @@ impl ConnectionMode {
 }
 
 /// Service-level objectives for goodput, in milliseconds (vLLM/sglang `--goodput KEY:MS`).
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Goodput {
     pub ttft_ms: Option<f64>,
     pub tpot_ms: Option<f64>,
     pub e2el_ms: Option<f64>,
+    /// The metrics in the order first given (bench_serving's dict keeps that order).
+    pub order: Vec<&'static str>,
 }
 
 impl Goodput {
@@ -129,16 +131,26 @@ impl Goodput {
         self.ttft_ms.is_some() || self.tpot_ms.is_some() || self.e2el_ms.is_some()
     }
 
-    /// The SLOs given, by bench_serving's names (`ttft`, `tpot`, `e2el`).
-    pub fn slos(&self) -> std::collections::BTreeMap<String, f64> {
-        [
-            ("ttft", self.ttft_ms),
-            ("tpot", self.tpot_ms),
-            ("e2el", self.e2el_ms),
-        ]
-        .into_iter()
-        .filter_map(|(k, v)| Some((k.to_string(), v?)))
-        .collect()
+    /// The SLOs given, by bench_serving's names (`ttft`, `tpot`, `e2el`), in the order
+    /// given (set directly without `order`: ttft, tpot, e2el).
+    pub fn slos(&self) -> super::metrics::SloMap {
+        let value = |k: &str| match k {
+            "ttft" => self.ttft_ms,
+            "tpot" => self.tpot_ms,
+            _ => self.e2el_ms,
+        };
+        let mut names: Vec<&str> = self.order.clone();
+        for k in ["ttft", "tpot", "e2el"] {
+            if !names.contains(&k) {
+                names.push(k);
+            }
+        }
+        super::metrics::SloMap(
+            names
+                .into_iter()
+                .filter_map(|k| Some((k.to_string(), value(k)?)))
+                .collect(),
+        )
     }
 
     /// Parses `ttft:200 tpot:50 e2el:3000` items.
@@ -155,13 +167,25 @@ impl Goodput {
                 .with_context(|| {
                     format!("--goodput {item:?}: {value:?} is not a non-negative number of ms")
                 })?;
-            match key {
-                "ttft" => g.ttft_ms = Some(ms),
-                "tpot" => g.tpot_ms = Some(ms),
-                "e2el" => g.e2el_ms = Some(ms),
+            let name = match key {
+                "ttft" => {
+                    g.ttft_ms = Some(ms);
+                    "ttft"
+                }
+                "tpot" => {
+                    g.tpot_ms = Some(ms);
+                    "tpot"
+                }
+                "e2el" => {
+                    g.e2el_ms = Some(ms);
+                    "e2el"
+                }
                 _ => bail!(
                     "--goodput {item:?}: unknown metric {key:?} (expected ttft, tpot or e2el)"
                 ),
+            };
+            if !g.order.contains(&name) {
+                g.order.push(name);
             }
         }
         Ok(g)

@@ -41,8 +41,8 @@ async fn output_keys_console_and_bodies_are_bench_servings() {
                 "50",
                 "--output-details",
                 "--goodput",
-                "ttft:1000",
                 "e2el:5000",
+                "ttft:1000",
                 "--tag",
                 "t",
                 "--ready-check-timeout-sec",
@@ -92,6 +92,11 @@ async fn output_keys_console_and_bodies_are_bench_servings() {
         assert!(line["max_output_tokens_per_s"].is_f64());
         assert!(line["accept_length"].is_null());
         assert_eq!(line["goodput_slos_ms"]["ttft"], 1000.0);
+        // bench_serving's SLO dicts keep the order the SLOs were given in.
+        assert!(
+            text.contains(r#""goodput_slos_ms":{"e2el":5000.0,"ttft":1000.0}"#),
+            "{text}"
+        );
         assert!(line["slo_attainment_by_metric"]["e2el"].is_f64());
         if api != "native" {
             assert_eq!(line["generated_texts"][0], "a");
