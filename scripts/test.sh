@@ -4,7 +4,8 @@
 #   bash scripts/test.sh
 #
 # 1. installs what the tests need beyond cargo (Debian: prometheus for promtool and the server,
-#    openssl, python3-venv; PyPI into a cached venv: the OpenAI client for the wire-compatibility test);
+#    openssl, python3-venv; PyPI into a cached venv: the OpenAI client and sglang's
+#    bench_serving for the wire-compatibility tests);
 # 2. cargo fmt --check and cargo clippy -D warnings over the whole workspace;
 # 3. cargo test over the whole workspace (unit, integration, fuzz-corpus replay, CLI tests);
 # 4. deploy/test.sh: kustomize render, Kubernetes schema validation, Prometheus scraping a
@@ -35,10 +36,17 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 VENV="${EASTWEST_TEST_VENV:-${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/eastwest-test-venv}"
-if ! "$VENV/bin/python" -c 'import openai' 2>/dev/null; then
-  echo "creating $VENV with the OpenAI Python client"
+# (sglang itself is only looked up: importing it needs the torch stub of its wrapper script.)
+if ! "$VENV/bin/python" -c 'import openai, transformers, aiohttp, importlib.util as u
+assert u.find_spec("sglang")' 2>/dev/null; then
+  echo "creating $VENV with the OpenAI Python client and sglang's bench_serving (no torch)"
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q --disable-pip-version-check openai
+  # sglang --no-deps: its full dependency set is torch and CUDA (gigabytes); bench_serving's
+  # client path needs only these (bench/scripts/sglang_bench_serving.py stubs torch).
+  "$VENV/bin/pip" install -q --disable-pip-version-check openai numpy aiohttp msgspec orjson \
+    requests tqdm transformers psutil pybase64 pillow starlette pyzmq ipython datasets \
+    sentencepiece gguf
+  "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps sglang==0.5.23
 fi
 export EASTWEST_PYTHON="$VENV/bin/python"
 

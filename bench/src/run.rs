@@ -15,6 +15,7 @@ mod numpy_random;
 mod record;
 mod request;
 pub mod sse;
+pub mod tokenizer;
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -27,9 +28,11 @@ use http_body_util::BodyExt;
 use rand::SeedableRng;
 use serde::Serialize;
 
-pub use config::{Backend, ConnectionMode, Goodput, RunConfig, TlsClient, TlsFiles, TlsFlags};
+pub use config::{
+    Backend, ConnectionMode, Dataset, Goodput, RunConfig, TlsClient, TlsFiles, TlsFlags,
+};
 pub use dataset::Prompt;
-pub use metrics::{mean, percentile, std_dev, Metrics};
+pub use metrics::{mean, percentile, std_dev, Metrics, SloMap};
 pub use record::{Failure, RequestRecord};
 
 use client::Target;
@@ -58,10 +61,15 @@ pub struct RunFlags {
     /// /v1/completions; the JSON output reports the name given.
     #[arg(long, value_enum, default_value = "sglang-oai-chat")]
     pub backend: Backend,
-    /// "random" (prompts of random words; no tokenizer needed) or "random-ids" (the same
-    /// here, with a warning).
+    /// "random" (bench_serving's lengths; prompts of random words) or "random-ids" (prompts
+    /// of token ids decoded with --tokenizer, as bench_serving makes them).
     #[arg(long, default_value = "random", value_parser = ["random", "random-ids", "sharegpt"])]
     pub dataset_name: String,
+    /// A tokenizer.json, or a directory holding one: retokenizes the output
+    /// (total_output_tokens_retokenized), shortens prompts by the special tokens the
+    /// tokenizer adds and decodes random-ids prompts, as bench_serving does.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
     /// Model name; asked from GET /v1/models when not given.
     #[arg(long)]
     pub model: Option<String>,
@@ -153,13 +161,6 @@ impl RunFlags {
     /// What the user asked for that cannot apply here, one line each.
     pub fn warnings(&self) -> Vec<String> {
         let mut out = self.ignored.warnings();
-        if self.dataset_name == "random-ids" {
-            out.push(
-                "--dataset-name random-ids is run as random: the lengths are bench_serving's, but \
-                 without the tokenizer's vocabulary the arrival times differ from its run"
-                    .into(),
-            );
-        }
         if !self.backend.is_native() {
             for (given, flag) in [
                 (self.temperature.is_some(), "--temperature"),
@@ -217,6 +218,14 @@ impl RunFlags {
                  use --dataset-name random, which draws the same lengths as bench_serving"
             );
         }
+        cfg.dataset = if self.dataset_name == "random-ids" {
+            Dataset::RandomIds
+        } else {
+            Dataset::Random
+        };
+        if let Some(path) = &self.tokenizer {
+            cfg.tokenizer = Some(Arc::new(tokenizer::Tokenizer::load(path)?));
+        }
         cfg.num_prompts = self.num_prompts;
         cfg.request_rate = self.request_rate;
         cfg.max_concurrency = self.max_concurrency;
@@ -234,6 +243,7 @@ impl RunFlags {
         }
         cfg.request_timeout = self.request_timeout;
         cfg.ready_check_timeout = Duration::from_secs(self.ready_check_timeout_sec);
+        cfg.console = true;
         if self.tls || cfg.base_url.starts_with("https://") || self.tls_files.any() {
             cfg.tls = Some(self.tls_files.client()?);
         }
@@ -305,41 +315,55 @@ impl BenchResult {
         metrics::summary_table(&self.metrics, request_rate, &self.first_errors)
     }
 
-    /// One JSON line: the metrics (sglang keys), with `output_details` also per-request
-    /// `input_lens, output_lens, ttfts, itls, generated_texts, errors` (seconds, like sglang).
+    /// One JSON line as bench_serving appends it: its keys in its order (then eastwest's
+    /// own), with `output_details` also per-request `input_lens, output_lens, ttfts, itls,
+    /// generated_texts, errors` (seconds, like sglang); an infinite `request_rate` is written
+    /// `Infinity`, as Python's json module writes it.
     pub fn json_line(&self, output_details: bool) -> anyhow::Result<String> {
-        let mut v = serde_json::to_value(&self.metrics)?;
-        if let (true, Some(obj)) = (output_details, v.as_object_mut()) {
-            let r = &self.records;
-            obj.insert(
-                "input_lens".into(),
-                r.iter().map(|r| r.prompt_len).collect(),
-            );
-            obj.insert(
-                "output_lens".into(),
-                r.iter().map(|r| r.output_len).collect(),
-            );
-            obj.insert("ttfts".into(), r.iter().map(|r| r.ttft).collect());
-            obj.insert(
-                "itls".into(),
-                r.iter()
-                    .map(|r| serde_json::json!(r.itl))
-                    .collect::<Vec<_>>()
-                    .into(),
-            );
-            obj.insert(
-                "generated_texts".into(),
-                r.iter().map(|r| r.generated_text.as_str()).collect(),
-            );
-            obj.insert(
-                "errors".into(),
-                r.iter()
-                    .map(|r| r.error.as_ref().map(|e| e.to_string()).unwrap_or_default())
-                    .collect(),
-            );
-        }
-        Ok(serde_json::to_string(&v)?)
+        let r = &self.records;
+        let details = output_details.then(|| Details {
+            input_lens: r.iter().map(|r| r.prompt_len).collect(),
+            output_lens: r.iter().map(|r| r.output_len).collect(),
+            ttfts: r.iter().map(|r| r.ttft).collect(),
+            itls: r.iter().map(|r| r.itl.as_slice()).collect(),
+            generated_texts: r.iter().map(|r| r.generated_text.as_str()).collect(),
+            errors: r
+                .iter()
+                .map(|r| r.error.as_ref().map(|e| e.to_string()).unwrap_or_default())
+                .collect(),
+        });
+        // Serialized straight from the structs (not through serde_json::Value, whose map
+        // would sort the keys).
+        let line = serde_json::to_string(&JsonLine {
+            metrics: &self.metrics,
+            details,
+        })?;
+        Ok(if self.metrics.request_rate.as_str() == Some("inf") {
+            // The key is the first "request_rate" outside a string: a tag's quotes are escaped.
+            line.replacen(r#""request_rate":"inf""#, r#""request_rate":Infinity"#, 1)
+        } else {
+            line
+        })
     }
+}
+
+#[derive(Serialize)]
+struct JsonLine<'a> {
+    #[serde(flatten)]
+    metrics: &'a Metrics,
+    #[serde(flatten)]
+    details: Option<Details<'a>>,
+}
+
+/// bench_serving's `result_details`.
+#[derive(Serialize)]
+struct Details<'a> {
+    input_lens: Vec<usize>,
+    output_lens: Vec<usize>,
+    ttfts: Vec<f64>,
+    itls: Vec<&'a [f64]>,
+    generated_texts: Vec<&'a str>,
+    errors: Vec<String>,
 }
 
 /// Runs the benchmark `cfg` describes. Request failures are recorded, never returned as
@@ -351,7 +375,7 @@ pub async fn run_benchmark(
     cfg.validate()?;
     let target = Target::resolve(cfg).await?;
     if !cfg.ready_check_timeout.is_zero() {
-        wait_until_ready(&target, &cfg.base_url, cfg.ready_check_timeout).await?;
+        wait_until_ready(&target, &cfg.base_url, cfg.ready_check_timeout, cfg.console).await?;
     }
     let model = match &cfg.model {
         Some(m) => m.clone(),
@@ -363,19 +387,35 @@ pub async fn run_benchmark(
     // One numpy stream for lengths then arrivals, in bench_serving's order.
     let mut np = numpy_random::RandomState::seed(cfg.numpy_seed()?);
     let mut words = rand::rngs::StdRng::seed_from_u64(cfg.seed);
-    let prompts = dataset::sample_random(
+    let prompts = dataset::sample(
         &mut np,
         &mut words,
+        cfg.dataset,
+        cfg.tokenizer.as_deref(),
         cfg.num_prompts,
         cfg.random_input_len,
         cfg.random_output_len,
         cfg.random_range_ratio,
     )?;
+    if cfg.console {
+        // As sample_random_requests prints them.
+        println!(
+            "#Input tokens: {}",
+            prompts.iter().map(|p| p.input_len).sum::<usize>()
+        );
+        println!(
+            "#Output tokens: {}",
+            prompts.iter().map(|p| p.output_len).sum::<usize>()
+        );
+    }
 
     // Warmup (like bench_serving: the first prompt, at most 32 output tokens, all at once).
     let mut warmup_failed = 0;
     let mut warmup_sse_events = 0;
     if cfg.warmup_requests > 0 {
+        if cfg.console {
+            println!("Starting warmup with {} sequences...", cfg.warmup_requests);
+        }
         let mut warm = prompts[0].clone();
         warm.output_len = warm.output_len.min(32);
         let body = request::request_body(cfg, &model, &warm);
@@ -401,6 +441,12 @@ pub async fn run_benchmark(
         if let (true, Some(err)) = (warmup_failed == cfg.warmup_requests, first_error) {
             anyhow::bail!(
                 "Warmup failed - Please make sure benchmark arguments are correctly specified. Error: {err}"
+            );
+        }
+        if cfg.console {
+            println!(
+                "Warmup completed with {} sequences. Starting main benchmark run...",
+                cfg.warmup_requests
             );
         }
     }
@@ -528,18 +574,23 @@ async fn wait_until_ready(
     target: &Target,
     base_url: &str,
     timeout: Duration,
+    console: bool,
 ) -> anyhow::Result<()> {
     let url = format!("{}/v1/models", base_url.trim_end_matches('/'));
-    println!(
-        "Waiting up to {}s for {url} to become ready...",
-        timeout.as_secs_f64()
-    );
+    if console {
+        println!(
+            "Waiting up to {}s for {url} to become ready...",
+            timeout.as_secs()
+        );
+    }
     let start = Instant::now();
     loop {
         let left = timeout.saturating_sub(start.elapsed());
         let attempt = get(target, "/v1/models", left.min(Duration::from_secs(5))).await;
         if matches!(&attempt, Ok((status, _)) if *status == http::StatusCode::OK) {
-            println!("Server ready in {:.1}s.", start.elapsed().as_secs_f64());
+            if console {
+                println!("Server ready in {:.1}s.", start.elapsed().as_secs_f64());
+            }
             return Ok(());
         }
         if start.elapsed() >= timeout {
@@ -565,16 +616,7 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
     }
     println!("benchmark_args={args:?}");
     let progress = (!args.disable_tqdm).then(|| ProgressSink::stderr("requests"));
-    if cfg.warmup_requests > 0 {
-        println!("Starting warmup with {} sequences...", cfg.warmup_requests);
-    }
     let result = run_benchmark(&cfg, progress.as_ref()).await?;
-    if cfg.warmup_requests > 0 {
-        println!(
-            "Warmup completed with {} sequences ({} failed).",
-            cfg.warmup_requests, result.warmup_failed
-        );
-    }
     print!("{}", result.summary_table(cfg.request_rate));
     if let Some(path) = &args.output_file {
         let line = result.json_line(args.output_details)?;

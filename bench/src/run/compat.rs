@@ -6,8 +6,6 @@
 #[derive(Debug, Default, clap::Args)]
 pub struct IgnoredFlags {
     #[arg(long, hide = true)]
-    pub tokenizer: Option<String>,
-    #[arg(long, hide = true)]
     pub dataset_path: Option<String>,
     #[arg(long, hide = true)]
     pub dataset_offset: Option<String>,
@@ -52,9 +50,9 @@ pub struct IgnoredFlags {
 impl IgnoredFlags {
     /// One line per flag given: which flag and why it does nothing here.
     pub fn warnings(&self) -> Vec<String> {
-        const NO_TOKENIZER: &str = "run uses no tokenizer: prompts are random words, ~1 token each, and lengths are the nominal ones";
-        let given: [(bool, &str, &str); 21] = [
-            (self.tokenizer.is_some(), "--tokenizer", NO_TOKENIZER),
+        const NO_TOKENIZER: &str =
+            "prompts are sent as text, without a chat template or pre-tokenization";
+        let given: [(bool, &str, &str); 20] = [
             (
                 self.dataset_path.is_some(),
                 "--dataset-path",

@@ -77,6 +77,26 @@ impl Backend {
     }
 }
 
+/// bench_serving's `--dataset-name` values that `run` can draw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dataset {
+    /// Lengths as bench_serving draws them; prompts of random words (bench_serving takes
+    /// ShareGPT text).
+    Random,
+    /// Lengths, then one numpy offset per prompt into the tokenizer's vocabulary; prompt
+    /// `i` is the decoded ids `(offset + i + j) % vocab_size` (needs a tokenizer).
+    RandomIds,
+}
+
+impl Dataset {
+    pub fn name(self) -> &'static str {
+        match self {
+            Dataset::Random => "random",
+            Dataset::RandomIds => "random-ids",
+        }
+    }
+}
+
 /// How requests get their HTTP/1.1 connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ConnectionMode {
@@ -97,11 +117,13 @@ impl ConnectionMode {
 }
 
 /// Service-level objectives for goodput, in milliseconds (vLLM/sglang `--goodput KEY:MS`).
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Goodput {
     pub ttft_ms: Option<f64>,
     pub tpot_ms: Option<f64>,
     pub e2el_ms: Option<f64>,
+    /// The metrics in the order first given (bench_serving's dict keeps that order).
+    pub order: Vec<&'static str>,
 }
 
 impl Goodput {
@@ -109,16 +131,26 @@ impl Goodput {
         self.ttft_ms.is_some() || self.tpot_ms.is_some() || self.e2el_ms.is_some()
     }
 
-    /// The SLOs given, by bench_serving's names (`ttft`, `tpot`, `e2el`).
-    pub fn slos(&self) -> std::collections::BTreeMap<String, f64> {
-        [
-            ("ttft", self.ttft_ms),
-            ("tpot", self.tpot_ms),
-            ("e2el", self.e2el_ms),
-        ]
-        .into_iter()
-        .filter_map(|(k, v)| Some((k.to_string(), v?)))
-        .collect()
+    /// The SLOs given, by bench_serving's names (`ttft`, `tpot`, `e2el`), in the order
+    /// given (set directly without `order`: ttft, tpot, e2el).
+    pub fn slos(&self) -> super::metrics::SloMap {
+        let value = |k: &str| match k {
+            "ttft" => self.ttft_ms,
+            "tpot" => self.tpot_ms,
+            _ => self.e2el_ms,
+        };
+        let mut names: Vec<&str> = self.order.clone();
+        for k in ["ttft", "tpot", "e2el"] {
+            if !names.contains(&k) {
+                names.push(k);
+            }
+        }
+        super::metrics::SloMap(
+            names
+                .into_iter()
+                .filter_map(|k| Some((k.to_string(), value(k)?)))
+                .collect(),
+        )
     }
 
     /// Parses `ttft:200 tpot:50 e2el:3000` items.
@@ -135,13 +167,25 @@ impl Goodput {
                 .with_context(|| {
                     format!("--goodput {item:?}: {value:?} is not a non-negative number of ms")
                 })?;
-            match key {
-                "ttft" => g.ttft_ms = Some(ms),
-                "tpot" => g.tpot_ms = Some(ms),
-                "e2el" => g.e2el_ms = Some(ms),
+            let name = match key {
+                "ttft" => {
+                    g.ttft_ms = Some(ms);
+                    "ttft"
+                }
+                "tpot" => {
+                    g.tpot_ms = Some(ms);
+                    "tpot"
+                }
+                "e2el" => {
+                    g.e2el_ms = Some(ms);
+                    "e2el"
+                }
                 _ => bail!(
                     "--goodput {item:?}: unknown metric {key:?} (expected ttft, tpot or e2el)"
                 ),
+            };
+            if !g.order.contains(&name) {
+                g.order.push(name);
             }
         }
         Ok(g)
@@ -363,6 +407,9 @@ pub struct RunConfig {
     /// Model name; `None` asks the server's /v1/models (like bench_serving).
     pub model: Option<String>,
     pub num_prompts: usize,
+    pub dataset: Dataset,
+    /// `--tokenizer`: sizes and makes prompts, and retokenizes the output, as bench_serving.
+    pub tokenizer: Option<Arc<super::tokenizer::Tokenizer>>,
     /// Requests per second (Poisson arrivals); `f64::INFINITY` sends all at once.
     pub request_rate: f64,
     pub max_concurrency: Option<usize>,
@@ -397,6 +444,9 @@ pub struct RunConfig {
     /// Wait this long for GET /v1/models to answer 200 before starting (zero: no check;
     /// the CLI's default is 60 s, as bench_serving's).
     pub ready_check_timeout: Duration,
+    /// Print bench_serving's progress lines on stdout (`#Input tokens`, warmup, ready
+    /// check), as the CLI does; the library is quiet by default.
+    pub console: bool,
 }
 
 impl RunConfig {
@@ -407,6 +457,8 @@ impl RunConfig {
             backend: Backend::SglangOaiChat,
             model: None,
             num_prompts: 1000,
+            dataset: Dataset::Random,
+            tokenizer: None,
             request_rate: f64::INFINITY,
             max_concurrency: None,
             random_input_len: 1024,
@@ -421,6 +473,7 @@ impl RunConfig {
             goodput: Goodput::default(),
             request_timeout: Duration::from_secs(600),
             ready_check_timeout: Duration::ZERO,
+            console: false,
             extra_request_body: serde_json::Map::new(),
             disable_ignore_eos: false,
             temperature: 0.0,
@@ -450,6 +503,12 @@ impl RunConfig {
             bail!("--random-range-ratio must be within 0..=1");
         }
         self.numpy_seed()?;
+        if self.dataset == Dataset::RandomIds && self.tokenizer.is_none() {
+            bail!(
+                "--dataset-name random-ids needs --tokenizer (a tokenizer.json or a model directory holding one): \
+                 its prompts are token ids of the tokenizer's vocabulary"
+            );
+        }
         if self.random_output_len == 0 {
             bail!("--random-output-len must be at least 1");
         }

@@ -1,11 +1,15 @@
-//! bench_serving's "random" dataset without a tokenizer: prompts of N words from a small
-//! vocabulary (about one token each for common BPE tokenizers).
+//! bench_serving's "random" and "random-ids" datasets: lengths drawn from numpy's stream as
+//! bench_serving draws them; "random" prompts are N words from a small vocabulary (about one
+//! token each for common BPE tokenizers), "random-ids" prompts are token ids decoded with the
+//! `--tokenizer`, exactly as bench_serving makes them.
 
 use anyhow::Context;
 use rand::rngs::StdRng;
 use rand::Rng;
 
+use super::config::Dataset;
 use super::numpy_random::RandomState;
+use super::tokenizer::Tokenizer;
 
 #[derive(Debug, Clone)]
 pub struct Prompt {
@@ -40,9 +44,65 @@ fn random_lens(
         .collect()
 }
 
-/// The `random` dataset: input lengths, then output lengths, drawn from `np` exactly as
-/// bench_serving draws them (so one seed gives both tools the same lengths); the prompt
-/// words come from `words`, a separate generator, as sglang's text comes from ShareGPT.
+/// bench_serving's `sample_random_requests`: input lengths, then output lengths, drawn from
+/// `np` as bench_serving draws them; with a tokenizer each input length is shortened by the
+/// special tokens it adds (the server adds them back). `random-ids` then draws one offset
+/// per prompt into the vocabulary from `np` and decodes ids `(offset + i + j) % vocab`;
+/// `random` takes words from `words`, a separate generator (sglang's text is ShareGPT's).
+#[allow(clippy::too_many_arguments)]
+pub fn sample(
+    np: &mut RandomState,
+    words: &mut StdRng,
+    dataset: Dataset,
+    tokenizer: Option<&Tokenizer>,
+    num: usize,
+    input_len: usize,
+    output_len: usize,
+    range_ratio: f64,
+) -> anyhow::Result<Vec<Prompt>> {
+    let mut prompts = sample_random(np, words, num, input_len, output_len, range_ratio)?;
+    if let Some(tok) = tokenizer {
+        let special = tok.num_special_tokens_to_add();
+        for p in &mut prompts {
+            p.input_len = p.input_len.saturating_sub(special).max(1);
+        }
+    }
+    match (dataset, tokenizer) {
+        (Dataset::Random, _) => {
+            if tokenizer.is_some() {
+                // Same words, now as many as the shortened lengths.
+                for p in &mut prompts {
+                    let keep = p.text.split(' ').take(p.input_len).collect::<Vec<_>>();
+                    p.text = keep.join(" ");
+                }
+            }
+        }
+        (Dataset::RandomIds, None) => {
+            anyhow::bail!("--dataset-name random-ids needs --tokenizer")
+        }
+        (Dataset::RandomIds, Some(tok)) => {
+            let vocab = tok.vocab_size();
+            anyhow::ensure!(
+                vocab > 0,
+                "--tokenizer {}: empty vocabulary",
+                tok.path.display()
+            );
+            let vocab_i64 = i64::try_from(vocab).context("vocabulary too large")?;
+            let offsets = (0..num)
+                .map(|_| np.randint(0, vocab_i64))
+                .collect::<anyhow::Result<Vec<i64>>>()?;
+            for (i, (p, offset)) in prompts.iter_mut().zip(offsets).enumerate() {
+                let ids: Vec<u32> = (0..p.input_len)
+                    .map(|j| ((offset as u64 + (i + j) as u64) % vocab as u64) as u32)
+                    .collect();
+                p.text = tok.decode(&ids)?;
+            }
+        }
+    }
+    Ok(prompts)
+}
+
+/// The `random` dataset's lengths and word prompts (no tokenizer).
 pub fn sample_random(
     np: &mut RandomState,
     words: &mut StdRng,

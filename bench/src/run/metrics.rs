@@ -16,7 +16,8 @@ pub struct Metrics {
     pub tag: Option<String>,
     pub backend: String,
     pub dataset_name: String,
-    /// A number, or the string "inf" (bench_serving writes the non-JSON `Infinity`).
+    /// A number, or the string "inf" here; the JSON line writes `Infinity` as bench_serving
+    /// (Python's `json.dumps(float("inf"))`) does.
     pub request_rate: serde_json::Value,
     pub max_concurrency: Option<usize>,
     /// Always null: there is no sharegpt dataset here.
@@ -33,7 +34,8 @@ pub struct Metrics {
     pub total_input_text_tokens: usize,
     pub total_input_vision_tokens: usize,
     pub total_output_tokens: usize,
-    /// No tokenizer here: the same as `total_output_tokens`.
+    /// Output tokens counted by retokenizing each generated text with `--tokenizer`;
+    /// without one, the same as `total_output_tokens`.
     pub total_output_tokens_retokenized: usize,
     pub request_throughput: f64,
     pub input_throughput: f64,
@@ -72,7 +74,7 @@ pub struct Metrics {
     pub max_concurrent_requests: usize,
     /// With `--goodput`: the SLOs given, in ms.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub goodput_slos_ms: Option<BTreeMap<String, f64>>,
+    pub goodput_slos_ms: Option<SloMap>,
     /// Requests per second that met every `--goodput` SLO.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub request_goodput: Option<f64>,
@@ -81,7 +83,7 @@ pub struct Metrics {
     pub slo_attainment: Option<f64>,
     /// Fraction of all requests that met each SLO.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub slo_attainment_by_metric: Option<BTreeMap<String, f64>>,
+    pub slo_attainment_by_metric: Option<SloMap>,
     /// eastwest: failed requests.
     pub failed: usize,
     /// eastwest: `--connection` (new or keepalive).
@@ -90,6 +92,32 @@ pub struct Metrics {
     pub max_itl_ms: f64,
     /// eastwest: failed requests per reason.
     pub errors: BTreeMap<String, usize>,
+}
+
+/// Per-SLO figures keyed by metric name, written as a JSON object in the order the SLOs were
+/// given (as bench_serving's dicts are).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SloMap(pub Vec<(String, f64)>);
+
+impl SloMap {
+    pub fn iter(&self) -> impl Iterator<Item = &(String, f64)> {
+        self.0.iter()
+    }
+
+    pub fn get(&self, name: &str) -> Option<f64> {
+        self.0.iter().find(|(k, _)| k == name).map(|(_, v)| *v)
+    }
+}
+
+impl Serialize for SloMap {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(Some(self.0.len()))?;
+        for (k, v) in &self.0 {
+            map.serialize_entry(k, v)?;
+        }
+        map.end()
+    }
 }
 
 /// numpy's default (linear) percentile; 0 for no samples, as bench_serving's `x or 0`.
@@ -152,6 +180,18 @@ pub fn calculate(cfg: &RunConfig, records: &[RequestRecord], duration: f64) -> M
     let completed = ok.len();
     let total_input: usize = ok.iter().map(|r| r.prompt_len).sum();
     let total_output: usize = ok.iter().map(|r| r.output_len).sum();
+    let total_output_retokenized = match &cfg.tokenizer {
+        Some(tok) => ok
+            .iter()
+            .map(|r| {
+                tok.count(&r.generated_text).unwrap_or_else(|e| {
+                    tracing::warn!("retokenizing a generated text: {e:#}");
+                    0
+                })
+            })
+            .sum(),
+        None => total_output,
+    };
     let ttft = stats_ms(ok.iter().map(|r| r.ttft).collect());
     let tpot = stats_ms(ok.iter().filter_map(|r| r.tpot()).collect());
     let itl = stats_ms(ok.iter().flat_map(|r| r.itl.iter().copied()).collect());
@@ -167,7 +207,7 @@ pub fn calculate(cfg: &RunConfig, records: &[RequestRecord], duration: f64) -> M
     let (max_output_tokens_per_s, max_concurrent_requests) = peaks(&ok);
     let goodput = cfg.goodput.is_set().then(|| {
         let slos = cfg.goodput.slos();
-        let mut met: BTreeMap<String, usize> = slos.keys().map(|k| (k.clone(), 0)).collect();
+        let mut met: Vec<usize> = vec![0; slos.0.len()];
         let mut good = 0;
         for r in records.iter().filter(|r| r.success()) {
             let observed = |name: &str| match name {
@@ -176,9 +216,9 @@ pub fn calculate(cfg: &RunConfig, records: &[RequestRecord], duration: f64) -> M
                 _ => r.e2e * 1e3,
             };
             let mut all = true;
-            for (name, slo) in &slos {
+            for ((name, slo), met) in slos.iter().zip(met.iter_mut()) {
                 if observed(name) <= *slo {
-                    *met.entry(name.clone()).or_insert(0) += 1;
+                    *met += 1;
                 } else {
                     all = false;
                 }
@@ -186,7 +226,12 @@ pub fn calculate(cfg: &RunConfig, records: &[RequestRecord], duration: f64) -> M
             good += usize::from(all);
         }
         let n = records.len().max(1) as f64;
-        let by_metric = met.into_iter().map(|(k, c)| (k, c as f64 / n)).collect();
+        let by_metric = SloMap(
+            slos.iter()
+                .zip(&met)
+                .map(|((k, _), c)| (k.clone(), *c as f64 / n))
+                .collect(),
+        );
         (slos, good as f64 / duration, good as f64 / n, by_metric)
     });
     let (goodput_slos_ms, request_goodput, slo_attainment, slo_attainment_by_metric) = match goodput
@@ -197,7 +242,7 @@ pub fn calculate(cfg: &RunConfig, records: &[RequestRecord], duration: f64) -> M
     Metrics {
         tag: cfg.tag.clone(),
         backend: cfg.backend.name().to_string(),
-        dataset_name: "random".to_string(),
+        dataset_name: cfg.dataset.name().to_string(),
         request_rate: if cfg.request_rate.is_finite() {
             serde_json::json!(cfg.request_rate)
         } else {
@@ -215,7 +260,7 @@ pub fn calculate(cfg: &RunConfig, records: &[RequestRecord], duration: f64) -> M
         total_input_text_tokens: total_input,
         total_input_vision_tokens: 0,
         total_output_tokens: total_output,
-        total_output_tokens_retokenized: total_output,
+        total_output_tokens_retokenized: total_output_retokenized,
         request_throughput: completed as f64 / duration,
         input_throughput: total_input as f64 / duration,
         output_throughput: total_output as f64 / duration,
@@ -359,7 +404,7 @@ pub fn summary_table(m: &Metrics, rate: f64, first_errors: &BTreeMap<String, Str
             "SLO attainment (%):",
             attained * 100.0
         );
-        for (name, a) in by_metric {
+        for (name, a) in by_metric.iter() {
             let label = format!("{} SLO attainment (%):", name.to_uppercase());
             let _ = writeln!(out, "{label:<40} {:<10.2}", a * 100.0);
         }

@@ -8,6 +8,7 @@ mod run_flags;
 mod run_model_server;
 mod run_pacing;
 mod run_through_proxy;
+mod run_vs_sglang;
 mod serve_api;
 mod serve_cli;
 mod serve_openai_python;

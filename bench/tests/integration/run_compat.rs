@@ -41,18 +41,36 @@ async fn output_keys_console_and_bodies_are_bench_servings() {
                 "50",
                 "--output-details",
                 "--goodput",
-                "ttft:1000",
                 "e2el:5000",
+                "ttft:1000",
                 "--tag",
                 "t",
+                "--ready-check-timeout-sec",
+                "5",
+                "--warmup-requests",
+                "1",
             ],
         );
         let stdout = String::from_utf8_lossy(&output.stdout);
         assert!(output.status.success(), "{stdout}");
 
-        // Every key bench_serving writes (result, goodput, details), with its types.
-        let line: serde_json::Value =
-            serde_json::from_str(std::fs::read_to_string(&out).unwrap().trim()).unwrap();
+        // Every key bench_serving writes (result, goodput, details), with its types, in its
+        // order (eastwest's own keys may come between goodput and details).
+        let text = std::fs::read_to_string(&out).unwrap();
+        let mut at = 0;
+        for key in strings(&fx["result_keys"])
+            .iter()
+            .chain(&strings(&fx["goodput_keys"]))
+            .chain(&strings(&fx["details_keys"]))
+        {
+            let found = text[at..].find(&format!("\"{key}\":"));
+            assert!(
+                found.is_some(),
+                "{backend}: {key:?} not after the keys before it in {text}"
+            );
+            at += found.unwrap_or(0);
+        }
+        let line = super::run_flags::parse_jsonl(&text);
         let obj = line.as_object().unwrap();
         for key in strings(&fx["result_keys"])
             .iter()
@@ -74,6 +92,11 @@ async fn output_keys_console_and_bodies_are_bench_servings() {
         assert!(line["max_output_tokens_per_s"].is_f64());
         assert!(line["accept_length"].is_null());
         assert_eq!(line["goodput_slos_ms"]["ttft"], 1000.0);
+        // bench_serving's SLO dicts keep the order the SLOs were given in.
+        assert!(
+            text.contains(r#""goodput_slos_ms":{"e2el":5000.0,"ttft":1000.0}"#),
+            "{text}"
+        );
         assert!(line["slo_attainment_by_metric"]["e2el"].is_f64());
         if api != "native" {
             assert_eq!(line["generated_texts"][0], "a");
@@ -85,6 +108,22 @@ async fn output_keys_console_and_bodies_are_bench_servings() {
             .into_iter()
             .filter(|l| l != "Total input vision tokens:" && l != "Accept length:")
             .collect();
+        // bench_serving's progress lines before the table, in its order.
+        let mut at = 0;
+        for progress in [
+            "benchmark_args=",
+            "Waiting up to",
+            "Server ready in",
+            "#Input tokens: ",
+            "#Output tokens: ",
+            "Starting warmup with 1 sequences...",
+            "Warmup completed with 1 sequences. Starting main benchmark run...",
+            "Serving Benchmark Result",
+        ] {
+            let found = stdout[at..].find(progress);
+            assert!(found.is_some(), "{progress:?} not in order in {stdout}");
+            at += found.unwrap_or(0);
+        }
         let table = &stdout[stdout.find("Serving Benchmark Result").unwrap()..];
         let ours: Vec<String> = table
             .lines()

@@ -202,6 +202,24 @@ fn cli_exit_codes_bad_flags_vs_failed_requests() {
         .unwrap();
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--goodput"));
+    // random-ids is token ids of a vocabulary: without a tokenizer there is none.
+    let bad = std::process::Command::new(bin)
+        .args(["run", "--dataset-name", "random-ids"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(stderr.contains("random-ids needs --tokenizer"), "{stderr}");
+    let bad = std::process::Command::new(bin)
+        .args(["run", "--tokenizer", "/nonexistent/tokenizer.json"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        stderr.contains("--tokenizer /nonexistent/tokenizer.json"),
+        "{stderr}"
+    );
 
     let addr = dead_addr();
     let dir = tempfile::tempdir().unwrap();
@@ -242,7 +260,7 @@ fn cli_exit_codes_bad_flags_vs_failed_requests() {
     assert!(stdout.contains("============ Serving Benchmark Result ============"));
     assert!(stdout.contains("connect:"), "{stdout}");
     let line: serde_json::Value =
-        serde_json::from_str(std::fs::read_to_string(&out).unwrap().trim()).unwrap();
+        super::run_flags::parse_jsonl(&std::fs::read_to_string(&out).unwrap());
     assert_eq!(line["completed"], 0);
     assert_eq!(line["failed"], 3);
     assert_eq!(line["request_goodput"], 0.0);

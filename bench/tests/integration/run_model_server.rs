@@ -58,8 +58,12 @@ async fn known_workload_gives_exact_counts_for_both_backends() {
         assert!(m.mean_itl_ms > 0.0 && m.p99_itl_ms >= m.median_itl_ms);
         assert!(m.max_itl_ms >= m.p99_itl_ms);
 
-        let line: serde_json::Value =
-            serde_json::from_str(&result.json_line(true).unwrap()).unwrap();
+        let text = result.json_line(true).unwrap();
+        assert!(
+            text.contains(r#""request_rate":Infinity,"#),
+            "inf written as Python's json writes it: {text}"
+        );
+        let line: serde_json::Value = super::run_flags::parse_jsonl(&text);
         for key in [
             "backend",
             "request_rate",
@@ -95,7 +99,7 @@ async fn known_workload_gives_exact_counts_for_both_backends() {
             assert!(line.get(key).is_some(), "JSONL misses {key}");
         }
         assert_eq!(line["backend"], backend.name());
-        assert_eq!(line["request_rate"], "inf");
+        assert_eq!(line["request_rate"], "Infinity");
         assert_eq!(line["max_concurrency"], 4);
         assert_eq!(line["itls"][0].as_array().unwrap().len(), 15);
     }
@@ -230,7 +234,11 @@ async fn cli_run(
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     let line = std::fs::read_to_string(&out).unwrap_or_default();
-    let json = serde_json::from_str(line.trim()).unwrap_or(serde_json::Value::Null);
+    let json = if line.trim().is_empty() {
+        serde_json::Value::Null
+    } else {
+        super::run_flags::parse_jsonl(&line)
+    };
     (output.status.success(), json, stdout)
 }
 
