@@ -13,6 +13,7 @@ mod connection;
 pub mod control_client;
 mod copy;
 pub mod fd_limit;
+pub mod identity;
 pub mod istio_sni;
 mod listener;
 pub mod metrics;
@@ -69,6 +70,10 @@ pub(crate) struct Shared {
     last_reload_error: Mutex<Option<ReloadError>>,
     /// `max_connections` of a listener that does not set it, from the open-file limit.
     default_max_connections: usize,
+    /// The gateway's mesh identity when `identity:` is configured: `hbone` listeners accept
+    /// with `identity.server_config.borrow().clone()`, read at each accept. Started once;
+    /// a reload that changes `identity:` takes effect at the next restart.
+    pub(crate) identity: Option<identity::IdentityHandle>,
 }
 
 /// Why and when a config reload was refused.
@@ -150,6 +155,16 @@ impl Proxy {
                 .with_context(|| format!("{key}: cannot bind {address}"))?;
             servers.push((server, listener.local_addr()?, listener));
         }
+        let hard_stop = CancellationToken::new();
+        // Before the listeners: an hbone listener needs the certificate from its first accept.
+        let identity = match &config.identity {
+            Some(id) => Some(
+                identity::start_with_status(id, hard_stop.clone())
+                    .await
+                    .context("identity")?,
+            ),
+            None => None,
+        };
         let fd_limit = fd_limit::current();
         let default_max_connections = fd_limit::default_max_connections(fd_limit);
         tracing::debug!(fd_limit, default_max_connections, "connection limit");
@@ -162,7 +177,7 @@ impl Proxy {
             ready: AtomicBool::new(false),
             draining: CancellationToken::new(),
             stop_accepting: CancellationToken::new(),
-            hard_stop: CancellationToken::new(),
+            hard_stop,
             connections: TaskTracker::new(),
             listeners: Mutex::new(HashMap::new()),
             apply: Mutex::new(()),
@@ -171,6 +186,7 @@ impl Proxy {
             config_file: Mutex::new(None),
             last_reload_error: Mutex::new(None),
             default_max_connections,
+            identity,
         });
         let proxy = Proxy {
             shared,

@@ -27,6 +27,9 @@ pub const ROUTE_TABLES_REJECTED: &str = "eastwest_route_tables_rejected_total";
 pub const ACCEPT_ERRORS: &str = "eastwest_accept_errors_total";
 pub const ENDPOINT_EJECTIONS: &str = "eastwest_endpoint_ejections_total";
 pub const ENDPOINTS_EJECTED: &str = "eastwest_endpoints_ejected";
+pub const IDENTITY_CERT_EXPIRY: &str = "eastwest_identity_cert_expiry_timestamp_seconds";
+pub const IDENTITY_RENEWALS: &str = "eastwest_identity_cert_renewals_total";
+pub const IDENTITY_ERRORS: &str = "eastwest_identity_cert_errors_total";
 
 pub const TO_UPSTREAM: &str = "to_upstream";
 pub const TO_DOWNSTREAM: &str = "to_downstream";
@@ -168,6 +171,12 @@ pub(crate) fn register_at_zero() {
     }
 }
 
+/// The identity counters, at 0 from the first scrape, for an alert on `increase()`.
+pub(crate) fn register_identity(source: &'static str) {
+    counter!(IDENTITY_RENEWALS, "source" => source).increment(0);
+    counter!(IDENTITY_ERRORS, "source" => source).increment(0);
+}
+
 /// Histogram samples accumulate until drained; drain them every few seconds even when nobody
 /// scrapes `/metrics`, so memory stays flat. Once per process.
 pub(crate) fn spawn_upkeep(handle: &'static PrometheusHandle) {
@@ -247,6 +256,19 @@ fn describe() {
     describe_gauge!(
         ENDPOINTS_EJECTED,
         "Upstream endpoints ejected now (or awaiting their half-open probe), by route."
+    );
+    describe_gauge!(
+        IDENTITY_CERT_EXPIRY,
+        Unit::Seconds,
+        "When the gateway's own (hbone) certificate expires, Unix time, by source."
+    );
+    describe_counter!(
+        IDENTITY_RENEWALS,
+        "Gateway certificates taken into use after the first (file changes, istiod renewals)."
+    );
+    describe_counter!(
+        IDENTITY_ERRORS,
+        "Failed gateway certificate reloads or renewals (the certificate in force is kept)."
     );
     describe_counter!(
         crate::control_client::ROUTE_UPDATES,
