@@ -271,6 +271,10 @@ impl Proxy {
                 for ((key, old), (_, new)) in changed.filter(|(old, new)| old != new) {
                     tracing::warn!(%old, %new, "{key} changes take effect at the next restart");
                 }
+                if old.config.identity != config.identity {
+                    // Started once, before the listeners (see Shared::identity).
+                    tracing::warn!("identity changes take effect at the next restart");
+                }
             }
             // The routing keeps the table apart from the settings, sharing its services.
             let file_routes = std::mem::take(&mut config.routes);

@@ -657,3 +657,50 @@ async fn istiod_refusing_the_token_fails_start_with_the_reason() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn a_proxy_with_identity_shows_it_in_config_dump_and_metrics() {
+    let s = setup();
+    s.write(&s.gateway_cert());
+    let mut cfg = crate::support::passthrough_config("identity-wired", vec![]);
+    cfg.identity = Some(s.files_config());
+    let proxy = eastwest_proxy::Proxy::start(cfg).await.unwrap();
+    let (status, body) = crate::support::admin_get(&proxy, "/config_dump").await;
+    assert_eq!(status, 200);
+    let dump: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(dump["identity"]["spiffe_id"], GATEWAY_ID);
+    assert_eq!(dump["identity"]["source"], "files");
+    assert!(dump["identity"]["not_after"]
+        .as_str()
+        .unwrap()
+        .ends_with('Z'));
+    let (_, metrics) = crate::support::admin_get(&proxy, "/metrics").await;
+    let expiry = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("eastwest_identity_cert_expiry_timestamp_seconds{source=\"files\"} ")
+        })
+        .unwrap_or_else(|| panic!("no expiry gauge in:\n{metrics}"));
+    let expiry: f64 = expiry.trim().parse().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    // The default leaf lives a day.
+    assert!(
+        expiry > now && expiry < now + 2.0 * 86400.0,
+        "{expiry} vs {now}"
+    );
+    assert!(metrics.contains("eastwest_identity_cert_renewals_total{source=\"files\"}"));
+    crate::support::promtool_check(&metrics);
+
+    // Identity that cannot be loaded: the proxy does not start, and says which file.
+    let mut cfg = crate::support::passthrough_config("identity-bad", vec![]);
+    let mut id = s.files_config();
+    id.files.as_mut().unwrap().roots = s.dir.path().join("missing-root.pem");
+    cfg.identity = Some(id);
+    let Err(err) = eastwest_proxy::Proxy::start(cfg).await else {
+        panic!("a proxy with an unloadable identity started");
+    };
+    assert!(format!("{err:#}").contains("missing-root.pem"), "{err:#}");
+}
