@@ -13,6 +13,7 @@ mod connection;
 pub mod control_client;
 mod copy;
 pub mod fd_limit;
+pub mod hbone;
 pub mod istio_sni;
 mod listener;
 pub mod metrics;
