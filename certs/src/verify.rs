@@ -328,13 +328,32 @@ impl Identity {
         peers: PeerPolicy,
         alpn: Vec<Vec<u8>>,
     ) -> Result<Arc<ServerConfig>, CertError> {
+        self.server_config_versions(peers, alpn, TlsVersions::Tls12AndUp)
+    }
+
+    /// As [`Identity::server_config_with_alpn`], TLS 1.3 only: what ztunnel's HBONE port
+    /// (15008) accepts, and so the gateway's.
+    pub fn server_config_tls13(
+        &self,
+        peers: PeerPolicy,
+        alpn: Vec<Vec<u8>>,
+    ) -> Result<Arc<ServerConfig>, CertError> {
+        self.server_config_versions(peers, alpn, TlsVersions::Tls13Only)
+    }
+
+    fn server_config_versions(
+        &self,
+        peers: PeerPolicy,
+        alpn: Vec<Vec<u8>>,
+        versions: TlsVersions,
+    ) -> Result<Arc<ServerConfig>, CertError> {
         let root = self.root_der();
         mtls_server_config(
             self.chain_der(),
             self.key_der(),
             std::slice::from_ref(&root),
             peers,
-            TlsVersions::Tls12AndUp,
+            versions,
             alpn,
         )
         .map(Arc::new)
