@@ -839,3 +839,124 @@ async fn route_updates_never_cut_established_streams() {
     assert_eq!(err.status(), Some(http::StatusCode::SERVICE_UNAVAILABLE));
     roundtrip(&mut open, b"after the service left the table").await;
 }
+
+/// The gateway certificate a new TLS handshake with the gateway sees (its leaf).
+async fn served_gateway_leaf(gw: SocketAddr, client: &Identity) -> Vec<u8> {
+    let tcp = TcpStream::connect(gw).await.unwrap();
+    let tls = tokio::time::timeout(
+        DEADLINE,
+        tokio_rustls::TlsConnector::from(h2_client_tls(client)).connect(no_sni(), tcp),
+    )
+    .await
+    .expect("handshake in time")
+    .unwrap();
+    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+#[tokio::test]
+async fn rotating_the_gateway_certificate_files_under_load_drops_no_stream() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    const LISTENER: &str = "hbone-rotation";
+    const CONNECTIONS: usize = 4;
+    const STREAMS: usize = 10;
+    /// Round trips each stream makes after the new certificate is seen.
+    const AFTER: usize = 3;
+    let a = ambient();
+    let cfg = hbone_config(
+        &a,
+        LISTENER,
+        vec![service(
+            REVIEWS,
+            vec![(9080, vec![ambient_endpoint(tcp_echo().await)])],
+        )],
+    );
+    let (proxy, gw) = start(cfg).await;
+    let authority = format!("{REVIEWS}:9080");
+    let old_leaf = served_gateway_leaf(gw, &a.source).await;
+
+    // Load: streams on several outer connections, each echoing until it has gone on for
+    // AFTER round trips past the rotation.
+    let rotated = Arc::new(AtomicBool::new(false));
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut started = Vec::new();
+    for c in 0..CONNECTIONS {
+        let client = outer(gw, &a.source).await;
+        for s in 0..STREAMS {
+            let mut stream = client.open(&authority).await.unwrap();
+            let rotated = rotated.clone();
+            let (first_done, first_rx) = tokio::sync::oneshot::channel();
+            started.push(first_rx);
+            tasks.spawn(async move {
+                let msg = format!("connection {c} stream {s}");
+                roundtrip(&mut stream, msg.as_bytes()).await;
+                let _ = first_done.send(());
+                let mut after = 0;
+                let mut pace = tokio::time::interval(Duration::from_millis(5));
+                // Bounded: a stream that never sees the rotation fails on the deadline below.
+                for _ in 0..100_000 {
+                    pace.tick().await;
+                    roundtrip(&mut stream, msg.as_bytes()).await;
+                    if rotated.load(Ordering::SeqCst) {
+                        after += 1;
+                        if after == AFTER {
+                            break;
+                        }
+                    }
+                }
+                stream.shutdown().await.unwrap();
+            });
+        }
+    }
+    for rx in started {
+        rx.await.unwrap();
+    }
+
+    // Replace the files (key first, then the chain, as a naive copy would) while they flow.
+    let new = a
+        .mesh
+        .workload(
+            "east",
+            &SpiffeId::workload(TD, "istio-system", "istio-eastwestgateway"),
+        )
+        .unwrap();
+    std::fs::write(&a.gateway_files.key, new.key_pem()).unwrap();
+    std::fs::write(&a.gateway_files.cert_chain, new.chain_pem()).unwrap();
+    let new_leaf = new.chain_der()[0].to_vec();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let leaf = served_gateway_leaf(gw, &a.source).await;
+        if leaf == new_leaf {
+            break;
+        }
+        assert_eq!(leaf, old_leaf, "a handshake saw neither certificate");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the new certificate was not served in time"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    rotated.store(true, Ordering::SeqCst);
+
+    // A new outer connection, on the new certificate, carries streams too.
+    let mut fresh = outer(gw, &a.source).await.open(&authority).await.unwrap();
+    roundtrip(&mut fresh, b"after the rotation").await;
+    fresh.shutdown().await.unwrap();
+
+    let all = tokio::time::timeout(3 * DEADLINE, async {
+        while let Some(done) = tasks.join_next().await {
+            done.unwrap();
+        }
+    });
+    all.await.expect("streams kept flowing past the rotation");
+    let total = (CONNECTIONS * STREAMS + 1) as f64;
+    wait_metric(
+        &proxy,
+        &format!("eastwest_connections_closed_total{{listener=\"{LISTENER}\",route=\"{authority}\",result=\"routed\"}}"),
+        total,
+    )
+    .await;
+    let (_, body) = crate::support::admin_get(&proxy, "/config_dump").await;
+    let dump: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(dump["identity"]["renewals"], 1);
+    assert!(dump["identity"]["last_error"].is_null(), "{body}");
+}
