@@ -332,6 +332,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn renewal_comes_at_half_the_life_left_capped_by_the_ttl_asked() {
+        let now = SystemTime::now();
+        let hour = Duration::from_secs(3600);
+        let wait = |at: SystemTime| at.duration_since(now).unwrap_or(Duration::ZERO);
+        let w = wait(half_life(hour, now + hour));
+        assert!(
+            w > Duration::from_secs(1700) && w <= Duration::from_secs(1801),
+            "{w:?}"
+        );
+        // The CA granted more than asked: renew at half of what was asked.
+        let w = wait(half_life(Duration::from_secs(2), now + hour));
+        assert!(w <= Duration::from_secs(2), "{w:?}");
+        // Already expired: now.
+        let w = wait(half_life(hour, now - hour));
+        assert!(w < Duration::from_secs(1), "{w:?}");
+    }
+
+    #[test]
     fn backoff_doubles_to_the_cap_with_jitter() {
         let mut b = Backoff::default();
         let waits: Vec<Duration> = (0..12).map(|_| b.next()).collect();

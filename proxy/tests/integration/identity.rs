@@ -389,7 +389,8 @@ struct Seen {
 struct FakeIstiod(Arc<CaState>);
 
 struct CaState {
-    token: String,
+    /// Tokens accepted (a projected token rotates: both the old and the new are valid).
+    tokens: Vec<String>,
     issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
     intermediate_pem: String,
     root_pem: String,
@@ -467,7 +468,12 @@ impl Create {
             san: san.clone(),
             validity_duration: body.validity_duration,
         });
-        if authorization.as_deref() != Some(&format!("Bearer {}", self.0.token)) {
+        let accepted = self
+            .0
+            .tokens
+            .iter()
+            .any(|t| authorization.as_deref() == Some(&format!("Bearer {t}")));
+        if !accepted {
             return Err(tonic::Status::unauthenticated("bad token"));
         }
         if self.0.fail.load(Ordering::SeqCst) {
@@ -508,12 +514,12 @@ fn rand_serial() -> [u8; 16] {
 }
 
 /// Starts the CA on TLS (istiod's serving cert: DNS SAN istiod.istio-system.svc).
-async fn fake_istiod(mesh: &Mesh, token: &str) -> (SocketAddr, Arc<CaState>) {
+async fn fake_istiod(mesh: &Mesh, tokens: &[&str]) -> (SocketAddr, Arc<CaState>) {
     let fra = &mesh.intermediates["fra"];
     let key = rcgen::KeyPair::from_pem(fra.key_pem()).unwrap();
     let issuer = rcgen::Issuer::from_ca_cert_pem(fra.cert_pem(), key).unwrap();
     let state = Arc::new(CaState {
-        token: token.to_string(),
+        tokens: tokens.iter().map(|t| t.to_string()).collect(),
         issuer,
         intermediate_pem: fra.cert_pem().to_string(),
         root_pem: mesh.root_pem().to_string(),
@@ -584,7 +590,7 @@ fn istiod_config(addr: SocketAddr, roots: PathBuf, token: &Path, ttl: Duration) 
 #[tokio::test]
 async fn istiod_issues_the_gateway_cert_renews_at_half_life_and_a_failing_ca_keeps_the_old_one() {
     let s = setup();
-    let (ca_addr, ca) = fake_istiod(&s.mesh, "token-1").await;
+    let (ca_addr, ca) = fake_istiod(&s.mesh, &["token-1", "token-2"]).await;
     let roots = s.dir.path().join("root-cert.pem");
     std::fs::write(&roots, s.mesh.root_pem()).unwrap();
     let token = s.dir.path().join("istio-token");
@@ -609,8 +615,11 @@ async fn istiod_issues_the_gateway_cert_renews_at_half_life_and_a_failing_ca_kee
     let first_leaf = served_leaf(&before);
 
     // Renewed at half of the 2 s asked for; the token is read again (projected tokens rotate).
-    std::fs::write(&token, "token-1").unwrap();
-    wait_status(&handle, "renewal", |st| st.renewals >= 1).await;
+    std::fs::write(&token, "token-2").unwrap();
+    // Two renewals: the first may have been under way when the token changed.
+    wait_status(&handle, "renewal", |st| st.renewals >= 2).await;
+    let last = ca.seen.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(last.authorization.as_deref(), Some("Bearer token-2"));
     let renewed = connect(addr, &s.ztunnel).await.unwrap();
     assert_gateway_cert(&renewed, s.mesh.root_der());
     let renewed_leaf = served_leaf(&renewed);
@@ -641,7 +650,7 @@ async fn istiod_issues_the_gateway_cert_renews_at_half_life_and_a_failing_ca_kee
 #[tokio::test]
 async fn istiod_refusing_the_token_fails_start_with_the_reason() {
     let s = setup();
-    let (ca_addr, _ca) = fake_istiod(&s.mesh, "right").await;
+    let (ca_addr, _ca) = fake_istiod(&s.mesh, &["right"]).await;
     let roots = s.dir.path().join("root-cert.pem");
     std::fs::write(&roots, s.mesh.root_pem()).unwrap();
     let token = s.dir.path().join("istio-token");
