@@ -105,6 +105,8 @@ async fn reload_loop(
     // The watcher stops when dropped; keep it for the life of this task.
     let _watcher = watcher;
     let mut refused: Option<Contents> = None;
+    // Set while a file cannot be read, so that is reported once, not per event.
+    let mut unreadable = false;
     loop {
         tokio::select! {
             event = rx.recv() => if event.is_none() { return },
@@ -112,8 +114,22 @@ async fn reload_loop(
         }
         tokio::time::sleep(SETTLE).await;
         while rx.try_recv().is_ok() {}
-        let Some((contents, result)) = settle(&files, &policy).await else {
-            continue;
+        let (contents, result) = match settle(&files, &policy).await {
+            Ok(read) => {
+                if std::mem::take(&mut unreadable) {
+                    tracing::info!("gateway identity files readable again");
+                }
+                read
+            }
+            Err(err) => {
+                if !std::mem::replace(&mut unreadable, true) {
+                    tracing::warn!(
+                        error = format!("{err:#}"),
+                        "gateway identity files unreadable; keeping the certificate in force"
+                    );
+                }
+                continue;
+            }
         };
         if contents == applied || refused.as_ref() == Some(&contents) {
             continue;
@@ -133,36 +149,27 @@ async fn reload_loop(
 }
 
 /// Reads and checks the files; a set that does not check out is read again until it does
-/// or stops changing. `None` while a file cannot be read (mid-swap, or removed: the
+/// or stops changing. An error while a file cannot be read (mid-swap, or removed: the
 /// certificate in force stays, and the file's return is a change like any other).
 async fn settle(
     files: &IdentityFiles,
     policy: &Policy,
-) -> Option<(Contents, anyhow::Result<Certified>)> {
-    let mut contents = match read(files).await {
-        Ok(c) => c,
-        Err(err) => {
-            tracing::warn!(
-                error = format!("{err:#}"),
-                "gateway identity files unreadable; keeping the certificate in force"
-            );
-            return None;
-        }
-    };
+) -> anyhow::Result<(Contents, anyhow::Result<Certified>)> {
+    let mut contents = read(files).await?;
     let mut result = check(files, &contents, policy);
     for _ in 0..MAX_SETTLE_ROUNDS {
         if result.is_ok() {
             break;
         }
         tokio::time::sleep(SETTLE_BEFORE_REPORTING).await;
-        let again = read(files).await.ok()?;
+        let again = read(files).await?;
         if again == contents {
             break;
         }
         contents = again;
         result = check(files, &contents, policy);
     }
-    Some((contents, result))
+    Ok((contents, result))
 }
 
 async fn read(files: &IdentityFiles) -> anyhow::Result<Contents> {

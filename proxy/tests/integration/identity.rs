@@ -284,6 +284,27 @@ async fn files_a_bad_new_cert_keeps_the_old_one_and_says_why() {
 }
 
 #[tokio::test]
+async fn files_removed_keep_the_certificate_in_force_until_they_are_back() {
+    let s = setup();
+    let first = s.gateway_cert();
+    s.write(&first);
+    let cfg = s.files_config();
+    let handle = start_with_status(&cfg, CancellationToken::new())
+        .await
+        .unwrap();
+    let addr = echo_listener(&handle).await;
+    std::fs::remove_file(&cfg.files.as_ref().unwrap().cert_chain).unwrap();
+    let tls = connect(addr, &s.ztunnel).await.unwrap();
+    assert_eq!(served_leaf(&tls), first.chain_der()[0]);
+    let second = s.gateway_cert();
+    s.write(&second);
+    wait_status(&handle, "files back", |st| st.renewals == 1).await;
+    let tls = connect(addr, &s.ztunnel).await.unwrap();
+    assert_eq!(served_leaf(&tls), second.chain_der()[0]);
+    assert!(handle.status.borrow().last_error.is_none());
+}
+
+#[tokio::test]
 async fn files_are_checked_at_start_with_errors_naming_the_file() {
     let s = setup();
     let gw = s.gateway_cert();
