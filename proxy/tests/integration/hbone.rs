@@ -891,7 +891,7 @@ async fn rotating_the_gateway_certificate_files_under_load_drops_no_stream() {
                 roundtrip(&mut stream, msg.as_bytes()).await;
                 let _ = first_done.send(());
                 let mut after = 0;
-                let mut pace = tokio::time::interval(Duration::from_millis(5));
+                let mut pace = tokio::time::interval(Duration::from_millis(25));
                 // Bounded: a stream that never sees the rotation fails on the deadline below.
                 for _ in 0..100_000 {
                     pace.tick().await;
