@@ -21,5 +21,5 @@ mod verify;
 pub use error::CertError;
 pub use identity::Identity;
 pub use issue::{Ca, ClusterCa, KeyType, LeafOptions, Mesh, MeshOptions};
-pub use spiffe::{spiffe_id_of, SpiffeId};
-pub use verify::{PeerPolicy, PeerRejected};
+pub use spiffe::{not_after, spiffe_id_of, SpiffeId};
+pub use verify::{check_chain, mtls_server_config, PeerPolicy, PeerRejected, TlsVersions};

@@ -137,6 +137,16 @@ pub fn spiffe_id_of(cert_der: &[u8]) -> Result<Option<SpiffeId>, CertError> {
     Ok(found)
 }
 
+/// When a certificate stops being valid.
+pub fn not_after(cert_der: &[u8]) -> Result<std::time::SystemTime, CertError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
+        .map_err(|e| CertError::Parse(format!("certificate is not valid DER X.509: {e}")))?;
+    let secs = cert.validity().not_after.timestamp();
+    // Certificates from before 1970 are not a case worth a clock type of their own.
+    let secs = u64::try_from(secs).unwrap_or(0);
+    Ok(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

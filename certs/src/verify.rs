@@ -25,6 +25,8 @@ use crate::{spiffe_id_of, CertError, SpiffeId};
 pub enum PeerPolicy {
     /// Any SPIFFE ID in this trust domain.
     TrustDomain(String),
+    /// Any SPIFFE ID in one of these trust domains (a mesh migrating between domains).
+    TrustDomains(Vec<String>),
     /// Only these SPIFFE IDs.
     Exact(Vec<SpiffeId>),
 }
@@ -82,6 +84,11 @@ impl PeerPolicy {
                 id,
                 expected: td.clone(),
             }),
+            PeerPolicy::TrustDomains(tds) if tds.contains(&id.trust_domain) => Ok(id),
+            PeerPolicy::TrustDomains(tds) => Err(PeerRejected::WrongTrustDomain {
+                id,
+                expected: tds.join(" or "),
+            }),
             PeerPolicy::Exact(ids) if ids.contains(&id) => Ok(id),
             PeerPolicy::Exact(ids) => Err(PeerRejected::NotAllowed {
                 id,
@@ -104,13 +111,84 @@ fn provider() -> Arc<CryptoProvider> {
 }
 
 fn root_store(root: &CertificateDer<'static>) -> Result<Arc<RootCertStore>, CertError> {
-    let mut roots = RootCertStore::empty();
-    roots.add(root.clone()).map_err(|e| {
-        CertError::Tls(format!(
-            "mesh root certificate unusable as trust anchor: {e}"
-        ))
-    })?;
-    Ok(Arc::new(roots))
+    roots_store(std::slice::from_ref(root))
+}
+
+fn roots_store(roots: &[CertificateDer<'static>]) -> Result<Arc<RootCertStore>, CertError> {
+    let mut store = RootCertStore::empty();
+    for root in roots {
+        store.add(root.clone()).map_err(|e| {
+            CertError::Tls(format!(
+                "mesh root certificate unusable as trust anchor: {e}"
+            ))
+        })?;
+    }
+    if store.is_empty() {
+        return Err(CertError::Tls("no mesh root certificate".into()));
+    }
+    Ok(Arc::new(store))
+}
+
+/// Checks that `chain` (leaf first) chains to one of `roots` now, as a peer would check it:
+/// for a gateway's own certificate before it is served.
+pub fn check_chain(
+    chain: &[CertificateDer<'static>],
+    roots: &[CertificateDer<'static>],
+) -> Result<(), CertError> {
+    let leaf = chain
+        .first()
+        .ok_or_else(|| CertError::Tls("empty certificate chain".into()))?;
+    let store = roots_store(roots)?;
+    let cert = ParsedCertificate::try_from(leaf).map_err(|e| CertError::Parse(e.to_string()))?;
+    rustls::client::verify_server_cert_signed_by_trust_anchor(
+        &cert,
+        &store,
+        &chain[1..],
+        UnixTime::now(),
+        provider().signature_verification_algorithms.all,
+    )
+    .map_err(|e| CertError::Tls(explain_chain_error(e).to_string()))
+}
+
+/// The TLS versions of an mTLS server config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsVersions {
+    /// TLS 1.3 and 1.2.
+    Tls12AndUp,
+    /// TLS 1.3 only (HBONE, as ztunnel).
+    Tls13Only,
+}
+
+/// mTLS server config from parts: presents `chain`/`key`, requires a client certificate
+/// chained to one of `roots` whose SPIFFE ID satisfies `peers`. Clients need not send SNI.
+pub fn mtls_server_config(
+    chain: Vec<CertificateDer<'static>>,
+    key: rustls_pki_types::PrivateKeyDer<'static>,
+    roots: &[CertificateDer<'static>],
+    peers: PeerPolicy,
+    versions: TlsVersions,
+    alpn: Vec<Vec<u8>>,
+) -> Result<ServerConfig, CertError> {
+    let provider = provider();
+    let inner = WebPkiClientVerifier::builder_with_provider(roots_store(roots)?, provider.clone())
+        .build()
+        .map_err(|e| CertError::Tls(format!("client verifier: {e}")))?;
+    let verifier = Arc::new(SpiffeClientVerifier {
+        inner,
+        policy: peers,
+    });
+    let versions = match versions {
+        TlsVersions::Tls12AndUp => VERSIONS,
+        TlsVersions::Tls13Only => &[&rustls::version::TLS13],
+    };
+    let mut cfg = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)
+        .map_err(versions_error)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| CertError::Tls(format!("certificate/key: {e}")))?;
+    cfg.alpn_protocols = alpn;
+    Ok(cfg)
 }
 
 /// Server side: webpki client-cert verification (mandatory) + SPIFFE policy.
@@ -250,25 +328,39 @@ impl Identity {
         peers: PeerPolicy,
         alpn: Vec<Vec<u8>>,
     ) -> Result<Arc<ServerConfig>, CertError> {
-        let provider = provider();
-        let inner = WebPkiClientVerifier::builder_with_provider(
-            root_store(&self.root_der())?,
-            provider.clone(),
+        self.server_config_versions(peers, alpn, TlsVersions::Tls12AndUp)
+    }
+
+    /// As [`Identity::server_config_with_alpn`], TLS 1.3 only: what ztunnel's HBONE port
+    /// (15008) accepts, and so the gateway's.
+    pub fn server_config_tls13(
+        &self,
+        peers: PeerPolicy,
+        alpn: Vec<Vec<u8>>,
+    ) -> Result<Arc<ServerConfig>, CertError> {
+        self.server_config_versions(peers, alpn, TlsVersions::Tls13Only)
+    }
+
+    fn server_config_versions(
+        &self,
+        peers: PeerPolicy,
+        alpn: Vec<Vec<u8>>,
+        versions: TlsVersions,
+    ) -> Result<Arc<ServerConfig>, CertError> {
+        let root = self.root_der();
+        mtls_server_config(
+            self.chain_der(),
+            self.key_der(),
+            std::slice::from_ref(&root),
+            peers,
+            versions,
+            alpn,
         )
-        .build()
-        .map_err(|e| CertError::Tls(format!("client verifier: {e}")))?;
-        let verifier = Arc::new(SpiffeClientVerifier {
-            inner,
-            policy: peers,
-        });
-        let mut cfg = ServerConfig::builder_with_provider(provider)
-            .with_protocol_versions(VERSIONS)
-            .map_err(versions_error)?
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(self.chain_der(), self.key_der())
-            .map_err(|e| self.cert_key_error(e))?;
-        cfg.alpn_protocols = alpn;
-        Ok(Arc::new(cfg))
+        .map(Arc::new)
+        .map_err(|e| match e {
+            CertError::Tls(why) => CertError::Tls(format!("{why} (for {})", self.spiffe_id())),
+            other => other,
+        })
     }
 
     /// mTLS client config: presents this identity, verifies the server's chain to the mesh

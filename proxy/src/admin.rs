@@ -267,6 +267,7 @@ fn config_dump(shared: &Shared) -> Response<Full<Bytes>> {
         "routes_source": if shared.routes_from_control.load(Ordering::SeqCst) { "control" } else { "config" },
         "config_file": S::lock(&shared.config_file).as_ref().map(|p| p.display().to_string()),
         "last_reload_error": last_reload_error,
+        "identity": shared.identity.get().map(|id| id.status.borrow().clone()),
         "config": config,
     });
     match serde_json::to_vec_pretty(&dump) {

@@ -13,6 +13,8 @@ mod connection;
 pub mod control_client;
 mod copy;
 pub mod fd_limit;
+pub mod hbone;
+pub mod identity;
 pub mod istio_metrics;
 pub mod istio_sni;
 mod listener;
@@ -70,6 +72,11 @@ pub(crate) struct Shared {
     last_reload_error: Mutex<Option<ReloadError>>,
     /// `max_connections` of a listener that does not set it, from the open-file limit.
     default_max_connections: usize,
+    /// The gateway's mesh identity: `hbone` listeners accept with
+    /// `identity.server_config.borrow().clone()`, read at each accept, so a rotation never
+    /// touches open connections; `/config_dump` shows its status. Started by the first config
+    /// with `identity:`.
+    identity: std::sync::OnceLock<identity::IdentityHandle>,
 }
 
 /// Why and when a config reload was refused.
@@ -116,6 +123,9 @@ pub enum ApplyError {
     /// Listeners bound now would never be served, yet hold their ports open.
     #[error("draining: the config is not applied while the proxy shuts down")]
     Draining,
+    /// The identity an `hbone` listener presents could not be loaded.
+    #[error("identity: {0:#}")]
+    Identity(anyhow::Error),
 }
 
 impl Proxy {
@@ -172,6 +182,7 @@ impl Proxy {
             config_file: Mutex::new(None),
             last_reload_error: Mutex::new(None),
             default_max_connections,
+            identity: std::sync::OnceLock::new(),
         });
         let proxy = Proxy {
             shared,
@@ -199,6 +210,7 @@ impl Proxy {
         if self.shared.draining.is_cancelled() {
             return Err(ApplyError::Draining);
         }
+        self.start_identity(&config).await?;
         // Bind what is new before changing anything, so a failed bind keeps the old config.
         let mut fresh = Vec::new();
         for l in &config.listeners {
@@ -256,6 +268,10 @@ impl Proxy {
                 for ((key, old), (_, new)) in changed.filter(|(old, new)| old != new) {
                     tracing::warn!(%old, %new, "{key} changes take effect at the next restart");
                 }
+                if old.config.identity != config.identity {
+                    // Started once, before the listeners (see Shared::identity).
+                    tracing::warn!("identity changes take effect at the next restart");
+                }
             }
             // The routing keeps the table apart from the settings, sharing its services.
             let file_routes = std::mem::take(&mut config.routes);
@@ -299,6 +315,25 @@ impl Proxy {
         for l in removed {
             l.stop.cancel();
         }
+        Ok(())
+    }
+
+    /// Starts the mesh identity with the first config that has `identity:` (before its
+    /// listeners bind: an `hbone` listener needs the certificate from its first accept).
+    /// Later changes to `identity:` take effect at the next restart; the identity module
+    /// watches its own files and renews its own certificate.
+    async fn start_identity(&self, config: &ProxyConfig) -> Result<(), ApplyError> {
+        let Some(identity_config) = config.identity.as_ref() else {
+            return Ok(());
+        };
+        if self.shared.identity.get().is_some() {
+            return Ok(());
+        }
+        let handle = identity::start_with_status(identity_config, self.shared.hard_stop.clone())
+            .await
+            .map_err(ApplyError::Identity)?;
+        // Two appliers racing here both loaded the same identity; either result serves.
+        let _ = self.shared.identity.set(handle);
         Ok(())
     }
 

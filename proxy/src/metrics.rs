@@ -29,6 +29,9 @@ pub const ROUTE_TABLES_REJECTED: &str = "eastwest_route_tables_rejected_total";
 pub const ACCEPT_ERRORS: &str = "eastwest_accept_errors_total";
 pub const ENDPOINT_EJECTIONS: &str = "eastwest_endpoint_ejections_total";
 pub const ENDPOINTS_EJECTED: &str = "eastwest_endpoints_ejected";
+pub const IDENTITY_CERT_EXPIRY: &str = "eastwest_identity_cert_expiry_timestamp_seconds";
+pub const IDENTITY_RENEWALS: &str = "eastwest_identity_cert_renewals_total";
+pub const IDENTITY_ERRORS: &str = "eastwest_identity_cert_errors_total";
 
 pub const TO_UPSTREAM: &str = "to_upstream";
 pub const TO_DOWNSTREAM: &str = "to_downstream";
@@ -171,6 +174,12 @@ pub(crate) fn register_at_zero() {
     }
 }
 
+/// The identity counters, at 0 from the first scrape, for an alert on `increase()`.
+pub(crate) fn register_identity(source: &'static str) {
+    counter!(IDENTITY_RENEWALS, "source" => source).increment(0);
+    counter!(IDENTITY_ERRORS, "source" => source).increment(0);
+}
+
 /// Histogram samples accumulate until drained; drain them every few seconds even when nobody
 /// scrapes `/metrics`, so memory stays flat. Once per process.
 pub(crate) fn spawn_upkeep(handle: &'static PrometheusHandle) {
@@ -261,6 +270,19 @@ fn describe() {
         ENDPOINTS_EJECTED,
         "Upstream endpoints ejected now (or awaiting their half-open probe), by route."
     );
+    describe_gauge!(
+        IDENTITY_CERT_EXPIRY,
+        Unit::Seconds,
+        "When the gateway's own (hbone) certificate expires, Unix time, by source."
+    );
+    describe_counter!(
+        IDENTITY_RENEWALS,
+        "Gateway certificates taken into use after the first (file changes, istiod renewals)."
+    );
+    describe_counter!(
+        IDENTITY_ERRORS,
+        "Failed gateway certificate reloads or renewals (the certificate in force is kept)."
+    );
     describe_counter!(
         crate::control_client::ROUTE_UPDATES,
         "Route updates received from the control plane, by kind (full table or delta)."
@@ -319,10 +341,14 @@ pub enum Outcome {
     TooLarge,
     UpstreamFailed,
     Overloaded,
+    /// `hbone`: the TLS or HTTP/2 handshake failed (e.g. a client certificate refused).
+    TlsFailed,
+    /// `hbone`: a stream that is not a CONNECT, or whose authority is malformed (400).
+    BadRequest,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 9] = [
+    pub const ALL: [Outcome; 11] = [
         Outcome::Routed,
         Outcome::NoSni,
         Outcome::BadSni,
@@ -332,6 +358,8 @@ impl Outcome {
         Outcome::TooLarge,
         Outcome::UpstreamFailed,
         Outcome::Overloaded,
+        Outcome::TlsFailed,
+        Outcome::BadRequest,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -345,6 +373,8 @@ impl Outcome {
             Outcome::TooLarge => "too_large",
             Outcome::UpstreamFailed => "upstream_failed",
             Outcome::Overloaded => "overloaded",
+            Outcome::TlsFailed => "tls_failed",
+            Outcome::BadRequest => "bad_request",
         }
     }
 }

@@ -314,3 +314,58 @@ fn write_and_load(ident: &Identity, root_pem: &str) -> Identity {
     std::fs::write(&r, root_pem).unwrap();
     Identity::load(&c, &k, &r).unwrap()
 }
+
+#[tokio::test]
+async fn several_trust_domains_and_roots_tls13_only_from_parts() {
+    let mesh = Mesh::generate(TD, &["fra", "ash"]).unwrap();
+    let other_mesh = Mesh::generate(TD, &["fra"]).unwrap();
+    let server = mesh.workload("fra", &id("istio-system", "gw")).unwrap();
+    // Roots of two meshes (a root rotation): a client of either is accepted.
+    let roots = [mesh.root_der(), other_mesh.root_der()];
+    let policy = PeerPolicy::TrustDomains(vec![TD.into(), "old.local".into()]);
+    let cfg = |policy: PeerPolicy| {
+        Arc::new(
+            eastwest_certs::mtls_server_config(
+                server.chain_der(),
+                server.key_der(),
+                &roots,
+                policy,
+                eastwest_certs::TlsVersions::Tls13Only,
+                vec![b"h2".to_vec()],
+            )
+            .unwrap(),
+        )
+    };
+    let with_h2 = |client: &Identity| {
+        let mut c = (*with_root(client, &mesh).client_config(td()).unwrap()).clone();
+        c.alpn_protocols = vec![b"h2".to_vec()];
+        Arc::new(c)
+    };
+    for client in [
+        mesh.workload("ash", &id("a", "ztunnel")).unwrap(),
+        mesh.workload("ash", &SpiffeId::workload("old.local", "a", "ztunnel"))
+            .unwrap(),
+        other_mesh.workload("fra", &id("a", "ztunnel")).unwrap(),
+    ] {
+        let out = handshake(cfg(policy.clone()), with_h2(&client)).await;
+        assert_eq!(out.server.unwrap(), *client.spiffe_id());
+        assert_eq!(out.alpn.as_deref(), Some(&b"h2"[..]));
+    }
+    let stranger = mesh
+        .workload("ash", &SpiffeId::workload("elsewhere.local", "a", "z"))
+        .unwrap();
+    let err = handshake(cfg(policy), with_h2(&stranger))
+        .await
+        .server
+        .unwrap_err();
+    assert!(
+        err.contains("expected trust domain cluster.local or old.local"),
+        "{err}"
+    );
+    // The chain check a gateway runs on its own certificate before serving it.
+    eastwest_certs::check_chain(&server.chain_der(), &roots).unwrap();
+    let err = eastwest_certs::check_chain(&server.chain_der(), &[other_mesh.root_der()])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("does not chain to the mesh root"), "{err}");
+}

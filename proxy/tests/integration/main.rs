@@ -8,6 +8,8 @@ mod client_hello;
 mod control_stream;
 mod fd_limit;
 mod fuzz_corpus;
+mod hbone;
+mod identity;
 mod istio_telemetry;
 mod lifecycle;
 mod outlier;
