@@ -250,6 +250,25 @@ impl Identity {
         peers: PeerPolicy,
         alpn: Vec<Vec<u8>>,
     ) -> Result<Arc<ServerConfig>, CertError> {
+        self.server_config_versions(peers, alpn, VERSIONS)
+    }
+
+    /// As [`Identity::server_config_with_alpn`], TLS 1.3 only: what ztunnel's HBONE port
+    /// (15008) accepts, and so the gateway's.
+    pub fn server_config_tls13(
+        &self,
+        peers: PeerPolicy,
+        alpn: Vec<Vec<u8>>,
+    ) -> Result<Arc<ServerConfig>, CertError> {
+        self.server_config_versions(peers, alpn, &[&rustls::version::TLS13])
+    }
+
+    fn server_config_versions(
+        &self,
+        peers: PeerPolicy,
+        alpn: Vec<Vec<u8>>,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> Result<Arc<ServerConfig>, CertError> {
         let provider = provider();
         let inner = WebPkiClientVerifier::builder_with_provider(
             root_store(&self.root_der())?,
@@ -262,7 +281,7 @@ impl Identity {
             policy: peers,
         });
         let mut cfg = ServerConfig::builder_with_provider(provider)
-            .with_protocol_versions(VERSIONS)
+            .with_protocol_versions(versions)
             .map_err(versions_error)?
             .with_client_cert_verifier(verifier)
             .with_single_cert(self.chain_der(), self.key_der())

@@ -290,10 +290,10 @@ fn route(
                 (Outcome::UnknownRoute, why.to_string())
             })
         }
-        // Not served by this TLS-passthrough path (hbone listeners terminate TLS).
+        // Never reaches here: listener.rs hands hbone connections to hbone::server.
         ListenerMode::Hbone => Err((
             Outcome::UnknownRoute,
-            "hbone listeners are not implemented yet".to_string(),
+            "hbone listeners terminate TLS (hbone::server)".to_string(),
         )),
         ListenerMode::Sni => routing
             .sni_rule(&listener.name, sni)

@@ -14,6 +14,7 @@ pub mod control_client;
 mod copy;
 pub mod fd_limit;
 pub mod hbone;
+pub mod identity;
 pub mod istio_sni;
 mod listener;
 pub mod metrics;
@@ -70,6 +71,9 @@ pub(crate) struct Shared {
     last_reload_error: Mutex<Option<ReloadError>>,
     /// `max_connections` of a listener that does not set it, from the open-file limit.
     default_max_connections: usize,
+    /// The `hbone` listeners' TLS config, read at each accept so a rotation never touches
+    /// open connections. Started with the first config that has an hbone listener.
+    hbone_tls: std::sync::OnceLock<tokio::sync::watch::Receiver<Arc<rustls::ServerConfig>>>,
 }
 
 /// Why and when a config reload was refused.
@@ -116,6 +120,9 @@ pub enum ApplyError {
     /// Listeners bound now would never be served, yet hold their ports open.
     #[error("draining: the config is not applied while the proxy shuts down")]
     Draining,
+    /// The identity an `hbone` listener presents could not be loaded.
+    #[error("identity: {0:#}")]
+    Identity(anyhow::Error),
 }
 
 impl Proxy {
@@ -172,6 +179,7 @@ impl Proxy {
             config_file: Mutex::new(None),
             last_reload_error: Mutex::new(None),
             default_max_connections,
+            hbone_tls: std::sync::OnceLock::new(),
         });
         let proxy = Proxy {
             shared,
@@ -199,6 +207,7 @@ impl Proxy {
         if self.shared.draining.is_cancelled() {
             return Err(ApplyError::Draining);
         }
+        self.start_identity(&config).await?;
         // Bind what is new before changing anything, so a failed bind keeps the old config.
         let mut fresh = Vec::new();
         for l in &config.listeners {
@@ -299,6 +308,28 @@ impl Proxy {
         for l in removed {
             l.stop.cancel();
         }
+        Ok(())
+    }
+
+    /// Starts the mesh identity the first time a config has an `hbone` listener. Later
+    /// changes to `identity:` take effect at the next restart (the identity module watches
+    /// its own files).
+    async fn start_identity(&self, config: &ProxyConfig) -> Result<(), ApplyError> {
+        let hbone = config
+            .listeners
+            .iter()
+            .any(|l| l.mode == eastwest_routes::ListenerMode::Hbone);
+        let Some(identity_config) = config.identity.as_ref().filter(|_| hbone) else {
+            return Ok(());
+        };
+        if self.shared.hbone_tls.get().is_some() {
+            return Ok(());
+        }
+        let tls = identity::start(identity_config, self.shared.hard_stop.clone())
+            .await
+            .map_err(ApplyError::Identity)?;
+        // Two appliers racing here both loaded the same files; either result serves.
+        let _ = self.shared.hbone_tls.set(tls);
         Ok(())
     }
 

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{self as m, Outcome};
 use crate::Shared;
-use crate::{connect, connection};
+use crate::{connect, connection, hbone};
 
 /// Per-listener metric handles and the live connection count, made once per listener.
 pub(crate) struct ListenerStats {
@@ -301,8 +301,13 @@ fn admit(shared: &Arc<Shared>, stats: &Arc<ListenerStats>, stream: TcpStream, pe
     stats.active_gauge.increment(1.0);
     let stats = stats.clone();
     let shared2 = shared.clone();
+    let hbone = routing.config.listeners[listener].mode == eastwest_routes::ListenerMode::Hbone;
     shared.connections.spawn(async move {
-        connection::serve(shared2, stats.clone(), routing, listener, stream, peer).await;
+        if hbone {
+            hbone::server::serve(shared2, stats.clone(), routing, listener, stream, peer).await;
+        } else {
+            connection::serve(shared2, stats.clone(), routing, listener, stream, peer).await;
+        }
         stats.active.fetch_sub(1, Ordering::Relaxed);
         stats.active_gauge.decrement(1.0);
     });

@@ -297,10 +297,14 @@ pub enum Outcome {
     TooLarge,
     UpstreamFailed,
     Overloaded,
+    /// `hbone`: the TLS or HTTP/2 handshake failed (e.g. a client certificate refused).
+    TlsFailed,
+    /// `hbone`: a stream that is not a CONNECT, or whose authority is malformed (400).
+    BadRequest,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 9] = [
+    pub const ALL: [Outcome; 11] = [
         Outcome::Routed,
         Outcome::NoSni,
         Outcome::BadSni,
@@ -310,6 +314,8 @@ impl Outcome {
         Outcome::TooLarge,
         Outcome::UpstreamFailed,
         Outcome::Overloaded,
+        Outcome::TlsFailed,
+        Outcome::BadRequest,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -323,6 +329,8 @@ impl Outcome {
             Outcome::TooLarge => "too_large",
             Outcome::UpstreamFailed => "upstream_failed",
             Outcome::Overloaded => "overloaded",
+            Outcome::TlsFailed => "tls_failed",
+            Outcome::BadRequest => "bad_request",
         }
     }
 }

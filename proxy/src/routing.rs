@@ -101,6 +101,9 @@ pub enum RouteMiss {
 struct PortRoutes {
     all: Option<Arc<UpstreamSet>>,
     subsets: HashMap<String, Arc<UpstreamSet>>,
+    /// The ambient endpoints, at `<ip>:<hbone_port>`, for `hbone` listeners; `None` when the
+    /// port has none (sidecar-only services cost nothing more).
+    hbone: Option<Arc<UpstreamSet>>,
 }
 
 /// One service's compiled routes, shared between snapshots while the service is unchanged.
@@ -310,6 +313,24 @@ impl Routing {
         Ok(set.clone())
     }
 
+    /// Routes an HBONE CONNECT authority (`hostname`, service `port`) to that service port's
+    /// ambient endpoints. Only names in the table route: nothing else is ever dialed.
+    pub fn hbone(&self, hostname: &str, port: u16) -> Result<Arc<UpstreamSet>, RouteMiss> {
+        let service = self
+            .services
+            .get(&*lowercase(hostname))
+            .ok_or(RouteMiss::UnknownService)?;
+        let port = service
+            .routes
+            .ports
+            .get(&port)
+            .ok_or(RouteMiss::UnknownPort)?;
+        match &port.hbone {
+            Some(set) => Ok(set.clone()),
+            None => Err(RouteMiss::NoEndpoints),
+        }
+    }
+
     /// The most specific rule of `sni` listener `listener` matching `sni`.
     pub fn sni_rule(&self, listener: &str, sni: Option<&str>) -> Option<Arc<UpstreamSet>> {
         self.sni_rules
@@ -376,7 +397,12 @@ fn lowercase(s: &str) -> std::borrow::Cow<'_, str> {
 fn compile_service(svc: &Service, old: Option<&ServiceRoutes>) -> ServiceRoutes {
     let mut carry = Carry::default();
     for port in old.iter().flat_map(|o| o.ports.values()) {
-        for set in port.all.iter().chain(port.subsets.values()) {
+        for set in port
+            .all
+            .iter()
+            .chain(port.subsets.values())
+            .chain(&port.hbone)
+        {
             carry.add(set);
         }
     }
@@ -393,6 +419,19 @@ fn compile_service(svc: &Service, old: Option<&ServiceRoutes>) -> ServiceRoutes 
             entry
                 .subsets
                 .insert(subset.name.clone(), carry.set(&route, selected));
+        }
+        // The same route (and so the same metric series) as 15443's: only the endpoints
+        // that speak HBONE, at their destination ztunnel's port.
+        let hbone: Vec<Target> = port
+            .endpoints
+            .iter()
+            .filter_map(|ep| {
+                let hbone_port = ep.hbone_port?;
+                Some(Target::Addr(SocketAddr::new(ep.address.ip(), hbone_port)))
+            })
+            .collect();
+        if !hbone.is_empty() {
+            entry.hbone = Some(carry.set(&route, hbone));
         }
     }
     compiled

@@ -145,7 +145,9 @@ pub struct HboneStream {
 }
 
 impl HboneStream {
-    pub(crate) fn new(send: SendStream<Bytes>, recv: RecvStream) -> Self {
+    /// The two halves of a CONNECT stream as one byte stream: a client's, or a server's once
+    /// it has sent its 200 (a destination ztunnel stand-in terminating the inner HBONE).
+    pub fn new(send: SendStream<Bytes>, recv: RecvStream) -> Self {
         HboneStream {
             send,
             recv,

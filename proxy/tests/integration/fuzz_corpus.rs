@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use crate::support::*;
 use eastwest_proxy::client_hello::{self, Parse};
+use eastwest_proxy::hbone::authority;
 use eastwest_proxy::istio_sni;
 
 fn corpus(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
@@ -53,6 +54,34 @@ fn istio_sni_corpus_replays() {
             }
         }
     }
+}
+
+#[test]
+fn hbone_authority_corpus_replays() {
+    let files = corpus("hbone_authority");
+    assert!(files.len() >= 8, "seed corpus missing");
+    let mut accepted = 0;
+    for (path, data) in files {
+        if let Ok(s) = std::str::from_utf8(&data) {
+            // The fuzz target's property: an accepted authority is exactly hostname:port,
+            // never an IP address or port 0.
+            if let Ok(a) = authority::parse(s) {
+                accepted += 1;
+                assert_eq!(
+                    format!("{}:{}", a.hostname, a.port),
+                    s,
+                    "{}",
+                    path.display()
+                );
+                assert_ne!(a.port, 0, "{}", path.display());
+                assert!(a.hostname.parse::<std::net::IpAddr>().is_err());
+            }
+        }
+    }
+    assert!(
+        accepted >= 2,
+        "the service authorities in the corpus should parse"
+    );
 }
 
 #[test]

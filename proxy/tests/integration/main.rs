@@ -8,6 +8,7 @@ mod client_hello;
 mod control_stream;
 mod fd_limit;
 mod fuzz_corpus;
+mod hbone;
 mod lifecycle;
 mod outlier;
 mod passthrough;
