@@ -38,7 +38,7 @@ pub struct DestinationZtunnel {
 
 impl DestinationZtunnel {
     /// Listens on `listen` (port 0 for any). `tls` is the workload's mTLS server config
-    /// (e.g. `Identity::server_config`); ALPN is set to `h2` here. CONNECTs are served only
+    /// (`Identity::server_config_tls13`); ALPN is set to `h2` here. CONNECTs are served only
     /// for `workloads`, the addresses of the pods on this "node": no open relay.
     pub async fn start(
         listen: SocketAddr,
@@ -94,7 +94,7 @@ async fn serve_connection(
         .context("TLS handshake timed out")?
         .context("TLS handshake")?;
     let (_, session) = tls.get_ref();
-    // eastwest-certs' configs also offer TLS 1.2 (for 15443 peers); HBONE is 1.3 only.
+    // HBONE is TLS 1.3 only; checked here too in case the config given also offers 1.2.
     anyhow::ensure!(
         session.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3),
         "peer negotiated {:?}, HBONE needs TLS 1.3",
@@ -249,6 +249,9 @@ async fn relay(
                     .await
                     .context("CONNECT stream closed")?
                     .context("waiting for flow-control capacity")?;
+                if granted == 0 {
+                    continue; // h2 may wake with no capacity yet: ask again
+                }
                 let part = chunk.split_to(granted.min(chunk.len()));
                 send.send_data(part, false)
                     .context("writing to the CONNECT stream")?;

@@ -56,7 +56,10 @@ async fn relays_connects_to_its_workloads_only_and_only_for_mesh_clients() {
     let ztunnel = DestinationZtunnel::start(
         "127.0.0.1:0".parse().unwrap(),
         server
-            .server_config(PeerPolicy::Exact(vec![client_id.clone()]))
+            .server_config_tls13(
+                PeerPolicy::Exact(vec![client_id.clone()]),
+                vec![b"h2".to_vec()],
+            )
             .unwrap(),
         vec![workload],
     )
