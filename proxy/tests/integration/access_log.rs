@@ -10,7 +10,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 /// Collects what the proxy logs (the test's runtime runs every proxy task on this thread, so
 /// a thread-scoped subscriber sees them all).
 #[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
+pub struct Captured(Arc<Mutex<Vec<u8>>>);
 
 impl Write for Captured {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -24,7 +24,7 @@ impl Write for Captured {
 
 impl Captured {
     /// Captures this thread's logs for as long as the guard lives.
-    fn install() -> (Captured, tracing::subscriber::DefaultGuard) {
+    pub fn install() -> (Captured, tracing::subscriber::DefaultGuard) {
         let log = Captured::default();
         let writer = log.clone();
         let guard = tracing_subscriber::fmt()
@@ -35,7 +35,7 @@ impl Captured {
         (log, guard)
     }
 
-    fn access_lines(&self) -> Vec<String> {
+    pub fn access_lines(&self) -> Vec<String> {
         String::from_utf8_lossy(&self.0.lock().unwrap())
             .lines()
             .filter(|l| l.contains("eastwest::access"))

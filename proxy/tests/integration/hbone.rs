@@ -239,13 +239,15 @@ async fn start(cfg: ProxyConfig) -> (Proxy, SocketAddr) {
 #[tokio::test]
 async fn double_hbone_through_the_gateway_reaches_the_destination_ztunnel() {
     const LISTENER: &str = "hbone-double";
+    let (log, _subscriber) = crate::access_log::Captured::install();
     let a = ambient();
     let dest = destination_ztunnel("east-ztunnel", &a.destination).await;
-    let cfg = hbone_config(
+    let mut cfg = hbone_config(
         &a,
         LISTENER,
         vec![service(REVIEWS, vec![(9080, vec![ambient_endpoint(dest)])])],
     );
+    cfg.access_log = true;
     let (proxy, gw) = start(cfg).await;
 
     // Outer: to the gateway, naming the service; inner: end to end with the destination.
@@ -254,12 +256,13 @@ async fn double_hbone_through_the_gateway_reaches_the_destination_ztunnel() {
     let inner = HboneClient::connect(tunnel, h2_client_tls(&a.source), no_sni())
         .await
         .unwrap();
-    let mut stream = inner.open("10.1.2.3:9080").await.unwrap();
+    // ztunnel names the service (hostname and service port) in both layers.
+    let mut stream = inner.open(&format!("{REVIEWS}:9080")).await.unwrap();
     // The destination saw the inner CONNECT and the source ztunnel's own certificate: the
     // gateway relayed the inner TLS unopened.
     assert_eq!(
         read_line(&mut stream).await,
-        "east-ztunnel 10.1.2.3:9080 spiffe://cluster.local/ns/istio-system/sa/ztunnel"
+        format!("east-ztunnel {REVIEWS}:9080 spiffe://cluster.local/ns/istio-system/sa/ztunnel")
     );
     roundtrip(&mut stream, b"GET /reviews/0 HTTP/1.1\r\n\r\n").await;
     stream.shutdown().await.unwrap();
@@ -284,6 +287,21 @@ async fn double_hbone_through_the_gateway_reaches_the_destination_ztunnel() {
     )
     .await;
     assert!(to_upstream > 0.0, "inner TLS bytes counted per route");
+
+    // One access-log line per stream, with the source ztunnel's SPIFFE ID.
+    let lines = log.access_lines();
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    for field in [
+        format!("listener={LISTENER}"),
+        "peer_id=spiffe://cluster.local/ns/istio-system/sa/ztunnel".to_string(),
+        format!("authority={route}"),
+        format!("route=\"{route}\""),
+        format!("endpoint={dest}"),
+        "status=200".to_string(),
+        "result=\"routed\"".to_string(),
+    ] {
+        assert!(lines[0].contains(&field), "{field} not in {}", lines[0]);
+    }
 }
 
 #[tokio::test]
