@@ -4,9 +4,11 @@
 //! → ash east-west gateway (eastwest-proxy, AUTO_PASSTHROUGH on the Istio SNI) → model
 //! server (mTLS, SPIFFE). Three scenarios run one after the other against the same server:
 //! direct in-region, cross-region over kept-alive connections, cross-region with a new
-//! TCP+TLS connection per request. Prints one comparison table, writes results.json and
-//! TTFT/ITL CDF plots (SVG) to `--out`.
+//! TCP+TLS connection per request; then Istio ambient's double HBONE through the same
+//! gateway's `hbone` listener, with a warm and a cold outer connection ([`ambient`]).
+//! Prints one comparison table, writes results.json and TTFT/ITL CDF plots (SVG) to `--out`.
 
+pub mod ambient;
 mod report;
 mod svg;
 pub mod topology;
@@ -17,6 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde::Serialize;
 
+use crate::ambient::OuterConnection;
 use crate::run::{run_benchmark, Backend, ConnectionMode, ProgressSink, RunConfig};
 use report::ScenarioResult;
 use topology::{Topology, TopologyOptions, GATEWAY_SNI, SERVICE_HOST, SERVICE_PORT};
@@ -136,6 +139,7 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
         "  client (fra)         {}  SNI {GATEWAY_SNI}",
         topo.client_id
     );
+    ambient::print_topology(&topo.ambient);
     println!(
         "  workload: {num_prompts} requests/scenario, {} in flight, {} prompt tokens, {output_len} output tokens\n",
         args.concurrency, args.input_len
@@ -153,6 +157,11 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
         },
         "client": {"spiffe_id": topo.client_id.to_string(), "cluster": "fra"},
         "gateway": {"address": topo.gateway_addr, "metrics": topo.metrics_addr, "mode": "AUTO_PASSTHROUGH"},
+        "ambient": {
+            "gateway_hbone": topo.ambient.gateway_hbone_addr, "gateway_spiffe_id": ambient::gateway_id().to_string(),
+            "wan": topo.ambient.wan_addr, "destination_ztunnel": topo.ambient.ztunnel_addr,
+            "server": topo.ambient.server_addr,
+        },
         "wan": {
             "address": topo.wan_addr, "rtt_ms": ms(args.rtt), "jitter_ms": ms(wan.jitter),
             "bandwidth_bytes_per_sec": wan.bandwidth_bytes_per_sec,
@@ -162,7 +171,8 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
     });
     let outcome = run_scenarios(&args, &topo, num_prompts, output_len).await;
     let gateway_text = report::fetch_metrics(topo.metrics_addr).await;
-    let server_stats = topo.server.stats();
+    // The ambient pod's server streams too: every event sent is counted.
+    let server_chunks = topo.server.stats().chunks + topo.ambient.server.stats().chunks;
     topo.shutdown().await;
     let (scenarios, warmup_events) = outcome?;
 
@@ -180,6 +190,7 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
         "  cross-region cold TTFT - direct      = {cold_delta:>7.1} ms = {:.2} RTT (expected ~3: TCP + TLS 1.3 + request)",
         cold_delta / rtt.max(1e-9)
     );
+    let ambient_checks = ambient::print_checks(&scenarios, rtt);
     let itls: Vec<String> = scenarios
         .iter()
         .map(|s| format!("{:.2}", s.metrics.mean_itl_ms))
@@ -191,9 +202,8 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
     );
     let client_events: u64 = scenarios.iter().map(|s| s.sse_events).sum::<u64>() + warmup_events;
     println!(
-        "  SSE events sent by server / received = {} / {client_events}{}",
-        server_stats.chunks,
-        if server_stats.chunks == client_events {
+        "  SSE events sent by server / received = {server_chunks} / {client_events}{}",
+        if server_chunks == client_events {
             " (every event arrived as its own event)"
         } else {
             " (MISMATCH)"
@@ -236,7 +246,8 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
             "keepalive_ttft_delta_rtts": keep_delta / rtt.max(1e-9),
             "cold_ttft_delta_ms": cold_delta,
             "cold_ttft_delta_rtts": cold_delta / rtt.max(1e-9),
-            "server_sse_events": server_stats.chunks,
+            "ambient": ambient_checks,
+            "server_sse_events": server_chunks,
             "client_sse_events": client_events,
         }),
         gateway_counters: counters,
@@ -265,17 +276,15 @@ async fn run_scenarios(
     } else {
         indicatif::MultiProgress::new()
     };
+    let progress = |name: &'static str| {
+        let bar = bars.add(indicatif::ProgressBar::new(num_prompts as u64));
+        ProgressSink::from_bar(bar, name)
+    };
     let mut results = Vec::new();
     let mut warmup_events = 0;
     for sc in &SCENARIOS {
-        let mut cfg = RunConfig::new(format!("https://{SERVICE_HOST}:{SERVICE_PORT}"));
-        cfg.backend = Backend::SglangOaiChat;
-        cfg.model = Some("demo-model".into());
-        cfg.num_prompts = num_prompts;
-        cfg.max_concurrency = Some(args.concurrency);
-        cfg.random_input_len = args.input_len;
-        cfg.random_output_len = output_len;
-        cfg.random_range_ratio = 1.0;
+        let mut cfg = load_config(args, num_prompts, output_len);
+        cfg.base_url = format!("https://{SERVICE_HOST}:{SERVICE_PORT}");
         cfg.connection = sc.connection;
         // Keepalive: warm one connection per in-flight slot so no measured request dials.
         cfg.warmup_requests = match sc.connection {
@@ -290,40 +299,90 @@ async fn run_scenarios(
             cfg.connect_to = Some(topo.server_addr.to_string());
             cfg.sni = Some(SERVICE_HOST.into());
         }
-        let bar = bars.add(indicatif::ProgressBar::new(num_prompts as u64));
-        let progress = ProgressSink::from_bar(bar, sc.name);
-        let result = run_benchmark(&cfg, Some(&progress))
+        let result = run_benchmark(&cfg, Some(&progress(sc.name)))
             .await
             .with_context(|| format!("scenario {}", sc.name))?;
-        warmup_events += result.warmup_sse_events;
-        if result.metrics.failed > 0 {
-            eprintln!(
-                "{}: {} of {num_prompts} requests failed: {:?}",
-                sc.name, result.metrics.failed, result.first_errors
-            );
-        }
-        let settings = serde_json::json!({
-            "cross_region": sc.cross_region,
-            "connection": format!("{:?}", cfg.connection).to_lowercase(),
-            "backend": format!("{:?}", cfg.backend),
-            "num_prompts": cfg.num_prompts,
-            "max_concurrency": cfg.max_concurrency,
-            "request_rate": cfg.request_rate.to_string(),
-            "random_input_len": cfg.random_input_len,
-            "random_output_len": cfg.random_output_len,
-            "random_range_ratio": cfg.random_range_ratio,
-            "warmup_requests": cfg.warmup_requests,
-            "seed": cfg.seed,
-            "sni": cfg.sni,
-            "connect_to": cfg.connect_to,
-            "request_timeout_s": cfg.request_timeout.as_secs_f64(),
-        });
-        results.push(ScenarioResult::new(
+        let path = serde_json::json!({"cross_region": sc.cross_region});
+        results.push(scenario_result(
             sc.name,
             sc.description,
-            settings,
+            path,
+            &cfg,
             &result,
         ));
+        warmup_events += result.warmup_sse_events;
+    }
+    for sc in &ambient::SCENARIOS {
+        let mut cfg = load_config(args, num_prompts, output_len);
+        // The pooled outer connection is open before the run; warming one request per
+        // in-flight slot also leaves the ztunnels' TLS session caches as in steady state.
+        cfg.warmup_requests = match sc.outer {
+            OuterConnection::Pooled => args.concurrency,
+            OuterConnection::PerConnection => 1,
+        };
+        let result = ambient::run_ambient(topo, sc.outer, &mut cfg, Some(&progress(sc.name)))
+            .await
+            .with_context(|| format!("scenario {}", sc.name))?;
+        let path = serde_json::json!({
+            "cross_region": true,
+            "ambient_outer_connection": format!("{:?}", sc.outer).to_lowercase(),
+        });
+        results.push(scenario_result(
+            sc.name,
+            sc.description,
+            path,
+            &cfg,
+            &result,
+        ));
+        warmup_events += result.warmup_sse_events;
     }
     Ok((results, warmup_events))
+}
+
+/// The load every scenario runs; the scenario sets the target and connection handling.
+fn load_config(args: &Args, num_prompts: usize, output_len: usize) -> RunConfig {
+    let mut cfg = RunConfig::new(format!("https://{SERVICE_HOST}:{SERVICE_PORT}"));
+    cfg.backend = Backend::SglangOaiChat;
+    cfg.model = Some("demo-model".into());
+    cfg.num_prompts = num_prompts;
+    cfg.max_concurrency = Some(args.concurrency);
+    cfg.random_input_len = args.input_len;
+    cfg.random_output_len = output_len;
+    cfg.random_range_ratio = 1.0;
+    cfg
+}
+
+/// A scenario's results.json entry; reports failed requests on stderr.
+fn scenario_result(
+    name: &str,
+    description: &str,
+    path: serde_json::Value,
+    cfg: &RunConfig,
+    result: &crate::run::BenchResult,
+) -> ScenarioResult {
+    if result.metrics.failed > 0 {
+        eprintln!(
+            "{name}: {} of {} requests failed: {:?}",
+            result.metrics.failed, cfg.num_prompts, result.first_errors
+        );
+    }
+    let mut settings = serde_json::json!({
+        "connection": format!("{:?}", cfg.connection).to_lowercase(),
+        "backend": format!("{:?}", cfg.backend),
+        "num_prompts": cfg.num_prompts,
+        "max_concurrency": cfg.max_concurrency,
+        "request_rate": cfg.request_rate.to_string(),
+        "random_input_len": cfg.random_input_len,
+        "random_output_len": cfg.random_output_len,
+        "random_range_ratio": cfg.random_range_ratio,
+        "warmup_requests": cfg.warmup_requests,
+        "seed": cfg.seed,
+        "sni": cfg.sni,
+        "connect_to": cfg.connect_to,
+        "request_timeout_s": cfg.request_timeout.as_secs_f64(),
+    });
+    if let (Some(settings), serde_json::Value::Object(path)) = (settings.as_object_mut(), path) {
+        settings.extend(path);
+    }
+    ScenarioResult::new(name, description, settings, result)
 }

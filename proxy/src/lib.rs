@@ -2,7 +2,9 @@
 //!
 //! The data path reads top to bottom: [`listener`] accepts, [`connection`] reads the
 //! ClientHello ([`client_hello`]), routes ([`routing`], [`istio_sni`]), connects
-//! ([`connect`], [`balance`]) and relays ([`copy`]). Config and routes are plain data from
+//! ([`connect`], [`balance`]) and relays ([`copy`]). `hbone` listeners ([`hbone`]) terminate
+//! mTLS + HTTP/2 instead and route each CONNECT stream through the same routing and connect
+//! steps. Config and routes are plain data from
 //! `eastwest-routes`, validated once and swapped atomically; nothing on the data path locks.
 
 mod admin;

@@ -54,32 +54,34 @@ impl ScenarioResult {
     }
 }
 
-pub const COLORS: [&str; 4] = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"];
+pub const COLORS: [&str; 6] = [
+    "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b",
+];
 
 /// TTFT, ITL, TPOT, E2E as mean/p50/p99 per scenario.
 pub fn comparison_table(scenarios: &[ScenarioResult]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<24} {:>5} {:>4} | {:^23} | {:^23} | {:^23} | {:^23} |",
+        "{:<26} {:>5} {:>4} | {:^23} | {:^23} | {:^23} | {:^23} |",
         "", "", "", "TTFT ms", "ITL ms", "TPOT ms", "E2E ms"
     );
     let sub = format!(" {:>7} {:>7} {:>7} |", "mean", "p50", "p99");
     let _ = writeln!(
         s,
-        "{:<24} {:>5} {:>4} |{}",
+        "{:<26} {:>5} {:>4} |{}",
         "scenario",
         "ok",
         "fail",
         sub.repeat(4)
     );
-    let _ = writeln!(s, "{}", "-".repeat(24 + 11 + 2 + 4 * 26));
+    let _ = writeln!(s, "{}", "-".repeat(26 + 11 + 2 + 4 * 26));
     for sc in scenarios {
         let m = &sc.metrics;
         let trio = |a: f64, b: f64, c: f64| format!("{a:>7.1} {b:>7.1} {c:>7.1}");
         let _ = writeln!(
             s,
-            "{:<24} {:>5} {:>4} | {} | {} | {} | {} |",
+            "{:<26} {:>5} {:>4} | {} | {} | {} | {} |",
             sc.name,
             m.completed,
             m.failed,

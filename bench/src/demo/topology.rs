@@ -1,6 +1,7 @@
 //! The seed's two-region path, in-process on 127.0.0.1:
 //! fra client --(WAN link, RTT)--> ash east-west gateway (eastwest-proxy, AUTO_PASSTHROUGH)
-//! --> ash model server (mTLS, SPIFFE certs from one mesh root, per-cluster intermediates).
+//! --> ash model server (mTLS, SPIFFE certs from one mesh root, per-cluster intermediates);
+//! and the ambient path through the same gateway's `hbone` listener ([`super::ambient`]).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -11,6 +12,7 @@ use eastwest_routes::{
     Endpoint, ListenerConfig, ListenerMode, ProxyConfig, RouteTable, Service, ServicePort,
 };
 
+use super::ambient::{AmbientDestination, AmbientTopology};
 use crate::run::TlsClient;
 use crate::serve::{ModelServer, ServeConfig};
 use crate::wan::{WanLink, WanOptions};
@@ -41,6 +43,8 @@ pub struct Topology {
     pub metrics_addr: SocketAddr,
     pub server_id: SpiffeId,
     pub client_id: SpiffeId,
+    /// Double HBONE through the gateway's `hbone` listener to the ambient pod.
+    pub ambient: AmbientTopology,
 }
 
 impl Topology {
@@ -76,12 +80,24 @@ impl Topology {
         .await
         .context("starting the ash model server")?;
         let server_addr = server.local_addr();
+        let ambient = AmbientDestination::start(
+            &mesh,
+            &server_identity,
+            &client_id,
+            ServeConfig {
+                ttft: opts.ttft,
+                itl: opts.itl,
+                model: "demo-model".into(),
+                ..ServeConfig::default()
+            },
+        )
+        .await?;
 
-        let mut cfg = ProxyConfig::with_listeners(vec![ListenerConfig::new(
-            "tls",
-            loopback,
-            ListenerMode::AutoPassthrough,
-        )]);
+        let mut cfg = ProxyConfig::with_listeners(vec![
+            ListenerConfig::new("tls", loopback, ListenerMode::AutoPassthrough),
+            ListenerConfig::new("hbone", loopback, ListenerMode::Hbone),
+        ]);
+        cfg.identity = Some(ambient.gateway_identity());
         cfg.admin = eastwest_routes::AdminConfig::loopback_any_port();
         cfg.routes = RouteTable {
             services: vec![Service {
@@ -93,7 +109,8 @@ impl Topology {
                     endpoints: vec![Endpoint {
                         address: server_addr,
                         labels: Default::default(),
-                        hbone_port: None,
+                        // The pod is ambient-captured: its ztunnel takes HBONE here.
+                        hbone_port: Some(ambient.hbone_port()),
                         workload: None,
                     }],
                 }],
@@ -101,12 +118,22 @@ impl Topology {
             .into()],
             ..Default::default()
         };
-        let proxy = eastwest_proxy::Proxy::start(cfg)
-            .await
-            .context("starting the ash east-west gateway")?;
+        let proxy = match eastwest_proxy::Proxy::start(cfg).await {
+            Ok(proxy) => proxy,
+            Err(err) => {
+                ambient.shutdown().await;
+                return Err(err).context("starting the ash east-west gateway");
+            }
+        };
         let gateway_addr = proxy
             .listener_addr("tls")
             .context("gateway has no \"tls\" listener")?;
+        let hbone_addr = proxy
+            .listener_addr("hbone")
+            .context("gateway has no \"hbone\" listener")?;
+        let ambient = ambient
+            .connect(hbone_addr, opts.rtt, &client_identity, &server_id)
+            .await?;
         let metrics_addr = proxy.metrics_addr();
 
         let wan = WanLink::start(
@@ -134,6 +161,7 @@ impl Topology {
             metrics_addr,
             server_id,
             client_id,
+            ambient,
         })
     }
 
@@ -141,6 +169,7 @@ impl Topology {
     pub async fn shutdown(self) {
         self.proxy.shutdown().await;
         self.wan.shutdown().await;
+        self.ambient.shutdown().await;
         self.server.shutdown().await;
     }
 }

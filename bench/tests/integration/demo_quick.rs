@@ -20,6 +20,8 @@ fn quick_demo_writes_results_and_plots() {
         "direct (in-region)",
         "cross-region keepalive",
         "cross-region cold",
+        "ambient cross-region warm",
+        "ambient cross-region cold",
     ] {
         assert!(stdout.contains(name), "table lacks {name}:\n{stdout}");
     }
@@ -27,7 +29,7 @@ fn quick_demo_writes_results_and_plots() {
     let results: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("results.json")).unwrap()).unwrap();
     let scenarios = results["scenarios"].as_array().unwrap();
-    assert_eq!(scenarios.len(), 3);
+    assert_eq!(scenarios.len(), 5);
     for sc in scenarios {
         let m = &sc["metrics"];
         assert_eq!(m["completed"], 8, "{}", sc["name"]);
@@ -45,6 +47,13 @@ fn quick_demo_writes_results_and_plots() {
         results["checks"]["client_sse_events"]
     );
     assert!(results["gateway_counters"].as_object().is_some());
+    // The ambient path's RTT accounting, per scenario.
+    for name in ["ambient cross-region warm", "ambient cross-region cold"] {
+        let check = &results["checks"]["ambient"][name];
+        assert!(check["ttft_delta_rtts"].is_f64(), "{name}: {check}");
+        assert!(check["expected_rtts"].is_u64(), "{name}: {check}");
+    }
+    assert!(results["topology"]["ambient"]["gateway_hbone"].is_string());
 
     // Which build, when, and every setting, so a results.json explains itself.
     let build = &results["eastwest"];
@@ -84,8 +93,9 @@ fn quick_demo_writes_results_and_plots() {
             doc.descendants()
                 .filter(|n| n.has_tag_name("polyline"))
                 .count(),
-            3
+            5
         );
         assert!(text.contains("cross-region cold"));
+        assert!(text.contains("ambient cross-region cold"));
     }
 }

@@ -1,6 +1,8 @@
 //! eastwest-bench end to end: serve, run, wan and demo over real sockets.
 //! One test binary per crate: each links once, which keeps a fresh build small and quick.
 
+mod ambient_destination;
+mod demo_ambient;
 mod demo_quick;
 mod run_compat;
 mod run_failures;

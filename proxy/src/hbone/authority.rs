@@ -35,8 +35,13 @@ pub fn parse(authority: &str) -> Result<Authority<'_>, AuthorityError> {
     if hostname.starts_with('[') || hostname.contains(':') {
         return Err(AuthorityError::IpAddress);
     }
-    // Digits only: u16's parser also takes a leading '+'.
-    if port.is_empty() || port.len() > 5 || !port.bytes().all(|b| b.is_ascii_digit()) {
+    // Digits only (u16's parser also takes a leading '+'), and no leading zero: one spelling
+    // per port, so what is logged is what was routed (found by the fuzz target).
+    if port.is_empty()
+        || port.len() > 5
+        || port.starts_with('0')
+        || !port.bytes().all(|b| b.is_ascii_digit())
+    {
         return Err(AuthorityError::BadPort(port.to_string()));
     }
     let port: u16 = match port.parse() {
