@@ -19,6 +19,7 @@ pub mod metrics;
 mod outlier;
 mod reload;
 mod routing;
+mod token_timing;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
