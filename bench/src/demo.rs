@@ -7,6 +7,7 @@
 //! TCP+TLS connection per request. Prints one comparison table, writes results.json and
 //! TTFT/ITL CDF plots (SVG) to `--out`.
 
+mod gateway_timing;
 mod report;
 mod svg;
 pub mod topology;
@@ -114,6 +115,7 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("creating --out {}", args.out.display()))?;
     let started = Instant::now();
 
+    gateway_timing::install();
     let topo = Topology::start(&opts).await?;
     println!("eastwest demo: Open WebUI in fra -> sglang in ash, all on 127.0.0.1");
     println!(
@@ -318,6 +320,17 @@ async fn run_scenarios(
             "connect_to": cfg.connect_to,
             "request_timeout_s": cfg.request_timeout.as_secs_f64(),
         });
+        let m = &result.metrics;
+        if let Some(line) =
+            gateway_timing::take_line(m.median_ttft_ms, m.median_itl_ms, ms(args.rtt))
+        {
+            let line = format!("{}: {line}", sc.name);
+            if bars.is_hidden() {
+                println!("{line}");
+            } else {
+                bars.println(line)?;
+            }
+        }
         results.push(ScenarioResult::new(
             sc.name,
             sc.description,
