@@ -289,6 +289,97 @@ mod tests {
         assert_eq!(headers_seen(&stream, &every), want);
     }
 
+    /// Events this thread's relays observed (the observer is per process; tests run in
+    /// parallel threads).
+    fn events_of_this_thread() -> Vec<crate::metrics::token::StreamEvent> {
+        use crate::metrics::token::{observe_streams, StreamEvent};
+        use std::sync::Mutex;
+        use std::thread::ThreadId;
+        static EVENTS: Mutex<Vec<(ThreadId, StreamEvent)>> = Mutex::new(Vec::new());
+        observe_streams(|e| {
+            EVENTS
+                .lock()
+                .unwrap()
+                .push((std::thread::current().id(), e))
+        });
+        let me = std::thread::current().id();
+        let mut all = EVENTS.lock().unwrap();
+        let mine = all
+            .iter()
+            .filter(|(t, _)| *t == me)
+            .map(|(_, e)| *e)
+            .collect();
+        all.retain(|(t, _)| *t != me);
+        mine
+    }
+
+    fn kinds(events: &[crate::metrics::token::StreamEvent]) -> Vec<&'static str> {
+        use crate::metrics::token::StreamEvent;
+        events
+            .iter()
+            .map(|e| match e {
+                StreamEvent::FirstResponse(_) => "first",
+                StreamEvent::Gap(_) => "gap",
+            })
+            .collect()
+    }
+
+    fn cat(records: &[(u8, usize)]) -> Vec<u8> {
+        records.iter().flat_map(|&(k, l)| record(k, l)).collect()
+    }
+
+    #[test]
+    fn tls12_after_ccs_and_finished_requests_and_responses_are_timed() {
+        events_of_this_thread();
+        let metrics = StreamMetrics::noop();
+        let t = ConnectionTiming::new(&metrics, Duration::from_secs(1));
+        let (mut up, mut down) = (RecordFollower::new(Way::Up), RecordFollower::new(Way::Down));
+        // ServerHello..Done; the client's key exchange, CCS, Finished; the server's ticket,
+        // CCS, Finished: all handshake.
+        t.relayed(&mut down, &cat(&[(22, 2000)]));
+        t.relayed(&mut up, &cat(&[(22, 70), (20, 1), (22, 40)]));
+        t.relayed(&mut down, &cat(&[(22, 200), (20, 1), (22, 40)]));
+        assert_eq!(events_of_this_thread(), []);
+        t.relayed(&mut up, &cat(&[(23, 300)]));
+        for _ in 0..3 {
+            t.relayed(&mut down, &cat(&[(23, 120)]));
+        }
+        // A WINDOW_UPDATE-sized record mid-stream is control, not a new request.
+        t.relayed(&mut up, &cat(&[(23, 37)]));
+        t.relayed(&mut down, &cat(&[(23, 120)]));
+        assert_eq!(
+            kinds(&events_of_this_thread()),
+            ["first", "gap", "gap", "gap"]
+        );
+        // The next request starts a new response.
+        t.relayed(&mut up, &cat(&[(23, 300)]));
+        t.relayed(&mut down, &cat(&[(23, 120), (23, 120)]));
+        assert_eq!(kinds(&events_of_this_thread()), ["first", "gap"]);
+    }
+
+    #[test]
+    fn tls13_server_flight_and_session_tickets_are_not_responses() {
+        events_of_this_thread();
+        let metrics = StreamMetrics::noop();
+        let t = ConnectionTiming::new(&metrics, Duration::from_secs(1));
+        let (mut up, mut down) = (RecordFollower::new(Way::Up), RecordFollower::new(Way::Down));
+        // ServerHello, CCS, then the encrypted flight (EncryptedExtensions .. Finished).
+        t.relayed(&mut down, &cat(&[(22, 90), (20, 1), (23, 40), (23, 1500)]));
+        t.relayed(&mut down, &cat(&[(23, 300), (23, 60)]));
+        // The client's CCS, encrypted Finished, and its request.
+        t.relayed(&mut up, &cat(&[(20, 1), (23, 60), (23, 300)]));
+        // Two session tickets in one read: skipped.
+        t.relayed(&mut down, &cat(&[(23, 90), (23, 90)]));
+        assert_eq!(events_of_this_thread(), []);
+        for _ in 0..4 {
+            t.relayed(&mut down, &cat(&[(23, 120)]));
+        }
+        assert_eq!(
+            kinds(&events_of_this_thread()),
+            ["first", "gap", "gap", "gap"]
+        );
+    }
+
     #[test]
     fn arbitrary_bytes_never_panic_and_garbage_stops_following() {
         let mut f = RecordFollower::new(Way::Up);
