@@ -9,6 +9,7 @@
 //! Prints one comparison table, writes results.json and TTFT/ITL CDF plots (SVG) to `--out`.
 
 pub mod ambient;
+mod gateway_timing;
 mod report;
 mod svg;
 pub mod topology;
@@ -117,6 +118,7 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("creating --out {}", args.out.display()))?;
     let started = Instant::now();
 
+    gateway_timing::install();
     let topo = Topology::start(&opts).await?;
     println!("eastwest demo: Open WebUI in fra -> sglang in ash, all on 127.0.0.1");
     println!(
@@ -280,6 +282,15 @@ async fn run_scenarios(
         let bar = bars.add(indicatif::ProgressBar::new(num_prompts as u64));
         ProgressSink::from_bar(bar, name)
     };
+    // Above the progress bars while they draw; plain lines when they are hidden.
+    let print_line = |line: &str| -> anyhow::Result<()> {
+        if bars.is_hidden() {
+            println!("{line}");
+        } else {
+            bars.println(line)?;
+        }
+        Ok(())
+    };
     let mut results = Vec::new();
     let mut warmup_events = 0;
     for sc in &SCENARIOS {
@@ -303,6 +314,12 @@ async fn run_scenarios(
             .await
             .with_context(|| format!("scenario {}", sc.name))?;
         let path = serde_json::json!({"cross_region": sc.cross_region});
+        let m = &result.metrics;
+        if let Some(line) =
+            gateway_timing::take_line(m.median_ttft_ms, m.median_itl_ms, ms(args.rtt))
+        {
+            print_line(&format!("{}: {line}", sc.name))?;
+        }
         results.push(scenario_result(
             sc.name,
             sc.description,

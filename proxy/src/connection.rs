@@ -102,6 +102,7 @@ pub(crate) async fn serve(
         idle: upstream_config.idle_timeout,
         upstream_keepalive: upstream_config.tcp_keepalive,
         splice: upstream_config.splice,
+        stall_threshold: upstream_config.stall_threshold,
     };
     // The snapshot is not needed any more; don't pin old configs for the connection's life.
     drop(routing);
@@ -112,6 +113,7 @@ pub(crate) async fn serve(
         &mut downstream,
         &mut upstream,
         (&series.to_upstream, &series.to_downstream),
+        &route_metrics.stream,
         relay_config,
         shared.hard_stop.cancelled(),
     )

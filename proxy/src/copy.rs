@@ -12,6 +12,10 @@
 //! switches to `splice(2)` through a pooled pipe ([`pipe`]), so its bytes are not copied into
 //! the proxy and out again. It still moves whatever has arrived at once, so it behaves like the
 //! copy path: only cheaper per byte.
+//!
+//! The copy path also follows the TLS record headers of what it relayed, for token timing
+//! ([`crate::token_timing`]); a spliced direction is no longer followed (bulk is not token
+//! streaming).
 
 mod pipe;
 
@@ -29,6 +33,8 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::connect::keepalive;
+use crate::metrics::token::StreamMetrics;
+use crate::token_timing::{ConnectionTiming, RecordFollower, Way};
 use pipe::Pipe;
 
 /// Buffer sizes, and how many bytes a direction must have moved to use each.
@@ -69,6 +75,8 @@ pub struct RelayConfig {
     pub idle: Duration,
     pub upstream_keepalive: Duration,
     pub splice: Splice,
+    /// A response record gap above this is a stall.
+    pub stall_threshold: Duration,
 }
 
 /// One direction's share of the relay: where its bytes are counted, and the state both share.
@@ -78,6 +86,8 @@ struct Direction<'a> {
     activity: &'a Activity,
     one_side_done: &'a AtomicBool,
     splice: Splice,
+    timing: &'a ConnectionTiming<'a>,
+    way: Way,
 }
 
 /// Relays until both directions end, an error, `idle` without traffic, or `cancel`.
@@ -90,6 +100,7 @@ pub async fn relay(
     downstream: &mut TcpStream,
     upstream: &mut TcpStream,
     counters: (&Counter, &Counter),
+    stream: &StreamMetrics,
     config: RelayConfig,
     cancel: impl std::future::Future<Output = ()>,
 ) -> CopyResult {
@@ -97,8 +108,10 @@ pub async fn relay(
         idle,
         upstream_keepalive,
         splice,
+        stall_threshold,
     } = config;
     let activity = Activity::new();
+    let timing = ConnectionTiming::new(stream, stall_threshold);
     let upstream_fd = upstream.as_raw_fd();
     let arm_keepalive = move || {
         // SAFETY: `upstream` owns this descriptor and stays borrowed, so open, until relay
@@ -125,6 +138,8 @@ pub async fn relay(
                     activity: &activity,
                     one_side_done: &one_side_done,
                     splice,
+                    timing: &timing,
+                    way: Way::Up,
                 },
             ),
             pump(
@@ -136,6 +151,8 @@ pub async fn relay(
                     activity: &activity,
                     one_side_done: &one_side_done,
                     splice,
+                    timing: &timing,
+                    way: Way::Down,
                 },
             ),
         )
@@ -196,11 +213,14 @@ async fn pump(
     let mut moved: u64 = 0;
     // Bytes moved in reads that filled the buffer: what tells bulk from small messages.
     let mut bulk: u64 = 0;
+    let mut records = RecordFollower::new(dir.way);
     loop {
         if dir.splice == Splice::Auto && bulk >= SPLICE_AFTER {
             if let Some(b) = buf.take() {
                 give(b);
             }
+            // Spliced bytes are never seen here: stop following (and won't resume in sync).
+            records.stop();
             // Boxed: its state would otherwise enlarge every connection's future, also the
             // idle ones that never splice (one allocation per direction that switches).
             if Box::pin(splice_until_eof(reader, writer, &dir)).await? {
@@ -226,6 +246,8 @@ async fn pump(
             return end(writer, &dir).await;
         }
         writer.write_all(&b[..n]).await?;
+        // After the write: following the records never delays a byte.
+        dir.timing.relayed(&mut records, &b[..n]);
         dir.moved(n);
         moved += n as u64;
         // A full read: more is probably waiting, so keep reading into this buffer unless the
@@ -409,11 +431,14 @@ mod tests {
             idle: hour,
             upstream_keepalive: hour,
             splice,
+            stall_threshold: hour,
         };
+        let stream = StreamMetrics::noop();
         let relay = relay(
             &mut ends.downstream,
             &mut ends.upstream,
             (&sent, &received),
+            &stream,
             config,
             std::future::pending(),
         );

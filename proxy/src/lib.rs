@@ -24,6 +24,7 @@ pub mod metrics;
 mod outlier;
 mod reload;
 mod routing;
+mod token_timing;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -10,6 +10,9 @@ use metrics::{
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
+/// Token timing (TLS record cadence) families.
+pub mod token;
+
 pub const CONNECTIONS_OPENED: &str = "eastwest_connections_opened_total";
 pub const CONNECTIONS_CLOSED: &str = "eastwest_connections_closed_total";
 pub const CONNECTIONS_ACTIVE: &str = "eastwest_connections_active";
@@ -64,7 +67,8 @@ pub fn recorder() -> &'static PrometheusHandle {
             })
             .and_then(|b| {
                 b.set_buckets_for_metric(Matcher::Full(CONNECTION_DURATION.into()), &lifetime)
-            });
+            })
+            .and_then(token::buckets);
         let recorder = match builder {
             Ok(b) => b.build_recorder(),
             // Only fails for empty bucket lists, which the constants above are not.
@@ -76,6 +80,7 @@ pub fn recorder() -> &'static PrometheusHandle {
         }
         describe();
         crate::istio_metrics::describe();
+        token::describe();
         handle
     })
 }

@@ -87,6 +87,8 @@ pub struct RouteMetrics {
     pub bytes_to_upstream: Counter,
     pub bytes_to_downstream: Counter,
     pub connect_duration: Histogram,
+    /// Token timing: first response, record gaps and stalls.
+    pub stream: m::token::StreamMetrics,
     /// `closed_total{result="routed"}` for the first listener that routed here (nearly
     /// always the only one).
     closed_routed: OnceLock<(Arc<str>, Counter)>,
@@ -112,6 +114,7 @@ impl UpstreamSet {
             bytes_to_upstream: m::bytes(&self.route, m::TO_UPSTREAM),
             bytes_to_downstream: m::bytes(&self.route, m::TO_DOWNSTREAM),
             connect_duration: metrics::histogram!(m::CONNECT_DURATION, "route" => self.route.to_string()),
+            stream: m::token::StreamMetrics::new(&self.route),
             closed_routed: OnceLock::new(),
         })
     }

@@ -265,6 +265,11 @@ pub struct UpstreamConfig {
     /// leave as soon as they arrive. `off`: always read and write.
     #[serde(default)]
     pub splice: Splice,
+    /// A gap this long between two records of a streaming response counts as a stall
+    /// (`eastwest_stream_stalls_total`): a token stream that stopped, read from TLS record
+    /// timing at the gateway.
+    #[serde(default = "defaults::stall_threshold", with = "humantime_serde")]
+    pub stall_threshold: Duration,
     #[serde(default)]
     pub outlier_detection: OutlierDetection,
 }
@@ -412,6 +417,9 @@ mod defaults {
     pub fn tcp_keepalive() -> Duration {
         Duration::from_secs(60)
     }
+    pub fn stall_threshold() -> Duration {
+        Duration::from_secs(1)
+    }
     pub fn hello_timeout() -> Duration {
         Duration::from_secs(10)
     }
@@ -458,6 +466,7 @@ impl Default for UpstreamConfig {
             tcp_keepalive: defaults::tcp_keepalive(),
             load_balancing: LoadBalancing::default(),
             splice: Splice::default(),
+            stall_threshold: defaults::stall_threshold(),
             outlier_detection: OutlierDetection::default(),
         }
     }
@@ -558,6 +567,12 @@ impl ProxyConfig {
         self.upstream.outlier_detection.validate(&mut errors);
         if self.upstream.idle_timeout.is_zero() {
             errors.push(Invalid::new("upstream.idle_timeout", "must be more than 0"));
+        }
+        if self.upstream.stall_threshold.is_zero() {
+            errors.push(Invalid::new(
+                "upstream.stall_threshold",
+                "must be more than 0",
+            ));
         }
         // Linux takes TCP_KEEPIDLE in whole seconds, 1 to 32767; outside that every bind and
         // upstream socket would fail with EINVAL.

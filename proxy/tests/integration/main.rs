@@ -17,3 +17,4 @@ mod passthrough;
 mod running;
 mod splice;
 mod support;
+mod token_timing;

@@ -1,0 +1,414 @@
+//! Token timing without decrypting: the TLS record headers of a relayed connection, followed
+//! as the bytes pass, tell when a request went up and when each response record came back.
+//!
+//! Each direction runs a [`RecordFollower`]: a 5-byte-header state machine that skips record
+//! payloads and tolerates headers split across reads. It only looks at bytes already relayed,
+//! keeps no copy of them, allocates nothing and never waits. Both directions share one
+//! [`ConnectionTiming`] (atomics, no lock): a client→server message record marks a request
+//! pending; the next server→client message record is its first response record, and the
+//! following ones are gaps of the streaming response. A direction that switches to splice
+//! (bulk) is no longer followed: bulk is not token streaming. See docs/telemetry.md, "token
+//! timing", for the heuristics and where they are wrong.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::metrics::token::StreamMetrics;
+
+const CHANGE_CIPHER_SPEC: u8 = 20;
+const ALERT: u8 = 21;
+const HANDSHAKE: u8 = 22;
+const APPLICATION_DATA: u8 = 23;
+const HEARTBEAT: u8 = 24;
+
+/// Application-data records with a payload this small are taken for protocol control, not a
+/// message: HTTP/2 WINDOW_UPDATE, PING, SETTINGS (ack), RST_STREAM frames are 9–17 bytes,
+/// 26–41 bytes once sealed (TLS 1.3: +1 content type +16 tag; TLS 1.2 GCM: +24). A request's
+/// headers or a streamed token event are larger.
+pub const CONTROL_RECORD_MAX: u16 = 47;
+
+/// Where a direction is in the TLS handshake, as its record headers show it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Plaintext handshake records; `ccs` once a ChangeCipherSpec passed.
+    Handshake { ccs: bool },
+    /// Server→client, TLS 1.3: encrypted handshake flight (and 0.5-RTT data) until the client's
+    /// encrypted flight, then one read of session tickets to skip.
+    ServerFlight,
+    /// Application data: records are messages (or control).
+    Data,
+    /// Not a TLS record stream we understand (or bulk): no longer followed.
+    Lost,
+}
+
+/// Which way a follower's bytes go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Way {
+    /// Client → server: message records are requests.
+    Up,
+    /// Server → client: message records are responses.
+    Down,
+}
+
+/// One direction's record-header state machine.
+#[derive(Debug)]
+pub struct RecordFollower {
+    way: Way,
+    phase: Phase,
+    /// Header bytes collected so far (0..5); 5 means reading the payload.
+    have: u8,
+    header: [u8; 5],
+    /// Payload bytes of the current record still to pass.
+    skip: usize,
+}
+
+impl RecordFollower {
+    pub fn new(way: Way) -> Self {
+        RecordFollower {
+            way,
+            phase: Phase::Handshake { ccs: false },
+            have: 0,
+            header: [0; 5],
+            skip: 0,
+        }
+    }
+
+    /// Stops following (the direction splices from now on).
+    pub fn stop(&mut self) {
+        self.phase = Phase::Lost;
+    }
+
+    pub fn following(&self) -> bool {
+        self.phase != Phase::Lost
+    }
+
+    /// Follows `chunk`, the next bytes relayed this way; calls `on_record(content_type,
+    /// length)` for each record header completed in it. Any bytes whatsoever are accepted:
+    /// a header that is not TLS stops the following, never the relay.
+    pub fn feed(&mut self, mut chunk: &[u8], mut on_record: impl FnMut(u8, u16)) {
+        while !chunk.is_empty() && self.phase != Phase::Lost {
+            if self.skip > 0 {
+                let n = self.skip.min(chunk.len());
+                self.skip -= n;
+                chunk = &chunk[n..];
+                continue;
+            }
+            let want = 5 - self.have as usize;
+            let n = want.min(chunk.len());
+            self.header[self.have as usize..self.have as usize + n].copy_from_slice(&chunk[..n]);
+            self.have += n as u8;
+            chunk = &chunk[n..];
+            if self.have < 5 {
+                return;
+            }
+            self.have = 0;
+            let [kind, major, _, hi, lo] = self.header;
+            let len = u16::from_be_bytes([hi, lo]);
+            // TLS 1.0–1.3 all write major version 3 in the record layer.
+            if !(CHANGE_CIPHER_SPEC..=HEARTBEAT).contains(&kind) || major != 3 {
+                self.phase = Phase::Lost;
+                return;
+            }
+            self.skip = len as usize;
+            on_record(kind, len);
+        }
+    }
+}
+
+/// What one record means for the connection's timing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Meaning {
+    Nothing,
+    /// A request's record (client → server).
+    Request,
+    /// A response's record (server → client).
+    Response,
+}
+
+/// One connection's timing, shared by its two directions through atomics.
+pub struct ConnectionTiming<'a> {
+    start: Instant,
+    /// Nanoseconds since `start` (+1, so 0 means none) of the pending request's last record.
+    request_at: AtomicU64,
+    /// Same, of the last record of the response streaming now; 0 before any response.
+    response_at: AtomicU64,
+    /// The client sent its first encrypted record (TLS 1.3: its Finished flight).
+    client_encrypted: AtomicBool,
+    metrics: &'a StreamMetrics,
+    stall: Duration,
+}
+
+impl<'a> ConnectionTiming<'a> {
+    pub fn new(metrics: &'a StreamMetrics, stall: Duration) -> Self {
+        ConnectionTiming {
+            start: Instant::now(),
+            request_at: AtomicU64::new(0),
+            response_at: AtomicU64::new(0),
+            client_encrypted: AtomicBool::new(false),
+            metrics,
+            stall,
+        }
+    }
+
+    /// Follows `chunk`, just relayed by `follower`'s direction. The clock is read once per
+    /// chunk, and only when it holds a message record.
+    pub fn relayed(&self, follower: &mut RecordFollower, chunk: &[u8]) {
+        if !follower.following() {
+            return;
+        }
+        let mut now: u64 = 0;
+        // TLS 1.3 session tickets come as one read right after the client's encrypted flight.
+        let skip_chunk =
+            follower.phase == Phase::ServerFlight && self.client_encrypted.load(Ordering::Relaxed);
+        let way = follower.way;
+        let mut phase = follower.phase;
+        follower.feed(chunk, |kind, len| {
+            let meaning = self.classify(way, &mut phase, kind, len);
+            if meaning == Meaning::Nothing {
+                return;
+            }
+            if now == 0 {
+                now = self.start.elapsed().as_nanos() as u64 + 1;
+            }
+            match meaning {
+                Meaning::Request => self.request_at.store(now, Ordering::Relaxed),
+                Meaning::Response => self.response(now),
+                Meaning::Nothing => {}
+            }
+        });
+        if skip_chunk {
+            phase = Phase::Data;
+        }
+        // A follower that lost the stream keeps Lost; otherwise take the new phase.
+        if follower.phase != Phase::Lost {
+            follower.phase = phase;
+        }
+    }
+
+    fn classify(&self, way: Way, phase: &mut Phase, kind: u8, len: u16) -> Meaning {
+        match (*phase, kind) {
+            (_, ALERT | HEARTBEAT) => Meaning::Nothing,
+            (Phase::Handshake { .. }, CHANGE_CIPHER_SPEC) => {
+                *phase = Phase::Handshake { ccs: true };
+                Meaning::Nothing
+            }
+            // TLS 1.2: the encrypted Finished after ChangeCipherSpec ends the handshake.
+            (Phase::Handshake { ccs: true }, HANDSHAKE) => {
+                *phase = Phase::Data;
+                Meaning::Nothing
+            }
+            (Phase::Handshake { .. }, HANDSHAKE) => Meaning::Nothing,
+            // TLS 1.3: encrypted records from the start of the encrypted handshake.
+            (Phase::Handshake { .. }, APPLICATION_DATA) => match way {
+                Way::Up => {
+                    self.client_encrypted.store(true, Ordering::Relaxed);
+                    *phase = Phase::Data;
+                    self.message(way, len)
+                }
+                Way::Down => {
+                    *phase = Phase::ServerFlight;
+                    Meaning::Nothing
+                }
+            },
+            (Phase::ServerFlight, _) => Meaning::Nothing,
+            (Phase::Data, APPLICATION_DATA) => self.message(way, len),
+            // Renegotiation, post-handshake plaintext: not a message.
+            _ => Meaning::Nothing,
+        }
+    }
+
+    fn message(&self, way: Way, len: u16) -> Meaning {
+        if len <= CONTROL_RECORD_MAX {
+            return Meaning::Nothing;
+        }
+        match way {
+            Way::Up => {
+                if !self.client_encrypted.load(Ordering::Relaxed) {
+                    self.client_encrypted.store(true, Ordering::Relaxed);
+                }
+                Meaning::Request
+            }
+            Way::Down => Meaning::Response,
+        }
+    }
+
+    fn response(&self, now: u64) {
+        let request = self.request_at.swap(0, Ordering::Relaxed);
+        if request != 0 {
+            self.response_at.store(now, Ordering::Relaxed);
+            self.metrics
+                .first_response(Duration::from_nanos(now.saturating_sub(request)));
+            return;
+        }
+        let last = self.response_at.swap(now, Ordering::Relaxed);
+        if last != 0 {
+            let gap = Duration::from_nanos(now.saturating_sub(last));
+            self.metrics.gap(gap, gap > self.stall);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(kind: u8, payload: usize) -> Vec<u8> {
+        let mut r = vec![kind, 3, 3];
+        r.extend_from_slice(&(payload as u16).to_be_bytes());
+        r.extend(std::iter::repeat_n(0xAB, payload));
+        r
+    }
+
+    fn headers_seen(bytes: &[u8], splits: &[usize]) -> Vec<(u8, u16)> {
+        let mut f = RecordFollower::new(Way::Down);
+        let mut seen = Vec::new();
+        let mut from = 0;
+        for &at in splits.iter().chain(std::iter::once(&bytes.len())) {
+            f.feed(&bytes[from..at], |k, l| seen.push((k, l)));
+            from = at;
+        }
+        seen
+    }
+
+    #[test]
+    fn headers_split_at_every_offset_are_seen_once_each() {
+        let mut stream = Vec::new();
+        let records = [(22, 90), (20, 1), (23, 300), (23, 0), (23, 64), (21, 2)];
+        for (k, l) in records {
+            stream.extend(record(k, l));
+        }
+        let want: Vec<(u8, u16)> = records.iter().map(|&(k, l)| (k, l as u16)).collect();
+        assert_eq!(headers_seen(&stream, &[]), want);
+        for a in 0..=stream.len() {
+            assert_eq!(headers_seen(&stream, &[a]), want, "split at {a}");
+        }
+        // Byte by byte.
+        let every: Vec<usize> = (1..stream.len()).collect();
+        assert_eq!(headers_seen(&stream, &every), want);
+    }
+
+    /// Events this thread's relays observed (the observer is per process; tests run in
+    /// parallel threads).
+    fn events_of_this_thread() -> Vec<crate::metrics::token::StreamEvent> {
+        use crate::metrics::token::{observe_streams, StreamEvent};
+        use std::sync::Mutex;
+        use std::thread::ThreadId;
+        static EVENTS: Mutex<Vec<(ThreadId, StreamEvent)>> = Mutex::new(Vec::new());
+        observe_streams(|e| {
+            EVENTS
+                .lock()
+                .unwrap()
+                .push((std::thread::current().id(), e))
+        });
+        let me = std::thread::current().id();
+        let mut all = EVENTS.lock().unwrap();
+        let mine = all
+            .iter()
+            .filter(|(t, _)| *t == me)
+            .map(|(_, e)| *e)
+            .collect();
+        all.retain(|(t, _)| *t != me);
+        mine
+    }
+
+    fn kinds(events: &[crate::metrics::token::StreamEvent]) -> Vec<&'static str> {
+        use crate::metrics::token::StreamEvent;
+        events
+            .iter()
+            .map(|e| match e {
+                StreamEvent::FirstResponse(_) => "first",
+                StreamEvent::Gap(_) => "gap",
+            })
+            .collect()
+    }
+
+    fn cat(records: &[(u8, usize)]) -> Vec<u8> {
+        records.iter().flat_map(|&(k, l)| record(k, l)).collect()
+    }
+
+    #[test]
+    fn tls12_after_ccs_and_finished_requests_and_responses_are_timed() {
+        events_of_this_thread();
+        let metrics = StreamMetrics::noop();
+        let t = ConnectionTiming::new(&metrics, Duration::from_secs(1));
+        let (mut up, mut down) = (RecordFollower::new(Way::Up), RecordFollower::new(Way::Down));
+        // ServerHello..Done; the client's key exchange, CCS, Finished; the server's ticket,
+        // CCS, Finished: all handshake.
+        t.relayed(&mut down, &cat(&[(22, 2000)]));
+        t.relayed(&mut up, &cat(&[(22, 70), (20, 1), (22, 40)]));
+        t.relayed(&mut down, &cat(&[(22, 200), (20, 1), (22, 40)]));
+        assert_eq!(events_of_this_thread(), []);
+        t.relayed(&mut up, &cat(&[(23, 300)]));
+        for _ in 0..3 {
+            t.relayed(&mut down, &cat(&[(23, 120)]));
+        }
+        // A WINDOW_UPDATE-sized record mid-stream is control, not a new request.
+        t.relayed(&mut up, &cat(&[(23, 37)]));
+        t.relayed(&mut down, &cat(&[(23, 120)]));
+        assert_eq!(
+            kinds(&events_of_this_thread()),
+            ["first", "gap", "gap", "gap"]
+        );
+        // The next request starts a new response.
+        t.relayed(&mut up, &cat(&[(23, 300)]));
+        t.relayed(&mut down, &cat(&[(23, 120), (23, 120)]));
+        assert_eq!(kinds(&events_of_this_thread()), ["first", "gap"]);
+    }
+
+    #[test]
+    fn tls13_server_flight_and_session_tickets_are_not_responses() {
+        events_of_this_thread();
+        let metrics = StreamMetrics::noop();
+        let t = ConnectionTiming::new(&metrics, Duration::from_secs(1));
+        let (mut up, mut down) = (RecordFollower::new(Way::Up), RecordFollower::new(Way::Down));
+        // ServerHello, CCS, then the encrypted flight (EncryptedExtensions .. Finished).
+        t.relayed(&mut down, &cat(&[(22, 90), (20, 1), (23, 40), (23, 1500)]));
+        t.relayed(&mut down, &cat(&[(23, 300), (23, 60)]));
+        // The client's CCS, encrypted Finished, and its request.
+        t.relayed(&mut up, &cat(&[(20, 1), (23, 60), (23, 300)]));
+        // Two session tickets in one read: skipped.
+        t.relayed(&mut down, &cat(&[(23, 90), (23, 90)]));
+        assert_eq!(events_of_this_thread(), []);
+        for _ in 0..4 {
+            t.relayed(&mut down, &cat(&[(23, 120)]));
+        }
+        assert_eq!(
+            kinds(&events_of_this_thread()),
+            ["first", "gap", "gap", "gap"]
+        );
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic_and_garbage_stops_following() {
+        let mut f = RecordFollower::new(Way::Up);
+        f.feed(b"GET / HTTP/1.1\r\n", |_, _| panic!("not a record"));
+        assert!(!f.following());
+        // A deterministic pseudo-random sweep of chunks and split points.
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let metrics = StreamMetrics::noop();
+        for _ in 0..2000 {
+            let timing = ConnectionTiming::new(&metrics, Duration::from_secs(1));
+            let mut up = RecordFollower::new(Way::Up);
+            let mut down = RecordFollower::new(Way::Down);
+            for _ in 0..8 {
+                let mut chunk = [0u8; 64];
+                for b in &mut chunk {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    // Mostly plausible record bytes, so the machine goes deep.
+                    *b = match x % 4 {
+                        0 => 20 + (x >> 8) as u8 % 5,
+                        1 => 3,
+                        _ => (x >> 16) as u8 % 64,
+                    };
+                }
+                let n = (x >> 32) as usize % 65;
+                timing.relayed(&mut up, &chunk[..n]);
+                timing.relayed(&mut down, &chunk[n..]);
+            }
+        }
+    }
+}
