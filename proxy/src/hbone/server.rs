@@ -15,6 +15,7 @@ use bytes::{Bytes, BytesMut};
 use h2::server::SendResponse;
 use h2::{Ping, PingPong, Reason, RecvStream, SendStream};
 use http::{Method, Response, StatusCode};
+use metrics::Counter;
 use socket2::SockRef;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -24,9 +25,10 @@ use tokio_rustls::TlsAcceptor;
 use super::authority;
 use super::client::{poll_write_error, read_error};
 use crate::connect::{connect, keepalive};
+use crate::istio_metrics::{self, ConnectionInfo, IstioTcp};
 use crate::listener::ListenerStats;
 use crate::metrics::Outcome;
-use crate::routing::{RouteMetrics, RouteMiss, Routing};
+use crate::routing::{RouteMiss, Routing};
 use crate::Shared;
 
 /// ztunnel's server settings (`src/proxy/h2/server.rs`, `config.rs`): windows big enough for
@@ -259,15 +261,22 @@ async fn stream(
             upstream,
             set,
             guard,
+            istio,
         },
     ) = send;
     let metrics = set.metrics();
     report.outcome = Outcome::Routed;
+    // Each chunk counts once into both families.
+    let counters = (
+        istio_metrics::both(&metrics.bytes_to_upstream, &istio.received),
+        istio_metrics::both(&metrics.bytes_to_downstream, &istio.sent),
+    );
     let relayed = tokio::select! {
-        r = relay(recv, send, upstream, metrics, &mut report) => r,
+        r = relay(recv, send, upstream, (&counters.0, &counters.1), &mut report) => r,
         _ = down.shared.hard_stop.cancelled() => Err(io::Error::other("closed at end of drain")),
     };
     drop(guard);
+    istio.closed.increment(1);
     if let Err(e) = relayed {
         report.detail = e.to_string();
     }
@@ -283,6 +292,7 @@ struct Opened {
     upstream: TcpStream,
     set: Arc<crate::routing::UpstreamSet>,
     guard: crate::balance::ActiveGuard,
+    istio: IstioTcp,
 }
 
 /// Checks, routes and connects a CONNECT; the status to answer when that fails.
@@ -320,11 +330,35 @@ async fn open(
     report.route = Some(set.route.clone());
     let cfg = &routing.config.upstream;
     let connect_started = Instant::now();
+    // Istio's series for the stream, as its gateway reports an HBONE tunnel: one "TCP
+    // connection" per CONNECT, with the source ztunnel's verified SPIFFE ID.
+    let istio = |workload: Option<&eastwest_routes::Workload>, response_flags| {
+        IstioTcp::new(
+            &routing.telemetry,
+            &set.service,
+            workload,
+            routing.trust_domain(),
+            ConnectionInfo {
+                peer_principal: Some(&down.peer_id),
+                response_flags,
+                ..ConnectionInfo::PASSTHROUGH
+            },
+        )
+    };
     let connected = connect(&set, cfg).await.map_err(|e| {
+        let failed = istio(None, istio_metrics::FLAGS_UPSTREAM_FAILURE);
+        failed.opened.increment(1);
+        failed.closed.increment(1);
         report.outcome = Outcome::UpstreamFailed;
         report.detail = e.to_string();
         StatusCode::SERVICE_UNAVAILABLE
     })?;
+    let workload = set
+        .upstreams
+        .get(connected.index)
+        .and_then(|u| u.workload.as_deref());
+    let istio = istio(workload, istio_metrics::FLAGS_NONE);
+    istio.opened.increment(1);
     set.metrics()
         .connect_duration
         .record(connect_started.elapsed().as_secs_f64());
@@ -339,6 +373,7 @@ async fn open(
         upstream: connected.stream,
         set,
         guard: connected.guard,
+        istio,
     })
 }
 
@@ -348,7 +383,7 @@ async fn relay(
     mut recv: RecvStream,
     mut send: SendStream<Bytes>,
     mut upstream: TcpStream,
-    metrics: &RouteMetrics,
+    (bytes_to_upstream, bytes_to_downstream): (&Counter, &Counter),
     report: &mut StreamReport,
 ) -> io::Result<()> {
     let (mut up_read, mut up_write) = upstream.split();
@@ -365,7 +400,7 @@ async fn relay(
             };
             up_write.write_all(&data).await?;
             to_upstream += data.len() as u64;
-            metrics.bytes_to_upstream.increment(data.len() as u64);
+            bytes_to_upstream.increment(data.len() as u64);
             // Credit back only what reached the upstream: a slow upstream slows this stream
             // alone, never the connection's other streams.
             let _ = recv.flow_control().release_capacity(data.len());
@@ -387,7 +422,7 @@ async fn relay(
                 };
             }
             to_downstream += n as u64;
-            metrics.bytes_to_downstream.increment(n as u64);
+            bytes_to_downstream.increment(n as u64);
             let mut chunk = buf.split().freeze();
             while !chunk.is_empty() {
                 send.reserve_capacity(chunk.len());

@@ -242,10 +242,22 @@ async fn double_hbone_through_the_gateway_reaches_the_destination_ztunnel() {
     let (log, _subscriber) = crate::access_log::Captured::install();
     let a = ambient();
     let dest = destination_ztunnel("east-ztunnel", &a.destination).await;
+    // A workload of its own: Istio's series are process-wide and other tests use REVIEWS.
+    let endpoint = Endpoint {
+        workload: Some(Arc::new(eastwest_routes::Workload {
+            name: "reviews-double-hbone".into(),
+            namespace: "bookinfo".into(),
+            app: Some("reviews".into()),
+            version: Some("v1".into()),
+            service_account: Some("bookinfo-reviews".into()),
+            cluster: Some("east".into()),
+        })),
+        ..ambient_endpoint(dest)
+    };
     let mut cfg = hbone_config(
         &a,
         LISTENER,
-        vec![service(REVIEWS, vec![(9080, vec![ambient_endpoint(dest)])])],
+        vec![service(REVIEWS, vec![(9080, vec![endpoint])])],
     );
     cfg.access_log = true;
     let (proxy, gw) = start(cfg).await;
@@ -287,6 +299,31 @@ async fn double_hbone_through_the_gateway_reaches_the_destination_ztunnel() {
     )
     .await;
     assert!(to_upstream > 0.0, "inner TLS bytes counted per route");
+    // Istio's standard series, one "TCP connection" per CONNECT stream, name the source
+    // ztunnel's verified identity (Kiali's edge into the service).
+    let (_, body) = crate::support::admin_get(&proxy, "/metrics").await;
+    let istio = |family: &str| -> f64 {
+        let line = body
+            .lines()
+            .find(|l| {
+                l.starts_with(&format!("{family}{{"))
+                    && l.contains("destination_workload=\"reviews-double-hbone\"")
+                    && l.contains(
+                        "destination_principal=\"spiffe://cluster.local/ns/bookinfo/sa/bookinfo-reviews\"",
+                    )
+                    && l.contains(
+                        "source_principal=\"spiffe://cluster.local/ns/istio-system/sa/ztunnel\"",
+                    )
+            })
+            .unwrap_or_else(|| panic!("no {family} series for the stream in\n{body}"));
+        line.rsplit_once(' ').unwrap().1.parse().unwrap()
+    };
+    assert_eq!(istio("istio_tcp_connections_opened_total"), 1.0);
+    assert_eq!(istio("istio_tcp_connections_closed_total"), 1.0);
+    // The route's eastwest_bytes_total also counts other tests' streams on REVIEWS.
+    let received = istio("istio_tcp_received_bytes_total");
+    assert!(received > 0.0 && received <= to_upstream, "{received} vs {to_upstream}");
+    assert!(istio("istio_tcp_sent_bytes_total") > 0.0);
 
     // One access-log line per stream, with the source ztunnel's SPIFFE ID.
     let lines = log.access_lines();
