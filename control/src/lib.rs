@@ -11,6 +11,7 @@ mod destination_rules;
 mod encode;
 mod metrics;
 pub mod model;
+pub mod pods;
 mod publish;
 mod secrets;
 mod server;

@@ -433,7 +433,9 @@ def check_control(path, objs, fails):
     cluster = {("", "services"): watch, ("", "pods"): watch,
                ("discovery.k8s.io", "endpointslices"): watch,
                ("networking.istio.io", "destinationrules"): watch,
-               ("", "namespaces"): ({"get"}, {"istio-system"})}
+               # list/watch: the istio.io/dataplane-mode=ambient label of every namespace;
+               # get: istio-system's network label (that rule may stay limited to it).
+               ("", "namespaces"): {"get", "list", "watch"}}
     bound = set()
     for obj in objs:
         if obj.get("kind") in ("ClusterRoleBinding", "RoleBinding") and any(

@@ -52,8 +52,10 @@ fn synced_cluster() -> ClusterState {
         watcher::Event::<EndpointSlice>::InitDone,
         SliceDef::from_k8s,
     );
-    c.pods.apply(watcher::Event::<K8sService>::Init, &[]);
-    c.pods.apply(watcher::Event::<K8sService>::InitDone, &[]);
+    c.pods.apply(watcher::Event::Init, &[], "fra");
+    c.namespaces.apply(watcher::Event::Init);
+    c.pods.apply(watcher::Event::InitDone, &[], "fra");
+    c.namespaces.apply(watcher::Event::InitDone);
     list_rules(&mut c, &[rule()]);
     assert!(c.synced());
     c
@@ -112,8 +114,10 @@ fn past_the_sync_timeout_unlisted_objects_stay_until_the_new_watch_lists() {
         watcher::Event::<EndpointSlice>::InitDone,
         SliceDef::from_k8s,
     );
-    c.pods.apply(watcher::Event::<K8sService>::Init, &[]);
-    c.pods.apply(watcher::Event::<K8sService>::InitDone, &[]);
+    c.pods.apply(watcher::Event::Init, &[], "fra");
+    c.namespaces.apply(watcher::Event::Init);
+    c.pods.apply(watcher::Event::InitDone, &[], "fra");
+    c.namespaces.apply(watcher::Event::InitDone);
     list_rules(&mut c, &[rule()]);
     assert!(c.synced() && c.reported_synced());
     assert!(!c.stop_standing_in());
