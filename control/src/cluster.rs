@@ -1,4 +1,4 @@
-//! Watching one cluster: its network, Services and EndpointSlices, through kube-runtime's
+//! Watching one cluster: its network, Services, EndpointSlices, Pods and Namespaces, through kube-runtime's
 //! watcher (list+watch, resume from the last resourceVersion or bookmark, relist on 410 Gone,
 //! backoff on errors).
 
@@ -8,7 +8,7 @@ use std::sync::Arc;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service as K8sService};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::runtime::{metadata_watcher, watcher};
+use kube::runtime::watcher;
 use kube::Api;
 use tokio::task::AbortHandle;
 use tracing::{debug, info, warn};
@@ -170,35 +170,38 @@ async fn run(
         ),
         |c: &mut ClusterState, ev| c.slices.apply(ev, SliceDef::from_k8s),
     );
-    // Pod labels for subsets: metadata only, and only the kept keys are stored.
+    // Pods, whole (the service account is in the spec), reduced at once to what routing keeps:
+    // subset labels, ambient capture, workload.
     let keep = shared.settings.subset_labels.clone();
-    let pods = async {
-        if keep.is_empty() {
-            shared.update(|m| {
-                if let Some(c) = m.cluster_mut(&name, id) {
-                    c.pods.apply(watcher::Event::<Pod>::InitDone, &keep);
-                }
-                true
-            });
-            return;
-        }
-        watch
-            .follow(
-                "Pod",
-                until_listed(
-                    metadata_watcher(Api::<Pod>::all(client.clone()), watcher::Config::default()),
-                    backoff(),
-                ),
-                |c: &mut ClusterState, ev| {
-                    let pods = c.pods.apply(ev, &keep);
-                    c.services_of_pods(&pods)
-                },
-            )
-            .await
-    };
+    let pods = watch.follow(
+        "Pod",
+        until_listed(
+            watcher(Api::<Pod>::all(client.clone()), watcher::Config::default()),
+            backoff(),
+        ),
+        |c: &mut ClusterState, ev| {
+            let pods = c.pods.apply(ev, &keep, &name);
+            c.services_of_pods(&pods)
+        },
+    );
+    // Namespaces, for their `istio.io/dataplane-mode=ambient` label.
+    let namespaces = watch.follow(
+        "Namespace",
+        until_listed(
+            watcher(
+                Api::<Namespace>::all(client.clone()),
+                watcher::Config::default(),
+            ),
+            backoff(),
+        ),
+        |c: &mut ClusterState, ev| {
+            let changed = c.namespaces.apply(ev);
+            c.services_in_namespaces(&changed)
+        },
+    );
     // DestinationRule subsets (a cluster without Istio's CRD simply has none).
     let rules = crate::destination_rules::watch::run(&watch, client.clone());
-    futures::future::join4(services, slices, pods, rules).await;
+    futures::future::join5(services, slices, pods, namespaces, rules).await;
 }
 
 /// Reads the network label, retrying with backoff while the API server is unreachable.

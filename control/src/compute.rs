@@ -14,6 +14,7 @@ use std::sync::Arc;
 use eastwest_routes::{Endpoint, NetworkGateway, RemoteService, RouteTable, Service, ServicePort};
 
 use crate::model::{ClusterState, Model, ObjKey, ServiceDef, SliceDef};
+use crate::pods::HBONE_PORT;
 use crate::valid;
 
 /// What one Service contributes to the table of a network.
@@ -134,16 +135,19 @@ fn endpoints_for(
         for ep in &slice.endpoints {
             let address = SocketAddr::new(ep.ip, target);
             if seen.insert(address) {
+                // A Pod not (yet) known still gets its endpoint, without the Pod's facts; the
+                // Pod's arrival republishes it.
+                let pod = ep.pod.as_ref().and_then(|pod| cluster.pods.get(ns, pod));
                 out.push(Endpoint {
                     address,
-                    labels: ep
-                        .pod
-                        .as_ref()
-                        .and_then(|pod| cluster.pods.get(ns, pod))
+                    labels: pod
+                        .and_then(|p| p.subset_labels.as_ref())
                         .map(|l| (**l).clone())
                         .unwrap_or_default(),
-                    hbone_port: None,
-                    workload: None,
+                    hbone_port: pod
+                        .filter(|p| p.ambient(cluster.namespaces.contains(ns)))
+                        .map(|_| HBONE_PORT),
+                    workload: pod.map(|p| p.workload.clone()),
                 });
             }
         }

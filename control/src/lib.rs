@@ -11,6 +11,7 @@ mod destination_rules;
 mod encode;
 mod metrics;
 pub mod model;
+pub mod pods;
 mod publish;
 mod secrets;
 mod server;
@@ -69,7 +70,7 @@ pub struct ControlConfig {
     pub gateways: BTreeMap<String, Vec<String>>,
     pub cluster_domain: String,
     /// Pod label keys copied onto endpoints so subsets can select them (`--subset-labels`);
-    /// empty: Pods are not watched.
+    /// empty: none.
     pub subset_labels: Vec<String>,
     /// How often a cluster that serves no DestinationRules (no Istio CRD) is asked again.
     pub destination_rule_recheck: Duration,

@@ -98,8 +98,8 @@ struct Args {
     /// route tables are <svc>.<ns>.svc.<this>.
     #[arg(long, default_value = "cluster.local", env = "EASTWEST_CLUSTER_DOMAIN")]
     cluster_domain: String,
-    /// Pod label keys copied onto endpoints for subsets, comma-separated; empty: Pods are not
-    /// watched.
+    /// Pod label keys copied onto endpoints for subsets, comma-separated; empty: none (Pods
+    /// are still watched, for ambient capture and workload names).
     #[arg(long, default_value = "version", env = "EASTWEST_SUBSET_LABELS")]
     subset_labels: String,
     /// How often a cluster without Istio's DestinationRule CRD (or without access to it) is

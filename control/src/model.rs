@@ -13,6 +13,7 @@ use kube::runtime::watcher;
 use kube::ResourceExt;
 
 use crate::destination_rules::DestinationRules;
+use crate::pods::{AmbientNamespaces, Pods};
 
 /// `(namespace, name)` of an object.
 pub type ObjKey = (String, String);
@@ -42,7 +43,8 @@ pub struct ServiceDef {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReadyEndpoint {
     pub ip: IpAddr,
-    /// The Pod behind the endpoint (same namespace as the slice), whose labels subsets select on.
+    /// The Pod behind the endpoint (same namespace as the slice): its labels for subsets, its
+    /// ambient capture and workload.
     pub pod: Option<Arc<str>>,
 }
 
@@ -303,107 +305,6 @@ impl<T: PartialEq + BelongsTo> Store<T> {
     }
 }
 
-/// namespace -> pod name -> kept labels.
-pub type PodsByNamespace = HashMap<String, HashMap<String, Arc<BTreeMap<String, String>>>>;
-
-/// The subset-relevant labels of a cluster's Pods (only the keys control was told to keep, so
-/// 100 000 Pods cost little), following the watcher's event protocol.
-#[derive(Debug, Default)]
-pub struct PodLabels {
-    /// namespace -> pod name -> kept labels (Pods with none of the kept labels are left out).
-    pub by_namespace: PodsByNamespace,
-    pending: Option<PodsByNamespace>,
-    /// Distinct kept-label sets (bounded by the combinations of `--subset-labels` values).
-    interned: HashSet<Arc<BTreeMap<String, String>>>,
-    pub synced: bool,
-}
-
-impl PodLabels {
-    pub fn get(&self, ns: &str, pod: &str) -> Option<&Arc<BTreeMap<String, String>>> {
-        self.by_namespace.get(ns)?.get(pod)
-    }
-
-    /// How many Pods carry kept labels.
-    pub fn count(&self) -> usize {
-        self.by_namespace.values().map(HashMap::len).sum()
-    }
-
-    /// Applies one watcher event; returns the Pods whose kept labels changed.
-    pub fn apply<K: kube::Resource>(
-        &mut self,
-        event: watcher::Event<K>,
-        keep: &[String],
-    ) -> HashSet<ObjKey> {
-        // Most Pods share their kept labels (e.g. version=v1): store each distinct set once.
-        let interned = &mut self.interned;
-        let mut kept = |o: &K| -> Option<Arc<BTreeMap<String, String>>> {
-            let labels: BTreeMap<String, String> = o
-                .labels()
-                .iter()
-                .filter(|(k, _)| keep.contains(k))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
-            if labels.is_empty() {
-                return None;
-            }
-            if let Some(l) = interned.get(&labels) {
-                return Some(l.clone());
-            }
-            let l = Arc::new(labels);
-            interned.insert(l.clone());
-            Some(l)
-        };
-        let mut changed = HashSet::new();
-        match event {
-            watcher::Event::Init => self.pending = Some(HashMap::new()),
-            watcher::Event::InitApply(o) => {
-                if let (Some(pending), Some(l)) = (self.pending.as_mut(), kept(&o)) {
-                    pending
-                        .entry(o.namespace().unwrap_or_default())
-                        .or_default()
-                        .insert(o.name_any(), l);
-                }
-            }
-            watcher::Event::InitDone => {
-                let fresh = self.pending.take().unwrap_or_default();
-                for (maps_a, maps_b) in [(&self.by_namespace, &fresh), (&fresh, &self.by_namespace)]
-                {
-                    for (ns, pods) in maps_a {
-                        for (name, l) in pods {
-                            if maps_b.get(ns).and_then(|p| p.get(name)) != Some(l) {
-                                changed.insert((ns.clone(), name.clone()));
-                            }
-                        }
-                    }
-                }
-                self.by_namespace = fresh;
-                self.synced = true;
-            }
-            watcher::Event::Apply(o) => {
-                let (ns, name) = (o.namespace().unwrap_or_default(), o.name_any());
-                let new = kept(&o);
-                if self.get(&ns, &name) != new.as_ref() {
-                    let pods = self.by_namespace.entry(ns.clone()).or_default();
-                    match new {
-                        Some(l) => pods.insert(name.clone(), l),
-                        None => pods.remove(&name),
-                    };
-                    changed.insert((ns, name));
-                }
-            }
-            watcher::Event::Delete(o) => {
-                let (ns, name) = (o.namespace().unwrap_or_default(), o.name_any());
-                if let Some(pods) = self.by_namespace.get_mut(&ns) {
-                    if pods.remove(&name).is_some() {
-                        changed.insert((ns, name));
-                    }
-                }
-            }
-        }
-        changed
-    }
-}
-
 /// One cluster's state.
 #[derive(Debug)]
 pub struct ClusterState {
@@ -413,7 +314,8 @@ pub struct ClusterState {
     pub network: Option<String>,
     pub services: Store<ServiceDef>,
     pub slices: Store<SliceDef>,
-    pub pods: PodLabels,
+    pub pods: Pods,
+    pub namespaces: AmbientNamespaces,
     pub destination_rules: DestinationRules,
     pub watch_restarts: u64,
     pub last_error: Option<String>,
@@ -434,7 +336,8 @@ impl ClusterState {
             network: None,
             services: Store::default(),
             slices: Store::default(),
-            pods: PodLabels::default(),
+            pods: Pods::default(),
+            namespaces: AmbientNamespaces::default(),
             destination_rules: DestinationRules::default(),
             watch_restarts: 0,
             last_error: None,
@@ -451,6 +354,7 @@ impl ClusterState {
         self.services.synced = false;
         self.slices.synced = false;
         self.pods.synced = false;
+        self.namespaces.synced = false;
         self.destination_rules.synced = false;
     }
 
@@ -473,6 +377,7 @@ impl ClusterState {
             && self.services.synced
             && self.slices.synced
             && self.pods.synced
+            && self.namespaces.synced
             && self.destination_rules.synced
     }
 
@@ -496,6 +401,23 @@ impl ClusterState {
             }
         }
         out.into_iter().collect()
+    }
+
+    /// Services with a definition or endpoints in one of `namespaces` (a namespace entered or
+    /// left ambient mode: its endpoints' `hbone_port` changed).
+    pub fn services_in_namespaces(&self, namespaces: &HashSet<String>) -> Vec<ObjKey> {
+        if namespaces.is_empty() {
+            return Vec::new();
+        }
+        self.services
+            .by_service
+            .keys()
+            .chain(self.slices.by_service.keys())
+            .filter(|(ns, _)| namespaces.contains(ns))
+            .cloned()
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect()
     }
 
     pub fn objects(&self) -> usize {

@@ -25,7 +25,7 @@ pub struct Settings {
     pub sync_timeout: Duration,
     /// Whether remote secrets are watched (then readiness waits for their first list).
     pub watch_secrets: bool,
-    /// Pod label keys copied onto endpoints for subsets (empty: Pods are not watched).
+    /// Pod label keys copied onto endpoints for subsets (empty: none).
     pub subset_labels: Vec<String>,
     /// How often a cluster that serves no DestinationRules is asked again.
     pub destination_rule_recheck: Duration,

@@ -133,7 +133,9 @@ NETWORK = "topology.istio.io/network"
 NSG = "oci.oraclecloud.com/oci-network-security-groups"
 OCI_LB = "service.beta.kubernetes.io/oci-load-balancer-"
 ROUTE_CACHE_DIR = "/var/lib/eastwest"
-GATEWAY_PORTS = {"status-port": 15021, "tls": 15443, "tls-istiod": 15012, "tls-webhook": 15017}
+GATEWAY_PORTS = {"status-port": 15021, "tls": 15443, "tls-istiod": 15012, "tls-webhook": 15017,
+                 "tls-hbone": 15008}
+HBONE_PORT = 15008
 # What fra's load balancer publishes besides: eastwest-control's route stream, mTLS end to end
 # (control authenticates every gateway by its mesh certificate), for ash's gateways.
 CONTROL_PORT = {"tls-control": 15010}
@@ -295,6 +297,27 @@ def check_proxy(path, objs, fails):
             fails.add(path, svc, "fra's gateway Service must expose 15010 for eastwest-control")
     elif "15443" not in listeners:
         fails.add(path, cm, "the gateway must listen on 15443")
+    check_hbone(path, ds, pod, proxy, cm, config, fails)
+
+
+def check_hbone(path, ds, pod, proxy, cm, config, fails):
+    """Ambient: an hbone listener on 15008, the container port for it, and an identity whose
+    files come from a mounted Secret (what `eastwest-certs gateway` wrote)."""
+    hbone = [l for l in config.get("listeners", []) if l.get("mode") == "hbone"]
+    if [l["address"].rsplit(":", 1)[1] for l in hbone] != [str(HBONE_PORT)]:
+        fails.add(path, cm, f"needs one listener with mode: hbone on {HBONE_PORT} (ambient)")
+    if HBONE_PORT not in {p.get("containerPort") for p in proxy.get("ports", [])}:
+        fails.add(path, ds, f"containerPorts need {HBONE_PORT} (hbone)")
+    files = (config.get("identity") or {}).get("files") or {}
+    if set(files) != {"cert_chain", "key", "roots"}:
+        fails.add(path, cm, "identity.files needs cert_chain, key and roots (the hbone certificate)")
+        return
+    secret_volumes = {v["name"] for v in pod.get("volumes", []) if "secret" in v}
+    mounts = [m["mountPath"].rstrip("/") + "/" for m in proxy.get("volumeMounts", [])
+              if m["name"] in secret_volumes]
+    for key, file in files.items():
+        if not any(str(file).startswith(m) for m in mounts):
+            fails.add(path, cm, f"identity.files.{key} {file} is not in a mounted Secret")
 
 
 def check_oci_load_balancer(path, svc, fails):
@@ -438,7 +461,9 @@ def check_control(path, objs, fails):
     cluster = {("", "services"): watch, ("", "pods"): watch,
                ("discovery.k8s.io", "endpointslices"): watch,
                ("networking.istio.io", "destinationrules"): watch,
-               ("", "namespaces"): ({"get"}, {"istio-system"})}
+               # list/watch: the istio.io/dataplane-mode=ambient label of every namespace;
+               # get: istio-system's network label (that rule may stay limited to it).
+               ("", "namespaces"): {"get", "list", "watch"}}
     bound = set()
     for obj in objs:
         if obj.get("kind") in ("ClusterRoleBinding", "RoleBinding") and any(

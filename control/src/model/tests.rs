@@ -52,8 +52,10 @@ fn synced_cluster() -> ClusterState {
         watcher::Event::<EndpointSlice>::InitDone,
         SliceDef::from_k8s,
     );
-    c.pods.apply(watcher::Event::<K8sService>::Init, &[]);
-    c.pods.apply(watcher::Event::<K8sService>::InitDone, &[]);
+    c.pods.apply(watcher::Event::Init, &[], "fra");
+    c.namespaces.apply(watcher::Event::Init);
+    c.pods.apply(watcher::Event::InitDone, &[], "fra");
+    c.namespaces.apply(watcher::Event::InitDone);
     list_rules(&mut c, &[rule()]);
     assert!(c.synced());
     c
@@ -112,11 +114,53 @@ fn past_the_sync_timeout_unlisted_objects_stay_until_the_new_watch_lists() {
         watcher::Event::<EndpointSlice>::InitDone,
         SliceDef::from_k8s,
     );
-    c.pods.apply(watcher::Event::<K8sService>::Init, &[]);
-    c.pods.apply(watcher::Event::<K8sService>::InitDone, &[]);
+    c.pods.apply(watcher::Event::Init, &[], "fra");
+    c.namespaces.apply(watcher::Event::Init);
+    c.pods.apply(watcher::Event::InitDone, &[], "fra");
+    c.namespaces.apply(watcher::Event::InitDone);
     list_rules(&mut c, &[rule()]);
     assert!(c.synced() && c.reported_synced());
     assert!(!c.stop_standing_in());
     let (_, names) = reviews_subsets(c);
     assert_eq!(names, ["v1"]);
+}
+
+#[test]
+fn a_pods_endpoints_in_every_port_share_one_workload() {
+    use k8s_openapi::api::core::v1::Pod;
+    let mut c = ClusterState::new(1);
+    c.network = Some("network1".into());
+    let svc: K8sService = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "reviews", "namespace": "bookinfo"},
+        "spec": {"ports": [{"name": "http", "port": 9080}, {"name": "grpc", "port": 9090}]}}))
+    .unwrap();
+    c.services
+        .apply(watcher::Event::Apply(svc), ServiceDef::from_k8s);
+    let slice: EndpointSlice = serde_json::from_value(json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "reviews-1", "namespace": "bookinfo",
+                     "labels": {"kubernetes.io/service-name": "reviews"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 9080}, {"name": "grpc", "port": 9090}],
+        "endpoints": [{"addresses": ["10.0.0.1"],
+                       "targetRef": {"kind": "Pod", "namespace": "bookinfo", "name": "reviews-0"}}]}))
+    .unwrap();
+    c.slices
+        .apply(watcher::Event::Apply(slice), SliceDef::from_k8s);
+    let pod: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "reviews-0", "namespace": "bookinfo", "labels": {"app": "reviews"}}}))
+    .unwrap();
+    c.pods.apply(watcher::Event::Apply(pod), &[], "fra");
+    let mut model = Model::default();
+    model.clusters.insert("fra".into(), c);
+    let table = crate::compute::route_table(&model, "network1", DOMAIN);
+    let ports = &table.service(REVIEWS).unwrap().ports;
+    let (a, b) = (&ports[0].endpoints[0], &ports[1].endpoints[0]);
+    assert_eq!(a.workload.as_ref().unwrap().name, "reviews-0");
+    assert!(Arc::ptr_eq(
+        a.workload.as_ref().unwrap(),
+        b.workload.as_ref().unwrap()
+    ));
 }

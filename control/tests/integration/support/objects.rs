@@ -136,3 +136,38 @@ pub fn destination_rule(ns: &str, name: &str, host: &str, subsets: &[(&str, &str
            "metadata": {"name": name, "namespace": ns},
            "spec": {"host": host, "subsets": subsets}})
 }
+
+/// A Pod as the API server returns it: `labels`, `annotations`, a controller owner
+/// `(kind, name)` (the name then generated, as controllers do), and a service account.
+pub fn owned_pod(
+    ns: &str,
+    name: &str,
+    owner: Option<(&str, &str)>,
+    labels: &[(&str, &str)],
+    annotations: &[(&str, &str)],
+    service_account: &str,
+) -> Value {
+    let map = |kv: &[(&str, &str)]| -> serde_json::Map<String, Value> {
+        kv.iter().map(|(k, v)| (k.to_string(), json!(v))).collect()
+    };
+    let mut v = json!({"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": name, "namespace": ns, "labels": map(labels),
+                        "annotations": map(annotations)},
+           "spec": {"serviceAccountName": service_account,
+                    "containers": [{"name": "app", "image": "app"}]}});
+    if let Some((kind, owner)) = owner {
+        v["metadata"]["generateName"] = json!(format!("{owner}-"));
+        v["metadata"]["ownerReferences"] = json!([{"apiVersion": "apps/v1", "kind": kind,
+            "name": owner, "uid": format!("uid-{owner}"), "controller": true}]);
+    }
+    v
+}
+
+/// A namespace with `labels`.
+pub fn labeled_namespace(name: &str, labels: &[(&str, &str)]) -> Value {
+    let labels: serde_json::Map<String, Value> = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), json!(v)))
+        .collect();
+    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}})
+}
