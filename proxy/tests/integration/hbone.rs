@@ -322,7 +322,10 @@ async fn double_hbone_through_the_gateway_reaches_the_destination_ztunnel() {
     assert_eq!(istio("istio_tcp_connections_closed_total"), 1.0);
     // The route's eastwest_bytes_total also counts other tests' streams on REVIEWS.
     let received = istio("istio_tcp_received_bytes_total");
-    assert!(received > 0.0 && received <= to_upstream, "{received} vs {to_upstream}");
+    assert!(
+        received > 0.0 && received <= to_upstream,
+        "{received} vs {to_upstream}"
+    );
     assert!(istio("istio_tcp_sent_bytes_total") > 0.0);
 
     // One access-log line per stream, with the source ztunnel's SPIFFE ID.
