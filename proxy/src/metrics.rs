@@ -67,8 +67,7 @@ pub fn recorder() -> &'static PrometheusHandle {
             })
             .and_then(|b| {
                 b.set_buckets_for_metric(Matcher::Full(CONNECTION_DURATION.into()), &lifetime)
-            })
-            .and_then(token::buckets);
+            });
         let recorder = match builder {
             Ok(b) => b.build_recorder(),
             // Only fails for empty bucket lists, which the constants above are not.
@@ -80,7 +79,6 @@ pub fn recorder() -> &'static PrometheusHandle {
         }
         describe();
         crate::istio_metrics::describe();
-        token::describe();
         handle
     })
 }
@@ -90,7 +88,11 @@ pub fn recorder() -> &'static PrometheusHandle {
 /// time, not fixed upstream as of 0.17), and scrapers and people diffing two scrapes
 /// both do better with a stable one.
 pub fn render(handle: &PrometheusHandle) -> String {
-    sorted_exposition(&handle.render())
+    // The exporter's blocks and ours (token timing) are both blank-line separated families.
+    let mut text = handle.render();
+    text.push_str("\n\n");
+    text.push_str(&token::render());
+    sorted_exposition(&text)
 }
 
 /// `text` with its families (blocks separated by a blank line, as the exporter writes them)

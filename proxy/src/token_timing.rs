@@ -5,8 +5,11 @@
 //! payloads and tolerates headers split across reads. It only looks at bytes already relayed,
 //! keeps no copy of them, allocates nothing and never waits. Both directions share one
 //! [`ConnectionTiming`] (atomics, no lock): a client→server message record marks a request
-//! pending; the next server→client message record is its first response record, and the
-//! following ones are gaps of the streaming response. A direction that switches to splice
+//! pending; the next server→client message record starts its response. That first record is
+//! taken for the HTTP response headers, which servers send before the first token: TTFT is
+//! measured at the response's second record, and the gaps between the following records are
+//! the inter-token latencies. A response of one record only is timed at that record, once
+//! the next request or the connection's end shows no second one came. A direction that switches to splice
 //! (bulk) is no longer followed: bulk is not token streaming. See docs/telemetry.md, "token
 //! timing", for the heuristics and where they are wrong.
 
@@ -134,6 +137,12 @@ pub struct ConnectionTiming<'a> {
     request_at: AtomicU64,
     /// Same, of the last record of the response streaming now; 0 before any response.
     response_at: AtomicU64,
+    /// Same, of the current response's first record (its headers) while no second record has
+    /// come; taken (swapped to 0) by whichever comes first of the second record, the next
+    /// request and the connection's end, so the response's TTFT is recorded once.
+    headers_at: AtomicU64,
+    /// The request time of the response `headers_at` belongs to.
+    asked_at: AtomicU64,
     /// The client sent its first encrypted record (TLS 1.3: its Finished flight).
     client_encrypted: AtomicBool,
     metrics: &'a StreamMetrics,
@@ -146,6 +155,8 @@ impl<'a> ConnectionTiming<'a> {
             start: Instant::now(),
             request_at: AtomicU64::new(0),
             response_at: AtomicU64::new(0),
+            headers_at: AtomicU64::new(0),
+            asked_at: AtomicU64::new(0),
             client_encrypted: AtomicBool::new(false),
             metrics,
             stall,
@@ -173,7 +184,7 @@ impl<'a> ConnectionTiming<'a> {
                 now = self.start.elapsed().as_nanos() as u64 + 1;
             }
             match meaning {
-                Meaning::Request => self.request_at.store(now, Ordering::Relaxed),
+                Meaning::Request => self.request(now),
                 Meaning::Response => self.response(now),
                 Meaning::Nothing => {}
             }
@@ -234,12 +245,40 @@ impl<'a> ConnectionTiming<'a> {
         }
     }
 
+    fn request(&self, now: u64) {
+        self.one_record_response();
+        self.request_at.store(now, Ordering::Relaxed);
+    }
+
+    /// The response whose first record came has no second: that record was all of it, and
+    /// its TTFT.
+    fn one_record_response(&self) {
+        let headers = self.headers_at.swap(0, Ordering::Acquire);
+        if headers != 0 {
+            let asked = self.asked_at.load(Ordering::Relaxed);
+            self.metrics
+                .first_response(Duration::from_nanos(headers.saturating_sub(asked)));
+        }
+    }
+
     fn response(&self, now: u64) {
         let request = self.request_at.swap(0, Ordering::Relaxed);
         if request != 0 {
+            // A new response: its first record, taken for the headers.
+            self.one_record_response();
+            self.asked_at.store(request, Ordering::Relaxed);
+            self.response_at.store(0, Ordering::Relaxed);
+            // Release/Acquire: whoever takes `headers_at` sees this response's `asked_at`.
+            self.headers_at.store(now, Ordering::Release);
+            return;
+        }
+        let headers = self.headers_at.swap(0, Ordering::Acquire);
+        if headers != 0 {
+            // The second record: the first token.
+            let asked = self.asked_at.load(Ordering::Relaxed);
             self.response_at.store(now, Ordering::Relaxed);
             self.metrics
-                .first_response(Duration::from_nanos(now.saturating_sub(request)));
+                .first_response(Duration::from_nanos(now.saturating_sub(asked)));
             return;
         }
         let last = self.response_at.swap(now, Ordering::Relaxed);
@@ -247,6 +286,13 @@ impl<'a> ConnectionTiming<'a> {
             let gap = Duration::from_nanos(now.saturating_sub(last));
             self.metrics.gap(gap, gap > self.stall);
         }
+    }
+}
+
+impl Drop for ConnectionTiming<'_> {
+    /// The connection ended: a response still at one record was a one-record response.
+    fn drop(&mut self) {
+        self.one_record_response();
     }
 }
 
@@ -347,14 +393,90 @@ mod tests {
         // A WINDOW_UPDATE-sized record mid-stream is control, not a new request.
         t.relayed(&mut up, &cat(&[(23, 37)]));
         t.relayed(&mut down, &cat(&[(23, 120)]));
-        assert_eq!(
-            kinds(&events_of_this_thread()),
-            ["first", "gap", "gap", "gap"]
-        );
+        // Headers, first token, two gaps.
+        assert_eq!(kinds(&events_of_this_thread()), ["first", "gap", "gap"]);
         // The next request starts a new response.
         t.relayed(&mut up, &cat(&[(23, 300)]));
-        t.relayed(&mut down, &cat(&[(23, 120), (23, 120)]));
+        t.relayed(&mut down, &cat(&[(23, 120), (23, 120), (23, 120)]));
         assert_eq!(kinds(&events_of_this_thread()), ["first", "gap"]);
+    }
+
+    /// Past the handshake of a TLS 1.3 connection: the client's Finished, the tickets.
+    fn tls13_established<'m>(
+        metrics: &'m StreamMetrics,
+    ) -> (ConnectionTiming<'m>, RecordFollower, RecordFollower) {
+        let t = ConnectionTiming::new(metrics, Duration::from_secs(1));
+        let (mut up, mut down) = (RecordFollower::new(Way::Up), RecordFollower::new(Way::Down));
+        t.relayed(&mut down, &cat(&[(22, 90), (20, 1), (23, 1500)]));
+        t.relayed(&mut up, &cat(&[(20, 1), (23, 60)]));
+        t.relayed(&mut down, &cat(&[(23, 90)]));
+        (t, up, down)
+    }
+
+    /// Waits (bounded, on the clock itself) until `t`'s clock has passed `at`, so the next
+    /// record is stamped later than one stamped `at`.
+    fn clock_past(t: &ConnectionTiming<'_>, at: u64) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(1);
+        while (t.start.elapsed().as_nanos() as u64 + 1) <= at {
+            assert!(std::time::Instant::now() < deadline, "clock stuck");
+            std::hint::spin_loop();
+        }
+    }
+
+    #[test]
+    fn ttft_is_the_second_record_of_a_streaming_response_the_first_being_its_headers() {
+        use crate::metrics::token::StreamEvent;
+        events_of_this_thread();
+        let metrics = StreamMetrics::noop();
+        let (t, mut up, mut down) = tls13_established(&metrics);
+        t.relayed(&mut up, &cat(&[(23, 300)]));
+        let asked = t.request_at.load(Ordering::Relaxed);
+        // The headers record alone: nothing yet (it may be the whole response, or not).
+        t.relayed(&mut down, &cat(&[(23, 150)]));
+        assert_eq!(events_of_this_thread(), []);
+        let headers = t.headers_at.load(Ordering::Relaxed);
+        clock_past(&t, headers);
+        // The first token record is the TTFT, from the request to this record.
+        t.relayed(&mut down, &cat(&[(23, 120)]));
+        let events = events_of_this_thread();
+        let [StreamEvent::FirstResponse(ttft)] = events[..] else {
+            panic!("{events:?}")
+        };
+        assert!(
+            asked + ttft.as_nanos() as u64 > headers,
+            "measured at the token record, after the headers record"
+        );
+        // Gaps from the first token on, not from the headers.
+        t.relayed(&mut down, &cat(&[(23, 120)]));
+        assert_eq!(kinds(&events_of_this_thread()), ["gap"]);
+    }
+
+    #[test]
+    fn a_one_record_response_is_timed_at_its_record_once_the_next_request_or_the_end_shows_it() {
+        use crate::metrics::token::StreamEvent;
+        events_of_this_thread();
+        let metrics = StreamMetrics::noop();
+        let (t, mut up, mut down) = tls13_established(&metrics);
+        t.relayed(&mut up, &cat(&[(23, 300)]));
+        let asked = t.request_at.load(Ordering::Relaxed);
+        t.relayed(&mut down, &cat(&[(23, 400)]));
+        let only = t.headers_at.load(Ordering::Relaxed);
+        assert_eq!(events_of_this_thread(), []);
+        clock_past(&t, only);
+        // The next request shows the last response had one record: its TTFT is that record's.
+        t.relayed(&mut up, &cat(&[(23, 300)]));
+        let events = events_of_this_thread();
+        assert_eq!(
+            events,
+            [StreamEvent::FirstResponse(Duration::from_nanos(
+                only - asked
+            ))]
+        );
+        // A one-record response, then the connection ends.
+        t.relayed(&mut down, &cat(&[(23, 400)]));
+        assert_eq!(events_of_this_thread(), []);
+        drop(t);
+        assert_eq!(kinds(&events_of_this_thread()), ["first"]);
     }
 
     #[test]
@@ -374,10 +496,7 @@ mod tests {
         for _ in 0..4 {
             t.relayed(&mut down, &cat(&[(23, 120)]));
         }
-        assert_eq!(
-            kinds(&events_of_this_thread()),
-            ["first", "gap", "gap", "gap"]
-        );
+        assert_eq!(kinds(&events_of_this_thread()), ["first", "gap", "gap"]);
     }
 
     #[test]
