@@ -157,7 +157,11 @@ async fn run(
             ),
             backoff(),
         ),
-        |c: &mut ClusterState, ev| c.services.apply(ev, ServiceDef::from_k8s),
+        |c: &mut ClusterState, ev| {
+            let mut changed = c.services.apply(ev, ServiceDef::from_k8s);
+            changed.extend(crate::waypoints::users_of(c, &changed));
+            changed
+        },
     );
     let slices = watch.follow(
         "EndpointSlice",
@@ -168,7 +172,12 @@ async fn run(
             ),
             backoff(),
         ),
-        |c: &mut ClusterState, ev| c.slices.apply(ev, SliceDef::from_k8s),
+        |c: &mut ClusterState, ev| {
+            let mut changed = c.slices.apply(ev, SliceDef::from_k8s);
+            // A waypoint's endpoints are those of the Services that use it.
+            changed.extend(crate::waypoints::users_of(c, &changed));
+            changed
+        },
     );
     // Pods, whole (the service account is in the spec), reduced at once to what routing keeps:
     // subset labels, ambient capture, workload.

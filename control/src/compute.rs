@@ -16,6 +16,7 @@ use eastwest_routes::{Endpoint, NetworkGateway, RemoteService, RouteTable, Servi
 use crate::model::{ClusterState, Model, ObjKey, ServiceDef, SliceDef};
 use crate::pods::HBONE_PORT;
 use crate::valid;
+use crate::waypoints;
 
 /// What one Service contributes to the table of a network.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -64,7 +65,7 @@ pub fn service_entry(model: &Model, network: &str, key: &ObjKey, cluster_domain:
     let defs: Vec<(&ClusterState, &ServiceDef)> = clusters()
         .filter_map(|(_, c)| c.services.objects.get(key).map(|d| (c, d)))
         .collect();
-    let Some((_, def)) = defs
+    let Some((def_cluster, def)) = defs
         .iter()
         .find(|(c, _)| in_network(c))
         .or_else(|| defs.first())
@@ -82,16 +83,41 @@ pub fn service_entry(model: &Model, network: &str, key: &ObjKey, cluster_domain:
         .collect();
     let defined_here = defs.iter().any(|(c, _)| in_network(c));
     if defined_here || local.iter().any(|(_, s)| !s.endpoints.is_empty()) {
+        let local_clusters: Vec<&ClusterState> = clusters()
+            .map(|(_, c)| c)
+            .filter(|c| in_network(c))
+            .collect();
+        let waypoint = waypoints::waypoint_of(def_cluster, key, def)
+            // A waypoint named but not defined in this network is not used (as istiod does
+            // for a waypoint that does not exist): the service is reached directly.
+            .filter(|w| {
+                local_clusters
+                    .iter()
+                    .any(|c| c.services.objects.contains_key(w))
+            })
+            .map(|w| waypoints::endpoints(&local_clusters, &w));
         let mut service = Service {
             subsets: crate::destination_rules::subsets(model, network, key, &hostname),
             hostname,
             ports: def
                 .ports
                 .iter()
-                .map(|p| ServicePort {
-                    port: p.port,
-                    name: p.name.clone(),
-                    endpoints: endpoints_for(&local, &key.0, p.name.as_deref()),
+                .map(|p| {
+                    let mut endpoints = endpoints_for(&local, &key.0, p.name.as_deref());
+                    if waypoint.as_ref().is_some_and(Vec::is_empty) {
+                        // Fail closed: the service uses a waypoint without a ready endpoint,
+                        // so `hbone` listeners find nothing to send to (503) rather than skip
+                        // the waypoint's L7 policy. 15443 (sidecars) never used waypoints.
+                        for ep in &mut endpoints {
+                            ep.hbone_port = None;
+                        }
+                    }
+                    ServicePort {
+                        port: p.port,
+                        name: p.name.clone(),
+                        waypoint: waypoint.clone().unwrap_or_default(),
+                        endpoints,
+                    }
                 })
                 .collect(),
         };

@@ -18,6 +18,7 @@ mod server;
 mod state;
 mod tls;
 mod valid;
+pub mod waypoints;
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;

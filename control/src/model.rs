@@ -37,6 +37,8 @@ pub struct ServiceDef {
     pub ports: Vec<ServicePortDef>,
     /// `host:15443` addresses when this Service is an east-west gateway with a load balancer.
     pub gateway_addresses: Vec<String>,
+    /// Its own `istio.io/use-waypoint` label (the namespace's applies when absent).
+    pub use_waypoint: Option<crate::waypoints::UseWaypoint>,
 }
 
 /// One ready endpoint of an EndpointSlice.
@@ -100,6 +102,7 @@ impl ServiceDef {
         Some(ServiceDef {
             ports,
             gateway_addresses,
+            use_waypoint: crate::waypoints::UseWaypoint::from_labels(svc.labels()),
         })
     }
 }

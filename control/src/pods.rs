@@ -11,6 +11,7 @@ use kube::runtime::watcher;
 use kube::ResourceExt;
 
 use crate::model::ObjKey;
+use crate::waypoints::UseWaypoint;
 
 /// Port on which a node's ztunnel accepts HBONE for the ambient Pods it captured.
 pub const HBONE_PORT: u16 = 15008;
@@ -271,11 +272,14 @@ impl Pods {
     }
 }
 
-/// The namespaces labelled `istio.io/dataplane-mode=ambient`, following the watcher's events.
+/// The namespaces labelled `istio.io/dataplane-mode=ambient`, and those labelled
+/// `istio.io/use-waypoint`, following the watcher's events.
 #[derive(Debug, Default)]
 pub struct AmbientNamespaces {
     pub ambient: HashSet<String>,
-    pending: Option<HashSet<String>>,
+    /// Namespace -> the waypoint its Services use unless they say otherwise.
+    pub waypoints: HashMap<String, UseWaypoint>,
+    pending: Option<(HashSet<String>, HashMap<String, UseWaypoint>)>,
     pub synced: bool,
 }
 
@@ -288,24 +292,44 @@ impl AmbientNamespaces {
         self.ambient.contains(ns)
     }
 
-    /// Applies one watcher event; returns the namespaces that entered or left ambient mode.
+    /// Applies one watcher event; returns the namespaces that entered or left ambient mode or
+    /// changed waypoint.
     pub fn apply(&mut self, event: watcher::Event<Namespace>) -> HashSet<String> {
         let mut changed = HashSet::new();
         match event {
-            watcher::Event::Init => self.pending = Some(HashSet::new()),
+            watcher::Event::Init => self.pending = Some(Default::default()),
             watcher::Event::InitApply(o) => {
-                if let (Some(pending), true) = (self.pending.as_mut(), is_ambient(&o)) {
-                    pending.insert(o.name_any());
+                if let Some((ambient, waypoints)) = self.pending.as_mut() {
+                    if is_ambient(&o) {
+                        ambient.insert(o.name_any());
+                    }
+                    if let Some(w) = UseWaypoint::from_labels(o.labels()) {
+                        waypoints.insert(o.name_any(), w);
+                    }
                 }
             }
             watcher::Event::InitDone => {
-                let fresh = self.pending.take().unwrap_or_default();
+                let (fresh, waypoints) = self.pending.take().unwrap_or_default();
                 changed.extend(self.ambient.symmetric_difference(&fresh).cloned());
+                for ns in self.waypoints.keys().chain(waypoints.keys()) {
+                    if self.waypoints.get(ns) != waypoints.get(ns) {
+                        changed.insert(ns.clone());
+                    }
+                }
                 self.ambient = fresh;
+                self.waypoints = waypoints;
                 self.synced = true;
             }
             watcher::Event::Apply(o) => {
                 let name = o.name_any();
+                let waypoint = UseWaypoint::from_labels(o.labels());
+                if self.waypoints.get(&name) != waypoint.as_ref() {
+                    match waypoint {
+                        Some(w) => self.waypoints.insert(name.clone(), w),
+                        None => self.waypoints.remove(&name),
+                    };
+                    changed.insert(name.clone());
+                }
                 let was = if is_ambient(&o) {
                     !self.ambient.insert(name.clone())
                 } else {
@@ -317,6 +341,9 @@ impl AmbientNamespaces {
             }
             watcher::Event::Delete(o) => {
                 let name = o.name_any();
+                if self.waypoints.remove(&name).is_some() {
+                    changed.insert(name.clone());
+                }
                 if self.ambient.remove(&name) {
                     changed.insert(name);
                 }

@@ -404,6 +404,7 @@ mod tests {
                         name: Some("http".into()),
                     }],
                     gateway_addresses: vec![format!("{ip}:15443")],
+                    use_waypoint: None,
                 },
             );
             c.services

@@ -66,6 +66,7 @@ pub fn cluster_domain(domain: &str) -> Result<(), String> {
         ports: vec![eastwest_routes::ServicePort {
             port: 80,
             name: None,
+            waypoint: Vec::new(),
             endpoints: Vec::new(),
         }],
     };

@@ -33,6 +33,7 @@ fn service(s: u32, moved: u16) -> Service {
         ports: vec![ServicePort {
             port: 8080,
             name: Some("http".into()),
+            waypoint: Vec::new(),
             endpoints: (0..10u32)
                 .map(|e| {
                     let n = s * 10 + e;

@@ -172,8 +172,9 @@ pub enum RouteMiss {
 struct PortRoutes {
     all: Option<Arc<UpstreamSet>>,
     subsets: HashMap<String, Arc<UpstreamSet>>,
-    /// The ambient endpoints, at `<ip>:<hbone_port>`, for `hbone` listeners; `None` when the
-    /// port has none (sidecar-only services cost nothing more).
+    /// The ambient endpoints, at `<ip>:<hbone_port>`, for `hbone` listeners (the waypoint's
+    /// when the port has one); `None` when the port has none (sidecar-only services cost
+    /// nothing more).
     hbone: Option<Arc<UpstreamSet>>,
 }
 
@@ -413,7 +414,7 @@ impl Routing {
     }
 
     /// Routes an HBONE CONNECT authority (`hostname`, service `port`) to that service port's
-    /// ambient endpoints. Only names in the table route: nothing else is ever dialed.
+    /// waypoint if it has one, else its ambient endpoints. Only names in the table route: nothing else is ever dialed.
     pub fn hbone(&self, hostname: &str, port: u16) -> Result<Arc<UpstreamSet>, RouteMiss> {
         let service = self
             .services
@@ -528,16 +529,29 @@ fn compile_service(svc: &Service, old: Option<&ServiceRoutes>) -> ServiceRoutes 
                 .insert(subset.name.clone(), carry.set(&route, &service, selected));
         }
         // The same route (and so the same metric series) as 15443's: only the endpoints
-        // that speak HBONE, at their destination ztunnel's port.
-        let hbone: Vec<_> = port
-            .endpoints
-            .iter()
-            .filter_map(|ep| {
-                let hbone_port = ep.hbone_port?;
-                let target = Target::Addr(SocketAddr::new(ep.address.ip(), hbone_port));
-                Some((target, ep.workload.clone()))
-            })
-            .collect();
+        // that speak HBONE, at their destination ztunnel's port. A service behind a waypoint
+        // is reached through the waypoint instead (as Istio's east-west gateway does), so the
+        // waypoint's L7 policy applies to cross-network traffic too.
+        let hbone: Vec<_> = if port.waypoint.is_empty() {
+            port.endpoints
+                .iter()
+                .filter_map(|ep| {
+                    let hbone_port = ep.hbone_port?;
+                    let target = Target::Addr(SocketAddr::new(ep.address.ip(), hbone_port));
+                    Some((target, ep.workload.clone()))
+                })
+                .collect()
+        } else {
+            port.waypoint
+                .iter()
+                .map(|ep| {
+                    let at = ep
+                        .hbone_port
+                        .map_or(ep.address, |p| SocketAddr::new(ep.address.ip(), p));
+                    (Target::Addr(at), ep.workload.clone())
+                })
+                .collect()
+        };
         if !hbone.is_empty() {
             entry.hbone = Some(carry.set(&route, &service, hbone));
         }

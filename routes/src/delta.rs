@@ -220,6 +220,7 @@ mod tests {
             ports: vec![ServicePort {
                 port: 80,
                 name: None,
+                waypoint: Vec::new(),
                 endpoints: vec![Endpoint {
                     address: format!("{ip}:8080").parse().unwrap(),
                     labels: Default::default(),

@@ -69,6 +69,11 @@ pub struct ServicePort {
     /// Ready endpoints; each address carries the target port.
     #[serde(default)]
     pub endpoints: Vec<Endpoint>,
+    /// The HBONE endpoints of the waypoint this service uses (`istio.io/use-waypoint`), each
+    /// with its `hbone_port`. Used only by `hbone` listeners, which then send to the waypoint
+    /// instead of `endpoints` so its L7 policy applies; 15443 (sidecar) ignores it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waypoint: Vec<Endpoint>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -323,18 +328,20 @@ impl Service {
                     format!("port {} is listed twice", port.port),
                 ));
             }
-            let mut seen = HashSet::new();
-            for (k, ep) in port.endpoints.iter().enumerate() {
-                if ep.address.port() == 0 {
-                    errors.push(Invalid::new(
-                        format!("{}.endpoints[{k}].address", at()),
-                        "endpoint needs a port",
-                    ));
-                } else if !seen.insert(ep.address) {
-                    errors.push(Invalid::new(
-                        format!("{}.endpoints[{k}].address", at()),
-                        format!("endpoint {} is listed twice", ep.address),
-                    ));
+            for (field, list) in [("endpoints", &port.endpoints), ("waypoint", &port.waypoint)] {
+                let mut seen = HashSet::new();
+                for (k, ep) in list.iter().enumerate() {
+                    if ep.address.port() == 0 {
+                        errors.push(Invalid::new(
+                            format!("{}.{field}[{k}].address", at()),
+                            "endpoint needs a port",
+                        ));
+                    } else if !seen.insert(ep.address) {
+                        errors.push(Invalid::new(
+                            format!("{}.{field}[{k}].address", at()),
+                            format!("endpoint {} is listed twice", ep.address),
+                        ));
+                    }
                 }
             }
         }

@@ -106,6 +106,7 @@ impl Topology {
                 ports: vec![ServicePort {
                     port: SERVICE_PORT,
                     name: None,
+                    waypoint: Vec::new(),
                     endpoints: vec![Endpoint {
                         address: server_addr,
                         labels: Default::default(),

@@ -314,3 +314,181 @@ async fn namespace_labels_and_late_pods_republish_endpoints() {
     assert_eq!(late.hbone_port, Some(15008));
     assert_eq!(late.workload.unwrap().name, "web");
 }
+
+/// `host`'s first port's waypoint endpoints in fra's published table, as `ip:port` strings.
+fn waypoint(control: &Control, host: &str) -> Vec<String> {
+    control
+        .current_table("network1")
+        .and_then(|t| {
+            t.service(host).map(|s| {
+                s.ports[0]
+                    .waypoint
+                    .iter()
+                    .map(|e| {
+                        assert_eq!(e.hbone_port, Some(15008), "{e:?}");
+                        e.address.to_string()
+                    })
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
+}
+
+async fn waypoint_when(control: &Control, host: &str, want: &[&str]) {
+    wait_for(&format!("{host}'s waypoint to be {want:?}"), || {
+        let ok = waypoint(control, host) == want;
+        async move { ok }
+    })
+    .await;
+}
+
+fn labeled_service(ns: &str, name: &str, labels: &[(&str, &str)]) -> serde_json::Value {
+    let mut s = service(ns, name, &[("http", 8000)]);
+    s["metadata"]["labels"] = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), serde_json::Value::from(*v)))
+        .collect::<serde_json::Map<_, _>>()
+        .into();
+    s
+}
+
+const USE: &str = "istio.io/use-waypoint";
+const USE_NS: &str = "istio.io/use-waypoint-namespace";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_behind_a_waypoint_publish_its_hbone_endpoints() {
+    let api = ApiServer::start().await;
+    // shop: every Service uses waypoint `wp` (namespace label) but `admin` (opted out) and
+    // `pay` (another namespace's waypoint).
+    api.apply(
+        "namespaces",
+        labeled_namespace("shop", &[AMBIENT, (USE, "wp")]),
+    );
+    api.apply("namespaces", labeled_namespace("infra", &[AMBIENT]));
+    api.apply("namespaces", labeled_namespace("plain", &[AMBIENT]));
+    api.apply("services", labeled_service("shop", "cart", &[]));
+    api.apply(
+        "services",
+        labeled_service("shop", "admin", &[(USE, "none")]),
+    );
+    api.apply(
+        "services",
+        labeled_service("shop", "pay", &[(USE, "edge"), (USE_NS, "infra")]),
+    );
+    api.apply("services", labeled_service("shop", "wp", &[]));
+    api.apply("services", labeled_service("infra", "edge", &[]));
+    // plain/solo uses a waypoint with no ready endpoint.
+    api.apply(
+        "services",
+        labeled_service("plain", "solo", &[(USE, "lonely")]),
+    );
+    api.apply("services", labeled_service("plain", "lonely", &[]));
+    for (ns, svc, ip) in [
+        ("shop", "cart", "10.4.0.1"),
+        ("shop", "admin", "10.4.0.2"),
+        ("shop", "pay", "10.4.0.3"),
+    ] {
+        api.apply(
+            "endpointslices",
+            slice(
+                ns,
+                &format!("{svc}-1"),
+                svc,
+                &[("http", 8000)],
+                &[ready(ip)],
+            ),
+        );
+    }
+    api.apply(
+        "endpointslices",
+        slice(
+            "plain",
+            "solo-1",
+            "solo",
+            &[("http", 8000)],
+            &[with_pod("10.4.0.4", "solo-0")],
+        ),
+    );
+    api.apply(
+        "pods",
+        owned_pod("plain", "solo-0", None, &[], &[], "default"),
+    );
+    api.apply(
+        "endpointslices",
+        slice(
+            "shop",
+            "wp-1",
+            "wp",
+            &[("mesh", 15008)],
+            &[ready("10.2.0.1")],
+        ),
+    );
+    api.apply(
+        "endpointslices",
+        slice(
+            "infra",
+            "edge-1",
+            "edge",
+            &[("mesh", 15008)],
+            &[ready("10.3.0.2"), not_ready("10.3.0.3"), ready("10.3.0.1")],
+        ),
+    );
+    api.apply(
+        "endpointslices",
+        slice(
+            "plain",
+            "lonely-1",
+            "lonely",
+            &[("mesh", 15008)],
+            &[not_ready("10.5.0.1")],
+        ),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let control = start_control(&api, dir.path(), |_| {}).await;
+
+    const CART: &str = "cart.shop.svc.cluster.local";
+    const ADMIN: &str = "admin.shop.svc.cluster.local";
+    const PAY: &str = "pay.shop.svc.cluster.local";
+    const SOLO: &str = "solo.plain.svc.cluster.local";
+    // The namespace's waypoint, at its HBONE port.
+    waypoint_when(&control, CART, &["10.2.0.1:15008"]).await;
+    // Another namespace's waypoint: its ready endpoints only.
+    waypoint_when(&control, PAY, &["10.3.0.1:15008", "10.3.0.2:15008"]).await;
+    assert!(waypoint(&control, ADMIN).is_empty(), "`none` opts out");
+    assert_eq!(endpoints(&control, ADMIN).len(), 1);
+    // The waypoint's own Service does not route through itself.
+    assert!(waypoint(&control, "wp.shop.svc.cluster.local").is_empty());
+    // A waypoint without a ready endpoint: hbone listeners get nothing to send to (fail
+    // closed, 503), while the endpoint stays for 15443.
+    let solo = endpoint_when(&control, SOLO, "10.4.0.4", "solo's pod", |e| {
+        e.workload.is_some()
+    })
+    .await;
+    assert_eq!(solo.hbone_port, None, "no HBONE past an absent waypoint");
+    assert!(waypoint(&control, SOLO).is_empty());
+
+    // The waypoint's endpoints come up: the Service using it is republished.
+    api.apply(
+        "endpointslices",
+        slice(
+            "plain",
+            "lonely-1",
+            "lonely",
+            &[("mesh", 15008)],
+            &[ready("10.5.0.1")],
+        ),
+    );
+    waypoint_when(&control, SOLO, &["10.5.0.1:15008"]).await;
+    assert_eq!(
+        endpoint(&control, SOLO, "10.4.0.4").unwrap().hbone_port,
+        Some(15008)
+    );
+    // The namespace drops its waypoint label: its Services are reached directly again.
+    api.apply("namespaces", labeled_namespace("shop", &[AMBIENT]));
+    waypoint_when(&control, CART, &[]).await;
+    assert_eq!(
+        waypoint(&control, PAY).len(),
+        2,
+        "its own label still holds"
+    );
+}

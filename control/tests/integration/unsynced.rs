@@ -63,6 +63,7 @@ async fn an_unreachable_api_server_withdraws_no_routes_and_leaves_the_cache() {
             ports: vec![ServicePort {
                 port: 8000,
                 name: Some("http".into()),
+                waypoint: Vec::new(),
                 endpoints: vec![Endpoint {
                     address: cached,
                     labels: Default::default(),

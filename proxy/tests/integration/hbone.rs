@@ -93,6 +93,7 @@ fn service(host: &str, ports: Vec<(u16, Vec<Endpoint>)>) -> Service {
             .map(|(port, endpoints)| ServicePort {
                 port,
                 name: None,
+                waypoint: Vec::new(),
                 endpoints,
             })
             .collect(),
@@ -371,6 +372,33 @@ async fn the_authority_port_picks_the_service_port() {
         let mut s = inner.open("10.1.2.3:1").await.unwrap();
         let line = read_line(&mut s).await;
         assert!(line.starts_with(&format!("{want} ")), "port {port}: {line}");
+    }
+}
+
+#[tokio::test]
+async fn a_service_behind_a_waypoint_is_reached_through_the_waypoint() {
+    const LISTENER: &str = "hbone-waypoint";
+    let a = ambient();
+    let pod = destination_ztunnel("pod-ztunnel", &a.destination).await;
+    let waypoint = destination_ztunnel("waypoint", &a.destination).await;
+    let mut svc = service(REVIEWS, vec![(9080, vec![ambient_endpoint(pod)])]);
+    // As control publishes it: the waypoint pod's IP with HBONE on its own port.
+    svc.ports[0].waypoint = vec![ambient_endpoint(waypoint)];
+    let cfg = hbone_config(&a, LISTENER, vec![svc]);
+    let (_proxy, gw) = start(cfg).await;
+    let outer = outer(gw, &a.source).await;
+    for _ in 0..3 {
+        let tunnel = outer.open(&format!("{REVIEWS}:9080")).await.unwrap();
+        let inner = HboneClient::connect(tunnel, h2_client_tls(&a.source), no_sni())
+            .await
+            .unwrap();
+        let mut s = inner.open(&format!("{REVIEWS}:9080")).await.unwrap();
+        // The inner CONNECT arrives at the waypoint, never at the pod's ztunnel.
+        assert_eq!(
+            read_line(&mut s).await,
+            format!("waypoint {REVIEWS}:9080 spiffe://cluster.local/ns/istio-system/sa/ztunnel")
+        );
+        roundtrip(&mut s, b"through the waypoint").await;
     }
 }
 

@@ -92,6 +92,31 @@ fn validation_errors_are_located() {
 }
 
 #[test]
+fn waypoint_endpoints_load_and_are_validated_like_endpoints() {
+    let with_waypoint = GOOD.replace(
+        "              labels: {version: v2}\n",
+        "              labels: {version: v2}\n          waypoint:\n            - address: 10.0.9.1:15008\n              hbone_port: 15008\n",
+    );
+    let cfg = parse_proxy_config(&with_waypoint, "gw.yaml").unwrap();
+    let port = &cfg.routes.services[0].ports[0];
+    assert_eq!(port.waypoint[0].address.to_string(), "10.0.9.1:15008");
+    assert_eq!(port.waypoint[0].hbone_port, Some(15008));
+
+    let twice = with_waypoint.replace(
+        "              hbone_port: 15008\n",
+        "              hbone_port: 15008\n            - address: 10.0.9.1:15008\n",
+    );
+    let p = problems(&twice);
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert!(
+        p[0].contains("routes.services[0].ports[0].waypoint[1].address")
+            && p[0].contains("listed twice"),
+        "{}",
+        p[0]
+    );
+}
+
+#[test]
 fn tcp_keepalive_must_be_what_linux_accepts() {
     for bad in ["0s", "500ms", "10h"] {
         let text = format!("{GOOD}upstream: {{tcp_keepalive: {bad}}}\n");

@@ -185,6 +185,7 @@ pub fn service(host: &str, port: u16, endpoints: &[(SocketAddr, &[(&str, &str)])
         ports: vec![ServicePort {
             port,
             name: None,
+            waypoint: Vec::new(),
             endpoints: endpoints
                 .iter()
                 .map(|(a, labels)| Endpoint {
