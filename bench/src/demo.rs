@@ -185,12 +185,12 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
     let cold_delta = ttft(2) - ttft(0);
     println!("Sanity checks (RTT {rtt} ms):");
     println!(
-        "  cross-region keepalive TTFT - direct = {keep_delta:>7.1} ms = {:.2} RTT (expected ~1: the request's round trip)",
-        keep_delta / rtt.max(1e-9)
+        "  cross-region keepalive TTFT - direct = {keep_delta:>7.1} ms = {} (expected ~1: the request's round trip)",
+        in_rtts(keep_delta, rtt)
     );
     println!(
-        "  cross-region cold TTFT - direct      = {cold_delta:>7.1} ms = {:.2} RTT (expected ~3: TCP + TLS 1.3 + request)",
-        cold_delta / rtt.max(1e-9)
+        "  cross-region cold TTFT - direct      = {cold_delta:>7.1} ms = {} (expected ~3: TCP + TLS 1.3 + request)",
+        in_rtts(cold_delta, rtt)
     );
     let ambient_checks = ambient::print_checks(&scenarios, rtt);
     let itls: Vec<String> = scenarios
@@ -402,4 +402,13 @@ fn scenario_result(
         settings.extend(path);
     }
     ScenarioResult::new(name, description, settings, result)
+}
+
+/// `ms` as a count of round trips; with `--rtt 0` there is no round trip to count in.
+pub(crate) fn in_rtts(ms: f64, rtt_ms: f64) -> String {
+    if rtt_ms > 0.0 {
+        format!("{:.2} RTT", ms / rtt_ms)
+    } else {
+        "n/a RTT (no WAN delay)".to_string()
+    }
 }

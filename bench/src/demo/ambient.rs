@@ -269,7 +269,8 @@ pub fn print_checks(scenarios: &[ScenarioResult], rtt_ms: f64) -> serde_json::Va
     let Some(direct) = scenarios.first() else {
         return serde_json::Value::Null;
     };
-    let rtts = |ms: f64| ms / rtt_ms.max(1e-9);
+    // null in results.json when there is no WAN delay to count round trips in.
+    let rtts = |ms: f64| (rtt_ms > 0.0).then(|| ms / rtt_ms);
     let mut checks = serde_json::Map::new();
     for sc in &SCENARIOS {
         let Some(result) = scenarios.iter().find(|r| r.name == sc.name) else {
@@ -278,10 +279,10 @@ pub fn print_checks(scenarios: &[ScenarioResult], rtt_ms: f64) -> serde_json::Va
         let mean = result.metrics.mean_ttft_ms - direct.metrics.mean_ttft_ms;
         let p50 = result.metrics.median_ttft_ms - direct.metrics.median_ttft_ms;
         println!(
-            "  {} TTFT - direct = {mean:>7.1} ms = {:.2} RTT, p50 {:.2} RTT (expected ~{}: {})",
+            "  {} TTFT - direct = {mean:>7.1} ms = {}, p50 {} (expected ~{}: {})",
             sc.name,
-            rtts(mean),
-            rtts(p50),
+            super::in_rtts(mean, rtt_ms),
+            super::in_rtts(p50, rtt_ms),
             sc.round_trips,
             rtt_budget(sc.outer)
         );
