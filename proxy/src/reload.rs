@@ -203,19 +203,24 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<eastwest_routes::ProxyConfig, Stri
 /// which a mounted ConfigMap is swapped. Our own reads (access events) and other files in
 /// the directory (a route cache, say) are not changes.
 fn concerns(event: &notify::Event, file_name: Option<&std::ffi::OsStr>) -> bool {
+    is_write(&event.kind)
+        && event.paths.iter().any(|p| {
+            let name = p.file_name();
+            name == file_name || name.is_some_and(|n| n.as_encoded_bytes().starts_with(b".."))
+        })
+}
+
+/// True for events that may change a watched file's content (not our own reads). Shared by
+/// the config reload and the identity files' watch.
+pub(crate) fn is_write(kind: &notify::EventKind) -> bool {
     use notify::event::{AccessKind, AccessMode, EventKind};
-    let writes = matches!(
-        event.kind,
+    matches!(
+        kind,
         EventKind::Create(_)
             | EventKind::Modify(_)
             | EventKind::Remove(_)
             | EventKind::Access(AccessKind::Close(AccessMode::Write))
             | EventKind::Any
             | EventKind::Other
-    );
-    writes
-        && event.paths.iter().any(|p| {
-            let name = p.file_name();
-            name == file_name || name.is_some_and(|n| n.as_encoded_bytes().starts_with(b".."))
-        })
+    )
 }

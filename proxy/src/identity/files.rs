@@ -55,18 +55,8 @@ fn watch_dirs(
     tx: mpsc::Sender<()>,
 ) -> anyhow::Result<notify::RecommendedWatcher> {
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        use notify::event::{AccessKind, AccessMode, EventKind};
         let Ok(event) = event else { return };
-        let writes = matches!(
-            event.kind,
-            EventKind::Create(_)
-                | EventKind::Modify(_)
-                | EventKind::Remove(_)
-                | EventKind::Access(AccessKind::Close(AccessMode::Write))
-                | EventKind::Any
-                | EventKind::Other
-        );
-        if writes {
+        if crate::reload::is_write(&event.kind) {
             // A full channel already holds a pending reload; it will read the new files.
             let _ = tx.try_send(());
         }
