@@ -9,6 +9,7 @@ mod control_stream;
 mod fd_limit;
 mod fuzz_corpus;
 mod hbone;
+mod hbone_streams;
 mod identity;
 mod istio_telemetry;
 mod lifecycle;

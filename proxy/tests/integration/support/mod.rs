@@ -1,5 +1,6 @@
 //! In-process helpers: TLS backends, Istio-like mTLS clients, admin scraping.
 
+pub mod ambient;
 pub mod hello;
 
 use std::net::SocketAddr;
