@@ -11,6 +11,7 @@ mod fuzz_corpus;
 mod hbone;
 mod hbone_streams;
 mod identity;
+mod identity_istiod;
 mod istio_telemetry;
 mod lifecycle;
 mod outlier;
