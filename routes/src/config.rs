@@ -9,6 +9,11 @@ use serde::{Deserialize, Serialize};
 use crate::table::check_host_port;
 use crate::{Invalid, RouteTable, SniPattern};
 
+mod identity;
+mod telemetry;
+pub use identity::{IdentityConfig, IdentityFiles, IstiodCa};
+pub use telemetry::TelemetryConfig;
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProxyConfig {
@@ -39,132 +44,6 @@ pub struct ProxyConfig {
     /// Who the gateway is in Istio's standard metrics (`istio_tcp_*`'s `source_*` labels).
     #[serde(default, skip_serializing_if = "TelemetryConfig::is_empty")]
     pub telemetry: TelemetryConfig,
-}
-
-/// The gateway's own workload as Istio's telemetry names it. Each field left out comes from
-/// the environment the pod spec sets (see [`TelemetryConfig::with_env`]); what is still
-/// unknown is reported as `unknown`, as Istio writes it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TelemetryConfig {
-    /// `source_workload`: the gateway's Deployment or DaemonSet name (`istio-eastwestgateway`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub workload: Option<String>,
-    /// `source_workload_namespace` (`istio-system`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub namespace: Option<String>,
-    /// `source_cluster`: the Istio cluster ID.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cluster: Option<String>,
-    /// `source_app` and `source_canonical_service` (default: the workload name).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub app: Option<String>,
-    /// `source_version` and `source_canonical_revision`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub version: Option<String>,
-}
-
-impl TelemetryConfig {
-    pub fn is_empty(&self) -> bool {
-        *self == TelemetryConfig::default()
-    }
-
-    /// The fields not set, filled from the variables an Istio gateway pod has (`env` looks one
-    /// up): `ISTIO_META_WORKLOAD_NAME`, else `POD_NAME` without the suffixes a DaemonSet
-    /// (`-<5 chars>`) or Deployment (`-<hash>-<5 chars>`) adds; `POD_NAMESPACE`;
-    /// `ISTIO_META_CLUSTER_ID`, else `EASTWEST_CLUSTER` (the proxy's `--cluster`).
-    pub fn with_env(&self, env: impl Fn(&str) -> Option<String>) -> TelemetryConfig {
-        let set = |v: Option<String>| v.filter(|v| !v.is_empty());
-        TelemetryConfig {
-            workload: self.workload.clone().or_else(|| {
-                set(env("ISTIO_META_WORKLOAD_NAME"))
-                    .or_else(|| set(env("POD_NAME")).map(|pod| workload_of_pod(&pod)))
-            }),
-            namespace: self.namespace.clone().or_else(|| set(env("POD_NAMESPACE"))),
-            cluster: self.cluster.clone().or_else(|| {
-                set(env("ISTIO_META_CLUSTER_ID")).or_else(|| set(env("EASTWEST_CLUSTER")))
-            }),
-            app: self.app.clone(),
-            version: self.version.clone(),
-        }
-    }
-}
-
-/// A pod's workload name, as Istio derives it when it has no owner information: the pod
-/// name without the generated suffixes (`<ds>-<5>` or `<deploy>-<pod-template-hash>-<5>`).
-fn workload_of_pod(pod: &str) -> String {
-    let generated = |part: &str| {
-        (5..=10).contains(&part.len()) && part.bytes().all(|b| b.is_ascii_alphanumeric())
-    };
-    let parts: Vec<&str> = pod.split('-').collect();
-    let mut keep = parts.len();
-    // Pod suffix (5 chars), then possibly a ReplicaSet hash (up to 10 chars).
-    if keep > 1 && parts[keep - 1].len() == 5 && generated(parts[keep - 1]) {
-        keep -= 1;
-        if keep > 1
-            && generated(parts[keep - 1])
-            && parts[keep - 1].bytes().any(|b| b.is_ascii_digit())
-        {
-            keep -= 1;
-        }
-    }
-    parts[..keep].join("-")
-}
-
-/// The gateway's SPIFFE identity: the certificate an `hbone` listener presents, and the roots
-/// and trust domains it verifies clients (source ztunnels) against. Exactly one source.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct IdentityConfig {
-    /// The mesh's trust domain (default `cluster.local`): the gateway's own SPIFFE ID is in
-    /// it, and clients must be too.
-    #[serde(default = "defaults::trust_domain")]
-    pub trust_domain: String,
-    /// Further client trust domains accepted (a mesh being migrated between domains).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub extra_trust_domains: Vec<String>,
-    /// Certificate chain, key and roots in PEM files (from `eastwest-certs gateway` or a
-    /// mounted Secret), re-read when they change.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub files: Option<IdentityFiles>,
-    /// Or: a certificate from istiod's CA, renewed before it expires.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub istiod: Option<IstiodCa>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct IdentityFiles {
-    /// The gateway's certificate then its intermediates (`cert-chain.pem`).
-    pub cert_chain: std::path::PathBuf,
-    pub key: std::path::PathBuf,
-    /// The mesh root(s) clients must chain to (`root-cert.pem`).
-    pub roots: std::path::PathBuf,
-}
-
-/// istiod's certificate API (`istio.v1.auth.IstioCertificateService/CreateCertificate`), as
-/// every Istio proxy uses it: authenticated by the pod's projected service-account token.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct IstiodCa {
-    /// e.g. `https://istiod.istio-system.svc:15012`.
-    pub address: String,
-    /// The mesh root(s): istiod's serving certificate chains to them, and so do clients.
-    pub roots: std::path::PathBuf,
-    /// Projected token with audience `istio-ca`.
-    #[serde(default = "defaults::istio_token")]
-    pub token_path: std::path::PathBuf,
-    /// The Istio cluster ID sent as `ClusterID` metadata (for a remote cluster's gateway).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cluster_id: Option<String>,
-    /// The namespace and service account of the gateway's SPIFFE ID.
-    #[serde(default = "defaults::gateway_namespace")]
-    pub namespace: String,
-    #[serde(default = "defaults::gateway_service_account")]
-    pub service_account: String,
-    /// Requested lifetime; renewal starts at half of it.
-    #[serde(default = "defaults::cert_ttl", with = "humantime_serde")]
-    pub cert_ttl: Duration,
 }
 
 /// The three admin servers, laid out as Istio's gateways do. Read at startup only.
@@ -371,24 +250,7 @@ pub struct SniRule {
 
 mod defaults {
     use std::net::SocketAddr;
-    use std::path::PathBuf;
     use std::time::Duration;
-
-    pub fn trust_domain() -> String {
-        "cluster.local".to_string()
-    }
-    pub fn istio_token() -> PathBuf {
-        PathBuf::from("/var/run/secrets/tokens/istio-token")
-    }
-    pub fn gateway_namespace() -> String {
-        "istio-system".to_string()
-    }
-    pub fn gateway_service_account() -> String {
-        "istio-eastwestgateway".to_string()
-    }
-    pub fn cert_ttl() -> Duration {
-        Duration::from_secs(24 * 3600)
-    }
 
     pub fn drain_accept_period() -> Duration {
         Duration::from_secs(5)
@@ -675,55 +537,9 @@ impl ProxyConfig {
             }
         }
         if let Some(id) = &self.identity {
-            match (&id.files, &id.istiod) {
-                (None, None) => errors.push(Invalid::new(
-                    "identity",
-                    "needs one source: `files:` or `istiod:`",
-                )),
-                (Some(_), Some(_)) => errors.push(Invalid::new(
-                    "identity.istiod",
-                    "`files:` and `istiod:` exclude each other",
-                )),
-                _ => {}
-            }
-            if id.trust_domain.is_empty() {
-                errors.push(Invalid::new("identity.trust_domain", "must not be empty"));
-            }
+            id.validate(&mut errors);
         }
         self.routes.validate("routes.", &mut errors);
         errors
-    }
-}
-
-#[cfg(test)]
-mod telemetry_tests {
-    use super::*;
-
-    #[test]
-    fn telemetry_fields_left_out_come_from_the_gateway_pods_environment() {
-        let env = |k: &str| match k {
-            "POD_NAME" => Some("istio-eastwestgateway-7d9f8b6c5d-x2k9p".to_string()),
-            "POD_NAMESPACE" => Some("istio-system".to_string()),
-            "EASTWEST_CLUSTER" => Some("ash".to_string()),
-            _ => None,
-        };
-        let filled = TelemetryConfig::default().with_env(env);
-        assert_eq!(filled.workload.as_deref(), Some("istio-eastwestgateway"));
-        assert_eq!(filled.namespace.as_deref(), Some("istio-system"));
-        assert_eq!(filled.cluster.as_deref(), Some("ash"));
-        let set = TelemetryConfig {
-            workload: Some("gw".into()),
-            cluster: Some("fra".into()),
-            ..TelemetryConfig::default()
-        };
-        let filled = set.with_env(env);
-        assert_eq!(filled.workload.as_deref(), Some("gw"));
-        assert_eq!(filled.cluster.as_deref(), Some("fra"));
-        assert_eq!(
-            workload_of_pod("istio-eastwestgateway-x2k9p"),
-            "istio-eastwestgateway"
-        );
-        assert_eq!(workload_of_pod("sglang"), "sglang");
-        assert!(TelemetryConfig::default().with_env(|_| None).is_empty());
     }
 }
