@@ -4,7 +4,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use eastwest_routes::ListenerConfig;
@@ -34,6 +34,8 @@ pub(crate) struct ListenerStats {
     pub connection_duration: Histogram,
     /// `closed_total{route=""}` per outcome: the connections that never got a route.
     unrouted: [Counter; Outcome::ALL.len()],
+    /// `hbone` listeners: `eastwest_hbone_streams_opened_total`, made on the first connection.
+    hbone_streams_opened: OnceLock<Counter>,
 }
 
 impl ListenerStats {
@@ -50,7 +52,19 @@ impl ListenerStats {
             hello_duration: metrics::histogram!(m::HELLO_DURATION, &[label()]),
             connection_duration: metrics::histogram!(m::CONNECTION_DURATION, &[label()]),
             unrouted: Outcome::ALL.map(|outcome| m::closed(name, "", outcome)),
+            hbone_streams_opened: OnceLock::new(),
         }
+    }
+
+    /// `hbone`: the streams-opened counter; on first use the stream refusals without a route
+    /// are registered at 0 too, so an alert's rate() sees their first increase.
+    pub fn hbone_streams_opened(&self) -> &Counter {
+        self.hbone_streams_opened.get_or_init(|| {
+            for outcome in [Outcome::BadRequest, Outcome::UnknownRoute] {
+                m::hbone_stream_closed(&self.name, "", outcome).increment(0);
+            }
+            m::hbone_streams_opened(&self.name)
+        })
     }
 
     /// A connection turned away at once (over `max_connections`, or out of descriptors).

@@ -17,6 +17,9 @@ pub const CONNECTIONS_OPENED: &str = "eastwest_connections_opened_total";
 pub const CONNECTIONS_CLOSED: &str = "eastwest_connections_closed_total";
 pub const CONNECTIONS_ACTIVE: &str = "eastwest_connections_active";
 pub const CONNECTIONS_REFUSED: &str = "eastwest_connections_refused_total";
+/// `hbone` listeners: CONNECT streams, which `connections_*` (outer connections) do not count.
+pub const HBONE_STREAMS_OPENED: &str = "eastwest_hbone_streams_opened_total";
+pub const HBONE_STREAMS_CLOSED: &str = "eastwest_hbone_streams_closed_total";
 pub const BYTES: &str = "eastwest_bytes_total";
 pub const HELLO_DURATION: &str = "eastwest_client_hello_duration_seconds";
 pub const CONNECT_DURATION: &str = "eastwest_upstream_connect_duration_seconds";
@@ -210,7 +213,16 @@ fn describe() {
     );
     describe_counter!(
         CONNECTIONS_CLOSED,
-        "Downstream connections finished, by listener, route and result."
+        "Downstream connections finished, by listener, route and result (on hbone listeners \
+         the outer connections: result served, or why the handshake failed)."
+    );
+    describe_counter!(
+        HBONE_STREAMS_OPENED,
+        "HBONE CONNECT streams received on hbone listeners, by listener."
+    );
+    describe_counter!(
+        HBONE_STREAMS_CLOSED,
+        "HBONE CONNECT streams finished, by listener, route and result."
     );
     describe_gauge!(
         CONNECTIONS_ACTIVE,
@@ -314,6 +326,20 @@ pub fn closed(listener: &str, route: &str, outcome: Outcome) -> Counter {
     )
 }
 
+/// The `eastwest_hbone_streams_closed_total` series of one listener, route and result.
+pub fn hbone_stream_closed(listener: &str, route: &str, outcome: Outcome) -> Counter {
+    counter!(
+        HBONE_STREAMS_CLOSED,
+        "listener" => listener.to_string(),
+        "route" => route.to_string(),
+        "result" => outcome.as_str()
+    )
+}
+
+pub fn hbone_streams_opened(listener: &str) -> Counter {
+    counter!(HBONE_STREAMS_OPENED, "listener" => listener.to_string())
+}
+
 pub fn endpoint_ejections(route: &str, reason: &'static str) -> Counter {
     counter!(ENDPOINT_EJECTIONS, "route" => route.to_string(), "reason" => reason)
 }
@@ -352,10 +378,13 @@ pub enum Outcome {
     TlsFailed,
     /// `hbone`: a stream that is not a CONNECT, or whose authority is malformed (400).
     BadRequest,
+    /// `hbone`: an outer connection that completed mTLS and HTTP/2, when it ends; its CONNECT
+    /// streams are counted with their own results in `eastwest_hbone_streams_closed_total`.
+    Served,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 11] = [
+    pub const ALL: [Outcome; 12] = [
         Outcome::Routed,
         Outcome::NoSni,
         Outcome::BadSni,
@@ -367,6 +396,7 @@ impl Outcome {
         Outcome::Overloaded,
         Outcome::TlsFailed,
         Outcome::BadRequest,
+        Outcome::Served,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -382,6 +412,7 @@ impl Outcome {
             Outcome::Overloaded => "overloaded",
             Outcome::TlsFailed => "tls_failed",
             Outcome::BadRequest => "bad_request",
+            Outcome::Served => "served",
         }
     }
 }

@@ -27,7 +27,7 @@ use super::client::{poll_write_error, read_error};
 use crate::connect::{connect, keepalive};
 use crate::istio_metrics::{self, ConnectionInfo, IstioTcp};
 use crate::listener::ListenerStats;
-use crate::metrics::Outcome;
+use crate::metrics::{self as m, Outcome};
 use crate::routing::{RouteMiss, Routing};
 use crate::Shared;
 
@@ -120,8 +120,12 @@ pub(crate) async fn serve(
         peer_id,
         access_log,
     });
+    // Counted once per outer connection, however it ends from here on (opened - closed is
+    // the connections open, as on every listener); streams have their own series.
+    let served = stats.closed(Outcome::Served, "");
     let Some(ping) = conn.ping_pong() else {
         tracing::debug!(%peer, "h2 gave no ping handle");
+        served.increment(1);
         return;
     };
     let keepalive = ping_keepalive(ping);
@@ -161,6 +165,7 @@ pub(crate) async fn serve(
     stats
         .connection_duration
         .record(started.elapsed().as_secs_f64());
+    served.increment(1);
     tracing::debug!(%peer, peer_id = %downstream.peer_id, detail = %end, "HBONE connection closed");
 }
 
@@ -199,7 +204,7 @@ async fn ping_keepalive(mut ping: PingPong) -> String {
     }
 }
 
-/// One stream's access-log line and `closed_total` series.
+/// One stream's access-log line and `eastwest_hbone_streams_closed_total` series.
 struct StreamReport {
     authority: String,
     route: Option<Arc<str>>,
@@ -218,6 +223,7 @@ async fn stream(
     mut respond: SendResponse<Bytes>,
 ) {
     let started = Instant::now();
+    down.stats.hbone_streams_opened().increment(1);
     let (parts, recv) = req.into_parts();
     let mut report = StreamReport {
         authority: parts
@@ -280,11 +286,8 @@ async fn stream(
     if let Err(e) = relayed {
         report.detail = e.to_string();
     }
-    metrics
-        .closed_routed(&set.route, &down.stats.name)
-        .increment(1);
     report.outcome = Outcome::Routed;
-    finish_logged(&down, &report, started);
+    finish(&down, report, started);
 }
 
 /// A stream whose upstream is connected.
@@ -445,13 +448,10 @@ async fn relay(
     result
 }
 
+/// Counts the stream's end (a registry lookup per stream, never per chunk) and logs it.
 fn finish(down: &Downstream, report: StreamReport, started: Instant) {
     let route = report.route.as_deref().unwrap_or("");
-    down.stats.closed(report.outcome, route).increment(1);
-    finish_logged(down, &report, started);
-}
-
-fn finish_logged(down: &Downstream, report: &StreamReport, started: Instant) {
+    m::hbone_stream_closed(&down.stats.name, route, report.outcome).increment(1);
     if report.outcome != Outcome::Routed {
         tracing::debug!(listener = %down.stats.name, peer = %down.peer, authority = %report.authority, status = report.status, result = report.outcome.as_str(), detail = %report.detail, "HBONE stream refused");
     }

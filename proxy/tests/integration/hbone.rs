@@ -70,7 +70,7 @@ async fn double_hbone_through_the_gateway_reaches_the_destination_ztunnel() {
     let route = format!("{REVIEWS}:9080");
     wait_metric(
         &proxy,
-        &format!("eastwest_connections_closed_total{{listener=\"{LISTENER}\",route=\"{route}\",result=\"routed\"}}"),
+        &format!("eastwest_hbone_streams_closed_total{{listener=\"{LISTENER}\",route=\"{route}\",result=\"routed\"}}"),
         1.0,
     )
     .await;
@@ -219,7 +219,7 @@ async fn unknown_services_and_services_without_ambient_endpoints_get_503() {
     roundtrip(&mut ok, b"still here").await;
     wait_metric(
         &proxy,
-        &format!("eastwest_connections_closed_total{{listener=\"{LISTENER}\",route=\"\",result=\"unknown_route\"}}"),
+        &format!("eastwest_hbone_streams_closed_total{{listener=\"{LISTENER}\",route=\"\",result=\"unknown_route\"}}"),
         2.0,
     )
     .await;
@@ -271,7 +271,7 @@ async fn ip_authorities_and_requests_other_than_connect_get_400() {
     assert_eq!(resp.status(), http::StatusCode::BAD_REQUEST);
     wait_metric(
         &proxy,
-        &format!("eastwest_connections_closed_total{{listener=\"{LISTENER}\",route=\"\",result=\"bad_request\"}}"),
+        &format!("eastwest_hbone_streams_closed_total{{listener=\"{LISTENER}\",route=\"\",result=\"bad_request\"}}"),
         4.0,
     )
     .await;

@@ -48,7 +48,7 @@ async fn two_hundred_concurrent_streams_share_one_connection() {
     }
     wait_metric(
         &proxy,
-        &format!("eastwest_connections_closed_total{{listener=\"{LISTENER}\",route=\"{authority}\",result=\"routed\"}}"),
+        &format!("eastwest_hbone_streams_closed_total{{listener=\"{LISTENER}\",route=\"{authority}\",result=\"routed\"}}"),
         200.0,
     )
     .await;
@@ -432,7 +432,7 @@ async fn rotating_the_gateway_certificate_files_under_load_drops_no_stream() {
     let total = (CONNECTIONS * STREAMS + 1) as f64;
     wait_metric(
         &proxy,
-        &format!("eastwest_connections_closed_total{{listener=\"{LISTENER}\",route=\"{authority}\",result=\"routed\"}}"),
+        &format!("eastwest_hbone_streams_closed_total{{listener=\"{LISTENER}\",route=\"{authority}\",result=\"routed\"}}"),
         total,
     )
     .await;
@@ -440,4 +440,78 @@ async fn rotating_the_gateway_certificate_files_under_load_drops_no_stream() {
     let dump: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(dump["identity"]["renewals"], 1);
     assert!(dump["identity"]["last_error"].is_null(), "{body}");
+}
+
+/// On an `hbone` listener `eastwest_connections_*` count outer connections, opened and closed
+/// alike (opened - closed is what is open, as on 15443), and CONNECT streams have a pair of
+/// series of their own, routed or refused.
+#[tokio::test]
+async fn connections_count_outer_connections_and_streams_count_streams() {
+    const LISTENER: &str = "hbone-counting";
+    let a = ambient();
+    let cfg = hbone_config(
+        &a,
+        LISTENER,
+        vec![service(
+            REVIEWS,
+            vec![(9080, vec![ambient_endpoint(tcp_echo().await)])],
+        )],
+    );
+    let (proxy, gw) = start(cfg).await;
+    let authority = format!("{REVIEWS}:9080");
+    for _ in 0..2 {
+        let outer = outer(gw, &a.source).await;
+        for i in 0..3 {
+            let mut s = outer.open(&authority).await.unwrap();
+            roundtrip(&mut s, format!("stream {i}").as_bytes()).await;
+            s.shutdown().await.unwrap();
+        }
+        let refused = outer.open("nope.bookinfo.svc.cluster.local:9080").await;
+        assert!(refused.is_err(), "an unknown service was routed");
+        // The client closes the outer connection once its last handle is gone.
+    }
+    let on_listener = |rest: &str| format!("{{listener=\"{LISTENER}\"{rest}}}");
+    wait_metric(
+        &proxy,
+        &format!(
+            "eastwest_connections_closed_total{}",
+            on_listener(",route=\"\",result=\"served\"")
+        ),
+        2.0,
+    )
+    .await;
+    wait_metric(
+        &proxy,
+        &format!(
+            "eastwest_hbone_streams_closed_total{}",
+            on_listener(&format!(",route=\"{authority}\",result=\"routed\""))
+        ),
+        6.0,
+    )
+    .await;
+    let (_, body) = crate::support::admin_get(&proxy, "/metrics").await;
+    // Every series of a family on this listener, summed.
+    let total = |family: &str| -> f64 {
+        let prefix = format!("{family}{{listener=\"{LISTENER}\"");
+        body.lines()
+            .filter(|l| l.starts_with(&prefix))
+            .map(|l| l.rsplit_once(' ').unwrap().1.parse::<f64>().unwrap())
+            .sum()
+    };
+    assert_eq!(total("eastwest_connections_opened_total"), 2.0, "{body}");
+    assert_eq!(total("eastwest_connections_closed_total"), 2.0, "{body}");
+    assert_eq!(total("eastwest_connections_active"), 0.0, "{body}");
+    assert_eq!(total("eastwest_hbone_streams_opened_total"), 8.0, "{body}");
+    assert_eq!(total("eastwest_hbone_streams_closed_total"), 8.0, "{body}");
+    assert_eq!(
+        metric(
+            &proxy,
+            &format!(
+                "eastwest_hbone_streams_closed_total{}",
+                on_listener(",route=\"\",result=\"unknown_route\"")
+            )
+        )
+        .await,
+        2.0
+    );
 }
