@@ -57,6 +57,14 @@ pub struct Args {
     /// No progress bars.
     #[arg(long)]
     pub disable_tqdm: bool,
+    /// Where the gateway serves /metrics (Istio's 15020), e.g. 127.0.0.1:15020, so a
+    /// Prometheus can be pointed at it before the demo starts [default: a free loopback port].
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_address: Option<std::net::SocketAddr>,
+    /// After the report, keep the gateway and its /metrics up this long (or until SIGINT or
+    /// SIGTERM), so Prometheus takes a last scrape, e.g. 60s.
+    #[arg(long, default_value = "0s", value_parser = eastwest_cli::duration_or_millis)]
+    pub linger: Duration,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -119,7 +127,10 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
     let started = Instant::now();
 
     gateway_timing::install();
-    let topo = Topology::start(&opts).await?;
+    let metrics_address = args
+        .metrics_address
+        .unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+    let topo = Topology::start_with_metrics_at(&opts, metrics_address).await?;
     println!("eastwest demo: Open WebUI in fra -> sglang in ash, all on 127.0.0.1");
     println!(
         "  model server (ash)   {}  {}  ttft {} ms, itl {} ms",
@@ -175,10 +186,75 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
     let gateway_text = report::fetch_metrics(topo.metrics_addr).await;
     // The ambient pod's server streams too: every event sent is counted.
     let server_chunks = topo.server.stats().chunks + topo.ambient.server.stats().chunks;
+    let (scenarios, warmup_events) = match outcome {
+        Ok(outcome) => outcome,
+        Err(err) => {
+            topo.shutdown().await;
+            return Err(err);
+        }
+    };
+    let reported = report_and_write(
+        &args,
+        &scenarios,
+        warmup_events,
+        server_chunks,
+        gateway_text,
+        topo_json,
+        (num_prompts, output_len),
+        (started_at, started),
+    );
+    if reported.is_ok() && !args.linger.is_zero() {
+        linger(topo.metrics_addr, args.linger).await;
+    }
     topo.shutdown().await;
-    let (scenarios, warmup_events) = outcome?;
+    reported
+}
 
-    println!("\n{}", report::comparison_table(&scenarios));
+/// Keeps the caller's gateway up for `linger` or until SIGINT/SIGTERM: a Prometheus scraping
+/// it gets the final counters (the demo's scrape interval may be longer than its last step).
+async fn linger(metrics: std::net::SocketAddr, linger: Duration) {
+    println!(
+        "Gateway /metrics stays up at http://{metrics}/metrics for {} s (SIGINT or SIGTERM ends it)",
+        linger.as_secs_f64()
+    );
+    let stop = async {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            match signal(SignalKind::terminate()) {
+                Ok(mut term) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = tokio::signal::ctrl_c() => {}
+                    }
+                }
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    };
+    let _ = tokio::time::timeout(linger, stop).await;
+}
+
+/// Prints the comparison, the sanity checks and the gateway counters; writes results.json
+/// (whole, by rename: a script may be waiting for it) and the plots.
+#[allow(clippy::too_many_arguments)]
+fn report_and_write(
+    args: &Args,
+    scenarios: &[ScenarioResult],
+    warmup_events: u64,
+    server_chunks: u64,
+    gateway_text: anyhow::Result<String>,
+    topo_json: serde_json::Value,
+    (num_prompts, output_len): (usize, usize),
+    (started_at, started): (std::time::SystemTime, Instant),
+) -> anyhow::Result<()> {
+    println!("\n{}", report::comparison_table(scenarios));
     let rtt = ms(args.rtt);
     let ttft = |i: usize| scenarios[i].metrics.mean_ttft_ms;
     let keep_delta = ttft(1) - ttft(0);
@@ -192,7 +268,7 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
         "  cross-region cold TTFT - direct      = {cold_delta:>7.1} ms = {} (expected ~3: TCP + TLS 1.3 + request)",
         in_rtts(cold_delta, rtt)
     );
-    let ambient_checks = ambient::print_checks(&scenarios, rtt);
+    let ambient_checks = ambient::print_checks(scenarios, rtt);
     let itls: Vec<String> = scenarios
         .iter()
         .map(|s| format!("{:.2}", s.metrics.mean_itl_ms))
@@ -226,7 +302,7 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
         }
     }
 
-    let plots = report::write_plots(&args.out, &scenarios)?;
+    let plots = report::write_plots(&args.out, scenarios)?;
     let results = Results {
         eastwest: serde_json::json!({
             "version": eastwest_cli::PKG_VERSION,
@@ -240,9 +316,10 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
             "num_prompts": num_prompts, "input_len": args.input_len, "output_len": output_len,
             "concurrency": args.concurrency, "quick": args.quick,
             "out": args.out, "disable_tqdm": args.disable_tqdm,
+            "metrics_address": args.metrics_address, "linger_s": args.linger.as_secs_f64(),
         }),
         topology: topo_json,
-        scenarios: &scenarios,
+        scenarios,
         checks: serde_json::json!({
             "keepalive_ttft_delta_ms": keep_delta,
             "keepalive_ttft_delta_rtts": keep_delta / rtt.max(1e-9),
@@ -255,7 +332,10 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
         gateway_counters: counters,
     };
     let json_path = args.out.join("results.json");
-    std::fs::write(&json_path, serde_json::to_vec_pretty(&results)?)
+    let partial = args.out.join("results.json.partial");
+    std::fs::write(&partial, serde_json::to_vec_pretty(&results)?)
+        .with_context(|| format!("writing {}", partial.display()))?;
+    std::fs::rename(&partial, &json_path)
         .with_context(|| format!("writing {}", json_path.display()))?;
     println!(
         "\nWrote {} and {} in {:.1} s",
@@ -310,9 +390,11 @@ async fn run_scenarios(
             cfg.connect_to = Some(topo.server_addr.to_string());
             cfg.sni = Some(SERVICE_HOST.into());
         }
+        let started = report::unix_now();
         let result = run_benchmark(&cfg, Some(&progress(sc.name)))
             .await
             .with_context(|| format!("scenario {}", sc.name))?;
+        let finished = report::unix_now();
         let path = serde_json::json!({"cross_region": sc.cross_region});
         let m = &result.metrics;
         if let Some(line) =
@@ -320,13 +402,9 @@ async fn run_scenarios(
         {
             print_line(&format!("{}: {line}", sc.name))?;
         }
-        results.push(scenario_result(
-            sc.name,
-            sc.description,
-            path,
-            &cfg,
-            &result,
-        ));
+        results.push(
+            scenario_result(sc.name, sc.description, path, &cfg, &result).during(started, finished),
+        );
         warmup_events += result.warmup_sse_events;
     }
     for sc in &ambient::SCENARIOS {
@@ -337,20 +415,18 @@ async fn run_scenarios(
             OuterConnection::Pooled => args.concurrency,
             OuterConnection::PerConnection => 1,
         };
+        let started = report::unix_now();
         let result = ambient::run_ambient(topo, sc.outer, &mut cfg, Some(&progress(sc.name)))
             .await
             .with_context(|| format!("scenario {}", sc.name))?;
+        let finished = report::unix_now();
         let path = serde_json::json!({
             "cross_region": true,
             "ambient_outer_connection": format!("{:?}", sc.outer).to_lowercase(),
         });
-        results.push(scenario_result(
-            sc.name,
-            sc.description,
-            path,
-            &cfg,
-            &result,
-        ));
+        results.push(
+            scenario_result(sc.name, sc.description, path, &cfg, &result).during(started, finished),
+        );
         warmup_events += result.warmup_sse_events;
     }
     Ok((results, warmup_events))

@@ -28,6 +28,10 @@ pub struct ScenarioResult {
     pub itls_ms: Vec<f64>,
     pub content_chunks: usize,
     pub sse_events: u64,
+    /// When the scenario started (before its warmup) and finished, Unix time in seconds: the
+    /// window to query the gateway's metrics over (e.g. Kiali's graph at that time).
+    pub started_unix_s: f64,
+    pub finished_unix_s: f64,
 }
 
 impl ScenarioResult {
@@ -50,8 +54,24 @@ impl ScenarioResult {
                 .collect(),
             content_chunks: r.records.iter().map(|r| r.content_chunks).sum(),
             sse_events: r.records.iter().map(|r| r.sse_events).sum(),
+            started_unix_s: 0.0,
+            finished_unix_s: 0.0,
         }
     }
+
+    /// With the scenario's window (Unix seconds).
+    pub fn during(mut self, started_unix_s: f64, finished_unix_s: f64) -> Self {
+        self.started_unix_s = started_unix_s;
+        self.finished_unix_s = finished_unix_s;
+        self
+    }
+}
+
+/// Now as Unix time in seconds.
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 pub const COLORS: [&str; 6] = [
@@ -183,7 +203,7 @@ pub fn gateway_counters(text: &str) -> BTreeMap<String, f64> {
             continue;
         };
         let name = series.split('{').next().unwrap_or(series);
-        if !(name.contains("connection") || name.contains("bytes")) {
+        if !(name.contains("connection") || name.contains("bytes") || name.contains("streams")) {
             continue;
         }
         if name.ends_with("_bucket") || name.ends_with("_sum") || name.ends_with("_count") {

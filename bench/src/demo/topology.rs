@@ -10,6 +10,7 @@ use anyhow::Context;
 use eastwest_certs::{Mesh, PeerPolicy, SpiffeId};
 use eastwest_routes::{
     Endpoint, ListenerConfig, ListenerMode, ProxyConfig, RouteTable, Service, ServicePort,
+    TelemetryConfig, Workload,
 };
 
 use super::ambient::{AmbientDestination, AmbientTopology};
@@ -47,10 +48,52 @@ pub struct Topology {
     pub ambient: AmbientTopology,
 }
 
+/// The demo's gateway as Istio's east-west gateway in ash names itself in `istio_tcp_*`
+/// (`source_*` labels): the `istio-eastwestgateway` workload, pods labelled
+/// `app: istio-eastwestgateway` (deploy/base), no `version` label.
+pub fn gateway_telemetry() -> TelemetryConfig {
+    TelemetryConfig {
+        workload: Some("istio-eastwestgateway".into()),
+        namespace: Some("istio-system".into()),
+        cluster: Some("ash".into()),
+        app: Some("istio-eastwestgateway".into()),
+        version: None,
+    }
+}
+
+/// The model server's pod as eastwest-control describes it (`destination_*` labels): the
+/// `sglang` Deployment in `demo`, `app: sglang`, `version: v1`, service account `sglang`
+/// (its SPIFFE ID is the one the server's certificate carries), in cluster ash.
+pub fn server_workload() -> Workload {
+    Workload {
+        name: "sglang".into(),
+        namespace: "demo".into(),
+        app: Some("sglang".into()),
+        version: Some("v1".into()),
+        service_account: Some("sglang".into()),
+        cluster: Some("ash".into()),
+    }
+}
+
 impl Topology {
+    /// The gateway's `/metrics` on any free loopback port.
     pub async fn start(opts: &TopologyOptions) -> anyhow::Result<Topology> {
+        Self::start_with_metrics_at(opts, SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    /// With the gateway's `/metrics` (Istio's 15020) on `metrics_address`, so a Prometheus
+    /// configured before the demo starts can scrape it.
+    pub async fn start_with_metrics_at(
+        opts: &TopologyOptions,
+        metrics_address: SocketAddr,
+    ) -> anyhow::Result<Topology> {
         let mesh = Mesh::generate(TRUST_DOMAIN, &["fra", "ash"]).context("generating mesh PKI")?;
-        let server_id = SpiffeId::workload(TRUST_DOMAIN, "demo", "sglang");
+        let workload = server_workload();
+        let server_id = SpiffeId::workload(
+            TRUST_DOMAIN,
+            &workload.namespace,
+            workload.service_account.as_deref().unwrap_or("default"),
+        );
         let client_id = SpiffeId::workload(TRUST_DOMAIN, "demo", "open-webui");
         let server_identity = mesh
             .workload("ash", &server_id)
@@ -99,6 +142,12 @@ impl Topology {
         ]);
         cfg.identity = Some(ambient.gateway_identity());
         cfg.admin = eastwest_routes::AdminConfig::loopback_any_port();
+        cfg.admin.metrics_address = metrics_address;
+        cfg.telemetry = gateway_telemetry();
+        // No load balancer to take the gateway out of rotation, and the demo's clients are
+        // done when it stops: Istio's 5 s accept period would only make every run longer.
+        cfg.drain_accept_period = Duration::ZERO;
+        cfg.drain_period = Duration::from_secs(5);
         cfg.routes = RouteTable {
             services: vec![Service {
                 hostname: SERVICE_HOST.into(),
@@ -112,7 +161,7 @@ impl Topology {
                         labels: Default::default(),
                         // The pod is ambient-captured: its ztunnel takes HBONE here.
                         hbone_port: Some(ambient.hbone_port()),
-                        workload: None,
+                        workload: Some(std::sync::Arc::new(workload)),
                     }],
                 }],
             }

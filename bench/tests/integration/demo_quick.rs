@@ -41,6 +41,12 @@ fn quick_demo_writes_results_and_plots() {
         assert_eq!(sc["itls_ms"].as_array().unwrap().len(), 8 * 7);
         assert_eq!(sc["settings"]["num_prompts"], 8);
         assert!(sc["settings"]["connection"].is_string());
+        // The window to query the gateway's metrics over (deploy/tools/demo_kiali.sh).
+        let window = (
+            sc["started_unix_s"].as_f64().unwrap(),
+            sc["finished_unix_s"].as_f64().unwrap(),
+        );
+        assert!(window.0 > 1.7e9 && window.0 < window.1, "{window:?}");
     }
     assert_eq!(
         results["checks"]["server_sse_events"],
