@@ -12,7 +12,9 @@
 # 5. runs `eastwest-proxy --check` on each overlay's rendered proxy ConfigMap;
 # 6. starts eastwest-proxy and Prometheus on 127.0.0.1, Prometheus scraping the proxy with the
 #    job from monitoring/prometheus-scrape.yaml, and waits until the target is up and
-#    `eastwest_` series come back from the query API; `promtool check config` on the snippet.
+#    `eastwest_` series come back from the query API; `promtool check config` on the snippet;
+# 7. runs a short `eastwest-bench demo` while Prometheus scrapes its gateway and checks Kiali's
+#    TCP-edge queries over each scenario (tools/demo_kiali.sh).
 #
 # Installs what is missing: Debian `prometheus` (prometheus + promtool) and `python3-venv`,
 # and a Python venv (deploy/tools/requirements.txt: kubectl+kustomize, kubernetes-validate,
@@ -514,7 +516,11 @@ kiali_edge() {
 # real /metrics pages: the file-fed gateway's ($WORK/scrape.txt) and, for the control
 # metrics, the gateway the manifests' command line runs with --control.
 monitoring_queries() {
+  # The demo's gateway has an hbone listener, so its scrape has the HBONE stream series.
   local scrapes=("$WORK/scrape.txt")
+  if [ -s "$WORK/demo-kiali/demo-scrape.txt" ]; then
+    scrapes+=("$WORK/demo-kiali/demo-scrape.txt")
+  fi
   if [ -n "$WIRING_PROXY_PID" ] &&
     http_get "http://127.0.0.1:$WIRING_METRICS_PORT/metrics" >"$WORK/scrape-control.txt"; then
     scrapes+=("$WORK/scrape-control.txt")
@@ -655,6 +661,31 @@ recreated_pod() {
     tail -n 5 "$WORK/recreated-proxy.log"
   fi
 }
+
+# The demo itself, scraped by a real Prometheus: Kiali's TCP edges per scenario, counters
+# that add up, promtool on its /metrics. Its lines are counted as this script's own.
+demo_kiali() {
+  local out="$WORK/demo-kiali" line rc=0
+  if [ ! -x "$BIN/eastwest-bench" ]; then
+    fail "no eastwest-bench at $BIN/eastwest-bench"
+    return
+  fi
+  mkdir -p "$out"
+  bash "$DEPLOY/tools/demo_kiali.sh" "$BIN" "$PY" "$out" >"$out/check.log" 2>&1 || rc=$?
+  while IFS= read -r line; do
+    case "$line" in
+      "ok   "*) pass "${line#ok   }" ;;
+      "FAIL "*) fail "${line#FAIL }" ;;
+      *) printf '     %s\n' "$line" ;;
+    esac
+  done <"$out/check.log"
+  if [ "$rc" != 0 ] && ! grep -q '^FAIL ' "$out/check.log"; then
+    fail "tools/demo_kiali.sh exited $rc"
+  fi
+}
+
+log "the demo scraped by Prometheus: Kiali's TCP edges per scenario"
+demo_kiali
 
 log "the manifests' command lines, run: ash's gateway <- mTLS -> fra's eastwest-control"
 WIRING_PROXY_PID=""

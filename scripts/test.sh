@@ -9,7 +9,8 @@
 # 2. cargo fmt --check and cargo clippy -D warnings over the whole workspace;
 # 3. cargo test over the whole workspace (unit, integration, fuzz-corpus replay, CLI tests);
 # 4. deploy/test.sh: kustomize render, Kubernetes schema validation, Prometheus scraping a
-#    real eastwest-proxy (Kiali's TCP-edge queries, dashboard and alert checks).
+#    real eastwest-proxy (Kiali's TCP-edge queries, dashboard and alert checks), and the demo
+#    run while Prometheus scrapes its gateway (Kiali's edges per scenario).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 

@@ -10,10 +10,17 @@
       sends one ClientHello with SNI to the gateway and reads until it closes (for a route
       whose endpoints are down: the gateway's failure series).
 
-  kiali_edge.py check PROMETHEUS_URL NAMESPACE SOURCE_WORKLOAD DEST_SERVICE
+  kiali_edge.py check PROMETHEUS_URL NAMESPACE SOURCE_WORKLOAD DEST_SERVICE [AT WINDOW]
       runs Kiali's TCP-edge queries for NAMESPACE against Prometheus' HTTP API; succeeds when
       an edge SOURCE_WORKLOAD -> DEST_SERVICE with a non-zero byte rate is among the results,
-      carrying every label Kiali needs (Kiali skips series missing one).
+      carrying every label Kiali needs (Kiali skips series missing one). With AT (Unix time)
+      and WINDOW (whole seconds) the queries cover the WINDOW seconds up to AT, as Kiali's
+      graph does for queryTime=AT and duration=WINDOWs; otherwise the last 60 s.
+
+  kiali_edge.py windows RESULTS_JSON
+      one line per scenario of an `eastwest-bench demo` results.json:
+      `<cross_region 0|1> <AT> <WINDOW> <name>`, the window lying inside the scenario (AT its
+      end, WINDOW its length rounded down), so traffic of a neighbouring scenario never counts.
 """
 import json
 import socket
@@ -100,12 +107,16 @@ def stream(gateway_port, backend_port, sni, seconds):
     return 0 if received else 1
 
 
-def check(prometheus, namespace, source_workload, dest_service):
+def check(prometheus, namespace, source_workload, dest_service, at=None, window=None):
     needed = TCP_GROUP_BY.split(",")
+    duration = int(window) if window is not None else KIALI_DURATION_S
     edges = []
     for template in KIALI_TCP_QUERIES:
-        query = template.format(ns=namespace, dur=KIALI_DURATION_S, group=TCP_GROUP_BY)
-        url = prometheus + "/api/v1/query?" + urllib.parse.urlencode({"query": query})
+        query = template.format(ns=namespace, dur=duration, group=TCP_GROUP_BY)
+        params = {"query": query}
+        if at is not None:
+            params["time"] = at
+        url = prometheus + "/api/v1/query?" + urllib.parse.urlencode(params)
         with urllib.request.urlopen(url, timeout=5) as r:
             body = json.load(r)
         if body.get("status") != "success":
@@ -123,12 +134,23 @@ def check(prometheus, namespace, source_workload, dest_service):
         ):
             print(
                 f"{m['source_workload']}.{m['source_workload_namespace']} -> "
-                f"{m['destination_service']} (workload {m['destination_workload']}): "
-                f"{rate:.0f} B/s"
+                f"{m['destination_service']} (workload {m['destination_workload']}."
+                f"{m['destination_workload_namespace']}): {rate:.0f} B/s"
+                + (f" over {duration} s = {rate * duration:.0f} B" if window else "")
             )
             return 0
     print(f"no edge {source_workload} -> {dest_service} yet; edges: {edges}", file=sys.stderr)
     return 1
+
+
+def windows(results_json):
+    with open(results_json, encoding="utf-8") as f:
+        results = json.load(f)
+    for sc in results["scenarios"]:
+        start, end = sc["started_unix_s"], sc["finished_unix_s"]
+        cross = 1 if sc["settings"].get("cross_region") else 0
+        print(f"{cross} {end:.3f} {int(end - start)} {sc['name']}")
+    return 0
 
 
 def main(argv):
@@ -136,8 +158,10 @@ def main(argv):
         return stream(int(argv[2]), int(argv[3]), argv[4], float(argv[5]))
     if len(argv) == 4 and argv[1] == "hello":
         return hello(int(argv[2]), argv[3])
-    if len(argv) == 6 and argv[1] == "check":
+    if len(argv) in (6, 8) and argv[1] == "check":
         return check(*argv[2:])
+    if len(argv) == 3 and argv[1] == "windows":
+        return windows(argv[2])
     print(__doc__, file=sys.stderr)
     return 2
 
