@@ -4,6 +4,7 @@
 mod ambient_destination;
 mod demo_ambient;
 mod demo_quick;
+mod demo_telemetry;
 mod run_compat;
 mod run_failures;
 mod run_flags;
