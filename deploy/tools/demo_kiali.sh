@@ -147,9 +147,10 @@ for line in "${WINDOWS[@]}"; do
   [ "$cross" = 0 ] || continue
   edge=("${KIALI[@]}" check "http://127.0.0.1:$PROM_PORT" demo "$SOURCE_WORKLOAD" "$SERVICE" \
     "$at" "$window")
-  scraped="$(prom_query "min_over_time(up{job=\"eastwest-proxy\"}[${window}s])" "$at")"
+  # At least one good scrape in the window: the gateway exported no istio_tcp_ series then.
+  scraped="$(prom_query "max_over_time(up{job=\"eastwest-proxy\"}[${window}s])" "$at")"
   if [ "${scraped##* }" != 1 ]; then
-    fail "the gateway was not scraped throughout '$name' (up: ${scraped:-none}): no negative test"
+    fail "the gateway was not scraped during '$name' (up: ${scraped:-none}): no negative test"
   elif "${edge[@]}" >/dev/null 2>&1; then
     fail "Kiali's queries show a gateway edge over '$name', which bypasses the gateway: $("${edge[@]}")"
   else
