@@ -429,6 +429,7 @@ prometheus_scrape() {
   configmap_write "$CONFIG_DIR" "$(loopback_config "")"
   # The gateway's own labels in Istio's metrics from the variables its DaemonSet sets.
   POD_NAME=istio-eastwestgateway-x2k9p POD_NAMESPACE=istio-system EASTWEST_CLUSTER=ash \
+    POD_LABEL_APP=istio-eastwestgateway POD_LABEL_VERSION= \
     "$PROXY" --config "$CONFIG_DIR/config.yaml" >"$WORK/proxy.log" 2>&1 &
   PROXY_PID=$!
   PIDS+=("$PROXY_PID")

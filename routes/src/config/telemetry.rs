@@ -33,7 +33,8 @@ impl TelemetryConfig {
     /// The fields not set, filled from the variables an Istio gateway pod has (`env` looks one
     /// up): `ISTIO_META_WORKLOAD_NAME`, else `POD_NAME` without the suffixes a DaemonSet
     /// (`-<5 chars>`) or Deployment (`-<hash>-<5 chars>`) adds; `POD_NAMESPACE`;
-    /// `ISTIO_META_CLUSTER_ID`, else `EASTWEST_CLUSTER` (the proxy's `--cluster`).
+    /// `ISTIO_META_CLUSTER_ID`, else `EASTWEST_CLUSTER` (the proxy's `--cluster`);
+    /// `POD_LABEL_APP` and `POD_LABEL_VERSION` (the pod's `app` and `version` labels).
     pub fn with_env(&self, env: impl Fn(&str) -> Option<String>) -> TelemetryConfig {
         let set = |v: Option<String>| v.filter(|v| !v.is_empty());
         TelemetryConfig {
@@ -45,8 +46,13 @@ impl TelemetryConfig {
             cluster: self.cluster.clone().or_else(|| {
                 set(env("ISTIO_META_CLUSTER_ID")).or_else(|| set(env("EASTWEST_CLUSTER")))
             }),
-            app: self.app.clone(),
-            version: self.version.clone(),
+            // Istio takes these from the pod's `app` and `version` labels; the DaemonSet passes
+            // them in through the downward API.
+            app: self.app.clone().or_else(|| set(env("POD_LABEL_APP"))),
+            version: self
+                .version
+                .clone()
+                .or_else(|| set(env("POD_LABEL_VERSION"))),
         }
     }
 }
@@ -82,9 +88,14 @@ mod tests {
             "POD_NAME" => Some("istio-eastwestgateway-7d9f8b6c5d-x2k9p".to_string()),
             "POD_NAMESPACE" => Some("istio-system".to_string()),
             "EASTWEST_CLUSTER" => Some("ash".to_string()),
+            "POD_LABEL_APP" => Some("istio-eastwestgateway".to_string()),
+            "POD_LABEL_VERSION" => Some(String::new()),
             _ => None,
         };
         let filled = TelemetryConfig::default().with_env(env);
+        assert_eq!(filled.app.as_deref(), Some("istio-eastwestgateway"));
+        // An empty label value is as good as none: `unknown`, as Istio writes it.
+        assert_eq!(filled.version, None);
         assert_eq!(filled.workload.as_deref(), Some("istio-eastwestgateway"));
         assert_eq!(filled.namespace.as_deref(), Some("istio-system"));
         assert_eq!(filled.cluster.as_deref(), Some("ash"));
