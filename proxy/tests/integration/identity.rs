@@ -14,7 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_util::sync::CancellationToken;
 
-use crate::support::{DEADLINE, TD};
+use crate::support::{AnyServer, DEADLINE, TD};
 
 pub(crate) const GATEWAY_ID: &str =
     "spiffe://cluster.local/ns/istio-system/sa/istio-eastwestgateway";
@@ -99,12 +99,12 @@ pub(crate) type Tls = tokio_rustls::client::TlsStream<TcpStream>;
 /// Then one echo round trip: in TLS 1.3 the server refuses a client certificate only after
 /// the client's side of the handshake is done.
 pub(crate) async fn connect(addr: SocketAddr, client: &Identity) -> std::io::Result<Tls> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+    let any_server = AnyServer::default();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(any_server.0.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyServer(provider)))
+        .with_custom_certificate_verifier(Arc::new(any_server))
         .with_client_auth_cert(client.chain_der(), client.key_der())
         .unwrap();
     cfg.alpn_protocols = vec![b"h2".to_vec()];
@@ -134,54 +134,6 @@ pub(crate) fn assert_gateway_cert(tls: &Tls, root: CertificateDer<'static>) {
     eastwest_certs::check_chain(&chain, &[root]).unwrap();
     let id = eastwest_certs::spiffe_id_of(&chain[0]).unwrap().unwrap();
     assert_eq!(id.to_string(), GATEWAY_ID);
-}
-
-#[derive(Debug)]
-pub(crate) struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for AnyServer {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
 }
 
 pub(crate) async fn echo(tls: &mut Tls, msg: &[u8]) -> std::io::Result<()> {
