@@ -157,6 +157,18 @@ async def echo_once(addr, payload=b"ping\n", timeout=5.0):
     return time.monotonic() - t0
 
 
+async def relayed(addr, n):
+    """How many of `n` new connections, one after the other, echoed."""
+    ok = 0
+    for _ in range(n):
+        try:
+            await echo_once(addr)
+            ok += 1
+        except Exception:
+            pass
+    return ok
+
+
 async def echo_on(reader, writer, payload, timeout=5.0):
     writer.write(payload)
     await writer.drain()
@@ -262,3 +274,46 @@ class Gateway:
             self.proc.kill()
             self.proc.wait()
         self.log.close()
+
+
+def stop_process(proc):
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def close_all(socks):
+    for s in socks:
+        s.close()
+
+
+class Fault:
+    """What one fault runs with: the binaries (`bin`), a work directory, the backends'
+    certificate, the status-flood size; and whatever it starts, stopped in reverse order when the
+    fault ends (`stack`: the caller's AsyncExitStack), however it ends."""
+
+    def __init__(self, bin_dir, work, tls, flood, stack):
+        self.bin, self.work, self.tls, self.flood = bin_dir, work, tls, flood
+        self.stack = stack
+
+    async def backend(self):
+        """A TLS echo backend in this process."""
+        backend = await Backend(self.tls).start()
+        self.stack.push_async_callback(backend.stop)
+        return backend
+
+    def gateway(self, endpoints, wait_ready=True, **kwargs):
+        """An eastwest-proxy process routing to `endpoints`, started (and ready, unless told
+        not to wait); `kwargs` are Gateway's."""
+        gw = Gateway(self.bin, self.work, endpoints, **kwargs)
+        self.stack.callback(gw.stop)
+        return gw.start(wait_ready=wait_ready)
+
+    def sockets(self):
+        """A list for the fault's sockets: those in it when the fault ends are closed."""
+        socks = []
+        self.stack.callback(close_all, socks)
+        return socks
+
+    def on_exit(self, callback, *args):
+        self.stack.callback(callback, *args)
