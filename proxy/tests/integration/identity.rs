@@ -53,6 +53,18 @@ impl Setup {
         write_all(&identity_files(id, &dir), true).unwrap();
     }
 
+    /// Writes a gateway certificate, then starts the identity from the files and a listener
+    /// serving it: (that certificate, the identity's handle, the listener's address).
+    async fn serving(&self) -> (Identity, IdentityHandle, SocketAddr) {
+        let cert = self.gateway_cert();
+        self.write(&cert);
+        let handle = start_with_status(&self.files_config(), CancellationToken::new())
+            .await
+            .unwrap();
+        let addr = echo_listener(&handle).await;
+        (cert, handle, addr)
+    }
+
     fn files_config(&self) -> IdentityConfig {
         let dir = self.dir.path().join("gw");
         IdentityConfig {
@@ -168,13 +180,8 @@ pub(crate) async fn wait_status(
 #[tokio::test]
 async fn files_serve_the_gateway_cert_tls13_h2_and_rotate_without_touching_open_connections() {
     let s = setup();
-    let first = s.gateway_cert();
-    s.write(&first);
-    let handle = start_with_status(&s.files_config(), CancellationToken::new())
-        .await
-        .unwrap();
+    let (first, handle, addr) = s.serving().await;
     assert_eq!(handle.status.borrow().spiffe_id, GATEWAY_ID);
-    let addr = echo_listener(&handle).await;
     let mut before = connect(addr, &s.ztunnel).await.unwrap();
     assert_gateway_cert(&before, s.mesh.root_der());
     assert_eq!(served_leaf(&before), first.chain_der()[0]);
@@ -198,13 +205,8 @@ async fn files_serve_the_gateway_cert_tls13_h2_and_rotate_without_touching_open_
 #[tokio::test]
 async fn files_a_bad_new_cert_keeps_the_old_one_and_says_why() {
     let s = setup();
-    let first = s.gateway_cert();
-    s.write(&first);
+    let (first, handle, addr) = s.serving().await;
     let cfg = s.files_config();
-    let handle = start_with_status(&cfg, CancellationToken::new())
-        .await
-        .unwrap();
-    let addr = echo_listener(&handle).await;
     // A certificate from another mesh: does not chain to the roots in force.
     let foreign = Mesh::generate(TD, &["fra"])
         .unwrap()
@@ -228,13 +230,8 @@ async fn files_a_bad_new_cert_keeps_the_old_one_and_says_why() {
 #[tokio::test]
 async fn files_removed_keep_the_certificate_in_force_until_they_are_back() {
     let s = setup();
-    let first = s.gateway_cert();
-    s.write(&first);
+    let (first, handle, addr) = s.serving().await;
     let cfg = s.files_config();
-    let handle = start_with_status(&cfg, CancellationToken::new())
-        .await
-        .unwrap();
-    let addr = echo_listener(&handle).await;
     std::fs::remove_file(&cfg.files.as_ref().unwrap().cert_chain).unwrap();
     let tls = connect(addr, &s.ztunnel).await.unwrap();
     assert_eq!(served_leaf(&tls), first.chain_der()[0]);
@@ -302,11 +299,7 @@ async fn files_are_checked_at_start_with_errors_naming_the_file() {
 #[tokio::test]
 async fn clients_from_a_foreign_ca_or_another_trust_domain_are_refused() {
     let s = setup();
-    s.write(&s.gateway_cert());
-    let handle = start_with_status(&s.files_config(), CancellationToken::new())
-        .await
-        .unwrap();
-    let addr = echo_listener(&handle).await;
+    let (_, _handle, addr) = s.serving().await;
     let foreign = Mesh::generate(TD, &["fra"])
         .unwrap()
         .workload("fra", &SpiffeId::workload(TD, "istio-system", "ztunnel"))
