@@ -5,13 +5,14 @@ at a time, each with the figure an operator would look at. Prints a Markdown tab
     python3 scripts/faults.py --bin target/release [--only drain,slowloris] [--out FILE]
 
 Standard library only. Every loop is bounded in count and time; every server binds 127.0.0.1.
-scripts/faults.sh builds the release binaries and runs this.
+scripts/faults.sh builds the release binaries and runs this; faults_harness.py has the parts
+every fault uses (backends, clients, gateway processes).
 """
 
 import argparse
 import asyncio
+import contextlib
 import json
-import os
 import resource
 import signal
 import socket
@@ -20,293 +21,39 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-SERVICE = "faults.demo.svc.cluster.local"
-SNI = f"outbound_.8000_._.{SERVICE}"
-ROWS = []  # (fault, what was done, expected, measured, ok)
-
-
-def row(fault, done, expected, measured, ok):
-    ROWS.append((fault, done, expected, measured, "pass" if ok else "**FAIL**"))
-    print(f"[faults] {fault}: {measured} -> {'pass' if ok else 'FAIL'}", file=sys.stderr)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def ms(seconds):
-    return f"{seconds * 1000:.1f} ms"
-
-
-def pct(values, p):
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
-
-
-# ---------------------------------------------------------------- certificates and TLS
-
-class Tls:
-    """A self-signed server certificate (openssl) for the backends; clients do not verify: the
-    gateway never terminates TLS, so what matters is that a real ClientHello with the SNI goes
-    through it and a real handshake completes end to end."""
-
-    def __init__(self, work):
-        self.cert = work / "backend.pem"
-        self.key = work / "backend-key.pem"
-        subprocess.run(
-            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-             "-nodes", "-days", "1", "-subj", "/CN=faults-backend",
-             "-keyout", str(self.key), "-out", str(self.cert)],
-            check=True, capture_output=True)
-
-    def server(self):
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.load_cert_chain(self.cert, self.key)
-        return ctx
-
-    @staticmethod
-    def client():
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        return ctx
-
-
-async def echo_handler(reader, writer):
-    try:
-        while True:
-            data = await reader.read(65536)
-            if not data:
-                break
-            writer.write(data)
-            await writer.drain()
-    except (ConnectionError, ssl.SSLError, OSError):
-        pass
-    finally:
-        writer.close()
-
-
-class Backend:
-    """A TLS echo server in this process."""
-
-    def __init__(self, tls, sock=None):
-        self.tls = tls
-        self.sock = sock
-        self.server = None
-        self.port = None
-
-    async def start(self):
-        if self.sock is not None:
-            self.server = await asyncio.start_server(echo_handler, sock=self.sock, ssl=self.tls.server())
-        else:
-            self.server = await asyncio.start_server(echo_handler, "127.0.0.1", 0, ssl=self.tls.server())
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    @property
-    def addr(self):
-        return f"127.0.0.1:{self.port}"
-
-    async def stop(self):
-        self.server.close()
-
-
-def backend_process(tls):
-    """A TLS echo server in its own process, so that it can be SIGKILLed."""
-    port = free_port()
-    code = (
-        "import asyncio, ssl, sys\n"
-        "async def h(r, w):\n"
-        "    try:\n"
-        "        while True:\n"
-        "            d = await r.read(65536)\n"
-        "            if not d: break\n"
-        "            w.write(d); await w.drain()\n"
-        "    except Exception: pass\n"
-        "async def main():\n"
-        "    c = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER); c.load_cert_chain(sys.argv[2], sys.argv[3])\n"
-        "    s = await asyncio.start_server(h, '127.0.0.1', int(sys.argv[1]), ssl=c)\n"
-        "    print('up', flush=True)\n"
-        "    await s.serve_forever()\n"
-        "asyncio.run(main())\n")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(port), str(tls.cert), str(tls.key)],
-                            stdout=subprocess.PIPE)
-    if proc.stdout.readline().strip() != b"up":
-        raise RuntimeError("backend process did not start")
-    return proc, f"127.0.0.1:{port}"
-
-
-async def tls_open(addr, timeout=5.0, sni=SNI):
-    host, port = addr.rsplit(":", 1)
-    return await asyncio.wait_for(
-        asyncio.open_connection(host, int(port), ssl=Tls.client(), server_hostname=sni,
-                                ssl_handshake_timeout=timeout),
-        timeout)
-
-
-async def echo_once(addr, payload=b"ping\n", timeout=5.0):
-    """New connection, one echo; returns seconds taken. Raises on any failure."""
-    t0 = time.monotonic()
-    reader, writer = await tls_open(addr, timeout)
-    try:
-        writer.write(payload)
-        await writer.drain()
-        got = await asyncio.wait_for(reader.readexactly(len(payload)), timeout)
-        if got != payload:
-            raise RuntimeError("echo mismatch")
-    finally:
-        writer.close()
-    return time.monotonic() - t0
-
-
-async def echo_on(reader, writer, payload, timeout=5.0):
-    writer.write(payload)
-    await writer.drain()
-    got = await asyncio.wait_for(reader.readexactly(len(payload)), timeout)
-    if got != payload:
-        raise RuntimeError("echo mismatch")
-
-
-# ---------------------------------------------------------------- gateway processes
-
-def http_get(addr, path, timeout=2.0):
-    try:
-        with urllib.request.urlopen(f"http://{addr}{path}", timeout=timeout) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read().decode()
-    except (OSError, urllib.error.URLError):
-        return None, ""
-
-
-class Gateway:
-    """An eastwest-proxy process with a generated config file."""
-
-    def __init__(self, bin_dir, work, endpoints, extra="", upstream="", listener="",
-                 args=(), prefix=(), name="gw"):
-        self.bin = Path(bin_dir) / "eastwest-proxy"
-        self.work = work
-        self.listen = f"127.0.0.1:{free_port()}"
-        self.status = f"127.0.0.1:{free_port()}"
-        self.metrics = f"127.0.0.1:{free_port()}"
-        self.debug = f"127.0.0.1:{free_port()}"
-        self.config = work / f"{name}.yaml"
-        self.log = open(work / f"{name}.log", "wb")
-        self.extra, self.upstream, self.listener = extra, upstream, listener
-        self.args, self.prefix = list(args), list(prefix)
-        self.write(endpoints)
-        self.proc = None
-
-    def render(self, endpoints):
-        eps = "\n".join(f"            - address: {e}" for e in endpoints) or "            []"
-        return (
-            "admin:\n"
-            f"  status_address: {self.status}\n"
-            f"  metrics_address: {self.metrics}\n"
-            f"  debug_address: {self.debug}\n"
-            f"{self.extra}"
-            "upstream:\n"
-            "  connect_attempts: 3\n"
-            f"{self.upstream}"
-            "listeners:\n"
-            "  - name: passthrough\n"
-            f"    address: {self.listen}\n"
-            "    mode: auto-passthrough\n"
-            f"{self.listener}"
-            "routes:\n"
-            "  services:\n"
-            f"    - hostname: {SERVICE}\n"
-            "      ports:\n"
-            "        - port: 8000\n"
-            "          endpoints:\n"
-            f"{eps}\n")
-
-    def write(self, endpoints):
-        tmp = self.config.with_suffix(".tmp")
-        tmp.write_text(self.render(endpoints))
-        os.replace(tmp, self.config)
-
-    def start(self, wait_ready=True):
-        cmd = self.prefix + [str(self.bin), "--config", str(self.config)] + self.args
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
-        if wait_ready:
-            self.wait_ready()
-        return self
-
-    def wait_ready(self, seconds=20):
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"eastwest-proxy exited: see {self.log.name}")
-            if http_get(self.status, "/healthz/ready")[0] == 200:
-                return
-            time.sleep(0.02)
-        raise RuntimeError(f"eastwest-proxy not ready in {seconds}s: see {self.log.name}")
-
-    def metric(self, name, **labels):
-        """Sum of a metric's samples whose labels include `labels`."""
-        status, body = http_get(self.metrics, "/metrics")
-        if status != 200:
-            return None
-        total = 0.0
-        for line in body.splitlines():
-            if line.startswith("#") or not line.startswith(name):
-                continue
-            series, _, value = line.rpartition(" ")
-            if series.split("{", 1)[0] != name:
-                continue
-            if all(f'{k}="{v}"' in series for k, v in labels.items()):
-                total += float(value)
-        return total
-
-    def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
+from faults_harness import (
+    ROWS, SERVICE, Fault, Tls, backend_process, echo_on, echo_once, free_port, http_get, ms, pct, relayed,
+    row, stop_process, tls_open,
+)
 
 
 # ---------------------------------------------------------------- the faults
 
 async def dead_endpoint(ctx):
-    live = await Backend(ctx.tls).start()
+    live = await ctx.backend()
     dead = f"127.0.0.1:{free_port()}"  # nothing listens: connect is refused
-    gw = Gateway(ctx.bin, ctx.work, [dead, live.addr], name="dead").start()
-    try:
-        ok = 0
-        for _ in range(200):
-            try:
-                await echo_once(gw.listen)
-                ok += 1
-            except Exception:
-                pass
-        tries = gw.metric("eastwest_upstream_connect_failures_total")
-        ejections = gw.metric("eastwest_endpoint_ejections_total")
-        row("dead endpoint", "1 refused + 1 live endpoint, 200 new connections",
-            "200 relayed; ≤ 2 tried the dead one",
-            f"{ok}/200 relayed; dead endpoint tried {tries:.0f}×; ejections {ejections}",
-            ok == 200 and tries is not None and tries <= 2)
-    finally:
-        gw.stop()
-        await live.stop()
+    gw = ctx.gateway([dead, live.addr], name="dead")
+    ok = await relayed(gw.listen, 200)
+    tries = gw.metric("eastwest_upstream_connect_failures_total")
+    ejections = gw.metric("eastwest_endpoint_ejections_total")
+    row("dead endpoint", "1 refused + 1 live endpoint, 200 new connections",
+        "200 relayed; ≤ 2 tried the dead one",
+        f"{ok}/200 relayed; dead endpoint tried {tries:.0f}×; ejections {ejections}",
+        ok == 200 and tries is not None and tries <= 2)
 
 
 async def blackholed_endpoint(ctx):
-    live = await Backend(ctx.tls).start()
+    live = await ctx.backend()
     # A listener whose accept queue is full and never drained drops further SYNs: connects to
     # it hang until the gateway's connect_timeout, like a blackholed pod IP.
+    fillers = ctx.sockets()
     hole = socket.socket()
+    fillers.append(hole)
     hole.bind(("127.0.0.1", 0))
     hole.listen(0)
     hole_addr = f"127.0.0.1:{hole.getsockname()[1]}"
-    fillers = []
     for _ in range(4):
         s = socket.socket()
         s.setblocking(False)
@@ -316,325 +63,282 @@ async def blackholed_endpoint(ctx):
             pass
         fillers.append(s)
     timeout = 1.0
-    gw = Gateway(ctx.bin, ctx.work, [hole_addr, live.addr], name="blackhole",
-                 upstream=f"  connect_timeout: {int(timeout * 1000)}ms\n").start()
-    try:
-        times, failed = [], 0
-        for _ in range(100):
-            try:
-                times.append(await echo_once(gw.listen, timeout=10))
-            except Exception:
-                failed += 1
-        slow = [t for t in times if t >= timeout * 0.9]
-        first_slow = next((i for i, t in enumerate(times) if t >= timeout * 0.9), None)
-        later_slow = [t for t in times[(first_slow or 0) + 1:] if t >= timeout * 0.9]
-        row("blackholed endpoint", f"1 blackholed + 1 live endpoint, connect_timeout {timeout:.0f}s, 100 new connections",
-            "after the first timeout no connection waits for it",
-            f"{len(times)}/100 relayed; {len(slow)} waited ≥ connect_timeout "
-            f"(connection #{first_slow}); p50 {ms(pct(times, 50))}, max {ms(max(times or [0]))}",
-            failed == 0 and len(later_slow) == 0)
-    finally:
-        gw.stop()
-        await live.stop()
-        for s in fillers:
-            s.close()
-        hole.close()
+    gw = ctx.gateway([hole_addr, live.addr], name="blackhole",
+                     upstream=f"  connect_timeout: {int(timeout * 1000)}ms\n")
+    times, failed = [], 0
+    for _ in range(100):
+        try:
+            times.append(await echo_once(gw.listen, timeout=10))
+        except Exception:
+            failed += 1
+    slow = [t for t in times if t >= timeout * 0.9]
+    first_slow = next((i for i, t in enumerate(times) if t >= timeout * 0.9), None)
+    later_slow = [t for t in times[(first_slow or 0) + 1:] if t >= timeout * 0.9]
+    row("blackholed endpoint", f"1 blackholed + 1 live endpoint, connect_timeout {timeout:.0f}s, 100 new connections",
+        "after the first timeout no connection waits for it",
+        f"{len(times)}/100 relayed; {len(slow)} waited ≥ connect_timeout "
+        f"(connection #{first_slow}); p50 {ms(pct(times, 50))}, max {ms(max(times or [0]))}",
+        failed == 0 and len(later_slow) == 0)
 
 
 async def backend_killed(ctx):
     proc_a, addr_a = backend_process(ctx.tls)
-    live = await Backend(ctx.tls).start()
-    gw = Gateway(ctx.bin, ctx.work, [addr_a], name="killed").start()
-    try:
-        streams = []
-        for _ in range(50):
-            streams.append(await tls_open(gw.listen))
-        for r, w in streams:
-            await echo_on(r, w, b"before\n")
-        gw.write([addr_a, live.addr])
-        # The reload must not touch the 50 established streams.
-        deadline = time.monotonic() + 10
-        while gw.metric("eastwest_config_reloads_total") in (None, 0.0) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        t0 = time.monotonic()
-        proc_a.kill()
-        proc_a.wait()
+    ctx.on_exit(stop_process, proc_a)
+    live = await ctx.backend()
+    gw = ctx.gateway([addr_a], name="killed")
+    streams = []
+    for _ in range(50):
+        streams.append(await tls_open(gw.listen))
+    for r, w in streams:
+        await echo_on(r, w, b"before\n")
+    gw.write([addr_a, live.addr])
+    # The reload must not touch the 50 established streams.
+    deadline = time.monotonic() + 10
+    while gw.metric("eastwest_config_reloads_total") in (None, 0.0) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    t0 = time.monotonic()
+    proc_a.kill()
+    proc_a.wait()
 
-        async def ended(r):
-            try:
-                return await asyncio.wait_for(r.read(1), 5) == b""
-            except (ConnectionError, ssl.SSLError, OSError):
-                return True
-            except asyncio.TimeoutError:
-                return False
+    async def ended(r):
+        try:
+            return await asyncio.wait_for(r.read(1), 5) == b""
+        except (ConnectionError, ssl.SSLError, OSError):
+            return True
+        except asyncio.TimeoutError:
+            return False
 
-        results = await asyncio.gather(*(ended(r) for r, _ in streams))
-        took = time.monotonic() - t0
-        for _, w in streams:
-            w.close()
-        ok_after = 0
-        for _ in range(20):
-            try:
-                await echo_once(gw.listen)
-                ok_after += 1
-            except Exception:
-                pass
-        ready = http_get(gw.status, "/healthz/ready")[0]
-        row("backend killed under streams", "SIGKILL the backend of 50 open streams; a second endpoint stays",
-            "all 50 closed promptly; gateway up; new connections relayed",
-            f"{sum(results)}/50 closed in {ms(took)}; gateway ready={ready}; {ok_after}/20 new relayed",
-            all(results) and ready == 200 and ok_after == 20 and gw.proc.poll() is None)
-    finally:
-        gw.stop()
-        if proc_a.poll() is None:
-            proc_a.kill()
-        await live.stop()
+    results = await asyncio.gather(*(ended(r) for r, _ in streams))
+    took = time.monotonic() - t0
+    for _, w in streams:
+        w.close()
+    ok_after = await relayed(gw.listen, 20)
+    ready = http_get(gw.status, "/healthz/ready")[0]
+    row("backend killed under streams", "SIGKILL the backend of 50 open streams; a second endpoint stays",
+        "all 50 closed promptly; gateway up; new connections relayed",
+        f"{sum(results)}/50 closed in {ms(took)}; gateway ready={ready}; {ok_after}/20 new relayed",
+        all(results) and ready == 200 and ok_after == 20 and gw.proc.poll() is None)
 
 
 async def reload_under_load(ctx):
-    live = await Backend(ctx.tls).start()
-    spare = await Backend(ctx.tls).start()
-    gw = Gateway(ctx.bin, ctx.work, [live.addr], name="reload").start()
+    live = await ctx.backend()
+    spare = await ctx.backend()
+    gw = ctx.gateway([live.addr], name="reload")
     size, chunk = 256 * 1024, 4096
-    try:
-        async def stream(i):
-            r, w = await tls_open(gw.listen)
-            sent = bytearray()
-            got = bytearray()
-            try:
-                while len(sent) < size:
-                    piece = bytes([(i + len(sent) // chunk) % 251]) * chunk
-                    w.write(piece)
-                    sent += piece
-                    await w.drain()
-                    got += await asyncio.wait_for(r.readexactly(chunk), 10)
-                    await asyncio.sleep(0.005)
-            finally:
-                w.close()
-            return got == sent
+    async def stream(i):
+        r, w = await tls_open(gw.listen)
+        sent = bytearray()
+        got = bytearray()
+        try:
+            while len(sent) < size:
+                piece = bytes([(i + len(sent) // chunk) % 251]) * chunk
+                w.write(piece)
+                sent += piece
+                await w.drain()
+                got += await asyncio.wait_for(r.readexactly(chunk), 10)
+                await asyncio.sleep(0.005)
+        finally:
+            w.close()
+        return got == sent
 
-        async def reloads():
-            for n in range(20):
-                gw.write([live.addr] if n % 2 else [live.addr, spare.addr])
-                await asyncio.sleep(0.1)
+    async def reloads():
+        for n in range(20):
+            gw.write([live.addr] if n % 2 else [live.addr, spare.addr])
+            await asyncio.sleep(0.1)
 
-        before = gw.metric("eastwest_config_reloads_total") or 0
-        results, _ = await asyncio.gather(
-            asyncio.gather(*(stream(i) for i in range(100)), return_exceptions=True), reloads())
-        exact = sum(1 for r in results if r is True)
-        reloads_done = (gw.metric("eastwest_config_reloads_total") or 0) - before
-        row("reload under load", "100 streams × 256 KiB echoed while the config is rewritten 20× in 2 s",
-            "100/100 byte-exact; reloads applied",
-            f"{exact}/100 byte-exact; {reloads_done:.0f} reloads applied",
-            exact == 100 and reloads_done >= 1)
-    finally:
-        gw.stop()
-        await live.stop()
-        await spare.stop()
+    before = gw.metric("eastwest_config_reloads_total") or 0
+    results, _ = await asyncio.gather(
+        asyncio.gather(*(stream(i) for i in range(100)), return_exceptions=True), reloads())
+    exact = sum(1 for r in results if r is True)
+    reloads_done = (gw.metric("eastwest_config_reloads_total") or 0) - before
+    row("reload under load", "100 streams × 256 KiB echoed while the config is rewritten 20× in 2 s",
+        "100/100 byte-exact; reloads applied",
+        f"{exact}/100 byte-exact; {reloads_done:.0f} reloads applied",
+        exact == 100 and reloads_done >= 1)
 
 
 async def drain(ctx):
-    live = await Backend(ctx.tls).start()
+    live = await ctx.backend()
     accept, period = 3.0, 6.0
-    gw = Gateway(ctx.bin, ctx.work, [live.addr], name="drain",
-                 extra=f"drain_accept_period: {int(accept)}s\ndrain_period: {int(period)}s\n").start()
-    try:
-        r0, w0 = await tls_open(gw.listen)
-        await echo_on(r0, w0, b"open\n")
-        t0 = time.monotonic()
-        gw.proc.send_signal(signal.SIGTERM)
-        not_ready_at = None
-        while time.monotonic() - t0 < 1:
-            if http_get(gw.status, "/healthz/ready", timeout=0.5)[0] != 200:
-                not_ready_at = time.monotonic() - t0
-                break
-            await asyncio.sleep(0.005)
-        routed = []
-        for at in (0.05, 1.0, accept - 0.5):
-            await asyncio.sleep(max(0, t0 + at - time.monotonic()))
-            try:
-                await echo_once(gw.listen, timeout=2)
-                routed.append(f"{at:g}s ok")
-            except Exception as err:
-                routed.append(f"{at:g}s {type(err).__name__}")
-        await asyncio.sleep(max(0, t0 + accept + 0.5 - time.monotonic()))
+    gw = ctx.gateway([live.addr], name="drain",
+                     extra=f"drain_accept_period: {int(accept)}s\ndrain_period: {int(period)}s\n")
+    r0, w0 = await tls_open(gw.listen)
+    await echo_on(r0, w0, b"open\n")
+    t0 = time.monotonic()
+    gw.proc.send_signal(signal.SIGTERM)
+    not_ready_at = None
+    while time.monotonic() - t0 < 1:
+        if http_get(gw.status, "/healthz/ready", timeout=0.5)[0] != 200:
+            not_ready_at = time.monotonic() - t0
+            break
+        await asyncio.sleep(0.005)
+    routed = []
+    for at in (0.05, 1.0, accept - 0.5):
+        await asyncio.sleep(max(0, t0 + at - time.monotonic()))
         try:
             await echo_once(gw.listen, timeout=2)
-            late = "routed"
-        except ConnectionRefusedError:
-            late = "refused"
+            routed.append(f"{at:g}s ok")
         except Exception as err:
-            late = type(err).__name__
-        # drain_period counts from the listeners' close, at the end of the accept period.
-        await asyncio.sleep(max(0, t0 + accept + period - 1.0 - time.monotonic()))
-        try:
-            await echo_on(r0, w0, b"still\n", timeout=2)
-            survived = True
-        except Exception:
-            survived = False
-        deadline = time.monotonic() + accept + period + 5
-        while gw.proc.poll() is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        exited = time.monotonic() - t0 if gw.proc.poll() is not None else None
-        w0.close()
-        ok = (not_ready_at is not None and all(r.endswith("ok") for r in routed)
-              and late == "refused" and survived and exited is not None and exited < accept + period + 1.5)
-        row("SIGTERM drain", f"drain_accept_period {accept:g}s, drain_period {period:g}s; one open stream",
-            "not ready at once; routed until the accept period ends; refused after; stream lives on; exit when drain_period ends",
-            f"not ready after {ms(not_ready_at or float('nan'))}; {', '.join(routed)}; "
-            f"{accept + 0.5:g}s {late}; stream alive at {accept + period - 1:g}s: {survived}; "
-            f"exited at {exited if exited is None else f'{exited:.2f}s'}", ok)
-    finally:
-        gw.stop()
-        await live.stop()
+            routed.append(f"{at:g}s {type(err).__name__}")
+    await asyncio.sleep(max(0, t0 + accept + 0.5 - time.monotonic()))
+    try:
+        await echo_once(gw.listen, timeout=2)
+        late = "routed"
+    except ConnectionRefusedError:
+        late = "refused"
+    except Exception as err:
+        late = type(err).__name__
+    # drain_period counts from the listeners' close, at the end of the accept period.
+    await asyncio.sleep(max(0, t0 + accept + period - 1.0 - time.monotonic()))
+    try:
+        await echo_on(r0, w0, b"still\n", timeout=2)
+        survived = True
+    except Exception:
+        survived = False
+    deadline = time.monotonic() + accept + period + 5
+    while gw.proc.poll() is None and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    exited = time.monotonic() - t0 if gw.proc.poll() is not None else None
+    w0.close()
+    ok = (not_ready_at is not None and all(r.endswith("ok") for r in routed)
+          and late == "refused" and survived and exited is not None and exited < accept + period + 1.5)
+    row("SIGTERM drain", f"drain_accept_period {accept:g}s, drain_period {period:g}s; one open stream",
+        "not ready at once; routed until the accept period ends; refused after; stream lives on; exit when drain_period ends",
+        f"not ready after {ms(not_ready_at or float('nan'))}; {', '.join(routed)}; "
+        f"{accept + 0.5:g}s {late}; stream alive at {accept + period - 1:g}s: {survived}; "
+        f"exited at {exited if exited is None else f'{exited:.2f}s'}", ok)
 
 
 async def fd_limit(ctx):
-    live = await Backend(ctx.tls).start()
+    live = await ctx.backend()
     limit = 512
-    gw = Gateway(ctx.bin, ctx.work, [live.addr], name="fdlimit",
-                 listener="    hello_timeout: 30s\n",
-                 prefix=["prlimit", f"--nofile={limit}:{limit}"]).start()
-    socks = []
-    try:
-        loop = asyncio.get_running_loop()
-        host, port = gw.listen.rsplit(":", 1)
-        for _ in range(limit + 200):
-            s = socket.socket()
-            s.setblocking(False)
-            await asyncio.wait_for(loop.sock_connect(s, (host, int(port))), 5)
-            s.send(b"\x16")  # the start of a hello: the gateway holds it until hello_timeout
-            socks.append(s)
-        # Connections beyond what the gateway can hold must be closed at once, not left queued.
-        await asyncio.sleep(1.0)
-        closed = 0
-        for s in socks:
-            try:
-                if s.recv(1) == b"":
-                    closed += 1
-            except BlockingIOError:
-                pass
-            except OSError:
+    gw = ctx.gateway([live.addr], name="fdlimit",
+                     listener="    hello_timeout: 30s\n",
+                     prefix=["prlimit", f"--nofile={limit}:{limit}"])
+    socks = ctx.sockets()
+    loop = asyncio.get_running_loop()
+    host, port = gw.listen.rsplit(":", 1)
+    for _ in range(limit + 200):
+        s = socket.socket()
+        s.setblocking(False)
+        await asyncio.wait_for(loop.sock_connect(s, (host, int(port))), 5)
+        s.send(b"\x16")  # the start of a hello: the gateway holds it until hello_timeout
+        socks.append(s)
+    # Connections beyond what the gateway can hold must be closed at once, not left queued.
+    await asyncio.sleep(1.0)
+    closed = 0
+    for s in socks:
+        try:
+            if s.recv(1) == b"":
                 closed += 1
-        t = time.monotonic()
-        status = http_get(gw.status, "/healthz/ready", timeout=2)[0]
-        probe = time.monotonic() - t
-        overloaded = gw.metric("eastwest_connections_refused_total")
-        held = len(socks) - closed
-        for s in socks:
-            s.close()
-        socks.clear()
-        # Once they are gone the gateway serves again.
-        deadline = time.monotonic() + 10
-        recovered = False
-        while time.monotonic() < deadline and not recovered:
-            try:
-                await echo_once(gw.listen, timeout=2)
-                recovered = True
-            except Exception:
-                await asyncio.sleep(0.1)
-        row("idle connections to the fd limit", f"RLIMIT_NOFILE {limit}; {limit + 200} connections each holding half a hello",
-            "over-limit connections closed at once, none hanging; status port answers; serves again after",
-            f"{held} held, {closed} closed at once (refused counter {overloaded}); status {status} in {ms(probe)}; "
-            f"serving again: {recovered}",
-            closed > 0 and status == 200 and recovered and held <= limit)
-    finally:
-        for s in socks:
-            s.close()
-        gw.stop()
-        await live.stop()
+        except BlockingIOError:
+            pass
+        except OSError:
+            closed += 1
+    t = time.monotonic()
+    status = http_get(gw.status, "/healthz/ready", timeout=2)[0]
+    probe = time.monotonic() - t
+    overloaded = gw.metric("eastwest_connections_refused_total")
+    held = len(socks) - closed
+    for s in socks:
+        s.close()
+    socks.clear()
+    # Once they are gone the gateway serves again.
+    deadline = time.monotonic() + 10
+    recovered = False
+    while time.monotonic() < deadline and not recovered:
+        try:
+            await echo_once(gw.listen, timeout=2)
+            recovered = True
+        except Exception:
+            await asyncio.sleep(0.1)
+    row("idle connections to the fd limit", f"RLIMIT_NOFILE {limit}; {limit + 200} connections each holding half a hello",
+        "over-limit connections closed at once, none hanging; status port answers; serves again after",
+        f"{held} held, {closed} closed at once (refused counter {overloaded}); status {status} in {ms(probe)}; "
+        f"serving again: {recovered}",
+        closed > 0 and status == 200 and recovered and held <= limit)
 
 
 async def slowloris(ctx):
-    live = await Backend(ctx.tls).start()
+    live = await ctx.backend()
     hello_timeout = 3.0
-    gw = Gateway(ctx.bin, ctx.work, [live.addr], name="slowloris",
-                 listener=f"    hello_timeout: {int(hello_timeout)}s\n").start()
+    gw = ctx.gateway([live.addr], name="slowloris",
+                     listener=f"    hello_timeout: {int(hello_timeout)}s\n")
     n = 2000
-    try:
-        base = [await echo_once(gw.listen) for _ in range(100)]
-        loop = asyncio.get_running_loop()
-        host, port = gw.listen.rsplit(":", 1)
-        hello = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 64
-        closed_at = []
+    base = [await echo_once(gw.listen) for _ in range(100)]
+    loop = asyncio.get_running_loop()
+    host, port = gw.listen.rsplit(":", 1)
+    hello = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 64
+    closed_at = []
 
-        async def slow():
-            s = socket.socket()
-            s.setblocking(False)
-            try:
-                await loop.sock_connect(s, (host, int(port)))
-                t0 = time.monotonic()
-                for i in range(len(hello)):
-                    try:
-                        await loop.sock_sendall(s, hello[i:i + 1])
-                    except OSError:
+    async def slow():
+        s = socket.socket()
+        s.setblocking(False)
+        try:
+            await loop.sock_connect(s, (host, int(port)))
+            t0 = time.monotonic()
+            for i in range(len(hello)):
+                try:
+                    await loop.sock_sendall(s, hello[i:i + 1])
+                except OSError:
+                    break
+                try:
+                    data = await asyncio.wait_for(loop.sock_recv(s, 1), 0.5)
+                    if data == b"":
                         break
-                    try:
-                        data = await asyncio.wait_for(loop.sock_recv(s, 1), 0.5)
-                        if data == b"":
-                            break
-                    except asyncio.TimeoutError:
-                        pass
-                    except OSError:
-                        break
-                    if time.monotonic() - t0 > hello_timeout + 5:
-                        break
-                closed_at.append(time.monotonic() - t0)
-            finally:
-                s.close()
+                except asyncio.TimeoutError:
+                    pass
+                except OSError:
+                    break
+                if time.monotonic() - t0 > hello_timeout + 5:
+                    break
+            closed_at.append(time.monotonic() - t0)
+        finally:
+            s.close()
 
-        attack = asyncio.gather(*(slow() for _ in range(n)))
-        await asyncio.sleep(0.5)
-        during = [await echo_once(gw.listen) for _ in range(100)]
-        await attack
-        timeouts = gw.metric("eastwest_connections_closed_total", result="hello_timeout")
-        row("slowloris", f"{n} connections trickling a hello 1 byte / 0.5 s; hello_timeout {hello_timeout:g}s; 100 normal connections meanwhile",
-            f"each closed at hello_timeout; normal traffic unaffected",
-            f"closed after p50 {pct(closed_at, 50):.2f}s / max {max(closed_at):.2f}s; hello_timeout count {timeouts:.0f}; "
-            f"normal p50 {ms(pct(base, 50))} → {ms(pct(during, 50))}, p99 {ms(pct(base, 99))} → {ms(pct(during, 99))}, 100/100 ok",
-            len(closed_at) == n and max(closed_at) < hello_timeout + 1.5 and timeouts >= n)
-    finally:
-        gw.stop()
-        await live.stop()
+    attack = asyncio.gather(*(slow() for _ in range(n)))
+    await asyncio.sleep(0.5)
+    during = [await echo_once(gw.listen) for _ in range(100)]
+    await attack
+    timeouts = gw.metric("eastwest_connections_closed_total", result="hello_timeout")
+    row("slowloris", f"{n} connections trickling a hello 1 byte / 0.5 s; hello_timeout {hello_timeout:g}s; 100 normal connections meanwhile",
+        f"each closed at hello_timeout; normal traffic unaffected",
+        f"closed after p50 {pct(closed_at, 50):.2f}s / max {max(closed_at):.2f}s; hello_timeout count {timeouts:.0f}; "
+        f"normal p50 {ms(pct(base, 50))} → {ms(pct(during, 50))}, p99 {ms(pct(base, 99))} → {ms(pct(during, 99))}, 100/100 ok",
+        len(closed_at) == n and max(closed_at) < hello_timeout + 1.5 and timeouts >= n)
 
 
 async def status_flood(ctx):
-    live = await Backend(ctx.tls).start()
-    gw = Gateway(ctx.bin, ctx.work, [live.addr], name="flood").start()
+    live = await ctx.backend()
+    gw = ctx.gateway([live.addr], name="flood")
     n = ctx.flood
-    socks = []
-    try:
-        loop = asyncio.get_running_loop()
-        host, port = gw.status.rsplit(":", 1)
-        for i in range(n):
-            s = socket.socket()
-            s.setblocking(False)
-            try:
-                await asyncio.wait_for(loop.sock_connect(s, (host, int(port))), 2)
-            except (OSError, asyncio.TimeoutError):
-                s.close()
-                continue
-            if i % 2:
-                s.send(b"GET /healthz/ready HTTP/1.1\r\n")  # a slow request head
-            socks.append(s)
-        times, codes = [], []
-        for _ in range(50):
-            t = time.monotonic()
-            codes.append(await asyncio.to_thread(lambda: http_get(gw.status, "/healthz/ready", timeout=2)[0]))
-            times.append(time.monotonic() - t)
-        row("status-port flood", f"{len(socks)} idle or half-sent connections held on the status port, then 50 probes",
-            "every probe answers within 100 ms",
-            f"{codes.count(200)}/50 answered 200; p50 {ms(pct(times, 50))}, max {ms(max(times))}",
-            codes.count(200) == 50 and max(times) < 0.1)
-    finally:
-        for s in socks:
+    socks = ctx.sockets()
+    loop = asyncio.get_running_loop()
+    host, port = gw.status.rsplit(":", 1)
+    for i in range(n):
+        s = socket.socket()
+        s.setblocking(False)
+        try:
+            await asyncio.wait_for(loop.sock_connect(s, (host, int(port))), 2)
+        except (OSError, asyncio.TimeoutError):
             s.close()
-        gw.stop()
-        await live.stop()
+            continue
+        if i % 2:
+            s.send(b"GET /healthz/ready HTTP/1.1\r\n")  # a slow request head
+        socks.append(s)
+    times, codes = [], []
+    for _ in range(50):
+        t = time.monotonic()
+        codes.append(await asyncio.to_thread(lambda: http_get(gw.status, "/healthz/ready", timeout=2)[0]))
+        times.append(time.monotonic() - t)
+    row("status-port flood", f"{len(socks)} idle or half-sent connections held on the status port, then 50 probes",
+        "every probe answers within 100 ms",
+        f"{codes.count(200)}/50 answered 200; p50 {ms(pct(times, 50))}, max {ms(max(times))}",
+        codes.count(200) == 50 and max(times) < 0.1)
 
 
 async def control_unreachable(ctx):
-    live = await Backend(ctx.tls).start()
+    live = await ctx.backend()
     kubeconfig = ctx.work / "unreachable.kubeconfig"
     kubeconfig.write_text(
         "apiVersion: v1\nkind: Config\ncurrent-context: c1\n"
@@ -644,46 +348,34 @@ async def control_unreachable(ctx):
     listen = f"127.0.0.1:{free_port()}"
     admin = f"127.0.0.1:{free_port()}"
     clog = open(ctx.work / "control.log", "wb")
+    ctx.on_exit(clog.close)
     control = subprocess.Popen(
         [str(Path(ctx.bin) / "eastwest-control"), "--cluster", "c1", "--network", "network2",
          "--kubeconfig", str(kubeconfig), "--secret-namespace", "", "--listen", listen,
          "--admin", admin, "--plaintext", "--sync-timeout", "2s"],
         stdout=clog, stderr=subprocess.STDOUT)
+    ctx.on_exit(stop_process, control)
     # A route cache as a previous, fully synced control left it.
     cache = ctx.work / "routes.json"
     table = {"version": 7, "services": [{"hostname": SERVICE, "ports": [
         {"port": 8000, "endpoints": [{"address": live.addr}]}]}]}
     cache.write_text(json.dumps(table))
     before = cache.read_bytes()
-    gw = Gateway(ctx.bin, ctx.work, [], name="control",
-                 args=["--control", f"http://{listen}", "--cluster", "c1", "--network", "network2",
-                       "--route-cache", str(cache)])
-    try:
-        gw.start(wait_ready=False)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and http_get(gw.status, "/healthz/ready")[0] != 200:
-            await asyncio.sleep(0.05)
-        # Past control's sync timeout (2 s) and a few publication rounds.
-        await asyncio.sleep(4)
-        ok = 0
-        for _ in range(20):
-            try:
-                await echo_once(gw.listen)
-                ok += 1
-            except Exception:
-                pass
-        ready = http_get(gw.status, "/healthz/ready")[0]
-        unchanged = cache.read_bytes() == before
-        row("control with an unreachable API server", "valid route cache; control's only API server never answers; 4 s past its sync timeout",
-            "gateway routes from its cache, stays ready, cache unchanged",
-            f"{ok}/20 relayed; ready={ready}; cache unchanged: {unchanged}",
-            ok == 20 and ready == 200 and unchanged)
-    finally:
-        gw.stop()
-        control.kill()
-        control.wait()
-        clog.close()
-        await live.stop()
+    gw = ctx.gateway([], name="control", wait_ready=False,
+                     args=["--control", f"http://{listen}", "--cluster", "c1", "--network", "network2",
+                           "--route-cache", str(cache)])
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and http_get(gw.status, "/healthz/ready")[0] != 200:
+        await asyncio.sleep(0.05)
+    # Past control's sync timeout (2 s) and a few publication rounds.
+    await asyncio.sleep(4)
+    ok = await relayed(gw.listen, 20)
+    ready = http_get(gw.status, "/healthz/ready")[0]
+    unchanged = cache.read_bytes() == before
+    row("control with an unreachable API server", "valid route cache; control's only API server never answers; 4 s past its sync timeout",
+        "gateway routes from its cache, stays ready, cache unchanged",
+        f"{ok}/20 relayed; ready={ready}; cache unchanged: {unchanged}",
+        ok == 20 and ready == 200 and unchanged)
 
 
 FAULTS = {
@@ -699,10 +391,6 @@ FAULTS = {
 }
 
 
-class Ctx:
-    pass
-
-
 async def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bin", default="target/release", help="directory with eastwest-proxy and eastwest-control")
@@ -712,16 +400,17 @@ async def main():
     args = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    ctx = Ctx()
-    ctx.bin = args.bin
-    ctx.flood = min(args.flood, hard - 1000)
+    flood = min(args.flood, hard - 1000)
     with tempfile.TemporaryDirectory(prefix="eastwest-faults.") as work:
-        ctx.work = Path(work)
-        ctx.tls = Tls(ctx.work)
+        work = Path(work)
+        tls = Tls(work)
         names = [n for n in args.only.split(",") if n] or list(FAULTS)
         for name in names:
             try:
-                await asyncio.wait_for(FAULTS[name](ctx), 120)
+                # Whatever the fault started is stopped when it ends, however it ends.
+                async with contextlib.AsyncExitStack() as stack:
+                    ctx = Fault(args.bin, work, tls, flood, stack)
+                    await asyncio.wait_for(FAULTS[name](ctx), 120)
             except Exception as err:  # one broken fault must not hide the others
                 row(name, "—", "—", f"harness error: {type(err).__name__}: {err}", False)
     table = ["| fault | what was done | expected | measured | result |", "|---|---|---|---|---|"]

@@ -14,7 +14,7 @@ use tokio::task::AbortHandle;
 use tracing::{debug, info, warn};
 
 use crate::backoff::{until_listed, ErrorLog, JitteredBackoff, Retry};
-use crate::model::{ClusterState, ObjKey, ServiceDef, SliceDef};
+use crate::model::{Affected, ClusterState, ObjKey, ServiceDef, SliceDef};
 use crate::secrets::ClusterClient;
 use crate::state::Shared;
 
@@ -277,22 +277,11 @@ impl Watch<'_> {
                     if matches!(event, watcher::Event::InitDone) {
                         self.listed(kind, &mut errors);
                     }
-                    let mut gone = false;
-                    self.shared.update(|m| {
-                        let Some(c) = m.cluster_mut(name, self.id) else {
-                            gone = true;
-                            return false;
-                        };
-                        let was_synced = c.synced();
-                        let changed = apply(c, event);
-                        let became_synced = !was_synced && c.synced();
-                        if became_synced {
-                            info!(cluster = %name, objects = c.objects(), "cluster synced");
-                        }
-                        // Syncing wakes the publisher even without changes: readiness moved.
-                        m.services_changed(changed) || became_synced
+                    let owned = self.change(|c| Affected {
+                        services: apply(c, event),
+                        all: false,
                     });
-                    if gone {
+                    if !owned {
                         debug!(cluster = %name, %kind, "cluster removed; watch ends");
                         return;
                     }
@@ -300,6 +289,29 @@ impl Watch<'_> {
                 Err(retry) => self.failed(kind, &retry, &mut errors),
             }
         }
+    }
+
+    /// Applies `change` to this cluster's state, and wakes the publisher when Services changed
+    /// (or all may have) or the cluster just became synced: even without changes, readiness
+    /// moved. `false` when this watch no longer owns the state (the cluster was removed or is
+    /// watched anew): the watch should end.
+    pub fn change(&self, change: impl FnOnce(&mut ClusterState) -> Affected) -> bool {
+        let mut owned = true;
+        self.shared.update(|m| {
+            let Some(c) = m.cluster_mut(self.cluster, self.id) else {
+                owned = false;
+                return false;
+            };
+            let was_synced = c.synced();
+            let affected = change(c);
+            let became_synced = !was_synced && c.synced();
+            if became_synced {
+                info!(cluster = %self.cluster, objects = c.objects(), "cluster synced");
+            }
+            m.all_dirty |= affected.all;
+            m.services_changed(affected.services) || affected.all || became_synced
+        });
+        owned
     }
 
     /// Counts and records a failed list or watch; warns at most once per period per resource.

@@ -21,7 +21,7 @@ use kube::ResourceExt;
 use serde::Deserialize;
 use tracing::warn;
 
-use crate::model::{Model, ObjKey};
+use crate::model::{Affected, Model, ObjKey};
 
 pub mod watch;
 
@@ -170,14 +170,6 @@ pub fn convert(
         }),
         problems,
     )
-}
-
-/// Which Services a change of rules affects.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Affected {
-    pub services: Vec<ObjKey>,
-    /// A wildcard rule changed: every Service may be affected.
-    pub all: bool,
 }
 
 impl Affected {

@@ -428,6 +428,14 @@ impl ClusterState {
     }
 }
 
+/// Which Services a change to a cluster's objects affects.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Affected {
+    pub services: Vec<ObjKey>,
+    /// E.g. a wildcard DestinationRule changed: every Service may be affected.
+    pub all: bool,
+}
+
 /// Everything route computation reads.
 #[derive(Debug, Default)]
 pub struct Model {

@@ -3,7 +3,7 @@
 //! connection (half-open) before it takes traffic again.
 //!
 //! The state is a few atomics per endpoint, shared by every route snapshot that lists the
-//! endpoint (see `routing::Carry`), so it survives route updates and costs no lock.
+//! endpoint (see `routing::compile::Carry`), so it survives route updates and costs no lock.
 
 use std::io;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};

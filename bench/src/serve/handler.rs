@@ -59,34 +59,10 @@ pub async fn handle(engine: Arc<Engine>, req: Request<Incoming>) -> Result<Reply
         (&Method::GET, "/v1/models") => models(&engine),
         (&Method::GET, "/model_info" | "/get_model_info") => model_info(&engine),
         (&Method::GET, "/server_info" | "/get_server_info") => server_info(&engine),
-        (&Method::POST, "/v1/chat/completions") => {
-            let job = read_json::<ChatRequest>(req)
-                .await
-                .and_then(|r| chat_job(&engine, r));
-            match job {
-                Ok((job, stream)) => generate(engine, job, stream).await,
-                Err(r) => error(r.status, r.kind, &r.message),
-            }
-        }
+        (&Method::POST, "/v1/chat/completions") => post(engine, req, chat_job).await,
         // sglang declares /generate for POST and PUT.
-        (&Method::POST | &Method::PUT, "/generate") => {
-            let job = read_json::<GenerateRequest>(req)
-                .await
-                .and_then(|r| generate_job(&engine, r));
-            match job {
-                Ok((job, stream)) => generate(engine, job, stream).await,
-                Err(r) => error(r.status, r.kind, &r.message),
-            }
-        }
-        (&Method::POST, "/v1/completions") => {
-            let job = read_json::<CompletionRequest>(req)
-                .await
-                .and_then(|r| completion_job(&engine, r));
-            match job {
-                Ok((job, stream)) => generate(engine, job, stream).await,
-                Err(r) => error(r.status, r.kind, &r.message),
-            }
-        }
+        (&Method::POST | &Method::PUT, "/generate") => post(engine, req, generate_job).await,
+        (&Method::POST, "/v1/completions") => post(engine, req, completion_job).await,
         // Starlette's answers (sglang runs on FastAPI): `{"detail": ...}`, and the
         // route's methods in `Allow` on a 405.
         (_, "/health" | "/health_generate") => method_not_allowed("GET, HEAD"),
@@ -99,6 +75,22 @@ pub async fn handle(engine: Arc<Engine>, req: Request<Incoming>) -> Result<Reply
         _ => detail(StatusCode::NOT_FOUND, "Not Found"),
     };
     Ok(reply)
+}
+
+/// Validates a request body into a job, and whether to stream it.
+type MakeJob<T> = fn(&Engine, T) -> Result<(Job, bool), Rejection>;
+
+/// A generation endpoint: its JSON body, validated into a job by `job`, then generated; a body
+/// that cannot be read or is refused gets sglang's error reply.
+async fn post<T: DeserializeOwned>(
+    engine: Arc<Engine>,
+    req: Request<Incoming>,
+    job: MakeJob<T>,
+) -> Reply {
+    match read_json::<T>(req).await.and_then(|r| job(&engine, r)) {
+        Ok((job, stream)) => generate(engine, job, stream).await,
+        Err(r) => error(r.status, r.kind, &r.message),
+    }
 }
 
 /// Starts the generation: a streamed SSE response right away (headers first, as sglang's

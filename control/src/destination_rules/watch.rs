@@ -43,7 +43,7 @@ enum Ended {
 
 /// Watches cluster `name`'s rules until its watch task is aborted.
 pub async fn run(watch: &Watch<'_>, client: Client) {
-    let (shared, name, id) = (watch.shared, watch.cluster, watch.id);
+    let (shared, name) = (watch.shared, watch.cluster);
     loop {
         let mut forbidden = false;
         for version in VERSIONS {
@@ -58,25 +58,13 @@ pub async fn run(watch: &Watch<'_>, client: Client) {
         } else {
             format!("404 Not Found on every version of {GROUP} destinationrules")
         };
-        let mut gone = false;
         let mut newly = false;
-        shared.update(|m| {
-            let domain = &shared.settings.cluster_domain;
-            let Some(c) = m.cluster_mut(name, id) else {
-                gone = true;
-                return false;
-            };
-            let was_synced = c.synced();
+        let owned = watch.change(|c| {
             newly = c.destination_rules.unavailable.as_ref() != Some(&why);
-            let affected = c.destination_rules.set_unavailable(why.clone(), domain);
-            let became_synced = !was_synced && c.synced();
-            if became_synced {
-                info!(cluster = %name, objects = c.objects(), "cluster synced");
-            }
-            m.all_dirty |= affected.all;
-            m.services_changed(affected.services) || affected.all || became_synced
+            let domain = &shared.settings.cluster_domain;
+            c.destination_rules.set_unavailable(why.clone(), domain)
         });
-        if gone {
+        if !owned {
             return;
         }
         let recheck = shared.settings.destination_rule_recheck;
@@ -98,7 +86,7 @@ pub async fn run(watch: &Watch<'_>, client: Client) {
 /// Feeds one version's watcher events into the cluster's rules until the task is aborted or
 /// the version turns out not to be served.
 async fn follow(watch: &Watch<'_>, version: &str, api: Api<DynamicObject>) -> Ended {
-    let (shared, name, id) = (watch.shared, watch.cluster, watch.id);
+    let (shared, name) = (watch.shared, watch.cluster);
     let stream = until_listed(
         watcher(api, watcher::Config::default()),
         JitteredBackoff::default(),
@@ -117,13 +105,7 @@ async fn follow(watch: &Watch<'_>, version: &str, api: Api<DynamicObject>) -> En
                 if listed {
                     watch.listed("DestinationRule", &mut errors);
                 }
-                let mut gone = false;
-                shared.update(|m| {
-                    let Some(c) = m.cluster_mut(name, id) else {
-                        gone = true;
-                        return false;
-                    };
-                    let was_synced = c.synced();
+                let owned = watch.change(|c| {
                     let affected = c.destination_rules.apply(name, event, domain, keep);
                     if listed {
                         if let Some(was) = c.destination_rules.unavailable.take() {
@@ -131,14 +113,9 @@ async fn follow(watch: &Watch<'_>, version: &str, api: Api<DynamicObject>) -> En
                                   "cluster serves DestinationRules now");
                         }
                     }
-                    let became_synced = !was_synced && c.synced();
-                    if became_synced {
-                        info!(cluster = %name, objects = c.objects(), "cluster synced");
-                    }
-                    m.all_dirty |= affected.all;
-                    m.services_changed(affected.services) || affected.all || became_synced
+                    affected
                 });
-                if gone {
+                if !owned {
                     return Ended::Gone;
                 }
             }

@@ -42,10 +42,9 @@ fn list_rules(c: &mut ClusterState, rules: &[DynamicObject]) {
     drs.apply("ash", watcher::Event::InitDone, DOMAIN, &[]);
 }
 
-fn synced_cluster() -> ClusterState {
-    let mut c = ClusterState::new(1);
-    c.network = Some("network1".into());
-    list_services(&mut c, &["reviews"]);
+/// Lists (empty) EndpointSlices, Pods and Namespaces, and the `reviews` rule: with Services
+/// listed, the cluster is synced.
+fn list_the_rest(c: &mut ClusterState) {
     c.slices
         .apply(watcher::Event::<EndpointSlice>::Init, SliceDef::from_k8s);
     c.slices.apply(
@@ -56,7 +55,14 @@ fn synced_cluster() -> ClusterState {
     c.namespaces.apply(watcher::Event::Init);
     c.pods.apply(watcher::Event::InitDone, &[], "fra");
     c.namespaces.apply(watcher::Event::InitDone);
-    list_rules(&mut c, &[rule()]);
+    list_rules(c, &[rule()]);
+}
+
+fn synced_cluster() -> ClusterState {
+    let mut c = ClusterState::new(1);
+    c.network = Some("network1".into());
+    list_services(&mut c, &["reviews"]);
+    list_the_rest(&mut c);
     assert!(c.synced());
     c
 }
@@ -108,17 +114,7 @@ fn past_the_sync_timeout_unlisted_objects_stay_until_the_new_watch_lists() {
         .apply(watcher::Event::<K8sService>::InitDone, ServiceDef::from_k8s);
     let listed: Vec<&ObjKey> = c.services.objects.keys().collect();
     assert_eq!(listed, [&("bookinfo".to_string(), "ratings".to_string())]);
-    c.slices
-        .apply(watcher::Event::<EndpointSlice>::Init, SliceDef::from_k8s);
-    c.slices.apply(
-        watcher::Event::<EndpointSlice>::InitDone,
-        SliceDef::from_k8s,
-    );
-    c.pods.apply(watcher::Event::Init, &[], "fra");
-    c.namespaces.apply(watcher::Event::Init);
-    c.pods.apply(watcher::Event::InitDone, &[], "fra");
-    c.namespaces.apply(watcher::Event::InitDone);
-    list_rules(&mut c, &[rule()]);
+    list_the_rest(&mut c);
     assert!(c.synced() && c.reported_synced());
     assert!(!c.stop_standing_in());
     let (_, names) = reviews_subsets(c);

@@ -14,7 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_util::sync::CancellationToken;
 
-use crate::support::{DEADLINE, TD};
+use crate::support::{AnyServer, DEADLINE, TD};
 
 pub(crate) const GATEWAY_ID: &str =
     "spiffe://cluster.local/ns/istio-system/sa/istio-eastwestgateway";
@@ -51,6 +51,18 @@ impl Setup {
     fn write(&self, id: &Identity) {
         let dir = self.dir.path().join("gw/");
         write_all(&identity_files(id, &dir), true).unwrap();
+    }
+
+    /// Writes a gateway certificate, then starts the identity from the files and a listener
+    /// serving it: (that certificate, the identity's handle, the listener's address).
+    async fn serving(&self) -> (Identity, IdentityHandle, SocketAddr) {
+        let cert = self.gateway_cert();
+        self.write(&cert);
+        let handle = start_with_status(&self.files_config(), CancellationToken::new())
+            .await
+            .unwrap();
+        let addr = echo_listener(&handle).await;
+        (cert, handle, addr)
     }
 
     fn files_config(&self) -> IdentityConfig {
@@ -99,12 +111,12 @@ pub(crate) type Tls = tokio_rustls::client::TlsStream<TcpStream>;
 /// Then one echo round trip: in TLS 1.3 the server refuses a client certificate only after
 /// the client's side of the handshake is done.
 pub(crate) async fn connect(addr: SocketAddr, client: &Identity) -> std::io::Result<Tls> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+    let any_server = AnyServer::default();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(any_server.0.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyServer(provider)))
+        .with_custom_certificate_verifier(Arc::new(any_server))
         .with_client_auth_cert(client.chain_der(), client.key_der())
         .unwrap();
     cfg.alpn_protocols = vec![b"h2".to_vec()];
@@ -134,54 +146,6 @@ pub(crate) fn assert_gateway_cert(tls: &Tls, root: CertificateDer<'static>) {
     eastwest_certs::check_chain(&chain, &[root]).unwrap();
     let id = eastwest_certs::spiffe_id_of(&chain[0]).unwrap().unwrap();
     assert_eq!(id.to_string(), GATEWAY_ID);
-}
-
-#[derive(Debug)]
-pub(crate) struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for AnyServer {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
 }
 
 pub(crate) async fn echo(tls: &mut Tls, msg: &[u8]) -> std::io::Result<()> {
@@ -216,13 +180,8 @@ pub(crate) async fn wait_status(
 #[tokio::test]
 async fn files_serve_the_gateway_cert_tls13_h2_and_rotate_without_touching_open_connections() {
     let s = setup();
-    let first = s.gateway_cert();
-    s.write(&first);
-    let handle = start_with_status(&s.files_config(), CancellationToken::new())
-        .await
-        .unwrap();
+    let (first, handle, addr) = s.serving().await;
     assert_eq!(handle.status.borrow().spiffe_id, GATEWAY_ID);
-    let addr = echo_listener(&handle).await;
     let mut before = connect(addr, &s.ztunnel).await.unwrap();
     assert_gateway_cert(&before, s.mesh.root_der());
     assert_eq!(served_leaf(&before), first.chain_der()[0]);
@@ -246,13 +205,8 @@ async fn files_serve_the_gateway_cert_tls13_h2_and_rotate_without_touching_open_
 #[tokio::test]
 async fn files_a_bad_new_cert_keeps_the_old_one_and_says_why() {
     let s = setup();
-    let first = s.gateway_cert();
-    s.write(&first);
+    let (first, handle, addr) = s.serving().await;
     let cfg = s.files_config();
-    let handle = start_with_status(&cfg, CancellationToken::new())
-        .await
-        .unwrap();
-    let addr = echo_listener(&handle).await;
     // A certificate from another mesh: does not chain to the roots in force.
     let foreign = Mesh::generate(TD, &["fra"])
         .unwrap()
@@ -276,13 +230,8 @@ async fn files_a_bad_new_cert_keeps_the_old_one_and_says_why() {
 #[tokio::test]
 async fn files_removed_keep_the_certificate_in_force_until_they_are_back() {
     let s = setup();
-    let first = s.gateway_cert();
-    s.write(&first);
+    let (first, handle, addr) = s.serving().await;
     let cfg = s.files_config();
-    let handle = start_with_status(&cfg, CancellationToken::new())
-        .await
-        .unwrap();
-    let addr = echo_listener(&handle).await;
     std::fs::remove_file(&cfg.files.as_ref().unwrap().cert_chain).unwrap();
     let tls = connect(addr, &s.ztunnel).await.unwrap();
     assert_eq!(served_leaf(&tls), first.chain_der()[0]);
@@ -350,11 +299,7 @@ async fn files_are_checked_at_start_with_errors_naming_the_file() {
 #[tokio::test]
 async fn clients_from_a_foreign_ca_or_another_trust_domain_are_refused() {
     let s = setup();
-    s.write(&s.gateway_cert());
-    let handle = start_with_status(&s.files_config(), CancellationToken::new())
-        .await
-        .unwrap();
-    let addr = echo_listener(&handle).await;
+    let (_, _handle, addr) = s.serving().await;
     let foreign = Mesh::generate(TD, &["fra"])
         .unwrap()
         .workload("fra", &SpiffeId::workload(TD, "istio-system", "ztunnel"))

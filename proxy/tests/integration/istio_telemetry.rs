@@ -257,15 +257,7 @@ async fn cardinality_child() {
         hello[at..at + template_sni.len()]
             .copy_from_slice(istio_sni(8000, "", &host(i)).as_bytes());
         tasks.spawn(async move {
-            let mut s = TcpStream::connect(gw).await.unwrap();
-            s.write_all(&hello).await.unwrap();
-            s.shutdown().await.unwrap();
-            let mut got = Vec::new();
-            tokio::time::timeout(DEADLINE, s.read_to_end(&mut got))
-                .await
-                .unwrap()
-                .unwrap();
-            assert_eq!(got, b"tokens");
+            assert_eq!(half_closed_exchange(gw, &[&hello]).await, b"tokens");
         });
     }
     while let Some(done) = tasks.join_next().await {

@@ -32,10 +32,31 @@ fn ejected(listener: &str) -> String {
     format!("eastwest_endpoints_ejected{{route=\"{route}:8000\"}}")
 }
 
-/// An address where connecting is refused (bound once, closed again).
-fn refused_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
+/// A loopback port where connecting is refused, held for the test: a socket bound there but
+/// not listening refuses connections and keeps the port, so no other test's socket can take
+/// it (as one could the moment a probed port is closed again).
+struct RefusingPort {
+    socket: socket2::Socket,
+    addr: SocketAddr,
+}
+
+impl RefusingPort {
+    fn new() -> Self {
+        use socket2::{Domain, Socket, Type};
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        socket
+            .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .unwrap();
+        let addr = socket.local_addr().unwrap().as_socket().unwrap();
+        RefusingPort { socket, addr }
+    }
+
+    /// The endpoint comes back: the same socket starts accepting on the port.
+    fn listen(self) -> TcpListener {
+        self.socket.listen(1024).unwrap();
+        self.socket.set_nonblocking(true).unwrap();
+        TcpListener::from_std(self.socket.into()).unwrap()
+    }
 }
 
 fn config(name: &str, endpoints: &[SocketAddr], base_ejection: Duration) -> ProxyConfig {
@@ -73,7 +94,8 @@ fn server_identity() -> eastwest_certs::Identity {
 #[tokio::test]
 async fn a_dead_endpoint_is_tried_at_most_twice_in_200_connections() {
     let live = tls_echo_backend("live", &server_identity()).await;
-    let dead = refused_addr();
+    let dead_port = RefusingPort::new();
+    let dead = dead_port.addr;
     let cfg = config("dead", &[dead, live], Duration::from_secs(60));
     let proxy = Proxy::start(cfg).await.unwrap();
     for _ in 0..100 {
@@ -154,8 +176,8 @@ async fn a_blackholed_endpoint_costs_one_connect_timeout_then_none() {
 #[tokio::test]
 async fn an_ejected_endpoint_is_probed_after_the_interval_and_recovers() {
     let live = tls_echo_backend("live", &server_identity()).await;
-    let dead = refused_addr();
-    let cfg = config("revive", &[dead, live], Duration::from_millis(200));
+    let dead = RefusingPort::new();
+    let cfg = config("revive", &[dead.addr, live], Duration::from_millis(200));
     let proxy = Proxy::start(cfg).await.unwrap();
     let deadline = tokio::time::Instant::now() + DEADLINE;
     while metric(&proxy, &ejected("revive")).await < 1.0 {
@@ -163,8 +185,7 @@ async fn an_ejected_endpoint_is_probed_after_the_interval_and_recovers() {
         assert_eq!(served_by(&proxy, "revive").await, "live");
     }
     // The endpoint comes back on its address; once the ejection is over, a probe finds it.
-    let listener = TcpListener::bind(dead).await.unwrap();
-    tls_echo_backend_on(listener, "revived", &server_identity());
+    tls_echo_backend_on(dead.listen(), "revived", &server_identity());
     let deadline = tokio::time::Instant::now() + DEADLINE;
     while served_by(&proxy, "revive").await != "revived" {
         assert!(tokio::time::Instant::now() < deadline, "never probed again");
@@ -183,8 +204,8 @@ async fn an_ejected_endpoint_is_probed_after_the_interval_and_recovers() {
 
 #[tokio::test]
 async fn the_last_endpoint_left_is_never_ejected() {
-    let (a, b) = (refused_addr(), refused_addr());
-    let proxy = Proxy::start(config("last", &[a, b], Duration::from_secs(60)))
+    let (a, b) = (RefusingPort::new(), RefusingPort::new());
+    let proxy = Proxy::start(config("last", &[a.addr, b.addr], Duration::from_secs(60)))
         .await
         .unwrap();
     let gw = proxy.listener_addr("last").unwrap();
