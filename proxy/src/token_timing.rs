@@ -147,10 +147,13 @@ pub struct ConnectionTiming<'a> {
     client_encrypted: AtomicBool,
     metrics: &'a StreamMetrics,
     stall: Duration,
+    /// `telemetry.token_timing`: off, the followers start stopped.
+    on: bool,
 }
 
 impl<'a> ConnectionTiming<'a> {
-    pub fn new(metrics: &'a StreamMetrics, stall: Duration) -> Self {
+    /// `on: false` (`telemetry.token_timing: false`): nothing is followed or recorded.
+    pub fn new(metrics: &'a StreamMetrics, stall: Duration, on: bool) -> Self {
         ConnectionTiming {
             start: Instant::now(),
             request_at: AtomicU64::new(0),
@@ -160,7 +163,18 @@ impl<'a> ConnectionTiming<'a> {
             client_encrypted: AtomicBool::new(false),
             metrics,
             stall,
+            on,
         }
+    }
+
+    /// A follower for one direction of this connection; already stopped when token timing
+    /// is off.
+    pub fn follower(&self, way: Way) -> RecordFollower {
+        let mut follower = RecordFollower::new(way);
+        if !self.on {
+            follower.stop();
+        }
+        follower
     }
 
     /// Follows `chunk`, just relayed by `follower`'s direction. The clock is read once per
@@ -378,7 +392,7 @@ mod tests {
     fn tls12_after_ccs_and_finished_requests_and_responses_are_timed() {
         events_of_this_thread();
         let metrics = StreamMetrics::noop();
-        let t = ConnectionTiming::new(&metrics, Duration::from_secs(1));
+        let t = ConnectionTiming::new(&metrics, Duration::from_secs(1), true);
         let (mut up, mut down) = (RecordFollower::new(Way::Up), RecordFollower::new(Way::Down));
         // ServerHello..Done; the client's key exchange, CCS, Finished; the server's ticket,
         // CCS, Finished: all handshake.
@@ -405,7 +419,7 @@ mod tests {
     fn tls13_established<'m>(
         metrics: &'m StreamMetrics,
     ) -> (ConnectionTiming<'m>, RecordFollower, RecordFollower) {
-        let t = ConnectionTiming::new(metrics, Duration::from_secs(1));
+        let t = ConnectionTiming::new(metrics, Duration::from_secs(1), true);
         let (mut up, mut down) = (RecordFollower::new(Way::Up), RecordFollower::new(Way::Down));
         t.relayed(&mut down, &cat(&[(22, 90), (20, 1), (23, 1500)]));
         t.relayed(&mut up, &cat(&[(20, 1), (23, 60)]));
@@ -483,7 +497,7 @@ mod tests {
     fn tls13_server_flight_and_session_tickets_are_not_responses() {
         events_of_this_thread();
         let metrics = StreamMetrics::noop();
-        let t = ConnectionTiming::new(&metrics, Duration::from_secs(1));
+        let t = ConnectionTiming::new(&metrics, Duration::from_secs(1), true);
         let (mut up, mut down) = (RecordFollower::new(Way::Up), RecordFollower::new(Way::Down));
         // ServerHello, CCS, then the encrypted flight (EncryptedExtensions .. Finished).
         t.relayed(&mut down, &cat(&[(22, 90), (20, 1), (23, 40), (23, 1500)]));
@@ -508,7 +522,7 @@ mod tests {
         let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
         let metrics = StreamMetrics::noop();
         for _ in 0..2000 {
-            let timing = ConnectionTiming::new(&metrics, Duration::from_secs(1));
+            let timing = ConnectionTiming::new(&metrics, Duration::from_secs(1), true);
             let mut up = RecordFollower::new(Way::Up);
             let mut down = RecordFollower::new(Way::Down);
             for _ in 0..8 {
