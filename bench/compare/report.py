@@ -9,6 +9,7 @@ ORDER = [
     "direct",
     "eastwest",
     "eastwest-nosplice",
+    "eastwest-notiming",
     "eastwest-base",
     "nginx",
     "nginx-halfclose",

@@ -38,6 +38,13 @@ RESPONSE_SIZE=${RESPONSE_SIZE:-1024}
 # endless stream, so it shows what a gateway does while a direction ramps up.
 LARGE_CONNS=${LARGE_CONNS:-4}
 LARGE_RESPONSE_SIZE=${LARGE_RESPONSE_SIZE:-1048576}
+# The "stream" phase (not in the default PHASES): kept-alive requests each answered as a token
+# stream, STREAM_RECORDS records of STREAM_RECORD_SIZE bytes, each written and flushed alone
+# STREAM_GAP_US apart (the case token timing follows; compare eastwest with eastwest-notiming).
+STREAM_CONNS=${STREAM_CONNS:-64}
+STREAM_RECORDS=${STREAM_RECORDS:-128}
+STREAM_RECORD_SIZE=${STREAM_RECORD_SIZE:-100}
+STREAM_GAP_US=${STREAM_GAP_US:-1000}
 IDLE_CONNS=${IDLE_CONNS:-10000}
 PORT_BASE=${PORT_BASE:-18400}
 OUT=${OUT:-}
@@ -145,7 +152,7 @@ fill() {
 
 start_gateway() {
     case $1 in
-    eastwest | eastwest-nosplice | eastwest-base)
+    eastwest | eastwest-nosplice | eastwest-notiming | eastwest-base)
         # Its own directory: eastwest-proxy watches the config file's directory for reloads,
         # and the files this script writes to $WORK would wake it.
         mkdir -p "$WORK/$1"
@@ -153,6 +160,7 @@ start_gateway() {
         # A/B in one interleaved run: the same build with splice off, or an older build.
         local proxy=$PROXY
         if [ "$1" = eastwest-nosplice ]; then printf 'upstream:\n  splice: off\n' >>"$cfg"; fi
+        if [ "$1" = eastwest-notiming ]; then printf 'telemetry:\n  token_timing: false\n' >>"$cfg"; fi
         if [ "$1" = eastwest-base ]; then proxy=${PROXY_BASE:?set PROXY_BASE to the older build}; fi
         # One tokio worker thread, like nginx's one worker and haproxy's one thread.
         EASTWEST_WORKER_THREADS=1 TOKIO_WORKER_THREADS=1 RUST_LOG=warn "${ON_GW[@]}" "$proxy" --config "$cfg" \
@@ -285,6 +293,10 @@ for ROUND in $(seq 1 "$ROUNDS"); do
             phase "$target" connect --mode connect --connections "$CONNECT_CONNS" --duration "$PHASE_SECS"
         ! has_phase bulk ||
             phase "$target" bulk --mode bulk --connections "$BULK_CONNS" --duration "$PHASE_SECS"
+        ! has_phase stream ||
+            RESPONSE_SIZE=$((STREAM_RECORDS * STREAM_RECORD_SIZE)) phase "$target" stream \
+                --mode keepalive --connections "$STREAM_CONNS" --duration "$PHASE_SECS" \
+                --record-size "$STREAM_RECORD_SIZE" --record-gap-us "$STREAM_GAP_US"
         ! has_phase large ||
             RESPONSE_SIZE=$LARGE_RESPONSE_SIZE phase "$target" large --mode keepalive \
                 --connections "$LARGE_CONNS" --duration "$PHASE_SECS"

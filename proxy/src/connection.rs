@@ -103,6 +103,7 @@ pub(crate) async fn serve(
         upstream_keepalive: upstream_config.tcp_keepalive,
         splice: upstream_config.splice,
         stall_threshold: upstream_config.stall_threshold,
+        token_timing: routing.config.telemetry.token_timing,
     };
     // The snapshot is not needed any more; don't pin old configs for the connection's life.
     drop(routing);

@@ -34,7 +34,7 @@ use tokio::time::Instant;
 
 use crate::connect::keepalive;
 use crate::metrics::token::StreamMetrics;
-use crate::token_timing::{ConnectionTiming, RecordFollower, Way};
+use crate::token_timing::{ConnectionTiming, Way};
 use pipe::Pipe;
 
 /// Buffer sizes, and how many bytes a direction must have moved to use each.
@@ -77,6 +77,8 @@ pub struct RelayConfig {
     pub splice: Splice,
     /// A response record gap above this is a stall.
     pub stall_threshold: Duration,
+    /// `telemetry.token_timing`: follow the TLS records relayed.
+    pub token_timing: bool,
 }
 
 /// One direction's share of the relay: where its bytes are counted, and the state both share.
@@ -109,9 +111,10 @@ pub async fn relay(
         upstream_keepalive,
         splice,
         stall_threshold,
+        token_timing,
     } = config;
     let activity = Activity::new();
-    let timing = ConnectionTiming::new(stream, stall_threshold);
+    let timing = ConnectionTiming::new(stream, stall_threshold, token_timing);
     let upstream_fd = upstream.as_raw_fd();
     let arm_keepalive = move || {
         // SAFETY: `upstream` owns this descriptor and stays borrowed, so open, until relay
@@ -213,7 +216,7 @@ async fn pump(
     let mut moved: u64 = 0;
     // Bytes moved in reads that filled the buffer: what tells bulk from small messages.
     let mut bulk: u64 = 0;
-    let mut records = RecordFollower::new(dir.way);
+    let mut records = dir.timing.follower(dir.way);
     loop {
         if dir.splice == Splice::Auto && bulk >= SPLICE_AFTER {
             if let Some(b) = buf.take() {
@@ -432,6 +435,7 @@ mod tests {
             upstream_keepalive: hour,
             splice,
             stall_threshold: hour,
+            token_timing: true,
         };
         let stream = StreamMetrics::noop();
         let relay = relay(

@@ -98,16 +98,27 @@ impl RecordFollower {
                 chunk = &chunk[n..];
                 continue;
             }
-            let want = 5 - self.have as usize;
-            let n = want.min(chunk.len());
-            self.header[self.have as usize..self.have as usize + n].copy_from_slice(&chunk[..n]);
-            self.have += n as u8;
-            chunk = &chunk[n..];
-            if self.have < 5 {
-                return;
-            }
-            self.have = 0;
-            let [kind, major, _, hi, lo] = self.header;
+            let header = match (self.have, chunk) {
+                // The usual case: a whole header in the chunk, read in place.
+                (0, [kind, major, minor, hi, lo, rest @ ..]) => {
+                    chunk = rest;
+                    [*kind, *major, *minor, *hi, *lo]
+                }
+                _ => {
+                    let want = 5 - self.have as usize;
+                    let n = want.min(chunk.len());
+                    self.header[self.have as usize..self.have as usize + n]
+                        .copy_from_slice(&chunk[..n]);
+                    self.have += n as u8;
+                    chunk = &chunk[n..];
+                    if self.have < 5 {
+                        return;
+                    }
+                    self.have = 0;
+                    self.header
+                }
+            };
+            let [kind, major, _, hi, lo] = header;
             let len = u16::from_be_bytes([hi, lo]);
             // TLS 1.0–1.3 all write major version 3 in the record layer.
             if !(CHANGE_CIPHER_SPEC..=HEARTBEAT).contains(&kind) || major != 3 {
@@ -138,7 +149,7 @@ pub struct ConnectionTiming<'a> {
     /// Same, of the last record of the response streaming now; 0 before any response.
     response_at: AtomicU64,
     /// Same, of the current response's first record (its headers) while no second record has
-    /// come; taken (swapped to 0) by whichever comes first of the second record, the next
+    /// come; taken (set to 0) by whichever comes first of the second record, the next
     /// request and the connection's end, so the response's TTFT is recorded once.
     headers_at: AtomicU64,
     /// The request time of the response `headers_at` belongs to.
@@ -147,10 +158,13 @@ pub struct ConnectionTiming<'a> {
     client_encrypted: AtomicBool,
     metrics: &'a StreamMetrics,
     stall: Duration,
+    /// `telemetry.token_timing`: off, the followers start stopped.
+    on: bool,
 }
 
 impl<'a> ConnectionTiming<'a> {
-    pub fn new(metrics: &'a StreamMetrics, stall: Duration) -> Self {
+    /// `on: false` (`telemetry.token_timing: false`): nothing is followed or recorded.
+    pub fn new(metrics: &'a StreamMetrics, stall: Duration, on: bool) -> Self {
         ConnectionTiming {
             start: Instant::now(),
             request_at: AtomicU64::new(0),
@@ -160,16 +174,31 @@ impl<'a> ConnectionTiming<'a> {
             client_encrypted: AtomicBool::new(false),
             metrics,
             stall,
+            on,
         }
     }
 
+    /// A follower for one direction of this connection; already stopped when token timing
+    /// is off.
+    pub fn follower(&self, way: Way) -> RecordFollower {
+        let mut follower = RecordFollower::new(way);
+        if !self.on {
+            follower.stop();
+        }
+        follower
+    }
+
     /// Follows `chunk`, just relayed by `follower`'s direction. The clock is read once per
-    /// chunk, and only when it holds a message record.
+    /// chunk, and only when it holds a message record; records after the first in one chunk
+    /// share its time, so their gaps (0) are counted once per chunk, not one by one.
     pub fn relayed(&self, follower: &mut RecordFollower, chunk: &[u8]) {
         if !follower.following() {
             return;
         }
-        let mut now: u64 = 0;
+        let mut at = ChunkTime {
+            now: 0,
+            zero_gaps: 0,
+        };
         // TLS 1.3 session tickets come as one read right after the client's encrypted flight.
         let skip_chunk =
             follower.phase == Phase::ServerFlight && self.client_encrypted.load(Ordering::Relaxed);
@@ -180,15 +209,18 @@ impl<'a> ConnectionTiming<'a> {
             if meaning == Meaning::Nothing {
                 return;
             }
-            if now == 0 {
-                now = self.start.elapsed().as_nanos() as u64 + 1;
+            if at.now == 0 {
+                at.now = self.start.elapsed().as_nanos() as u64 + 1;
             }
             match meaning {
-                Meaning::Request => self.request(now),
-                Meaning::Response => self.response(now),
+                Meaning::Request => self.request(at.now),
+                Meaning::Response => self.response(&mut at),
                 Meaning::Nothing => {}
             }
         });
+        if at.zero_gaps > 0 {
+            self.metrics.zero_gaps(at.zero_gaps);
+        }
         if skip_chunk {
             phase = Phase::Data;
         }
@@ -245,6 +277,10 @@ impl<'a> ConnectionTiming<'a> {
         }
     }
 
+    // The state below is only ever touched by the connection's one task (both directions are
+    // polled by the relay's future, never at once): plain loads and stores, no read-modify-write
+    // atomics. They are atomics only so that the relay future may move between threads.
+
     fn request(&self, now: u64) {
         self.one_record_response();
         self.request_at.store(now, Ordering::Relaxed);
@@ -253,7 +289,7 @@ impl<'a> ConnectionTiming<'a> {
     /// The response whose first record came has no second: that record was all of it, and
     /// its TTFT.
     fn one_record_response(&self) {
-        let headers = self.headers_at.swap(0, Ordering::Acquire);
+        let headers = self.take(&self.headers_at);
         if headers != 0 {
             let asked = self.asked_at.load(Ordering::Relaxed);
             self.metrics
@@ -261,18 +297,27 @@ impl<'a> ConnectionTiming<'a> {
         }
     }
 
-    fn response(&self, now: u64) {
-        let request = self.request_at.swap(0, Ordering::Relaxed);
+    /// The value of `slot`, leaving 0.
+    fn take(&self, slot: &AtomicU64) -> u64 {
+        let v = slot.load(Ordering::Relaxed);
+        if v != 0 {
+            slot.store(0, Ordering::Relaxed);
+        }
+        v
+    }
+
+    fn response(&self, at: &mut ChunkTime) {
+        let now = at.now;
+        let request = self.take(&self.request_at);
         if request != 0 {
             // A new response: its first record, taken for the headers.
             self.one_record_response();
             self.asked_at.store(request, Ordering::Relaxed);
             self.response_at.store(0, Ordering::Relaxed);
-            // Release/Acquire: whoever takes `headers_at` sees this response's `asked_at`.
-            self.headers_at.store(now, Ordering::Release);
+            self.headers_at.store(now, Ordering::Relaxed);
             return;
         }
-        let headers = self.headers_at.swap(0, Ordering::Acquire);
+        let headers = self.take(&self.headers_at);
         if headers != 0 {
             // The second record: the first token.
             let asked = self.asked_at.load(Ordering::Relaxed);
@@ -281,12 +326,25 @@ impl<'a> ConnectionTiming<'a> {
                 .first_response(Duration::from_nanos(now.saturating_sub(asked)));
             return;
         }
-        let last = self.response_at.swap(now, Ordering::Relaxed);
+        let last = self.response_at.load(Ordering::Relaxed);
+        if last == now {
+            // Another record of this chunk: a gap of 0, counted with the others at its end.
+            at.zero_gaps += 1;
+            return;
+        }
+        self.response_at.store(now, Ordering::Relaxed);
         if last != 0 {
             let gap = Duration::from_nanos(now.saturating_sub(last));
             self.metrics.gap(gap, gap > self.stall);
         }
     }
+}
+
+/// One chunk's clock: read at its first message record (0 before), and the response records
+/// after the first that came in it.
+struct ChunkTime {
+    now: u64,
+    zero_gaps: u64,
 }
 
 impl Drop for ConnectionTiming<'_> {
@@ -378,7 +436,7 @@ mod tests {
     fn tls12_after_ccs_and_finished_requests_and_responses_are_timed() {
         events_of_this_thread();
         let metrics = StreamMetrics::noop();
-        let t = ConnectionTiming::new(&metrics, Duration::from_secs(1));
+        let t = ConnectionTiming::new(&metrics, Duration::from_secs(1), true);
         let (mut up, mut down) = (RecordFollower::new(Way::Up), RecordFollower::new(Way::Down));
         // ServerHello..Done; the client's key exchange, CCS, Finished; the server's ticket,
         // CCS, Finished: all handshake.
@@ -405,7 +463,7 @@ mod tests {
     fn tls13_established<'m>(
         metrics: &'m StreamMetrics,
     ) -> (ConnectionTiming<'m>, RecordFollower, RecordFollower) {
-        let t = ConnectionTiming::new(metrics, Duration::from_secs(1));
+        let t = ConnectionTiming::new(metrics, Duration::from_secs(1), true);
         let (mut up, mut down) = (RecordFollower::new(Way::Up), RecordFollower::new(Way::Down));
         t.relayed(&mut down, &cat(&[(22, 90), (20, 1), (23, 1500)]));
         t.relayed(&mut up, &cat(&[(20, 1), (23, 60)]));
@@ -480,10 +538,38 @@ mod tests {
     }
 
     #[test]
+    fn records_in_one_read_are_each_a_gap_of_zero() {
+        use crate::metrics::token::StreamEvent;
+        events_of_this_thread();
+        let metrics = StreamMetrics::noop();
+        let (t, mut up, mut down) = tls13_established(&metrics);
+        t.relayed(&mut up, &cat(&[(23, 300)]));
+        // Headers, first token and three more tokens in one read.
+        t.relayed(
+            &mut down,
+            &cat(&[(23, 150), (23, 120), (23, 120), (23, 120), (23, 120)]),
+        );
+        let events = events_of_this_thread();
+        assert_eq!(kinds(&events), ["first", "gap", "gap", "gap"]);
+        assert!(events[1..]
+            .iter()
+            .all(|e| *e == StreamEvent::Gap(Duration::ZERO)));
+        // The next read's first record: a gap from the last one.
+        let last = t.response_at.load(Ordering::Relaxed);
+        clock_past(&t, last);
+        t.relayed(&mut down, &cat(&[(23, 120)]));
+        let events = events_of_this_thread();
+        let [StreamEvent::Gap(gap)] = events[..] else {
+            panic!("{events:?}")
+        };
+        assert!(gap > Duration::ZERO);
+    }
+
+    #[test]
     fn tls13_server_flight_and_session_tickets_are_not_responses() {
         events_of_this_thread();
         let metrics = StreamMetrics::noop();
-        let t = ConnectionTiming::new(&metrics, Duration::from_secs(1));
+        let t = ConnectionTiming::new(&metrics, Duration::from_secs(1), true);
         let (mut up, mut down) = (RecordFollower::new(Way::Up), RecordFollower::new(Way::Down));
         // ServerHello, CCS, then the encrypted flight (EncryptedExtensions .. Finished).
         t.relayed(&mut down, &cat(&[(22, 90), (20, 1), (23, 40), (23, 1500)]));
@@ -508,7 +594,7 @@ mod tests {
         let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
         let metrics = StreamMetrics::noop();
         for _ in 0..2000 {
-            let timing = ConnectionTiming::new(&metrics, Duration::from_secs(1));
+            let timing = ConnectionTiming::new(&metrics, Duration::from_secs(1), true);
             let mut up = RecordFollower::new(Way::Up);
             let mut down = RecordFollower::new(Way::Down);
             for _ in 0..8 {

@@ -56,7 +56,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut tls: S) -> std::io::Result
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(e) => return Err(e),
         }
-        let (request_len, response_len) = wire::parse_header(&header);
+        let (request_len, response_len, records) = wire::parse_header(&header);
         if request_len > MAX_REQUEST {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
@@ -70,6 +70,10 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut tls: S) -> std::io::Result
                 tls.write_all(&ZEROS).await?;
             }
         }
+        if records.size > 0 {
+            write_records(&mut tls, response_len as usize, records).await?;
+            continue;
+        }
         let mut left = response_len as usize;
         while left > 0 {
             let n = left.min(CHUNK);
@@ -78,4 +82,28 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut tls: S) -> std::io::Result
         }
         tls.flush().await?;
     }
+}
+
+/// `len` bytes as records of `records.size` bytes, each written and flushed alone (one TLS
+/// record each), `records.gap_us` apart: a model server streaming token events.
+async fn write_records<S: AsyncWrite + Unpin>(
+    tls: &mut S,
+    len: usize,
+    records: wire::Records,
+) -> std::io::Result<()> {
+    let size = (records.size as usize).min(CHUNK);
+    let gap = Duration::from_micros(records.gap_us.into());
+    let mut left = len;
+    let mut first = true;
+    while left > 0 {
+        if !first && !gap.is_zero() {
+            tokio::time::sleep(gap).await;
+        }
+        first = false;
+        let n = left.min(size);
+        tls.write_all(&ZEROS[..n]).await?;
+        tls.flush().await?;
+        left -= n;
+    }
+    Ok(())
 }

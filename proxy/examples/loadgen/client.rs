@@ -105,7 +105,11 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
         connector: TlsConnector::from(tls::client_config(&args.certs)?),
         name: ServerName::try_from(args.sni.clone()).context("--sni is not a DNS name")?,
     };
-    let req: Arc<[u8]> = wire::request(args.request_size, args.response_size).into();
+    let records = wire::Records {
+        size: args.record_size,
+        gap_us: args.record_gap_us,
+    };
+    let req: Arc<[u8]> = wire::request(args.request_size, args.response_size, records).into();
     let n = args.connections.max(1);
     let mut workers = JoinSet::new();
     let started;

@@ -7,8 +7,9 @@
 //!   ALPN istio-peer-exchange/istio, SNI `outbound_.8000_._.bench.svc.cluster.local`) and
 //!   prints one JSON line of results.
 //!
-//! The wire protocol is in [`wire`]: an 8-byte header (request length, response length), then
-//! the request body; the backend answers with the response length in bytes.
+//! The wire protocol is in [`wire`]: a 16-byte header (request length, response length, and
+//! optionally the records to answer in), then the request body; the backend answers with the
+//! response length in bytes.
 
 mod backend;
 mod client;
@@ -86,6 +87,13 @@ pub struct ClientArgs {
     /// Response bytes.
     #[arg(long, default_value_t = 1024)]
     response_size: u32,
+    /// The backend writes the response in records of this many bytes, each flushed alone
+    /// (a token stream); 0: in as few writes as it can.
+    #[arg(long, default_value_t = 0)]
+    record_size: u32,
+    /// Microseconds the backend waits between those records (0: back to back).
+    #[arg(long, default_value_t = 0)]
+    record_gap_us: u32,
     /// Directory written by `certs`.
     #[arg(long)]
     certs: PathBuf,

@@ -5,8 +5,8 @@
 //! These are our own fixed-bucket histograms, not the `metrics` crate's: its Prometheus
 //! exporter keeps every histogram sample until the next scrape (CPU per sample, and memory
 //! growing with the records relayed between scrapes), and a token stream records one sample
-//! per TLS record. Here a sample is a bucket search over 20 bounds and three `Relaxed` adds:
-//! no allocation, no lock. [`render`] appends them to the exporter's text on /metrics.
+//! per TLS record. Here a sample is a branch-free bucket search over 20 bounds and two `Relaxed`
+//! adds (records that came in one read share one add): no allocation, no lock. [`render`] appends them to the exporter's text on /metrics.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -45,29 +45,33 @@ const BOUNDS_NS: [u64; 20] = {
 };
 
 /// One histogram: a counter per bucket (the last is +Inf, not cumulative; rendering sums
-/// them), the sum in nanoseconds and the count.
+/// them, and the sum of all is the count) and the sum in nanoseconds.
 #[derive(Debug, Default)]
 struct Histogram {
     buckets: [AtomicU64; BUCKETS.len() + 1],
     sum_ns: AtomicU64,
-    count: AtomicU64,
+}
+
+/// The bucket of a sample of `ns`: the first bound >= ns (`le` is inclusive), or +Inf. A count
+/// of the bounds below it: no branch to mispredict, and the compiler vectorises it.
+fn bucket(ns: u64) -> usize {
+    BOUNDS_NS.iter().map(|&b| usize::from(b < ns)).sum()
 }
 
 impl Histogram {
     fn record(&self, d: Duration) {
         // u64 nanoseconds last 584 years; a longer gap saturates into +Inf.
         let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
-        // The first bound >= ns (`le` is inclusive): a binary search, 5 steps.
-        let i = BOUNDS_NS.partition_point(|&b| b < ns);
-        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.buckets[bucket(ns)].fetch_add(1, Ordering::Relaxed);
         self.sum_ns.fetch_add(ns, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `n` samples of 0 at once (records that came in one read).
+    fn record_zeros(&self, n: u64) {
+        self.buckets[0].fetch_add(n, Ordering::Relaxed);
     }
 
     fn render(&self, out: &mut String, name: &str, route: &str) {
-        // Read the count first: a sample recorded during the render then shows in the buckets
-        // but not the count, never a +Inf bucket below the count.
-        let count = self.count.load(Ordering::Relaxed);
         let mut cumulative = 0;
         for (bound, bucket) in BUCKETS.iter().zip(&self.buckets) {
             cumulative += bucket.load(Ordering::Relaxed);
@@ -79,12 +83,11 @@ impl Histogram {
         cumulative += self.buckets[BUCKETS.len()].load(Ordering::Relaxed);
         let _ = writeln!(
             out,
-            "{name}_bucket{{route=\"{route}\",le=\"+Inf\"}} {}",
-            cumulative.max(count)
+            "{name}_bucket{{route=\"{route}\",le=\"+Inf\"}} {cumulative}"
         );
         let sum = self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
         let _ = writeln!(out, "{name}_sum{{route=\"{route}\"}} {sum}");
-        let _ = writeln!(out, "{name}_count{{route=\"{route}\"}} {count}");
+        let _ = writeln!(out, "{name}_count{{route=\"{route}\"}} {cumulative}");
     }
 }
 
@@ -213,6 +216,16 @@ impl StreamMetrics {
             observe(StreamEvent::Gap(d));
         }
     }
+
+    /// `n` gaps of 0: records after the first of one read, which share its time.
+    pub fn zero_gaps(&self, n: u64) {
+        self.route.record_gap.record_zeros(n);
+        if let Some(observe) = OBSERVER.get() {
+            for _ in 0..n {
+                observe(StreamEvent::Gap(Duration::ZERO));
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -246,6 +259,45 @@ mod tests {
         assert_eq!(line("60").as_deref(), Some("4"), "{out}");
         assert_eq!(line("+Inf").as_deref(), Some("6"), "{out}");
         assert!(out.contains("t_count{route=\"r\"} 6\n"), "{out}");
+    }
+
+    #[test]
+    fn zero_gaps_counted_at_once_land_in_the_first_bucket() {
+        let h = Histogram::default();
+        h.record(Duration::from_millis(7));
+        h.record_zeros(5);
+        let mut out = String::new();
+        h.render(&mut out, "t", "r");
+        assert!(
+            out.contains("t_bucket{route=\"r\",le=\"0.0001\"} 5\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("t_bucket{route=\"r\",le=\"0.01\"} 6\n"),
+            "{out}"
+        );
+        assert!(out.contains("t_count{route=\"r\"} 6\n"), "{out}");
+        assert!(out.contains("t_sum{route=\"r\"} 0.007\n"), "{out}");
+    }
+
+    #[test]
+    fn the_bucket_is_the_first_bound_not_exceeded() {
+        for ns in [
+            0,
+            1,
+            99_999,
+            100_000,
+            100_001,
+            7_000_000,
+            60_000_000_000,
+            u64::MAX,
+        ] {
+            assert_eq!(
+                bucket(ns),
+                BOUNDS_NS.partition_point(|&b| b < ns),
+                "{ns} ns"
+            );
+        }
     }
 
     #[test]

@@ -48,6 +48,42 @@ async fn streaming_backend(
     addr
 }
 
+/// A TLS 1.3 client connected through the gateway to `host`, its request sent.
+async fn client(
+    pki: &Pki,
+    gw: std::net::SocketAddr,
+    host: &str,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let client_cfg = pki
+        .client
+        .client_config(eastwest_certs::PeerPolicy::TrustDomain(TD.into()))
+        .unwrap();
+    let tcp = TcpStream::connect(gw).await.unwrap();
+    let name = ServerName::try_from(istio_sni(8000, "", host)).unwrap();
+    let mut tls = TlsConnector::from(client_cfg)
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    assert_eq!(
+        tls.get_ref().1.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_3)
+    );
+    tls.write_all(REQUEST).await.unwrap();
+    tls.flush().await.unwrap();
+
+    tls
+}
+
+/// Reads token `i`, checking it came through byte-exact.
+async fn read_token(tls: &mut tokio_rustls::client::TlsStream<TcpStream>, i: usize) {
+    let mut got = vec![0u8; RECORD];
+    tokio::time::timeout(DEADLINE, tls.read_exact(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, token(i), "record {i} relayed byte-exact");
+}
+
 async fn series(proxy: &Proxy, name: &str, route: &str) -> f64 {
     metric(proxy, &format!("{name}{{route=\"{route}\"}}")).await
 }
@@ -67,22 +103,7 @@ async fn response_records_are_timed_at_the_gateway_and_relayed_byte_exact() {
     let gw = proxy.listener_addr("tokens").unwrap();
     let route = format!("{host}:8000");
 
-    let client_cfg = pki
-        .client
-        .client_config(eastwest_certs::PeerPolicy::TrustDomain(TD.into()))
-        .unwrap();
-    let tcp = TcpStream::connect(gw).await.unwrap();
-    let name = ServerName::try_from(istio_sni(8000, "", host)).unwrap();
-    let mut tls = TlsConnector::from(client_cfg)
-        .connect(name, tcp)
-        .await
-        .unwrap();
-    assert_eq!(
-        tls.get_ref().1.protocol_version(),
-        Some(rustls::ProtocolVersion::TLSv1_3)
-    );
-    tls.write_all(REQUEST).await.unwrap();
-    tls.flush().await.unwrap();
+    let mut tls = client(&pki, gw, host).await;
 
     for i in 0..N {
         if i == N - 1 {
@@ -91,12 +112,7 @@ async fn response_records_are_timed_at_the_gateway_and_relayed_byte_exact() {
             tokio::time::sleep(stall * 3).await;
         }
         tx.send(i).await.unwrap();
-        let mut got = vec![0u8; RECORD];
-        tokio::time::timeout(DEADLINE, tls.read_exact(&mut got))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(got, token(i), "record {i} relayed byte-exact");
+        read_token(&mut tls, i).await;
     }
 
     let gaps = "eastwest_stream_record_gap_seconds_count";
@@ -123,4 +139,57 @@ async fn response_records_are_timed_at_the_gateway_and_relayed_byte_exact() {
     let (_, body) = admin_get(&proxy, "/metrics").await;
     promtool_check(&body);
     drop(tx);
+}
+
+/// `telemetry.token_timing: false`: the same stream is relayed byte-exact and counted in the
+/// byte metrics, and the token histograms stay empty.
+#[tokio::test]
+async fn with_token_timing_off_bytes_flow_and_the_histograms_stay_empty() {
+    const N: usize = 6;
+    let pki = pki();
+    let (tx, rx) = mpsc::channel(1);
+    let backend = streaming_backend(&pki.server, rx).await;
+    let host = "untimed.demo.svc.cluster.local";
+    let mut cfg = passthrough_config("untimed", vec![service(host, 8000, &[(backend, &[])])]);
+    cfg.telemetry.token_timing = false;
+    let proxy = Proxy::start(cfg).await.unwrap();
+    let gw = proxy.listener_addr("untimed").unwrap();
+    let route = format!("{host}:8000");
+
+    let mut tls = client(&pki, gw, host).await;
+    for i in 0..N {
+        tx.send(i).await.unwrap();
+        read_token(&mut tls, i).await;
+    }
+    // The server closes, then the client: once the gateway has counted the connection
+    // closed, every record passed its relay (and, were timing on, would have been timed).
+    drop(tx);
+    let mut rest = Vec::new();
+    tokio::time::timeout(DEADLINE, tls.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(rest.is_empty(), "{} bytes after the tokens", rest.len());
+    drop(tls);
+    wait_metric(
+        &proxy,
+        &format!(
+            "eastwest_connections_closed_total{{listener=\"untimed\",route=\"{route}\",result=\"routed\"}}"
+        ),
+        1.0,
+    )
+    .await;
+    let down = metric(
+        &proxy,
+        &format!("eastwest_bytes_total{{route=\"{route}\",direction=\"to_downstream\"}}"),
+    )
+    .await;
+    assert!(down >= (N * RECORD) as f64, "{down} bytes relayed down");
+    for name in [
+        "eastwest_stream_first_response_seconds_count",
+        "eastwest_stream_record_gap_seconds_count",
+        "eastwest_stream_stalls_total",
+    ] {
+        assert_eq!(series(&proxy, name, &route).await, 0.0, "{name}");
+    }
 }

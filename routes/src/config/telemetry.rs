@@ -1,11 +1,12 @@
-//! `telemetry:` in the proxy config: the gateway's own workload, for Istio's `source_*` labels.
+//! `telemetry:` in the proxy config: the gateway's own workload, for Istio's `source_*` labels,
+//! and whether token timing follows relayed connections.
 
 use serde::{Deserialize, Serialize};
 
 /// The gateway's own workload as Istio's telemetry names it. Each field left out comes from
 /// the environment the pod spec sets (see [`TelemetryConfig::with_env`]); what is still
 /// unknown is reported as `unknown`, as Istio writes it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TelemetryConfig {
     /// `source_workload`: the gateway's Deployment or DaemonSet name (`istio-eastwestgateway`).
@@ -23,6 +24,33 @@ pub struct TelemetryConfig {
     /// `source_version` and `source_canonical_revision`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
+    /// Token timing (`eastwest_stream_*`, docs/token-timing.md): follow the TLS record
+    /// headers of relayed connections. On by default; `false` leaves the histograms empty and
+    /// the relay does nothing per record. Read per connection, so a reload applies it to new
+    /// connections.
+    #[serde(default = "on", skip_serializing_if = "is_on")]
+    pub token_timing: bool,
+}
+
+fn on() -> bool {
+    true
+}
+
+fn is_on(v: &bool) -> bool {
+    *v
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            workload: None,
+            namespace: None,
+            cluster: None,
+            app: None,
+            version: None,
+            token_timing: true,
+        }
+    }
 }
 
 impl TelemetryConfig {
@@ -53,6 +81,7 @@ impl TelemetryConfig {
                 .version
                 .clone()
                 .or_else(|| set(env("POD_LABEL_VERSION"))),
+            token_timing: self.token_timing,
         }
     }
 }
@@ -113,5 +142,17 @@ mod tests {
         );
         assert_eq!(workload_of_pod("sglang"), "sglang");
         assert!(TelemetryConfig::default().with_env(|_| None).is_empty());
+    }
+
+    #[test]
+    fn token_timing_is_on_unless_turned_off() {
+        let parse = |yaml: &str| serde_yaml::from_str::<TelemetryConfig>(yaml);
+        assert!(parse("workload: gw").unwrap().token_timing);
+        let off = parse("token_timing: false").unwrap();
+        assert!(!off.token_timing);
+        assert!(!off.is_empty(), "written back out when off");
+        assert!(!off.with_env(|_| None).token_timing);
+        let err = parse("token_timing: sometimes").unwrap_err().to_string();
+        assert!(err.contains("token_timing"), "{err}");
     }
 }
