@@ -62,8 +62,7 @@ def main(path):
         cells = []
         for p in phases:
             rs = runs.get((t, p), {})
-            digits = 0 if PHASES[p][1] == "req" else 0
-            cells.append(summary([rate(r) for r in rs.values()], digits))
+            cells.append(summary([rate(r) for r in rs.values()], 0))
             cells.append(summary([cpu_per(r) for r in rs.values()], 1))
         print(f"| {t} | " + " | ".join(cells) + " |")
     print()
