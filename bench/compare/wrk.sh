@@ -1,0 +1,255 @@
+#!/usr/bin/env bash
+# The issue-18 harness: off-the-shelf clients (wrk for HTTP/1.1, h2load for HTTP/2) fetching
+# static files from an nginx HTTPS backend, directly or through a gateway that passes TLS
+# through by SNI (eastwest-proxy `mode: sni`, nginx `stream` + `ssl_preread`, haproxy
+# `mode tcp` + `req.ssl_sni`, haproxy with `option splice-auto`).
+#
+# Unlike run.sh (our own Rust load generator and backend, 64 KiB TLS writes), here the backend
+# is nginx with its 16 KiB TLS records and the clients are C tools with OpenSSL/nghttp2.
+# Pinning (2-core box): clients AND backend on core $LG_CPU, the gateway alone on core $GW_CPU,
+# one worker each; gateway and backend SCHED_FIFO 1, clients nice -15. Gateway CPU = utime+stime from
+# /proc/<pid>/stat over its processes, read before and after each phase.
+#
+#   bench/compare/wrk.sh                                   # 5 targets x 4 phases x 3 rounds, ~7 min
+#   ROUNDS=5 PHASES="large h2large" TARGETS="direct eastwest" bench/compare/wrk.sh
+#
+# Phases: ka      wrk, 64 kept-alive connections, 100 B file      -> req/s, gateway CPU µs/req
+#         conn    wrk, 16 connections, `Connection: close`, 100 B  -> conn/s, µs/conn (full
+#                 handshakes: the backend has tickets and session cache off)
+#         large   wrk, 4 kept-alive connections, 1 MiB file        -> MB/s, µs/MB
+#         h2large h2load, 4 connections, 1 stream each, 1 MiB file -> MB/s, µs/MB
+# MB = 10^6 bytes of file (response bodies), as run.sh's loadgen counts TLS payload.
+# Needs: wrk, h2load (nghttp2-client), nginx (+ libnginx-mod-stream), haproxy, openssl,
+# taskset, chrt, jq, python3. Builds eastwest-proxy in release mode unless SKIP_BUILD=1.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+PROXY=${PROXY:-$TARGET_DIR/release/eastwest-proxy}
+
+TARGETS=${TARGETS:-"direct eastwest nginx haproxy haproxy-splice"}
+PHASES=${PHASES:-"ka conn large h2large"}
+PHASE_SECS=${PHASE_SECS:-6}
+ROUNDS=${ROUNDS:-3}
+LG_CPU=${LG_CPU:-0}
+GW_CPU=${GW_CPU:-1}
+KA_CONNS=${KA_CONNS:-64}
+CONN_CONNS=${CONN_CONNS:-16}
+LARGE_CONNS=${LARGE_CONNS:-4}
+PORT_BASE=${PORT_BASE:-18500}
+OUT=${OUT:-}
+SNI=localhost
+SMALL=100
+LARGE=1048576
+
+BACKEND_ADDR=127.0.0.1:$((PORT_BASE + 1))
+EASTWEST_ADDR=127.0.0.1:$((PORT_BASE + 2))
+EASTWEST_ADMIN=127.0.0.1:$((PORT_BASE + 3))
+NGINX_ADDR=127.0.0.1:$((PORT_BASE + 4))
+HAPROXY_ADDR=127.0.0.1:$((PORT_BASE + 5))
+
+# The gateway and the backend run SCHED_FIFO 1 (as in run.sh); the clients at nice -15 in the
+# normal class: wrk under SCHED_FIFO spins without blocking and starves the backend on its core.
+if [ "${SCHED:-fifo}" = fifo ] && [ "$(id -u)" = 0 ]; then PRIO_CMD=(chrt -f 1); else PRIO_CMD=(nice -n 0); fi
+if [ "$(id -u)" = 0 ]; then CLIENT_PRIO=(nice -n -15); else CLIENT_PRIO=(nice -n 0); fi
+ON_GW=("${PRIO_CMD[@]}" taskset -c "$GW_CPU")
+ON_LG=("${PRIO_CMD[@]}" taskset -c "$LG_CPU")
+ON_CLIENT=(timeout $((PHASE_SECS + 30)) "${CLIENT_PRIO[@]}" taskset -c "$LG_CPU")
+log() { echo "[wrk $(date -u +%H:%M:%S)] $*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+export PATH=$PATH:/usr/sbin
+for tool in wrk h2load nginx haproxy openssl taskset jq python3; do
+    command -v "$tool" >/dev/null || die "$tool not found (apt-get install wrk nghttp2-client ...)"
+done
+[ -f /usr/lib/nginx/modules/ngx_stream_module.so ] ||
+    die "nginx stream module missing: apt-get install libnginx-mod-stream"
+
+if [ "${SKIP_BUILD:-0}" != 1 ] && [[ " $TARGETS " == *" eastwest"* ]]; then
+    log "building release eastwest-proxy (nice)"
+    (cd "$ROOT" && nice cargo build --release -q -p eastwest-proxy --bin eastwest-proxy)
+fi
+
+ulimit -n "$(ulimit -Hn)"
+NOFILE=$(ulimit -n)
+MAXCONN=$(((NOFILE - 100) / 2))
+
+WORK=$(mktemp -d /tmp/eastwest-wrk.XXXXXX)
+# nginx's workers run as nobody: they must read the files and certificates.
+chmod 755 "$WORK"
+RESULTS=$WORK/results.jsonl
+: >"$RESULTS"
+BACKEND_PID=
+GATEWAY_PID=
+cleanup() {
+    for pid in $GATEWAY_PID $BACKEND_PID; do kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    if [ "${KEEP_WORK:-0}" = 1 ]; then log "kept $WORK"; else rm -rf "$WORK"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM HUP PIPE
+
+tree_pids() { echo "$1"; pgrep -P "$1" || true; }
+CLK_TCK=$(getconf CLK_TCK)
+cpu_seconds() {
+    local total=0 pid t
+    for pid in $(tree_pids "$1"); do
+        t=$(sed 's/.*) //' "/proc/$pid/stat" 2>/dev/null | awk '{print $12 + $13}') || t=0
+        total=$((total + ${t:-0}))
+    done
+    awk -v t="$total" -v hz="$CLK_TCK" 'BEGIN { printf "%.3f", t / hz }'
+}
+wait_port() {
+    local addr=$1
+    for _ in $(seq 1 100); do
+        if (exec 3<>"/dev/tcp/${addr%:*}/${addr#*:}") 2>/dev/null; then return 0; fi
+        sleep 0.1
+    done
+    die "nothing listens on $addr after 10 s"
+}
+for a in $BACKEND_ADDR $EASTWEST_ADDR $EASTWEST_ADMIN $NGINX_ADDR $HAPROXY_ADDR; do
+    if ss -ltnH "sport = :${a#*:}" | grep -q .; then die "$a is in use (set PORT_BASE)"; fi
+done
+
+# fill DIR TEMPLATE LISTEN: DIR/TEMPLATE-without-.in with @...@ filled in, and run.sh's Istio
+# SNI replaced by this harness's (the backend certificate's name).
+fill() {
+    sed -e "s|@WORK@|$WORK|g" -e "s|@BACKEND@|$BACKEND_ADDR|g" -e "s|@NOFILE@|$NOFILE|g" \
+        -e "s|@MAXCONN@|$MAXCONN|g" -e "s|@ADMIN@|$EASTWEST_ADMIN|g" -e "s|@LISTEN@|$3|g" \
+        -e "s|outbound_\.8000_\._\.bench\.svc\.cluster\.local|$SNI|g" "$HERE/$2" >"$1/${2%.in}"
+    echo "$1/${2%.in}"
+}
+
+start_gateway() {
+    case $1 in
+    eastwest | eastwest-nosplice | eastwest-base)
+        mkdir -p "$WORK/$1"
+        cfg=$(fill "$WORK/$1" wrk-eastwest.yaml.in "$EASTWEST_ADDR")
+        local proxy=$PROXY
+        if [ "$1" = eastwest-nosplice ]; then printf 'upstream:\n  splice: off\n' >>"$cfg"; fi
+        if [ "$1" = eastwest-base ]; then proxy=${PROXY_BASE:?set PROXY_BASE to the older build}; fi
+        EASTWEST_WORKER_THREADS=1 RUST_LOG=warn "${ON_GW[@]}" "$proxy" --config "$cfg" \
+            2>"$WORK/$1.log" &
+        GATEWAY_PID=$! ADDR=$EASTWEST_ADDR
+        ;;
+    nginx)
+        mkdir -p "$WORK/nginx"
+        cfg=$(fill "$WORK/nginx" nginx.conf.in "$NGINX_ADDR")
+        sed -i "s|pid $WORK/nginx.pid|pid $WORK/nginx/nginx.pid|" "$cfg"
+        "${ON_GW[@]}" nginx -p "$WORK/nginx" -e stderr -c "$cfg" 2>"$WORK/nginx.log" &
+        GATEWAY_PID=$! ADDR=$NGINX_ADDR
+        ;;
+    haproxy | haproxy-splice)
+        cfg=$(fill "$WORK" haproxy.cfg.in "$HAPROXY_ADDR")
+        if [ "$1" = haproxy-splice ]; then
+            sed -i -e 's/^\( *\)mode tcp$/&\n\1option splice-auto/' \
+                -e "s/^\\( *\\)maxconn $MAXCONN\$/\\1maxconn $((MAXCONN - 256))/" \
+                -e 's/^\( *\)nbthread 1$/&\n\1maxpipes 256/' "$cfg"
+        fi
+        "${ON_GW[@]}" haproxy -db -f "$cfg" 2>"$WORK/haproxy.log" &
+        GATEWAY_PID=$! ADDR=$HAPROXY_ADDR
+        ;;
+    direct)
+        GATEWAY_PID= ADDR=$BACKEND_ADDR
+        return
+        ;;
+    *) die "unknown target $1" ;;
+    esac
+    wait_port "$ADDR"
+    if [ "$1" = nginx ]; then
+        for _ in $(seq 1 50); do pgrep -P "$GATEWAY_PID" >/dev/null && break; sleep 0.1; done
+    fi
+}
+
+stop_gateway() {
+    [ -n "$GATEWAY_PID" ] || return 0
+    kill -TERM "$GATEWAY_PID" 2>/dev/null || true
+    for _ in $(seq 1 100); do kill -0 "$GATEWAY_PID" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$GATEWAY_PID" 2>/dev/null || true
+    wait "$GATEWAY_PID" 2>/dev/null || true
+    GATEWAY_PID=
+}
+
+url() { echo "https://$SNI:${ADDR#*:}/$1"; }
+
+# run_client PHASE: runs the phase's client; prints "units seconds errors" (units = requests).
+run_client() {
+    local out=$WORK/client.out
+    case $1 in
+    ka) "${ON_CLIENT[@]}" wrk -t1 -c"$KA_CONNS" -d"${PHASE_SECS}s" "$(url small)" >"$out" ;;
+    conn) "${ON_CLIENT[@]}" wrk -t1 -c"$CONN_CONNS" -d"${PHASE_SECS}s" -H 'Connection: close' "$(url small)" >"$out" ;;
+    large) "${ON_CLIENT[@]}" wrk -t1 -c"$LARGE_CONNS" -d"${PHASE_SECS}s" "$(url large)" >"$out" ;;
+    h2large) "${ON_CLIENT[@]}" h2load -c"$LARGE_CONNS" -m1 -D"$PHASE_SECS" "$(url large)" >"$out" ;;
+    esac
+    case $1 in
+    h2large)
+        # "finished in 6.00s, ..." and "requests: N total, N started, N done, N succeeded, F failed, E errored"
+        awk '/^finished in/ { s = $3 + 0 } /^requests:/ { ok = $8; bad = $10 + $12 }
+             END { print ok + 0, s, bad + 0 }' "$out"
+        ;;
+    *)
+        # "  123 requests in 6.00s, 1.2GB read"; errors: "Socket errors: ..." / "Non-2xx ..."
+        awk '/requests in/ { n = $1; s = $4 + 0 }
+             /Socket errors/ { gsub(/,/, ""); e += $4 + $6 + $8 + $10 }
+             /Non-2xx/ { e += $NF }
+             END { print n + 0, s, e + 0 }' "$out"
+        ;;
+    esac
+}
+
+phase() {
+    local target=$1 name=$2 before after cpu=null n s e size=$SMALL
+    [[ $name == large || $name == h2large ]] && size=$LARGE
+    before=$([ -n "$GATEWAY_PID" ] && cpu_seconds "$GATEWAY_PID" || echo 0)
+    read -r n s e < <(run_client "$name") || die "$target $name: client failed"
+    after=$([ -n "$GATEWAY_PID" ] && cpu_seconds "$GATEWAY_PID" || echo 0)
+    [ -n "$GATEWAY_PID" ] && cpu=$(awk -v a="$after" -v b="$before" 'BEGIN { print a - b }')
+    jq -nc --arg target "$target" --arg phase "$name" --argjson round "$ROUND" \
+        --argjson requests "$n" --argjson secs "$s" --argjson errors "$e" --argjson size "$size" \
+        --argjson cpu "$cpu" --arg load "$(cut -d' ' -f1 /proc/loadavg)" \
+        '{target: $target, phase: $phase, round: $round, requests: $requests, secs: $secs,
+          errors: $errors, size: $size, gw_cpu_s: $cpu, load: ($load | tonumber)}' >>"$RESULTS"
+    log "$target $name: $n requests in ${s}s, $e errors, gateway cpu ${cpu}s"
+    [ "$n" -gt 0 ] || die "$target $name: no request completed (see $WORK/client.out)"
+    sleep 0.5
+}
+
+log "work dir $WORK; ${PHASE_SECS}s phases; gateway on CPU $GW_CPU, clients+backend on CPU $LG_CPU"
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj "/CN=$SNI" \
+    -addext "subjectAltName=DNS:$SNI" -keyout "$WORK/localhost.key" -out "$WORK/localhost.crt" 2>/dev/null
+chmod 644 "$WORK/localhost.key"
+mkdir -p "$WORK/www" "$WORK/backend"
+head -c "$SMALL" /dev/urandom >"$WORK/www/small"
+head -c "$LARGE" /dev/urandom >"$WORK/www/large"
+chmod -R a+rX "$WORK/www"
+bcfg=$(fill "$WORK/backend" wrk-backend.conf.in "")
+"${ON_LG[@]}" nginx -p "$WORK/backend" -e stderr -c "$bcfg" 2>"$WORK/backend.log" &
+BACKEND_PID=$!
+wait_port "$BACKEND_ADDR"
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+
+for ROUND in $(seq 1 "$ROUNDS"); do
+    for target in $TARGETS; do
+        log "== $target (round $ROUND of $ROUNDS)"
+        start_gateway "$target"
+        for p in $PHASES; do phase "$target" "$p"; done
+        stop_gateway
+    done
+done
+
+{
+    echo "Run $(date -u '+%Y-%m-%d %H:%M UTC'); $(nproc) cores; kernel $(uname -r);" \
+        "load average at start $LOAD_START, at end $(cut -d' ' -f1-3 /proc/loadavg)."
+    echo "$(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2), $(h2load --version 2>&1 | head -1)," \
+        "$(nginx -v 2>&1 | sed 's/.*: //') (backend and gateway), $(haproxy -v | head -1 | cut -d' ' -f1-3)," \
+        "eastwest-proxy $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')." \
+        "${ROUNDS} rounds of ${PHASE_SECS}s phases, interleaved; medians [min–max]."
+    echo
+    python3 "$HERE/wrk_report.py" "$RESULTS"
+} >"$WORK/report.md"
+cat "$WORK/report.md"
+if [ -n "$OUT" ]; then
+    cp "$WORK/report.md" "$OUT"
+    cp "$RESULTS" "${OUT%.md}.jsonl"
+fi

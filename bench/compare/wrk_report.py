@@ -1,0 +1,110 @@
+#!/usr/bin/env python3
+"""Renders bench/compare/wrk.sh results (one JSON object per target, phase and round) as Markdown:
+medians with [min–max] over rounds, throughput paired with direct round by round, and eastwest's
+gateway CPU paired with each peer's round by round."""
+
+import json
+import statistics
+import sys
+
+ORDER = ["direct", "eastwest", "eastwest-nosplice", "eastwest-base", "nginx", "haproxy", "haproxy-splice"]
+# phase: (rate label, rate unit per request, CPU label, CPU scale per request)
+PHASES = {
+    "ka": ("keep-alive req/s", "req", "µs/req"),
+    "conn": ("new TLS conn/s", "req", "µs/conn"),
+    "large": ("wrk 1 MiB MB/s", "mb", "µs/MB"),
+    "h2large": ("h2load 1 MiB MB/s", "mb", "µs/MB"),
+}
+
+
+def units(r):
+    """Requests, or MB (10^6 bytes) of response bodies."""
+    return r["requests"] * r["size"] / 1e6 if PHASES[r["phase"]][1] == "mb" else r["requests"]
+
+
+def rate(r):
+    return units(r) / r["secs"] if r["secs"] else None
+
+
+def cpu_per(r):
+    if r.get("gw_cpu_s") is None or not units(r):
+        return None
+    return r["gw_cpu_s"] * 1e6 / units(r)
+
+
+def summary(values, digits):
+    values = [v for v in values if v is not None]
+    if not values:
+        return "—"
+    med = statistics.median(values)
+    if len(values) == 1:
+        return f"{med:,.{digits}f}"
+    return f"{med:,.{digits}f} [{min(values):,.{digits}f}–{max(values):,.{digits}f}]"
+
+
+def main(path):
+    runs = {}  # (target, phase) -> {round: record}
+    loads = []
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                r = json.loads(line)
+                runs.setdefault((r["target"], r["phase"]), {})[r["round"]] = r
+                loads.append(r.get("load"))
+    targets = [t for t in ORDER if any(k[0] == t for k in runs)]
+    targets += sorted({k[0] for k in runs} - set(targets))
+    phases = [p for p in PHASES if any(k[1] == p for k in runs)]
+    loads = [l for l in loads if l is not None]
+
+    print("| | " + " | ".join(f"{PHASES[p][0]} | gateway CPU {PHASES[p][2]}" for p in phases) + " |")
+    print("|---|" + "---:|---:|" * len(phases))
+    for t in targets:
+        cells = []
+        for p in phases:
+            rs = runs.get((t, p), {})
+            cells.append(summary([rate(r) for r in rs.values()], 0))
+            cells.append(summary([cpu_per(r) for r in rs.values()], 1))
+        print(f"| {t} | " + " | ".join(cells) + " |")
+    print()
+
+    if any(k[0] == "direct" for k in runs):
+        print("Throughput ÷ direct, paired by round (median [min–max]):")
+        print()
+        print("| | " + " | ".join(PHASES[p][0].replace(" MB/s", "").replace(" req/s", "").replace(" conn/s", "") for p in phases) + " |")
+        print("|---|" + "---:|" * len(phases))
+        for t in targets:
+            if t == "direct":
+                continue
+            cells = []
+            for p in phases:
+                rs, ds = runs.get((t, p), {}), runs.get(("direct", p), {})
+                cells.append(summary([rate(rs[k]) / rate(ds[k]) for k in rs if k in ds and rate(ds[k])], 2))
+            print(f"| {t} | " + " | ".join(cells) + " |")
+        print()
+
+    if any(k[0] == "eastwest" for k in runs):
+        print("eastwest gateway CPU ÷ peer's, paired by round (median [min–max]; below 1: eastwest cheaper):")
+        print()
+        print("| | " + " | ".join(PHASES[p][2] + " (" + p + ")" for p in phases) + " |")
+        print("|---|" + "---:|" * len(phases))
+        for t in targets:
+            if t in ("direct", "eastwest"):
+                continue
+            cells = []
+            for p in phases:
+                es, ps = runs.get(("eastwest", p), {}), runs.get((t, p), {})
+                ratios = [
+                    cpu_per(es[k]) / cpu_per(ps[k])
+                    for k in es
+                    if k in ps and cpu_per(es[k]) is not None and cpu_per(ps[k])
+                ]
+                cells.append(summary(ratios, 2))
+            print(f"| vs {t} | " + " | ".join(cells) + " |")
+        print()
+    errors = sum(r["errors"] for rs in runs.values() for r in rs.values())
+    if loads:
+        print(f"Load average (1 min) during phases: {min(loads):.2f}–{max(loads):.2f}. Client errors: {errors}.")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
