@@ -131,9 +131,17 @@ class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 # to its no-kernels path (importlib.util.find_spec gives None for a None entry).
 HIDDEN = {"kernels"}
 
-for name in HIDDEN:
-    sys.modules[name] = None
-sys.meta_path.insert(0, _StubFinder())
-warnings.simplefilter("ignore", FutureWarning)
-sys.argv = ["sglang.bench_serving"] + sys.argv[1:]
-runpy.run_module("sglang.bench_serving", run_name="__main__", alter_sys=True)
+
+
+def install_stubs():
+    """Makes `import sglang.benchmark.serving` work without torch (see the module doc)."""
+    for name in HIDDEN:
+        sys.modules[name] = None
+    sys.meta_path.insert(0, _StubFinder())
+    warnings.simplefilter("ignore", FutureWarning)
+
+
+if __name__ == "__main__":
+    install_stubs()
+    sys.argv = ["sglang.bench_serving"] + sys.argv[1:]
+    runpy.run_module("sglang.bench_serving", run_name="__main__", alter_sys=True)

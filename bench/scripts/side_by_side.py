@@ -2,7 +2,7 @@
 seed and flags, one rate after another; prints a Markdown table of every figure both write.
 
     python bench/scripts/side_by_side.py --bench target/debug/eastwest-bench \\
-        [--rates 10 50 inf] [--num-prompts 200] [--out DIR]
+        [--rates 10 50 inf] [--num-prompts 200] [--ttft 20ms] [--out DIR]
 
 Run it with a python that can run bench/scripts/sglang_bench_serving.py (see its header).
 The dataset is random-ids with the tokenizer in bench/tests/fixtures/tokenizer, so both tools
@@ -34,13 +34,14 @@ def main():
     ap.add_argument("--rates", nargs="+", default=["10", "50", "inf"])
     ap.add_argument("--num-prompts", default="200")
     ap.add_argument("--backend", default="sglang-oai")
+    ap.add_argument("--ttft", default="20ms", help="serve's time to first token")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     out = args.out or tempfile.mkdtemp(prefix="side-by-side-")
     os.makedirs(out, exist_ok=True)
     serve = subprocess.Popen(
         [args.bench, "serve", "--listen", "127.0.0.1:0", "--model", "demo-model",
-         "--ttft", "20ms", "--itl", "7ms", "--seed", "0"],
+         "--ttft", args.ttft, "--itl", "7ms", "--seed", "0"],
         stdout=subprocess.PIPE, text=True)
     try:
         line = serve.stdout.readline()
