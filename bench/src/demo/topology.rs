@@ -58,6 +58,7 @@ pub fn gateway_telemetry() -> TelemetryConfig {
         cluster: Some("ash".into()),
         app: Some("istio-eastwestgateway".into()),
         version: None,
+        ..TelemetryConfig::default()
     }
 }
 
