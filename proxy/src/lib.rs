@@ -15,6 +15,7 @@ mod connection;
 pub mod control_client;
 mod copy;
 pub mod fd_limit;
+mod hard_stop;
 pub mod hbone;
 pub mod identity;
 pub mod istio_metrics;
@@ -62,7 +63,7 @@ pub(crate) struct Shared {
     /// Cancelled when accepting stops (`drain_accept_period` after the drain began).
     stop_accepting: CancellationToken,
     /// Cancelled when the drain period is over: remaining connections close.
-    hard_stop: CancellationToken,
+    hard_stop: hard_stop::HardStop,
     connections: TaskTracker,
     listeners: Mutex<HashMap<String, RunningListener>>,
     /// Serialises appliers so no update is lost between load and store.
@@ -176,7 +177,7 @@ impl Proxy {
             ready: AtomicBool::new(false),
             draining: CancellationToken::new(),
             stop_accepting: CancellationToken::new(),
-            hard_stop: CancellationToken::new(),
+            hard_stop: hard_stop::HardStop::new(),
             connections: TaskTracker::new(),
             listeners: Mutex::new(HashMap::new()),
             apply: Mutex::new(()),
@@ -332,9 +333,10 @@ impl Proxy {
         if self.shared.identity.get().is_some() {
             return Ok(());
         }
-        let handle = identity::start_with_status(identity_config, self.shared.hard_stop.clone())
-            .await
-            .map_err(ApplyError::Identity)?;
+        let handle =
+            identity::start_with_status(identity_config, self.shared.hard_stop.child_token())
+                .await
+                .map_err(ApplyError::Identity)?;
         // Two appliers racing here both loaded the same identity; either result serves.
         let _ = self.shared.identity.set(handle);
         Ok(())

@@ -73,6 +73,12 @@ impl ListenerStats {
         self.closed(Outcome::Overloaded, "").increment(1);
     }
 
+    /// An admitted connection has ended: it no longer counts against `max_connections`.
+    fn connection_ended(&self) {
+        self.active.fetch_sub(1, Ordering::Relaxed);
+        self.active_gauge.decrement(1.0);
+    }
+
     /// The `eastwest_connections_closed_total` series for a finished connection.
     pub fn closed(&self, outcome: Outcome, route: &str) -> Counter {
         if route.is_empty() {
@@ -315,16 +321,20 @@ fn admit(shared: &Arc<Shared>, stats: &Arc<ListenerStats>, stream: TcpStream, pe
     stats.active_gauge.increment(1.0);
     let stats = stats.clone();
     let shared2 = shared.clone();
-    let hbone = routing.config.listeners[listener].mode == eastwest_routes::ListenerMode::Hbone;
-    shared.connections.spawn(async move {
-        if hbone {
+    // One task type per mode: a task is as large as its future, and an hbone connection's
+    // (TLS, HTTP/2) is about three times a passthrough one's, which would otherwise be what
+    // every passthrough connection allocates, moves at spawn and holds while idle.
+    if routing.config.listeners[listener].mode == eastwest_routes::ListenerMode::Hbone {
+        shared.connections.spawn(async move {
             hbone::server::serve(shared2, stats.clone(), routing, listener, stream, peer).await;
-        } else {
+            stats.connection_ended();
+        });
+    } else {
+        shared.connections.spawn(async move {
             connection::serve(shared2, stats.clone(), routing, listener, stream, peer).await;
-        }
-        stats.active.fetch_sub(1, Ordering::Relaxed);
-        stats.active_gauge.decrement(1.0);
-    });
+            stats.connection_ended();
+        });
+    }
 }
 
 #[cfg(test)]
