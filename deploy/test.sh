@@ -298,30 +298,8 @@ else
   pass "eastwest-proxy --check refuses a bad config: $(head -1 "$WORK/proxy-bad.log")"
 fi
 
-free_port() {
-  "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-# GET a URL on loopback; prints the body, fails on anything but 200.
-http_get() {
-  "$PY" - "$1" 2>/dev/null <<'EOF'
-import sys, urllib.request
-with urllib.request.urlopen(sys.argv[1], timeout=2) as r:
-    sys.stdout.write(r.read().decode())
-EOF
-}
-
-# Polls `$@` every 0.2 s until it succeeds, $1 seconds pass or process $2 exits.
-wait_for() {
-  local deadline=$((SECONDS + $1)) pid=$2
-  shift 2
-  until "$@" >/dev/null 2>&1; do
-    if [ "$SECONDS" -ge "$deadline" ] || ! kill -0 "$pid" 2>/dev/null; then
-      return 1
-    fi
-    sleep 0.2
-  done
-}
+# free_port, http_get, wait_for
+source "$DEPLOY/tools/loopback.sh"
 
 # Prometheus query API: succeeds when query $1 returns at least one series (all of value 1
 # if $2 is "one"); prints how many and their names.

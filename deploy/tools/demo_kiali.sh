@@ -41,29 +41,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() {
-  "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-http_get() {
-  "$PY" - "$1" 2>/dev/null <<'EOF'
-import sys, urllib.request
-with urllib.request.urlopen(sys.argv[1], timeout=2) as r:
-    sys.stdout.write(r.read().decode())
-EOF
-}
-
-# Polls `$@` every 0.2 s until it succeeds, $1 seconds pass or process $2 exits.
-wait_for() {
-  local deadline=$((SECONDS + $1)) pid=$2
-  shift 2
-  until "$@" >/dev/null 2>&1; do
-    if [ "$SECONDS" -ge "$deadline" ] || ! kill -0 "$pid" 2>/dev/null; then
-      return 1
-    fi
-    sleep 0.2
-  done
-}
+# free_port, http_get, wait_for
+source "$TOOLS/loopback.sh"
 
 # Instant query $1 (at Unix time $2, if given): one `{labels} value` line per series; fails on
 # an empty result.
