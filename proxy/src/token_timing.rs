@@ -1,17 +1,17 @@
 //! Token timing without decrypting: the TLS record headers of a relayed connection, followed
 //! as the bytes pass, tell when a request went up and when each response record came back.
 //!
-//! Each direction runs a [`RecordFollower`]: a 5-byte-header state machine that skips record
-//! payloads and tolerates headers split across reads. It only looks at bytes already relayed,
-//! keeps no copy of them, allocates nothing and never waits. Both directions share one
-//! [`ConnectionTiming`] (atomics, no lock): a client→server message record marks a request
-//! pending; the next server→client message record starts its response. That first record is
-//! taken for the HTTP response headers, which servers send before the first token: TTFT is
-//! measured at the response's second record, and the gaps between the following records are
-//! the inter-token latencies. A response of one record only is timed at that record, once
-//! the next request or the connection's end shows no second one came. A direction that switches to splice
-//! (bulk) is no longer followed: bulk is not token streaming. See docs/telemetry.md, "token
-//! timing", for the heuristics and where they are wrong.
+//! Each direction runs a [`RecordFollower`] (`record_layer.rs`): a 5-byte-header state machine
+//! that skips record payloads and tolerates headers split across reads. It only looks at bytes
+//! already relayed, keeps no copy of them, allocates nothing and never waits. Both directions
+//! share one [`ConnectionTiming`] (atomics, no lock): a client→server message record marks a
+//! request pending; the next server→client message record starts its response. That first
+//! record is taken for the HTTP response headers, which servers send before the first token:
+//! TTFT is measured at the response's second record, and the gaps between the following
+//! records are the inter-token latencies. A response of one record only is timed at that
+//! record, once the next request or the connection's end shows no second one came. A direction
+//! that switches to splice (bulk) is no longer followed: bulk is not token streaming. See
+//! docs/token-timing.md for the heuristics and where they are wrong.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -20,116 +20,16 @@ use tokio::time::Instant;
 
 use crate::metrics::token::StreamMetrics;
 
-const CHANGE_CIPHER_SPEC: u8 = 20;
-const ALERT: u8 = 21;
-const HANDSHAKE: u8 = 22;
-const APPLICATION_DATA: u8 = 23;
-const HEARTBEAT: u8 = 24;
+mod record_layer;
+
+use record_layer::{Phase, ALERT, APPLICATION_DATA, CHANGE_CIPHER_SPEC, HANDSHAKE, HEARTBEAT};
+pub use record_layer::{RecordFollower, Way};
 
 /// Application-data records with a payload this small are taken for protocol control, not a
 /// message: HTTP/2 WINDOW_UPDATE, PING, SETTINGS (ack), RST_STREAM frames are 9–17 bytes,
 /// 26–41 bytes once sealed (TLS 1.3: +1 content type +16 tag; TLS 1.2 GCM: +24). A request's
 /// headers or a streamed token event are larger.
 pub const CONTROL_RECORD_MAX: u16 = 47;
-
-/// Where a direction is in the TLS handshake, as its record headers show it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    /// Plaintext handshake records; `ccs` once a ChangeCipherSpec passed.
-    Handshake { ccs: bool },
-    /// Server→client, TLS 1.3: encrypted handshake flight (and 0.5-RTT data) until the client's
-    /// encrypted flight, then one read of session tickets to skip.
-    ServerFlight,
-    /// Application data: records are messages (or control).
-    Data,
-    /// Not a TLS record stream we understand (or bulk): no longer followed.
-    Lost,
-}
-
-/// Which way a follower's bytes go.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Way {
-    /// Client → server: message records are requests.
-    Up,
-    /// Server → client: message records are responses.
-    Down,
-}
-
-/// One direction's record-header state machine.
-#[derive(Debug)]
-pub struct RecordFollower {
-    way: Way,
-    phase: Phase,
-    /// Header bytes collected so far (0..5); 5 means reading the payload.
-    have: u8,
-    header: [u8; 5],
-    /// Payload bytes of the current record still to pass.
-    skip: usize,
-}
-
-impl RecordFollower {
-    pub fn new(way: Way) -> Self {
-        RecordFollower {
-            way,
-            phase: Phase::Handshake { ccs: false },
-            have: 0,
-            header: [0; 5],
-            skip: 0,
-        }
-    }
-
-    /// Stops following (the direction splices from now on).
-    pub fn stop(&mut self) {
-        self.phase = Phase::Lost;
-    }
-
-    pub fn following(&self) -> bool {
-        self.phase != Phase::Lost
-    }
-
-    /// Follows `chunk`, the next bytes relayed this way; calls `on_record(content_type,
-    /// length)` for each record header completed in it. Any bytes whatsoever are accepted:
-    /// a header that is not TLS stops the following, never the relay.
-    pub fn feed(&mut self, mut chunk: &[u8], mut on_record: impl FnMut(u8, u16)) {
-        while !chunk.is_empty() && self.phase != Phase::Lost {
-            if self.skip > 0 {
-                let n = self.skip.min(chunk.len());
-                self.skip -= n;
-                chunk = &chunk[n..];
-                continue;
-            }
-            let header = match (self.have, chunk) {
-                // The usual case: a whole header in the chunk, read in place.
-                (0, [kind, major, minor, hi, lo, rest @ ..]) => {
-                    chunk = rest;
-                    [*kind, *major, *minor, *hi, *lo]
-                }
-                _ => {
-                    let want = 5 - self.have as usize;
-                    let n = want.min(chunk.len());
-                    self.header[self.have as usize..self.have as usize + n]
-                        .copy_from_slice(&chunk[..n]);
-                    self.have += n as u8;
-                    chunk = &chunk[n..];
-                    if self.have < 5 {
-                        return;
-                    }
-                    self.have = 0;
-                    self.header
-                }
-            };
-            let [kind, major, _, hi, lo] = header;
-            let len = u16::from_be_bytes([hi, lo]);
-            // TLS 1.0–1.3 all write major version 3 in the record layer.
-            if !(CHANGE_CIPHER_SPEC..=HEARTBEAT).contains(&kind) || major != 3 {
-                self.phase = Phase::Lost;
-                return;
-            }
-            self.skip = len as usize;
-            on_record(kind, len);
-        }
-    }
-}
 
 /// What one record means for the connection's timing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -363,34 +263,6 @@ mod tests {
         r.extend_from_slice(&(payload as u16).to_be_bytes());
         r.extend(std::iter::repeat_n(0xAB, payload));
         r
-    }
-
-    fn headers_seen(bytes: &[u8], splits: &[usize]) -> Vec<(u8, u16)> {
-        let mut f = RecordFollower::new(Way::Down);
-        let mut seen = Vec::new();
-        let mut from = 0;
-        for &at in splits.iter().chain(std::iter::once(&bytes.len())) {
-            f.feed(&bytes[from..at], |k, l| seen.push((k, l)));
-            from = at;
-        }
-        seen
-    }
-
-    #[test]
-    fn headers_split_at_every_offset_are_seen_once_each() {
-        let mut stream = Vec::new();
-        let records = [(22, 90), (20, 1), (23, 300), (23, 0), (23, 64), (21, 2)];
-        for (k, l) in records {
-            stream.extend(record(k, l));
-        }
-        let want: Vec<(u8, u16)> = records.iter().map(|&(k, l)| (k, l as u16)).collect();
-        assert_eq!(headers_seen(&stream, &[]), want);
-        for a in 0..=stream.len() {
-            assert_eq!(headers_seen(&stream, &[a]), want, "split at {a}");
-        }
-        // Byte by byte.
-        let every: Vec<usize> = (1..stream.len()).collect();
-        assert_eq!(headers_seen(&stream, &every), want);
     }
 
     /// Events this thread's relays observed (the observer is per process; tests run in
