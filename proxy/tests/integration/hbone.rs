@@ -231,14 +231,7 @@ async fn ip_authorities_and_requests_other_than_connect_get_400() {
     let a = ambient();
     // Something that would answer if the gateway were an open relay.
     let open_relay_target = tcp_echo().await;
-    let cfg = hbone_config(
-        &a,
-        LISTENER,
-        vec![service(
-            REVIEWS,
-            vec![(9080, vec![ambient_endpoint(tcp_echo().await)])],
-        )],
-    );
+    let cfg = reviews_echo_config(&a, LISTENER).await;
     let (proxy, gw) = start(cfg).await;
     let outer = outer(gw, &a.source).await;
     for authority in [
@@ -281,14 +274,7 @@ async fn ip_authorities_and_requests_other_than_connect_get_400() {
 async fn client_certificates_of_another_ca_or_trust_domain_are_refused() {
     const LISTENER: &str = "hbone-certs";
     let a = ambient();
-    let cfg = hbone_config(
-        &a,
-        LISTENER,
-        vec![service(
-            REVIEWS,
-            vec![(9080, vec![ambient_endpoint(tcp_echo().await)])],
-        )],
-    );
+    let cfg = reviews_echo_config(&a, LISTENER).await;
     let (proxy, gw) = start(cfg).await;
 
     let foreign_mesh = Mesh::generate(TD, &["west"]).unwrap();

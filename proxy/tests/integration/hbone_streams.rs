@@ -19,14 +19,7 @@ use crate::support::ambient::*;
 async fn two_hundred_concurrent_streams_share_one_connection() {
     const LISTENER: &str = "hbone-200-streams";
     let a = ambient();
-    let cfg = hbone_config(
-        &a,
-        LISTENER,
-        vec![service(
-            REVIEWS,
-            vec![(9080, vec![ambient_endpoint(tcp_echo().await)])],
-        )],
-    );
+    let cfg = reviews_echo_config(&a, LISTENER).await;
     let (proxy, gw) = start(cfg).await;
     let outer = outer(gw, &a.source).await;
     let authority = format!("{REVIEWS}:9080");
@@ -245,14 +238,7 @@ async fn half_close_passes_both_ways() {
 async fn drain_sends_goaway_and_open_streams_keep_flowing() {
     const LISTENER: &str = "hbone-drain";
     let a = ambient();
-    let mut cfg = hbone_config(
-        &a,
-        LISTENER,
-        vec![service(
-            REVIEWS,
-            vec![(9080, vec![ambient_endpoint(tcp_echo().await)])],
-        )],
-    );
+    let mut cfg = reviews_echo_config(&a, LISTENER).await;
     cfg.drain_accept_period = Duration::ZERO;
     cfg.drain_period = Duration::from_secs(60);
     let (proxy, gw) = start(cfg).await;
@@ -297,14 +283,7 @@ async fn drain_sends_goaway_and_open_streams_keep_flowing() {
 async fn route_updates_never_cut_established_streams() {
     const LISTENER: &str = "hbone-route-update";
     let a = ambient();
-    let cfg = hbone_config(
-        &a,
-        LISTENER,
-        vec![service(
-            REVIEWS,
-            vec![(9080, vec![ambient_endpoint(tcp_echo().await)])],
-        )],
-    );
+    let cfg = reviews_echo_config(&a, LISTENER).await;
     let (proxy, gw) = start(cfg).await;
     let outer = outer(gw, &a.source).await;
     let authority = format!("{REVIEWS}:9080");
@@ -343,14 +322,7 @@ async fn rotating_the_gateway_certificate_files_under_load_drops_no_stream() {
     /// Round trips each stream makes after the new certificate is seen.
     const AFTER: usize = 3;
     let a = ambient();
-    let cfg = hbone_config(
-        &a,
-        LISTENER,
-        vec![service(
-            REVIEWS,
-            vec![(9080, vec![ambient_endpoint(tcp_echo().await)])],
-        )],
-    );
+    let cfg = reviews_echo_config(&a, LISTENER).await;
     let (proxy, gw) = start(cfg).await;
     let authority = format!("{REVIEWS}:9080");
     let old_leaf = served_gateway_leaf(gw, &a.source).await;
@@ -449,14 +421,7 @@ async fn rotating_the_gateway_certificate_files_under_load_drops_no_stream() {
 async fn connections_count_outer_connections_and_streams_count_streams() {
     const LISTENER: &str = "hbone-counting";
     let a = ambient();
-    let cfg = hbone_config(
-        &a,
-        LISTENER,
-        vec![service(
-            REVIEWS,
-            vec![(9080, vec![ambient_endpoint(tcp_echo().await)])],
-        )],
-    );
+    let cfg = reviews_echo_config(&a, LISTENER).await;
     let (proxy, gw) = start(cfg).await;
     let authority = format!("{REVIEWS}:9080");
     for _ in 0..2 {

@@ -119,6 +119,17 @@ pub fn hbone_config(ambient: &Ambient, listener: &str, services: Vec<Service>) -
     cfg
 }
 
+/// The stand most HBONE tests use: `listener` routes `REVIEWS:9080` to one ambient endpoint, a
+/// TCP echo.
+pub async fn reviews_echo_config(ambient: &Ambient, listener: &str) -> ProxyConfig {
+    let echo = ambient_endpoint(tcp_echo().await);
+    hbone_config(
+        ambient,
+        listener,
+        vec![service(REVIEWS, vec![(9080, vec![echo])])],
+    )
+}
+
 /// A destination ztunnel stand-in: mTLS (its own identity, ALPN h2), HTTP/2, and per CONNECT
 /// a 200, a greeting `<name> <authority> <client SPIFFE ID>\n`, then an echo.
 pub async fn destination_ztunnel(name: &'static str, id: &Identity) -> SocketAddr {
