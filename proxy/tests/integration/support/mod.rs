@@ -114,7 +114,7 @@ pub fn tls_echo_backend_on(
             };
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
-                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
                 };
                 let peer = tls
@@ -124,19 +124,7 @@ pub fn tls_echo_backend_on(
                     .and_then(|c| eastwest_certs::spiffe_id_of(&c[0]).ok().flatten())
                     .map(|id| id.to_string())
                     .unwrap_or_default();
-                let _ = tls.write_all(format!("{name} {peer}\n").as_bytes()).await;
-                let mut buf = [0u8; 4096];
-                loop {
-                    match tls.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            if tls.write_all(&buf[..n]).await.is_err() {
-                                break;
-                            }
-                        }
-                    }
-                }
-                let _ = tls.shutdown().await;
+                ambient::echo(tls, format!("{name} {peer}\n")).await;
             });
         }
     });
