@@ -34,14 +34,11 @@ PIDS=()
 PASSED=0
 FAILED=0
 
+# free_port, http_get, wait_for, stop_pids
+source "$DEPLOY/tools/loopback.sh"
+
 cleanup() {
-  local pid
-  for pid in "${PIDS[@]}"; do
-    kill "$pid" 2>/dev/null || true
-  done
-  for pid in "${PIDS[@]}"; do
-    wait "$pid" 2>/dev/null || true
-  done
+  stop_pids
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -298,8 +295,6 @@ else
   pass "eastwest-proxy --check refuses a bad config: $(head -1 "$WORK/proxy-bad.log")"
 fi
 
-# free_port, http_get, wait_for
-source "$DEPLOY/tools/loopback.sh"
 
 # Prometheus query API: succeeds when query $1 returns at least one series (all of value 1
 # if $2 is "one"); prints how many and their names.

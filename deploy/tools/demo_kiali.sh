@@ -30,19 +30,9 @@ PIDS=()
 pass() { printf 'ok   %s\n' "$*"; }
 fail() { FAILED=$((FAILED + 1)); printf 'FAIL %s\n' "$*"; }
 
-cleanup() {
-  local pid
-  for pid in "${PIDS[@]}"; do
-    kill "$pid" 2>/dev/null || true
-  done
-  for pid in "${PIDS[@]}"; do
-    wait "$pid" 2>/dev/null || true
-  done
-}
-trap cleanup EXIT
-
-# free_port, http_get, wait_for
+# free_port, http_get, wait_for, stop_pids
 source "$TOOLS/loopback.sh"
+trap stop_pids EXIT
 
 # Instant query $1 (at Unix time $2, if given): one `{labels} value` line per series; fails on
 # an empty result.

@@ -1,5 +1,5 @@
 # Helpers for the loopback checks, sourced by deploy/test.sh and deploy/tools/demo_kiali.sh.
-# Needs $PY (a python3).
+# Needs $PY (a python3); stop_pids reads the array PIDS.
 
 free_port() {
   "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
@@ -23,5 +23,16 @@ wait_for() {
       return 1
     fi
     sleep 0.2
+  done
+}
+
+# Stops every process in PIDS and waits for them (an EXIT trap's job).
+stop_pids() {
+  local pid
+  for pid in "${PIDS[@]}"; do
+    kill "$pid" 2>/dev/null || true
+  done
+  for pid in "${PIDS[@]}"; do
+    wait "$pid" 2>/dev/null || true
   done
 }
