@@ -10,6 +10,8 @@
 #   bench/compare/run.sh                       # everything, ~5 minutes
 #   PHASE_SECS=3 TARGETS="eastwest nginx" bench/compare/run.sh
 #   PHASES="connect" TARGETS="eastwest nginx" ROUNDS=5 bench/compare/run.sh   # one figure only
+# Target `floor` (not in the default set) is proxy/examples/splice_floor.rs: no gateway, the least
+# a user-space relay can do (one thread, level-triggered epoll, splice, nothing else).
 #
 # Needs: nginx with the stream module (Debian: libnginx-mod-stream), haproxy, taskset, jq,
 # python3. Builds eastwest-proxy and the loadgen example in release mode unless SKIP_BUILD=1.
@@ -58,6 +60,8 @@ EASTWEST_ADDR=127.0.0.1:$((PORT_BASE + 2))
 EASTWEST_ADMIN=127.0.0.1:$((PORT_BASE + 3))
 NGINX_ADDR=127.0.0.1:$((PORT_BASE + 4))
 HAPROXY_ADDR=127.0.0.1:$((PORT_BASE + 5))
+FLOOR_ADDR=127.0.0.1:$((PORT_BASE + 6))
+FLOOR=${FLOOR:-$TARGET_DIR/release/examples/splice_floor}
 
 [ "$(id -u)" = 0 ] || PRIO=0
 # Command prefixes (not functions, so `&` and $! give the measured process itself).
@@ -76,8 +80,9 @@ export PATH=$PATH:/usr/sbin
     die "nginx stream module missing: apt-get install libnginx-mod-stream"
 
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
-    log "building release eastwest-proxy and loadgen (nice)"
-    (cd "$ROOT" && nice cargo build --release -q -p eastwest-proxy --bin eastwest-proxy --example loadgen)
+    log "building release eastwest-proxy, loadgen and splice_floor (nice)"
+    (cd "$ROOT" && nice cargo build --release -q -p eastwest-proxy --bin eastwest-proxy --example loadgen \
+        --example splice_floor)
 fi
 [ -x "$PROXY" ] && [ -x "$LOADGEN" ] || die "missing $PROXY or $LOADGEN"
 
@@ -140,7 +145,7 @@ wait_port() {
 port_free() {
     if ss -ltnH "sport = :${1#*:}" | grep -q .; then die "$1 is in use (set PORT_BASE)"; fi
 }
-for a in $BACKEND_ADDR $EASTWEST_ADDR $EASTWEST_ADMIN $NGINX_ADDR $HAPROXY_ADDR; do port_free "$a"; done
+for a in $BACKEND_ADDR $EASTWEST_ADDR $EASTWEST_ADMIN $NGINX_ADDR $HAPROXY_ADDR $FLOOR_ADDR; do port_free "$a"; done
 
 # fill DIR TEMPLATE LISTEN: writes DIR/TEMPLATE-without-.in with the @...@ filled in.
 fill() {
@@ -189,6 +194,11 @@ start_gateway() {
         fi
         "${ON_GW[@]}" haproxy -db -f "$cfg" 2>"$WORK/haproxy.log" &
         GATEWAY_PID=$! ADDR=$HAPROXY_ADDR
+        ;;
+    floor)
+        # Not a gateway: the least a user-space relay can do (proxy/examples/splice_floor.rs).
+        "${ON_GW[@]}" "$FLOOR" "$FLOOR_ADDR" "$BACKEND_ADDR" 2>"$WORK/floor.log" &
+        GATEWAY_PID=$! ADDR=$FLOOR_ADDR
         ;;
     direct)
         GATEWAY_PID= ADDR=$BACKEND_ADDR

@@ -13,6 +13,12 @@
 #   bench/compare/wrk.sh                                   # 5 targets x 4 phases x 3 rounds, ~7 min
 #   ROUNDS=5 PHASES="large h2large" TARGETS="direct eastwest" bench/compare/wrk.sh
 #
+# Target `floor` (not in the default set) is proxy/examples/splice_floor.rs: no gateway, the
+# least a user-space relay can do (one thread, level-triggered epoll, splice, nothing else).
+# PERF_STAT=1 also runs `perf stat` on the gateway during each phase (task-clock and context
+# switches; PERF_STAT=syscalls adds syscalls and epoll_wait calls, whose tracepoints cost the
+# gateway a little per syscall), added to the results and reported per unit.
+#
 # Phases: ka      wrk, 64 kept-alive connections, 100 B file      -> req/s, gateway CPU µs/req
 #         conn    wrk, 16 connections, `Connection: close`, 100 B  -> conn/s, µs/conn (full
 #                 handshakes: the backend has tickets and session cache off)
@@ -39,6 +45,7 @@ CONN_CONNS=${CONN_CONNS:-16}
 LARGE_CONNS=${LARGE_CONNS:-4}
 PORT_BASE=${PORT_BASE:-18500}
 OUT=${OUT:-}
+PERF_STAT=${PERF_STAT:-0}
 SNI=localhost
 SMALL=100
 LARGE=1048576
@@ -48,6 +55,8 @@ EASTWEST_ADDR=127.0.0.1:$((PORT_BASE + 2))
 EASTWEST_ADMIN=127.0.0.1:$((PORT_BASE + 3))
 NGINX_ADDR=127.0.0.1:$((PORT_BASE + 4))
 HAPROXY_ADDR=127.0.0.1:$((PORT_BASE + 5))
+FLOOR_ADDR=127.0.0.1:$((PORT_BASE + 6))
+FLOOR=${FLOOR:-$TARGET_DIR/release/examples/splice_floor}
 
 # The gateway and the backend run SCHED_FIFO 1 (as in run.sh); the clients at nice -15 in the
 # normal class: wrk under SCHED_FIFO spins without blocking and starves the backend on its core.
@@ -66,9 +75,9 @@ done
 [ -f /usr/lib/nginx/modules/ngx_stream_module.so ] ||
     die "nginx stream module missing: apt-get install libnginx-mod-stream"
 
-if [ "${SKIP_BUILD:-0}" != 1 ] && [[ " $TARGETS " == *" eastwest"* ]]; then
+if [ "${SKIP_BUILD:-0}" != 1 ] && [[ " $TARGETS " == *" eastwest"* || " $TARGETS " == *" floor "* ]]; then
     log "building release eastwest-proxy (nice)"
-    (cd "$ROOT" && nice cargo build --release -q -p eastwest-proxy --bin eastwest-proxy)
+    (cd "$ROOT" && nice cargo build --release -q -p eastwest-proxy --bin eastwest-proxy --example splice_floor)
 fi
 
 ulimit -n "$(ulimit -Hn)"
@@ -108,7 +117,7 @@ wait_port() {
     done
     die "nothing listens on $addr after 10 s"
 }
-for a in $BACKEND_ADDR $EASTWEST_ADDR $EASTWEST_ADMIN $NGINX_ADDR $HAPROXY_ADDR; do
+for a in $BACKEND_ADDR $EASTWEST_ADDR $EASTWEST_ADMIN $NGINX_ADDR $HAPROXY_ADDR $FLOOR_ADDR; do
     if ss -ltnH "sport = :${a#*:}" | grep -q .; then die "$a is in use (set PORT_BASE)"; fi
 done
 
@@ -149,6 +158,11 @@ start_gateway() {
         fi
         "${ON_GW[@]}" haproxy -db -f "$cfg" 2>"$WORK/haproxy.log" &
         GATEWAY_PID=$! ADDR=$HAPROXY_ADDR
+        ;;
+    floor)
+        # Not a gateway: the least a user-space relay can do (proxy/examples/splice_floor.rs).
+        "${ON_GW[@]}" "$FLOOR" "$FLOOR_ADDR" "$BACKEND_ADDR" 2>"$WORK/floor.log" &
+        GATEWAY_PID=$! ADDR=$FLOOR_ADDR
         ;;
     direct)
         GATEWAY_PID= ADDR=$BACKEND_ADDR
@@ -201,15 +215,31 @@ run_client() {
 phase() {
     local target=$1 name=$2 before after cpu=null n s e size=$SMALL
     [[ $name == large || $name == h2large ]] && size=$LARGE
+    local perf_pid= perf_out=$WORK/perf.csv perf='{}'
     before=$([ -n "$GATEWAY_PID" ] && cpu_seconds "$GATEWAY_PID" || echo 0)
+    if [ "$PERF_STAT" != 0 ] && [ -n "$GATEWAY_PID" ]; then
+        local events=task-clock,context-switches
+        [ "$PERF_STAT" = syscalls ] && events=$events,raw_syscalls:sys_enter,syscalls:sys_enter_epoll_wait
+        perf stat -x, -o "$perf_out" -p "$(tree_pids "$GATEWAY_PID" | paste -sd,)" -e "$events" \
+            2>/dev/null &
+        perf_pid=$!
+    fi
     read -r n s e < <(run_client "$name") || die "$target $name: client failed"
+    if [ -n "$perf_pid" ]; then
+        kill -INT "$perf_pid" 2>/dev/null || true
+        wait "$perf_pid" 2>/dev/null || true
+        # CSV lines "value,unit,event,...": task-clock in ms, the others counts.
+        perf=$(awk -F, '$3 == "task-clock" { t = $1 } $3 == "context-switches" { c = $1 }
+            $3 == "raw_syscalls:sys_enter" { y = $1 } $3 == "syscalls:sys_enter_epoll_wait" { w = $1 }
+            END { printf "{\"task_clock_s\": %f, \"cs\": %d", t / 1000, c; if (y != "") printf ", \"syscalls\": %d, \"epoll_waits\": %d", y, w; print "}" }' "$perf_out")
+    fi
     after=$([ -n "$GATEWAY_PID" ] && cpu_seconds "$GATEWAY_PID" || echo 0)
     [ -n "$GATEWAY_PID" ] && cpu=$(awk -v a="$after" -v b="$before" 'BEGIN { print a - b }')
     jq -nc --arg target "$target" --arg phase "$name" --argjson round "$ROUND" \
         --argjson requests "$n" --argjson secs "$s" --argjson errors "$e" --argjson size "$size" \
-        --argjson cpu "$cpu" --arg load "$(cut -d' ' -f1 /proc/loadavg)" \
+        --argjson cpu "$cpu" --arg load "$(cut -d' ' -f1 /proc/loadavg)" --argjson perf "$perf" \
         '{target: $target, phase: $phase, round: $round, requests: $requests, secs: $secs,
-          errors: $errors, size: $size, gw_cpu_s: $cpu, load: ($load | tonumber)}' >>"$RESULTS"
+          errors: $errors, size: $size, gw_cpu_s: $cpu, load: ($load | tonumber)} + $perf' >>"$RESULTS"
     log "$target $name: $n requests in ${s}s, $e errors, gateway cpu ${cpu}s"
     [ "$n" -gt 0 ] || die "$target $name: no request completed (see $WORK/client.out)"
     sleep 0.5

@@ -7,7 +7,7 @@ import json
 import statistics
 import sys
 
-ORDER = ["direct", "eastwest", "eastwest-nosplice", "eastwest-base", "nginx", "haproxy", "haproxy-splice"]
+ORDER = ["direct", "eastwest", "eastwest-nosplice", "eastwest-base", "nginx", "haproxy", "haproxy-splice", "floor"]
 # phase: (rate label, rate unit per request, CPU label, CPU scale per request)
 PHASES = {
     "ka": ("keep-alive req/s", "req", "µs/req"),
@@ -101,9 +101,33 @@ def main(path):
                 cells.append(summary(ratios, 2))
             print(f"| vs {t} | " + " | ".join(cells) + " |")
         print()
+    perf_table(runs, targets, phases)
     errors = sum(r["errors"] for rs in runs.values() for r in rs.values())
     if loads:
         print(f"Load average (1 min) during phases: {min(loads):.2f}–{max(loads):.2f}. Client errors: {errors}.")
+
+
+def perf_table(runs, targets, phases):
+    """With PERF_STAT set: `perf stat` on the gateway, per unit of each phase (request, or MB)."""
+    if not any("task_clock_s" in r for rs in runs.values() for r in rs.values()):
+        return
+    print("`perf stat` on the gateway, per unit (request or MB); median [min–max]:")
+    print()
+    print("| target | phase | task-clock µs | context switches | syscalls | epoll_wait |")
+    print("|---|---|---:|---:|---:|---:|")
+    for t in targets:
+        for p in phases:
+            rs = [r for r in runs.get((t, p), {}).values() if "task_clock_s" in r and units(r)]
+            if not rs:
+                continue
+            cells = [
+                summary([r["task_clock_s"] * 1e6 / units(r) for r in rs], 1),
+                summary([r["cs"] / units(r) for r in rs], 2),
+            ]
+            # Only with PERF_STAT=syscalls; "—" otherwise.
+            cells += [summary([r[k] / units(r) for r in rs if k in r], 2) for k in ("syscalls", "epoll_waits")]
+            print(f"| {t} | {p} | " + " | ".join(cells) + " |")
+    print()
 
 
 if __name__ == "__main__":
