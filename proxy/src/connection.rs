@@ -91,7 +91,7 @@ pub(crate) async fn serve(
         return finish(&stats, report, started);
     };
     let Opened {
-        mut upstream,
+        upstream,
         guard,
         set,
         hello_len,
@@ -111,8 +111,8 @@ pub(crate) async fn serve(
     // 4. Everything after the hello, both ways.
     let route_metrics = set.metrics();
     let result = relay(
-        &mut downstream,
-        &mut upstream,
+        downstream,
+        upstream,
         (&series.to_upstream, &series.to_downstream),
         &route_metrics.stream,
         relay_config,

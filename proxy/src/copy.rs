@@ -13,14 +13,20 @@
 //! the proxy and out again. It still moves whatever has arrived at once, so it behaves like the
 //! copy path: only cheaper per byte.
 //!
+//! When the engine threads could be started ([`engine`]), a connection with a spliced direction
+//! then leaves the runtime altogether, at a moment when neither direction holds a byte: a
+//! plain epoll loop moves its bulk at a fraction of what waking a task costs per wake-up.
+//!
 //! The copy path also follows the TLS record headers of what it relayed, for token timing
 //! ([`crate::token_timing`]); a spliced direction is no longer followed (bulk is not token
 //! streaming).
 
+mod engine;
 mod pipe;
 
+use std::future::Future;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -90,6 +96,33 @@ struct Direction<'a> {
     splice: Splice,
     timing: &'a ConnectionTiming<'a>,
     way: Way,
+    handoff: &'a Handoff,
+}
+
+/// Whether the connection moves to an engine thread, and when it may: only while neither
+/// direction holds a byte between its read and its write.
+struct Handoff {
+    /// `splice: auto`: the bulk threads may take it (started on the first handoff).
+    allowed: bool,
+    /// A direction carries bulk.
+    wanted: AtomicBool,
+    /// Per direction (`Way as usize`): waiting for its socket with nothing held.
+    resting: [AtomicBool; 2],
+    /// Per direction: EOF passed on.
+    ended: [AtomicBool; 2],
+}
+
+/// Why a direction stopped before its EOF.
+enum Stop {
+    Io(io::Error),
+    /// Both directions hold nothing and one carries bulk: the engine takes the connection.
+    Handoff,
+}
+
+impl From<io::Error> for Stop {
+    fn from(err: io::Error) -> Self {
+        Stop::Io(err)
+    }
 }
 
 /// Relays until both directions end, an error, `idle` without traffic, or `cancel`.
@@ -99,12 +132,12 @@ struct Direction<'a> {
 /// from the last segment received, so probing is exactly as if it had been set at connect,
 /// while the short connections that are most of them save three syscalls.
 pub async fn relay(
-    downstream: &mut TcpStream,
-    upstream: &mut TcpStream,
+    downstream: TcpStream,
+    upstream: TcpStream,
     counters: (&Counter, &Counter),
     stream: &StreamMetrics,
     config: RelayConfig,
-    cancel: impl std::future::Future<Output = ()>,
+    cancel: impl Future<Output = ()>,
 ) -> CopyResult {
     let RelayConfig {
         idle,
@@ -113,65 +146,131 @@ pub async fn relay(
         stall_threshold,
         token_timing,
     } = config;
+    let mut cancel = std::pin::pin!(cancel);
+    let (mut downstream, mut upstream) = (downstream, upstream);
     let activity = Activity::new();
     let timing = ConnectionTiming::new(stream, stall_threshold, token_timing);
+    let keepalive_armed = AtomicBool::new(false);
     let upstream_fd = upstream.as_raw_fd();
-    let arm_keepalive = move || {
+    let arm_keepalive = || {
+        keepalive_armed.store(true, Ordering::Relaxed);
         // SAFETY: `upstream` owns this descriptor and stays borrowed, so open, until relay
         // returns; the closure runs inside relay. (split() holds the stream itself.)
         let fd = unsafe { BorrowedFd::borrow_raw(upstream_fd) };
-        if let Err(err) = SockRef::from(&fd).set_tcp_keepalive(&keepalive(upstream_keepalive)) {
-            tracing::debug!(%err, "cannot set TCP keepalive upstream");
-        }
+        set_keepalive(fd, upstream_keepalive);
     };
     let one_side_done = AtomicBool::new(false);
     let sent = AtomicU64::new(0);
     let received = AtomicU64::new(0);
-    let (mut dr, mut dw) = downstream.split();
-    let (mut ur, mut uw) = upstream.split();
-    let both = async {
-        // try_join: an error on either side ends both; a clean EOF waits for the other side.
-        tokio::try_join!(
-            pump(
-                &mut dr,
-                &mut uw,
-                Direction {
-                    counter: counters.0,
-                    total: &sent,
-                    activity: &activity,
-                    one_side_done: &one_side_done,
-                    splice,
-                    timing: &timing,
-                    way: Way::Up,
-                },
-            ),
-            pump(
-                &mut ur,
-                &mut dw,
-                Direction {
-                    counter: counters.1,
-                    total: &received,
-                    activity: &activity,
-                    one_side_done: &one_side_done,
-                    splice,
-                    timing: &timing,
-                    way: Way::Down,
-                },
-            ),
-        )
+    let handoff = Handoff {
+        allowed: splice == Splice::Auto,
+        wanted: AtomicBool::new(false),
+        resting: Default::default(),
+        ended: Default::default(),
     };
-    let end = tokio::select! {
-        res = both => match res {
-            Ok(_) => CopyEnd::Closed,
-            Err(err) => CopyEnd::Error(err),
-        },
-        _ = activity.idle_for(idle, Some((upstream_keepalive, arm_keepalive))) => CopyEnd::Idle,
-        _ = cancel => CopyEnd::Cancelled,
+    let end = {
+        let (mut dr, mut dw) = downstream.split();
+        let (mut ur, mut uw) = upstream.split();
+        let both = async {
+            // try_join: an error on either side ends both; a clean EOF waits for the other side.
+            tokio::try_join!(
+                pump(
+                    &mut dr,
+                    &mut uw,
+                    Direction {
+                        counter: counters.0,
+                        total: &sent,
+                        activity: &activity,
+                        one_side_done: &one_side_done,
+                        splice,
+                        timing: &timing,
+                        way: Way::Up,
+                        handoff: &handoff,
+                    },
+                ),
+                pump(
+                    &mut ur,
+                    &mut dw,
+                    Direction {
+                        counter: counters.1,
+                        total: &received,
+                        activity: &activity,
+                        one_side_done: &one_side_done,
+                        splice,
+                        timing: &timing,
+                        way: Way::Down,
+                        handoff: &handoff,
+                    },
+                ),
+            )
+        };
+        tokio::select! {
+            res = both => match res {
+                Ok(_) => Some(CopyEnd::Closed),
+                Err(Stop::Io(err)) => Some(CopyEnd::Error(err)),
+                Err(Stop::Handoff) => None,
+            },
+            _ = activity.idle_for(idle, Some((upstream_keepalive, arm_keepalive))) => Some(CopyEnd::Idle),
+            _ = &mut cancel => Some(CopyEnd::Cancelled),
+        }
     };
-    CopyResult {
+    let mut result = CopyResult {
         to_upstream: sent.load(Ordering::Relaxed),
         to_downstream: received.load(Ordering::Relaxed),
-        end,
+        end: CopyEnd::Closed,
+    };
+    // Only asked for once the engines run (see `rest`).
+    match (end, engine::engines()) {
+        (Some(end), _) => result.end = end,
+        (None, Some(engines)) => {
+            let armed = keepalive_armed.load(Ordering::Relaxed);
+            let handed = (|| {
+                let sides = [downstream.into_std()?, upstream.into_std()?];
+                if !armed {
+                    // The engine keeps no timer for it: bulk connections get it now.
+                    set_keepalive(sides[1].as_fd(), upstream_keepalive);
+                }
+                Ok::<_, io::Error>(engine::Handed {
+                    sides,
+                    ended: handoff.ended.each_ref().map(|e| e.load(Ordering::Relaxed)),
+                    counters: [counters.0.clone(), counters.1.clone()],
+                    idle,
+                })
+            })();
+            match handed {
+                Ok(handed) => {
+                    let mut ticket = engine::hand_over(engines, handed);
+                    let verdict = tokio::select! {
+                        verdict = &mut ticket.verdict => verdict,
+                        _ = &mut cancel => {
+                            ticket.cancel();
+                            (&mut ticket.verdict).await
+                        }
+                    };
+                    match verdict {
+                        Ok(verdict) => {
+                            result.to_upstream += verdict.moved[0];
+                            result.to_downstream += verdict.moved[1];
+                            result.end = verdict.end;
+                        }
+                        Err(_) => {
+                            result.end = CopyEnd::Error(io::Error::other("bulk relay thread ended"))
+                        }
+                    }
+                }
+                Err(err) => result.end = CopyEnd::Error(err),
+            }
+        }
+        (None, None) => {
+            result.end = CopyEnd::Error(io::Error::other("handoff without bulk threads"))
+        }
+    }
+    result
+}
+
+fn set_keepalive(fd: BorrowedFd<'_>, after: Duration) {
+    if let Err(err) = SockRef::from(&fd).set_tcp_keepalive(&keepalive(after)) {
+        tracing::debug!(%err, "cannot set TCP keepalive upstream");
     }
 }
 
@@ -211,19 +310,20 @@ async fn pump(
     reader: &mut ReadHalf<'_>,
     writer: &mut WriteHalf<'_>,
     dir: Direction<'_>,
-) -> io::Result<()> {
+) -> Result<(), Stop> {
     let mut buf: Option<Vec<u8>> = None;
     let mut moved: u64 = 0;
     // Bytes moved in reads that filled the buffer: what tells bulk from small messages.
     let mut bulk: u64 = 0;
     let mut records = dir.timing.follower(dir.way);
     loop {
-        if dir.splice == Splice::Auto && bulk >= SPLICE_AFTER {
+        if dir.splice != Splice::Off && bulk >= SPLICE_AFTER {
             if let Some(b) = buf.take() {
                 give(b);
             }
             // Spliced bytes are never seen here: stop following (and won't resume in sync).
             records.stop();
+            dir.handoff.wanted.store(true, Ordering::Relaxed);
             // Boxed: its state would otherwise enlarge every connection's future, also the
             // idle ones that never splice (one allocation per direction that switches).
             if Box::pin(splice_until_eof(reader, writer, &dir)).await? {
@@ -236,7 +336,7 @@ async fn pump(
             // Hold no buffer while the connection is quiet. (poll_read_ready keeps the waker in
             // the socket's own slot; `readable()` would keep a 168-byte waiter in this future,
             // for every idle connection.)
-            std::future::poll_fn(|cx| reader.as_ref().poll_read_ready(cx)).await?;
+            rest(reader.as_ref(), &dir).await?;
         }
         let b = buf.get_or_insert_with(|| take(tier(moved)));
         // AsyncRead (not try_read): a short read clears tokio's readiness, so the next
@@ -267,6 +367,25 @@ async fn pump(
     }
 }
 
+/// Waits for `reader` holding nothing. First, if the connection is wanted by an engine thread
+/// and the other direction holds nothing either (or has ended), stops for the handoff.
+async fn rest(reader: &TcpStream, dir: &Direction<'_>) -> Result<(), Stop> {
+    let handoff = dir.handoff;
+    let (me, other) = (dir.way as usize, 1 - dir.way as usize);
+    if handoff.allowed
+        && handoff.wanted.load(Ordering::Relaxed)
+        && (handoff.resting[other].load(Ordering::Relaxed)
+            || handoff.ended[other].load(Ordering::Relaxed))
+        && engine::engines().is_some()
+    {
+        return Err(Stop::Handoff);
+    }
+    handoff.resting[me].store(true, Ordering::Relaxed);
+    let ready = std::future::poll_fn(|cx| reader.poll_read_ready(cx)).await;
+    handoff.resting[me].store(false, Ordering::Relaxed);
+    Ok(ready?)
+}
+
 /// Moves bytes socket → pipe → socket until EOF (`true`), or `false` if no pipe can be had.
 /// Like the copy path it sends on whatever arrived before reading again, holds its pipe only
 /// while bytes move, and counts bytes once the destination has taken them.
@@ -274,14 +393,14 @@ async fn splice_until_eof(
     reader: &ReadHalf<'_>,
     writer: &WriteHalf<'_>,
     dir: &Direction<'_>,
-) -> io::Result<bool> {
+) -> Result<bool, Stop> {
     let (from, to) = (reader.as_ref(), writer.as_ref());
     let mut lent: Option<Pipe> = None;
     loop {
         let pipe = match &mut lent {
             Some(pipe) => pipe,
             None => {
-                std::future::poll_fn(|cx| from.poll_read_ready(cx)).await?;
+                rest(from, dir).await?;
                 match Pipe::take() {
                     Ok(pipe) => lent.insert(pipe),
                     Err(err) => {
@@ -308,7 +427,7 @@ async fn splice_until_eof(
                 }
                 continue;
             }
-            Err(err) => return Err(err),
+            Err(err) => return Err(err.into()),
         }
         while pipe.held() > 0 {
             match to.try_io(Interest::WRITABLE, || pipe.drain(to)) {
@@ -316,22 +435,25 @@ async fn splice_until_eof(
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
                     std::future::poll_fn(|cx| to.poll_write_ready(cx)).await?;
                 }
-                Err(err) => return Err(err),
+                Err(err) => return Err(err.into()),
             }
         }
     }
 }
 
 /// EOF from the reader: pass it on as a half-close, unless the other direction ended first.
-async fn end(writer: &mut WriteHalf<'_>, dir: &Direction<'_>) -> io::Result<()> {
+async fn end(writer: &mut WriteHalf<'_>, dir: &Direction<'_>) -> Result<(), Stop> {
     if dir.one_side_done.swap(true, Ordering::Relaxed) {
         // The other direction ended first: the relay is over, and closing the socket right
         // after sends this FIN without a shutdown call of its own.
         return Ok(());
     }
     match writer.shutdown().await {
-        Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(e),
-        _ => Ok(()),
+        Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(e.into()),
+        _ => {
+            dir.handoff.ended[dir.way as usize].store(true, Ordering::Relaxed);
+            Ok(())
+        }
     }
 }
 
@@ -388,115 +510,4 @@ impl Activity {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use tokio::net::TcpListener;
-
-    async fn pair() -> (TcpStream, TcpStream) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (server, _) = listener.accept().await.unwrap();
-        (client, server)
-    }
-
-    fn pooled() -> [usize; 3] {
-        POOLS.with(|p| p.borrow().each_ref().map(Vec::len))
-    }
-
-    /// client ↔ downstream, relayed to upstream ↔ server.
-    struct Ends {
-        client: TcpStream,
-        downstream: TcpStream,
-        upstream: TcpStream,
-        server: TcpStream,
-    }
-
-    async fn ends() -> Ends {
-        let (client, downstream) = pair().await;
-        let (upstream, server) = pair().await;
-        Ends {
-            client,
-            downstream,
-            upstream,
-            server,
-        }
-    }
-
-    /// Relays 1 MiB from client to server; returns `measure()` taken as soon as the server has
-    /// it all, with the relay still running. (Single-threaded: the relay's last write and what
-    /// it does right after happen in one poll, before the server could read the last byte.)
-    async fn after_bulk<T>(ends: &mut Ends, splice: Splice, measure: impl FnOnce() -> T) -> T {
-        let (sent, received) = (Counter::noop(), Counter::noop());
-        let hour = Duration::from_secs(3600);
-        let config = RelayConfig {
-            idle: hour,
-            upstream_keepalive: hour,
-            splice,
-            stall_threshold: hour,
-            token_timing: true,
-        };
-        let stream = StreamMetrics::noop();
-        let relay = relay(
-            &mut ends.downstream,
-            &mut ends.upstream,
-            (&sent, &received),
-            &stream,
-            config,
-            std::future::pending(),
-        );
-        let bulk = vec![7u8; 1 << 20];
-        let exchange = async {
-            let mut got = vec![0u8; bulk.len()];
-            let (wrote, read) = tokio::join!(
-                ends.client.write_all(&bulk),
-                ends.server.read_exact(&mut got)
-            );
-            wrote.unwrap();
-            read.unwrap();
-            assert!(got == bulk);
-            measure()
-        };
-        tokio::select! {
-            measured = exchange => measured,
-            end = relay => panic!("relay ended: {:?}", end.end),
-        }
-    }
-
-    /// A direction that moved enough to earn 64 KiB buffers gives its buffer back once the
-    /// socket is drained: a quiet connection holds none, whatever it moved before.
-    #[tokio::test(flavor = "current_thread")]
-    async fn a_quiet_connection_holds_no_buffer_whatever_it_moved() {
-        let pooled = after_bulk(&mut ends().await, Splice::Off, pooled).await;
-        assert!(
-            pooled[1] >= 1,
-            "no 64 KiB buffer back in the pool: {pooled:?}"
-        );
-    }
-
-    /// With splice on, a bulk direction moves through a pipe and gives it back, empty, once
-    /// drained; a pipe that still holds bytes is closed instead, never pooled.
-    #[tokio::test(flavor = "current_thread")]
-    async fn spliced_directions_pool_only_empty_pipes() {
-        let mut ends = ends().await;
-        let before = pipe::pooled();
-        let after = after_bulk(&mut ends, Splice::Auto, pipe::pooled).await;
-        assert_eq!(
-            after,
-            before + 1,
-            "the spliced direction's pipe is not back"
-        );
-
-        // A pipe given back while holding bytes is closed.
-        let mut dirty = Pipe::take().unwrap();
-        let pooled = pipe::pooled();
-        ends.client.write_all(b"left in the pipe").await.unwrap();
-        let downstream = &ends.downstream;
-        downstream.readable().await.unwrap();
-        let n = downstream.try_io(Interest::READABLE, || dirty.fill(downstream));
-        assert_eq!(n.unwrap(), 16);
-        dirty.give();
-        assert_eq!(pipe::pooled(), pooled);
-    }
-}
+mod tests;

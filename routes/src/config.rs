@@ -141,7 +141,10 @@ pub struct UpstreamConfig {
     /// `auto` (default): a direction that carries bulk (64 KiB moved in reads that filled the
     /// buffer) moves its bytes socket → pipe → socket with `splice(2)`, without copying them
     /// through the proxy; small messages keep plain reads and writes, and either way bytes
-    /// leave as soon as they arrive. `off`: always read and write.
+    /// leave as soon as they arrive. Such a connection is then relayed by one of the proxy's
+    /// bulk threads (one per worker thread, `eastwest-bulk-N`): a plain epoll loop, cheaper per wake-up
+    /// than the async runtime. `in-runtime`: splice the same, but on the runtime's worker
+    /// threads. `off`: always read and write.
     #[serde(default)]
     pub splice: Splice,
     /// A gap this long between two records of a streaming response counts as a stall
@@ -158,6 +161,7 @@ pub struct UpstreamConfig {
 pub enum Splice {
     #[default]
     Auto,
+    InRuntime,
     Off,
 }
 

@@ -146,7 +146,7 @@ async fn bulk_through_tls_is_spliced_and_byte_exact_both_ways() {
     let pki = pki();
     let backend = tls_echo_backend("ash-sglang", &pki.server).await;
     let up = pattern(8 * MIB, 0x5a);
-    for splice in ["auto", "off"] {
+    for splice in ["auto", "in-runtime", "off"] {
         let gw = gateway(backend, splice).await;
         let pipes_before = connection_fds(&gw).pipes;
         let down = tokio::time::timeout(DEADLINE * 3, echo_through(gw.addr, &pki, &up))
@@ -158,12 +158,27 @@ async fn bulk_through_tls_is_spliced_and_byte_exact_both_ways() {
         );
         // Spliced directions give their pipes back to the pool, which keeps them open.
         let pipes = connection_fds(&gw).pipes - pipes_before;
-        if splice == "auto" {
-            assert!(pipes >= 2, "splice auto: no pipe was ever used");
-        } else {
+        if splice == "off" {
             assert_eq!(pipes, 0, "splice off: the gateway opened pipes");
+        } else {
+            assert!(pipes >= 2, "splice {splice}: no pipe was ever used");
         }
+        // `auto` hands the bulk connection to a bulk thread (started on the first handoff).
+        assert_eq!(
+            bulk_threads(&gw) > 0,
+            splice == "auto",
+            "splice {splice}: eastwest-bulk threads"
+        );
     }
+}
+
+/// The gateway's threads named `eastwest-bulk-N`, as `ps -L` shows them.
+fn bulk_threads(gw: &Gateway) -> usize {
+    std::fs::read_dir(format!("/proc/{}/task", gw.child.id()))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|comm| comm.starts_with("eastwest-bulk"))
+        .count()
 }
 
 #[tokio::test]
@@ -184,9 +199,9 @@ async fn many_spliced_connections_leave_no_descriptor_behind() {
             });
         }
     });
-    // One worker: pipes are pooled per thread, and a direction may give its pipe back on
-    // another worker than the one it took it on, so with several how many end up pooled
-    // depends on scheduling. With one, each connection reuses the pipe the last one gave back.
+    // One worker, so one bulk thread: pipes are pooled per thread, and with several how many
+    // end up pooled depends on which thread each connection went to. With one, each
+    // connection reuses the pipe the last one gave back.
     let gw = gateway_with(backend, "auto", &["--worker-threads", "1"]).await;
     let hello = client_hello_bytes(&pki().client, &istio_sni(8000, "", SGLANG));
     let pipes_before = connection_fds(&gw).pipes;
