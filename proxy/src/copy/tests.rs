@@ -131,6 +131,36 @@ async fn through(from: &mut TcpStream, to: &mut TcpStream, len: usize) -> bool {
     wrote.is_ok() && read.is_ok() && got == bytes
 }
 
+/// What a relay counts into, which these tests don't read (they read its result).
+struct Uncounted {
+    sent: Counter,
+    received: Counter,
+    stream: StreamMetrics,
+}
+
+impl Uncounted {
+    fn new() -> Self {
+        Uncounted {
+            sent: Counter::noop(),
+            received: Counter::noop(),
+            stream: StreamMetrics::noop(),
+        }
+    }
+
+    /// `relay` with `splice: auto`, `idle` and `cancel`.
+    fn relay_auto<'a>(
+        &'a self,
+        downstream: TcpStream,
+        upstream: TcpStream,
+        idle: Duration,
+        cancel: impl Future<Output = ()> + 'a,
+    ) -> impl Future<Output = CopyResult> + 'a {
+        let counters = (&self.sent, &self.received);
+        let config = config(Splice::Auto, idle);
+        relay(downstream, upstream, counters, &self.stream, config, cancel)
+    }
+}
+
 /// The tests that hand connections over run one at a time, so each sees its own count.
 static HANDING_OVER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -147,15 +177,12 @@ async fn a_bulk_connection_moves_to_a_bulk_thread_and_ends_cleanly() {
         upstream,
         mut server,
     } = ends().await;
-    let (sent, received) = (Counter::noop(), Counter::noop());
-    let stream = StreamMetrics::noop();
+    let meters = Uncounted::new();
     let hour = Duration::from_secs(3600);
-    let relay = relay(
+    let relay = meters.relay_auto(
         downstream.unwrap(),
         upstream.unwrap(),
-        (&sent, &received),
-        &stream,
-        config(Splice::Auto, hour),
+        hour,
         std::future::pending(),
     );
     let exchange = async {
@@ -190,20 +217,17 @@ async fn a_bulk_connection_ends_when_idle_or_cancelled() {
             upstream,
             mut server,
         } = ends().await;
-        let (sent, received) = (Counter::noop(), Counter::noop());
-        let stream = StreamMetrics::noop();
+        let meters = Uncounted::new();
         let idle = if cancelled {
             Duration::from_secs(3600)
         } else {
             Duration::from_millis(200)
         };
         let cancel = tokio::sync::Notify::new();
-        let relay = relay(
+        let relay = meters.relay_auto(
             downstream.unwrap(),
             upstream.unwrap(),
-            (&sent, &received),
-            &stream,
-            config(Splice::Auto, idle),
+            idle,
             cancel.notified(),
         );
         let exchange = async {
@@ -267,16 +291,9 @@ async fn a_bulk_thread_waits_for_a_slow_client_after_both_sides_shut() {
         .set_send_buffer_size(4096)
         .unwrap();
     let (upstream, mut server) = pair().await;
-    let (sent, received) = (Counter::noop(), Counter::noop());
-    let stream = StreamMetrics::noop();
-    let relay = relay(
-        downstream,
-        upstream,
-        (&sent, &received),
-        &stream,
-        config(Splice::Auto, Duration::from_secs(3600)),
-        std::future::pending(),
-    );
+    let meters = Uncounted::new();
+    let hour = Duration::from_secs(3600);
+    let relay = meters.relay_auto(downstream, upstream, hour, std::future::pending());
     // Small enough to leave the server entirely, FIN included, while the client waits.
     let response: Vec<u8> = (0..48 << 10).map(|i: u32| (i % 253) as u8).collect();
     let exchange = async {
