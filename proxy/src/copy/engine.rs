@@ -28,7 +28,7 @@ use tokio::sync::oneshot;
 use super::pipe::Pipe;
 use super::CopyEnd;
 
-/// A connection handed over: its sockets and what its relay had counted so far.
+/// A connection handed over: its sockets, where its bytes are counted, and how far it got.
 pub(super) struct Handed {
     /// `[downstream, upstream]`; way 0 moves downstream → upstream, way 1 the reverse.
     pub sides: [TcpStream; 2],
