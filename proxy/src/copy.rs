@@ -219,8 +219,14 @@ pub async fn relay(
         to_downstream: received.load(Ordering::Relaxed),
         end: CopyEnd::Closed,
     };
-    // Only asked for once the engines run (see `rest`).
-    match (end, engine::engines()) {
+    // A handoff is only asked for once the engines run (see `rest`); a relay that ended here
+    // must not start them.
+    let engines = if end.is_none() {
+        engine::engines()
+    } else {
+        None
+    };
+    match (end, engines) {
         (Some(end), _) => result.end = end,
         (None, Some(engines)) => {
             let armed = keepalive_armed.load(Ordering::Relaxed);

@@ -163,7 +163,16 @@ async fn bulk_through_tls_is_spliced_and_byte_exact_both_ways() {
         } else {
             assert!(pipes >= 2, "splice {splice}: no pipe was ever used");
         }
-        // `auto` hands the bulk connection to a bulk thread (started on the first handoff).
+        // `auto` hands the bulk connection to a bulk thread (started on the first handoff);
+        // the others never start one, also once the connection has ended.
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        while connection_fds(&gw).sockets > 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "splice {splice}: connection open"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         assert_eq!(
             bulk_threads(&gw) > 0,
             splice == "auto",
