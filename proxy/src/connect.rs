@@ -37,7 +37,8 @@ pub async fn connect(set: &UpstreamSet, cfg: &UpstreamConfig) -> Result<Connecte
     // Filled only on failure, so the usual first-try success allocates nothing.
     let mut tried = Vec::new();
     let mut attempts = 0;
-    let mut last = io::Error::new(io::ErrorKind::NotFound, "route has no endpoints");
+    // The last failure; the error for "no endpoint at all" is made only if it is needed.
+    let mut last: Option<io::Error> = None;
     for _ in 0..cfg.connect_attempts {
         let Some(Pick { index: i, probe }) = balance::pick(set, cfg, &tried, outlier::now_ms())
         else {
@@ -47,7 +48,7 @@ pub async fn connect(set: &UpstreamSet, cfg: &UpstreamConfig) -> Result<Connecte
         let upstream = &set.upstreams[i];
         // Count the attempt as load right away so concurrent picks spread out.
         let guard = ActiveGuard::new(&upstream.state);
-        match tokio::time::timeout(cfg.connect_timeout, dial(&upstream.target)).await {
+        let err = match tokio::time::timeout(cfg.connect_timeout, dial(&upstream.target)).await {
             Ok(Ok((stream, peer))) => {
                 upstream.state.connected();
                 // TCP_NODELAY so a token leaves the moment it arrives. (Keepalive comes later,
@@ -62,24 +63,24 @@ pub async fn connect(set: &UpstreamSet, cfg: &UpstreamConfig) -> Result<Connecte
                     guard,
                 });
             }
-            Ok(Err(err)) => last = err,
-            Err(_) => {
-                last = io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("connect timed out after {:?}", cfg.connect_timeout),
-                )
-            }
-        }
+            Ok(Err(err)) => err,
+            Err(_) => io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connect timed out after {:?}", cfg.connect_timeout),
+            ),
+        };
         tried.push(i);
-        tracing::debug!(route = %set.route, upstream = %upstream.target, error = %last, probe, "upstream connect failed");
+        tracing::debug!(route = %set.route, upstream = %upstream.target, error = %err, probe, "upstream connect failed");
         let od = &cfg.outlier_detection;
-        outlier::failed(set, i, probe, od, outlier::now_ms(), outlier::reason(&last));
+        outlier::failed(set, i, probe, od, outlier::now_ms(), outlier::reason(&err));
         metrics::counter!(m::CONNECT_FAILURES, "route" => set.route.to_string()).increment(1);
+        last = Some(err);
     }
     Err(ConnectFailed {
         route: set.route.to_string(),
         attempts,
-        last,
+        last: last
+            .unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, "route has no endpoints")),
     })
 }
 
