@@ -9,6 +9,7 @@ passes the copy path, where token timing follows records):
   idle      start, one connection with one tiny exchange, stop (the fixed cost subtracted)
   requests  one kept-alive TLS 1.3 connection: N requests, each answered by R records
   bulk      one connection: M MiB server -> client, then M MiB client -> server
+  connections  C new TLS connections one after another, each one request, then closed
 Counts the whole process; the idle phase (startup, readiness polls, one short exchange) is
 subtracted, and its run-to-run spread is the noise floor. Also prints, for the new build, the
 inclusive instructions of token timing's record follower (RecordFollower::feed, which in a
@@ -66,6 +67,10 @@ def serve(ctx, raw, args):
 
 
 def client(addr, phase, args):
+    if phase == "connections":
+        for _ in range(args.connections):
+            client(addr, "idle", args)
+        return
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
@@ -164,6 +169,9 @@ def main():
     p.add_argument("--requests", type=int, default=500)
     p.add_argument("--records", type=int, default=20)
     p.add_argument("--mib", type=int, default=32)
+    p.add_argument("--connections", type=int, default=200)
+    p.add_argument("--phases", default="idle,requests,bulk,connections",
+                   help="comma-separated; idle is always run (it is subtracted)")
     args = p.parse_args()
     tmp = tempfile.mkdtemp(prefix="cg-ab-")
     key, crt = os.path.join(tmp, "k.pem"), os.path.join(tmp, "c.pem")
@@ -177,7 +185,8 @@ def main():
     lst.listen(64)
     threading.Thread(target=backend, args=(sctx, lst, args), daemon=True).start()
     res = {}
-    for phase in ("idle", "requests", "bulk"):
+    phases = ["idle"] + [p for p in args.phases.split(",") if p and p != "idle"]
+    for phase in phases:
         for name, binary in (("old", args.old), ("new", args.new)):
             res[(name, phase)], feed = run(binary, phase, args, tmp, lst.getsockname())
             res[(name, phase, "feed")] = feed
@@ -185,12 +194,23 @@ def main():
                   f"{feed:>10,} in RecordFollower::feed", flush=True)
     for name in ("old", "new"):
         idle = res[(name, "idle")]
-        res[(name, "per_req")] = (res[(name, "requests")] - idle) / args.requests
-        res[(name, "per_mib")] = (res[(name, "bulk")] - idle) / (2 * args.mib)
-    for what, unit in (("per_req", f"request ({args.records} response records)"), ("per_mib", "MiB (copy path)")):
+        if "requests" in phases:
+            res[(name, "per_req")] = (res[(name, "requests")] - idle) / args.requests
+        if "bulk" in phases:
+            res[(name, "per_mib")] = (res[(name, "bulk")] - idle) / (2 * args.mib)
+        if "connections" in phases:
+            # The idle phase had one connection of the same kind: N - 1 more here.
+            res[(name, "per_conn")] = (res[(name, "connections")] - idle) / (args.connections - 1)
+    for what, unit in (("per_req", f"request ({args.records} response records)"), ("per_mib", "MiB (copy path)"),
+                       ("per_conn", "new connection (one request each)")):
+        if ("old", what) not in res:
+            continue
         o, n = res[("old", what)], res[("new", what)]
         print(f"instructions per {unit}: old {o:,.0f}  new {n:,.0f}  change {100 * (n - o) / o:+.2f} %")
+    print(f"callgrind outputs kept in {tmp} (callgrind_annotate cg.PHASE.BINARY)")
     for phase, per in (("requests", args.requests), ("bulk", 2 * args.mib)):
+        if phase not in phases:
+            continue
         feed = res[("new", phase, "feed")] - res[("new", "idle", "feed")]
         work = res[("new", phase)] - res[("new", "idle")]
         print(f"token timing in {phase}: {feed / per:,.0f} instructions per "
