@@ -1,20 +1,24 @@
 #!/usr/bin/env bash
 # The issue-18 harness: off-the-shelf clients (wrk for HTTP/1.1, h2load for HTTP/2) fetching
 # static files from an nginx HTTPS backend, directly or through a gateway that passes TLS
-# through by SNI (eastwest-proxy `mode: sni`, nginx `stream` + `ssl_preread`, haproxy
+# through by SNI (eastwest-proxy `mode: sni`, nginx `stream` + `ssl_preread`, the same with
+# `proxy_half_close on` (nginx-halfclose: passes a FIN on as eastwest and haproxy do), haproxy
 # `mode tcp` + `req.ssl_sni`, haproxy with `option splice-auto`).
 #
 # Unlike run.sh (our own Rust load generator and backend, 64 KiB TLS writes), here the backend
 # is nginx with its 16 KiB TLS records and the clients are C tools with OpenSSL/nghttp2.
 # Pinning (2-core box): clients AND backend on core $LG_CPU, the gateway alone on core $GW_CPU,
 # one worker each; gateway and backend SCHED_FIFO 1, clients nice -15. Gateway CPU = utime+stime from
-# /proc/<pid>/stat over its processes, read before and after each phase.
+# /proc/<pid>/stat over its processes, read before and after each phase (also reported apart:
+# user space, where gateways differ, and the kernel, whose work per byte is the same for all).
 #
-#   bench/compare/wrk.sh                                   # 5 targets x 4 phases x 3 rounds, ~7 min
+#   bench/compare/wrk.sh                                   # 6 targets x 4 phases x 3 rounds, ~8 min
 #   ROUNDS=5 PHASES="large h2large" TARGETS="direct eastwest" bench/compare/wrk.sh
 #
 # Target `floor` (not in the default set) is proxy/examples/splice_floor.rs: no gateway, the
 # least a user-space relay can do (one thread, level-triggered epoll, splice, nothing else).
+# Target `tokio-floor` (not in the default set either) is proxy/examples/tokio_floor.rs: the
+# least a relay on eastwest's runtime does (a task per connection, copy_bidirectional).
 # PERF_STAT=1 also runs `perf stat` on the gateway during each phase (task-clock and context
 # switches; PERF_STAT=syscalls adds syscalls and epoll_wait calls, whose tracepoints cost the
 # gateway a little per syscall), added to the results and reported per unit.
@@ -34,7 +38,7 @@ ROOT=$(cd "$HERE/../.." && pwd)
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 PROXY=${PROXY:-$TARGET_DIR/release/eastwest-proxy}
 
-TARGETS=${TARGETS:-"direct eastwest nginx haproxy haproxy-splice"}
+TARGETS=${TARGETS:-"direct eastwest nginx nginx-halfclose haproxy haproxy-splice"}
 PHASES=${PHASES:-"ka conn large h2large"}
 PHASE_SECS=${PHASE_SECS:-6}
 ROUNDS=${ROUNDS:-3}
@@ -57,6 +61,7 @@ NGINX_ADDR=127.0.0.1:$((PORT_BASE + 4))
 HAPROXY_ADDR=127.0.0.1:$((PORT_BASE + 5))
 FLOOR_ADDR=127.0.0.1:$((PORT_BASE + 6))
 FLOOR=${FLOOR:-$TARGET_DIR/release/examples/splice_floor}
+TOKIO_FLOOR=${TOKIO_FLOOR:-$TARGET_DIR/release/examples/tokio_floor}
 
 # The gateway and the backend run SCHED_FIFO 1 (as in run.sh); the clients at nice -15 in the
 # normal class: wrk under SCHED_FIFO spins without blocking and starves the backend on its core.
@@ -75,9 +80,10 @@ done
 [ -f /usr/lib/nginx/modules/ngx_stream_module.so ] ||
     die "nginx stream module missing: apt-get install libnginx-mod-stream"
 
-if [ "${SKIP_BUILD:-0}" != 1 ] && [[ " $TARGETS " == *" eastwest"* || " $TARGETS " == *" floor "* ]]; then
+if [ "${SKIP_BUILD:-0}" != 1 ] && [[ " $TARGETS " == *" eastwest"* || " $TARGETS " == *"floor "* ]]; then
     log "building release eastwest-proxy (nice)"
-    (cd "$ROOT" && nice cargo build --release -q -p eastwest-proxy --bin eastwest-proxy --example splice_floor)
+    (cd "$ROOT" && nice cargo build --release -q -p eastwest-proxy --bin eastwest-proxy --example splice_floor \
+        --example tokio_floor)
 fi
 
 ulimit -n "$(ulimit -Hn)"
@@ -101,13 +107,15 @@ trap 'exit 130' INT TERM HUP PIPE
 
 tree_pids() { echo "$1"; pgrep -P "$1" || true; }
 CLK_TCK=$(getconf CLK_TCK)
+# cpu_seconds PID: "user system" seconds of the process and its children (their threads
+# included), from /proc/<pid>/stat's utime and stime.
 cpu_seconds() {
-    local total=0 pid t
+    local user=0 sys=0 pid u s
     for pid in $(tree_pids "$1"); do
-        t=$(sed 's/.*) //' "/proc/$pid/stat" 2>/dev/null | awk '{print $12 + $13}') || t=0
-        total=$((total + ${t:-0}))
+        read -r u s < <(sed 's/.*) //' "/proc/$pid/stat" 2>/dev/null | awk '{print $12, $13}') || true
+        user=$((user + ${u:-0})) sys=$((sys + ${s:-0}))
     done
-    awk -v t="$total" -v hz="$CLK_TCK" 'BEGIN { printf "%.3f", t / hz }'
+    awk -v u="$user" -v s="$sys" -v hz="$CLK_TCK" 'BEGIN { printf "%.3f %.3f", u / hz, s / hz }'
 }
 wait_port() {
     local addr=$1
@@ -142,10 +150,15 @@ start_gateway() {
             2>"$WORK/$1.log" &
         GATEWAY_PID=$! ADDR=$EASTWEST_ADDR
         ;;
-    nginx)
+    nginx | nginx-halfclose)
         mkdir -p "$WORK/nginx"
         cfg=$(fill "$WORK/nginx" nginx.conf.in "$NGINX_ADDR")
         sed -i "s|pid $WORK/nginx.pid|pid $WORK/nginx/nginx.pid|" "$cfg"
+        # Stock nginx closes both directions at the first FIN; eastwest and haproxy pass the
+        # half-close on (and so read the client until its own EOF). nginx-halfclose does too.
+        if [ "$1" = nginx-halfclose ]; then
+            sed -i 's/^\( *\)proxy_timeout 1h;/&\n\1proxy_half_close on;/' "$cfg"
+        fi
         "${ON_GW[@]}" nginx -p "$WORK/nginx" -e stderr -c "$cfg" 2>"$WORK/nginx.log" &
         GATEWAY_PID=$! ADDR=$NGINX_ADDR
         ;;
@@ -159,9 +172,12 @@ start_gateway() {
         "${ON_GW[@]}" haproxy -db -f "$cfg" 2>"$WORK/haproxy.log" &
         GATEWAY_PID=$! ADDR=$HAPROXY_ADDR
         ;;
-    floor)
-        # Not a gateway: the least a user-space relay can do (proxy/examples/splice_floor.rs).
-        "${ON_GW[@]}" "$FLOOR" "$FLOOR_ADDR" "$BACKEND_ADDR" 2>"$WORK/floor.log" &
+    floor | tokio-floor)
+        # Not gateways: the least a user-space relay can do (proxy/examples/splice_floor.rs),
+        # and the least a relay on tokio does (proxy/examples/tokio_floor.rs).
+        local floor=$FLOOR
+        [ "$1" = tokio-floor ] && floor=$TOKIO_FLOOR
+        "${ON_GW[@]}" "$floor" "$FLOOR_ADDR" "$BACKEND_ADDR" 2>"$WORK/$1.log" &
         GATEWAY_PID=$! ADDR=$FLOOR_ADDR
         ;;
     direct)
@@ -171,7 +187,7 @@ start_gateway() {
     *) die "unknown target $1" ;;
     esac
     wait_port "$ADDR"
-    if [ "$1" = nginx ]; then
+    if [[ $1 == nginx* ]]; then
         for _ in $(seq 1 50); do pgrep -P "$GATEWAY_PID" >/dev/null && break; sleep 0.1; done
     fi
 }
@@ -213,10 +229,10 @@ run_client() {
 }
 
 phase() {
-    local target=$1 name=$2 before after cpu=null n s e size=$SMALL
+    local target=$1 name=$2 before after cpu=null user=null sys=null n s e size=$SMALL
     [[ $name == large || $name == h2large ]] && size=$LARGE
     local perf_pid= perf_out=$WORK/perf.csv perf='{}'
-    before=$([ -n "$GATEWAY_PID" ] && cpu_seconds "$GATEWAY_PID" || echo 0)
+    before=$([ -n "$GATEWAY_PID" ] && cpu_seconds "$GATEWAY_PID" || echo 0 0)
     if [ "$PERF_STAT" != 0 ] && [ -n "$GATEWAY_PID" ]; then
         local events=task-clock,context-switches
         [ "$PERF_STAT" = syscalls ] && events=$events,raw_syscalls:sys_enter,syscalls:sys_enter_epoll_wait
@@ -233,13 +249,17 @@ phase() {
             $3 == "raw_syscalls:sys_enter" { y = $1 } $3 == "syscalls:sys_enter_epoll_wait" { w = $1 }
             END { printf "{\"task_clock_s\": %f, \"cs\": %d", t / 1000, c; if (y != "") printf ", \"syscalls\": %d, \"epoll_waits\": %d", y, w; print "}" }' "$perf_out")
     fi
-    after=$([ -n "$GATEWAY_PID" ] && cpu_seconds "$GATEWAY_PID" || echo 0)
-    [ -n "$GATEWAY_PID" ] && cpu=$(awk -v a="$after" -v b="$before" 'BEGIN { print a - b }')
+    after=$([ -n "$GATEWAY_PID" ] && cpu_seconds "$GATEWAY_PID" || echo 0 0)
+    if [ -n "$GATEWAY_PID" ]; then
+        read -r cpu user sys < <(awk -v a="$after" -v b="$before" 'BEGIN {
+            split(a, x, " "); split(b, y, " "); u = x[1] - y[1]; s = x[2] - y[2]; print u + s, u, s }')
+    fi
     jq -nc --arg target "$target" --arg phase "$name" --argjson round "$ROUND" \
         --argjson requests "$n" --argjson secs "$s" --argjson errors "$e" --argjson size "$size" \
-        --argjson cpu "$cpu" --arg load "$(cut -d' ' -f1 /proc/loadavg)" --argjson perf "$perf" \
+        --argjson cpu "$cpu" --argjson user "$user" --argjson sys "$sys" --arg load "$(cut -d' ' -f1 /proc/loadavg)" --argjson perf "$perf" \
         '{target: $target, phase: $phase, round: $round, requests: $requests, secs: $secs,
-          errors: $errors, size: $size, gw_cpu_s: $cpu, load: ($load | tonumber)} + $perf' >>"$RESULTS"
+          errors: $errors, size: $size, gw_cpu_s: $cpu, gw_user_s: $user, gw_sys_s: $sys,
+          load: ($load | tonumber)} + $perf' >>"$RESULTS"
     log "$target $name: $n requests in ${s}s, $e errors, gateway cpu ${cpu}s"
     [ "$n" -gt 0 ] || die "$target $name: no request completed (see $WORK/client.out)"
     sleep 0.5

@@ -7,7 +7,8 @@ import json
 import statistics
 import sys
 
-ORDER = ["direct", "eastwest", "eastwest-nosplice", "eastwest-base", "nginx", "haproxy", "haproxy-splice", "floor"]
+ORDER = ["direct", "eastwest", "eastwest-nosplice", "eastwest-base", "nginx", "nginx-halfclose", "haproxy",
+         "haproxy-splice", "tokio-floor", "floor"]
 # phase: (rate label, rate unit per request, CPU label, CPU scale per request)
 PHASES = {
     "ka": ("keep-alive req/s", "req", "µs/req"),
@@ -30,6 +31,13 @@ def cpu_per(r):
     if r.get("gw_cpu_s") is None or not units(r):
         return None
     return r["gw_cpu_s"] * 1e6 / units(r)
+
+
+def split_per(r, key):
+    """Microseconds of user (`gw_user_s`) or system (`gw_sys_s`) CPU per unit."""
+    if r.get(key) is None or not units(r):
+        return None
+    return r[key] * 1e6 / units(r)
 
 
 def summary(values, digits):
@@ -101,10 +109,30 @@ def main(path):
                 cells.append(summary(ratios, 2))
             print(f"| vs {t} | " + " | ".join(cells) + " |")
         print()
+    split_table(runs, targets, phases)
     perf_table(runs, targets, phases)
     errors = sum(r["errors"] for rs in runs.values() for r in rs.values())
     if loads:
         print(f"Load average (1 min) during phases: {min(loads):.2f}–{max(loads):.2f}. Client errors: {errors}.")
+
+
+def split_table(runs, targets, phases):
+    """The gateway CPU above, split: user space (the gateway's own code) and system (the kernel)."""
+    if not any(r.get("gw_user_s") is not None for rs in runs.values() for r in rs.values()):
+        return
+    print("Gateway CPU per unit split into user space and kernel (µs; median [min–max]):")
+    print()
+    print("| | " + " | ".join(f"user {PHASES[p][2]} | system {PHASES[p][2]}" for p in phases) + " |")
+    print("|---|" + "---:|---:|" * len(phases))
+    for t in targets:
+        if t == "direct":
+            continue
+        cells = []
+        for p in phases:
+            rs = runs.get((t, p), {}).values()
+            cells += [summary([split_per(r, k) for r in rs], 1) for k in ("gw_user_s", "gw_sys_s")]
+        print(f"| {t} | " + " | ".join(cells) + " |")
+    print()
 
 
 def perf_table(runs, targets, phases):
