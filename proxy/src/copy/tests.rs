@@ -24,6 +24,16 @@ struct Ends {
     server: TcpStream,
 }
 
+impl Ends {
+    /// The two sides the relay takes.
+    fn middle(&mut self) -> (TcpStream, TcpStream) {
+        (
+            self.downstream.take().expect("middle taken twice"),
+            self.upstream.take().expect("middle taken twice"),
+        )
+    }
+}
+
 async fn ends() -> Ends {
     let (client, downstream) = pair().await;
     let (upstream, server) = pair().await;
@@ -39,24 +49,9 @@ async fn ends() -> Ends {
 /// it all, with the relay still running. (Single-threaded: the relay's last write and what
 /// it does right after happen in one poll, before the server could read the last byte.)
 async fn after_bulk<T>(ends: &mut Ends, splice: Splice, measure: impl FnOnce() -> T) -> T {
-    let (sent, received) = (Counter::noop(), Counter::noop());
+    let meters = Uncounted::new();
     let hour = Duration::from_secs(3600);
-    let config = RelayConfig {
-        idle: hour,
-        upstream_keepalive: hour,
-        splice,
-        stall_threshold: hour,
-        token_timing: true,
-    };
-    let stream = StreamMetrics::noop();
-    let relay = relay(
-        ends.downstream.take().unwrap(),
-        ends.upstream.take().unwrap(),
-        (&sent, &received),
-        &stream,
-        config,
-        std::future::pending(),
-    );
+    let relay = meters.relay_with(splice, ends.middle(), hour, std::future::pending());
     let bulk = vec![7u8; 1 << 20];
     let exchange = async {
         let mut got = vec![0u8; bulk.len()];
@@ -147,16 +142,16 @@ impl Uncounted {
         }
     }
 
-    /// `relay` with `splice: auto`, `idle` and `cancel`.
-    fn relay_auto<'a>(
+    /// `relay` of `(downstream, upstream)` with `splice`, `idle` and `cancel`.
+    fn relay_with<'a>(
         &'a self,
-        downstream: TcpStream,
-        upstream: TcpStream,
+        splice: Splice,
+        (downstream, upstream): (TcpStream, TcpStream),
         idle: Duration,
         cancel: impl Future<Output = ()> + 'a,
     ) -> impl Future<Output = CopyResult> + 'a {
         let counters = (&self.sent, &self.received);
-        let config = config(Splice::Auto, idle);
+        let config = config(splice, idle);
         relay(downstream, upstream, counters, &self.stream, config, cancel)
     }
 }
@@ -171,23 +166,14 @@ static HANDING_OVER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 async fn a_bulk_connection_moves_to_a_bulk_thread_and_ends_cleanly() {
     let _one_at_a_time = HANDING_OVER.lock().await;
     let handed_before = engine::handed_over();
-    let Ends {
-        mut client,
-        downstream,
-        upstream,
-        mut server,
-    } = ends().await;
+    let mut ends = ends().await;
     let meters = Uncounted::new();
     let hour = Duration::from_secs(3600);
-    let relay = meters.relay_auto(
-        downstream.unwrap(),
-        upstream.unwrap(),
-        hour,
-        std::future::pending(),
-    );
+    let relay = meters.relay_with(Splice::Auto, ends.middle(), hour, std::future::pending());
+    let Ends { client, server, .. } = &mut ends;
     let exchange = async {
-        assert!(through(&mut client, &mut server, 1 << 20).await, "upload");
-        assert!(through(&mut server, &mut client, 1 << 20).await, "download");
+        assert!(through(client, server, 1 << 20).await, "upload");
+        assert!(through(server, client, 1 << 20).await, "download");
         assert_eq!(engine::handed_over(), handed_before + 1, "not handed over");
         // The client's half-close reaches the server, which still answers.
         client.shutdown().await.unwrap();
@@ -211,12 +197,7 @@ async fn a_bulk_connection_ends_when_idle_or_cancelled() {
     let _one_at_a_time = HANDING_OVER.lock().await;
     for cancelled in [false, true] {
         let handed_before = engine::handed_over();
-        let Ends {
-            mut client,
-            downstream,
-            upstream,
-            mut server,
-        } = ends().await;
+        let mut ends = ends().await;
         let meters = Uncounted::new();
         let idle = if cancelled {
             Duration::from_secs(3600)
@@ -224,14 +205,10 @@ async fn a_bulk_connection_ends_when_idle_or_cancelled() {
             Duration::from_millis(200)
         };
         let cancel = tokio::sync::Notify::new();
-        let relay = meters.relay_auto(
-            downstream.unwrap(),
-            upstream.unwrap(),
-            idle,
-            cancel.notified(),
-        );
+        let relay = meters.relay_with(Splice::Auto, ends.middle(), idle, cancel.notified());
+        let Ends { client, server, .. } = &mut ends;
         let exchange = async {
-            assert!(through(&mut client, &mut server, 1 << 20).await);
+            assert!(through(client, server, 1 << 20).await);
             assert_eq!(engine::handed_over(), handed_before + 1, "not handed over");
             if cancelled {
                 cancel.notify_one();
@@ -293,7 +270,12 @@ async fn a_bulk_thread_waits_for_a_slow_client_after_both_sides_shut() {
     let (upstream, mut server) = pair().await;
     let meters = Uncounted::new();
     let hour = Duration::from_secs(3600);
-    let relay = meters.relay_auto(downstream, upstream, hour, std::future::pending());
+    let relay = meters.relay_with(
+        Splice::Auto,
+        (downstream, upstream),
+        hour,
+        std::future::pending(),
+    );
     // Small enough to leave the server entirely, FIN included, while the client waits.
     let response: Vec<u8> = (0..48 << 10).map(|i: u32| (i % 253) as u8).collect();
     let exchange = async {
