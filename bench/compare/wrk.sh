@@ -11,6 +11,9 @@
 # one worker each; gateway and backend SCHED_FIFO 1, clients nice -15. Gateway CPU = utime+stime from
 # /proc/<pid>/stat over its processes, read before and after each phase (also reported apart:
 # user space, where gateways differ, and the kernel, whose work per byte is the same for all).
+# Also per phase: the client+backend core's busy time (/proc/stat), the backend's share, and the
+# gateway's sleeps (voluntary context switches): on loopback each sleep is a wake-up that the
+# sender on the other core pays for, so a relay cheap for itself can cost its neighbours more.
 #
 #   bench/compare/wrk.sh                                   # 6 targets x 4 phases x 3 rounds, ~8 min
 #   ROUNDS=5 PHASES="large h2large" TARGETS="direct eastwest" bench/compare/wrk.sh
@@ -116,6 +119,18 @@ cpu_seconds() {
         user=$((user + ${u:-0})) sys=$((sys + ${s:-0}))
     done
     awk -v u="$user" -v s="$sys" -v hz="$CLK_TCK" 'BEGIN { printf "%.3f %.3f", u / hz, s / hz }'
+}
+# core_busy_seconds CPU: seconds that core has been busy (all but idle and iowait), from /proc/stat.
+core_busy_seconds() {
+    awk -v cpu="cpu$1" -v hz="$CLK_TCK" '$1 == cpu { printf "%.3f", ($2 + $3 + $4 + $7 + $8 + $9) / hz }' /proc/stat
+}
+# voluntary_switches PID: times the process's threads (its children's too) went to sleep.
+voluntary_switches() {
+    local n=0 pid
+    for pid in $(tree_pids "$1"); do
+        n=$((n + $(awk '/^voluntary_ctxt_switches/ { s += $2 } END { print s + 0 }' /proc/"$pid"/task/*/status 2>/dev/null || echo 0)))
+    done
+    echo "$n"
 }
 wait_port() {
     local addr=$1
@@ -233,6 +248,11 @@ phase() {
     [[ $name == large || $name == h2large ]] && size=$LARGE
     local perf_pid= perf_out=$WORK/perf.csv perf='{}'
     before=$([ -n "$GATEWAY_PID" ] && cpu_seconds "$GATEWAY_PID" || echo 0 0)
+    # What the relay costs its neighbours too: the client+backend core, the backend alone, and
+    # how often the gateway slept (each sleep is a wake-up the sender on the other core pays for).
+    local core0 backend0 sleeps0=0 core1 backend1 sleeps=null
+    core0=$(core_busy_seconds "$LG_CPU") backend0=$(cpu_seconds "$BACKEND_PID")
+    [ -n "$GATEWAY_PID" ] && sleeps0=$(voluntary_switches "$GATEWAY_PID")
     if [ "$PERF_STAT" != 0 ] && [ -n "$GATEWAY_PID" ]; then
         local events=task-clock,context-switches
         [ "$PERF_STAT" = syscalls ] && events=$events,raw_syscalls:sys_enter,syscalls:sys_enter_epoll_wait
@@ -250,15 +270,22 @@ phase() {
             END { printf "{\"task_clock_s\": %f, \"cs\": %d", t / 1000, c; if (y != "") printf ", \"syscalls\": %d, \"epoll_waits\": %d", y, w; print "}" }' "$perf_out")
     fi
     after=$([ -n "$GATEWAY_PID" ] && cpu_seconds "$GATEWAY_PID" || echo 0 0)
+    core1=$(core_busy_seconds "$LG_CPU") backend1=$(cpu_seconds "$BACKEND_PID")
+    [ -n "$GATEWAY_PID" ] && sleeps=$(($(voluntary_switches "$GATEWAY_PID") - sleeps0))
+    local lg_core backend_cpu
+    read -r lg_core backend_cpu < <(awk -v c0="$core0" -v c1="$core1" -v b0="$backend0" -v b1="$backend1" 'BEGIN {
+        split(b0, x, " "); split(b1, y, " "); print c1 - c0, (y[1] + y[2]) - (x[1] + x[2]) }')
     if [ -n "$GATEWAY_PID" ]; then
         read -r cpu user sys < <(awk -v a="$after" -v b="$before" 'BEGIN {
             split(a, x, " "); split(b, y, " "); u = x[1] - y[1]; s = x[2] - y[2]; print u + s, u, s }')
     fi
     jq -nc --arg target "$target" --arg phase "$name" --argjson round "$ROUND" \
         --argjson requests "$n" --argjson secs "$s" --argjson errors "$e" --argjson size "$size" \
-        --argjson cpu "$cpu" --argjson user "$user" --argjson sys "$sys" --arg load "$(cut -d' ' -f1 /proc/loadavg)" --argjson perf "$perf" \
+        --argjson cpu "$cpu" --argjson user "$user" --argjson sys "$sys" \
+        --argjson lg_core "$lg_core" --argjson backend "$backend_cpu" --argjson sleeps "$sleeps" --arg load "$(cut -d' ' -f1 /proc/loadavg)" --argjson perf "$perf" \
         '{target: $target, phase: $phase, round: $round, requests: $requests, secs: $secs,
           errors: $errors, size: $size, gw_cpu_s: $cpu, gw_user_s: $user, gw_sys_s: $sys,
+          lg_core_s: $lg_core, backend_cpu_s: $backend, gw_sleeps: $sleeps,
           load: ($load | tonumber)} + $perf' >>"$RESULTS"
     log "$target $name: $n requests in ${s}s, $e errors, gateway cpu ${cpu}s"
     [ "$n" -gt 0 ] || die "$target $name: no request completed (see $WORK/client.out)"

@@ -110,6 +110,7 @@ def main(path):
             print(f"| vs {t} | " + " | ".join(cells) + " |")
         print()
     split_table(runs, targets, phases)
+    neighbours_table(runs, targets, phases)
     perf_table(runs, targets, phases)
     errors = sum(r["errors"] for rs in runs.values() for r in rs.values())
     if loads:
@@ -132,6 +133,27 @@ def split_table(runs, targets, phases):
             rs = runs.get((t, p), {}).values()
             cells += [summary([split_per(r, k) for r in rs], 1) for k in ("gw_user_s", "gw_sys_s")]
         print(f"| {t} | " + " | ".join(cells) + " |")
+    print()
+
+
+def neighbours_table(runs, targets, phases):
+    """What each relay costs the client and backend: their core busy per unit, the backend
+    alone, and how often the gateway slept (a wake-up its sender pays for on the other core)."""
+    if not any(r.get("lg_core_s") is not None for rs in runs.values() for r in rs.values()):
+        return
+    print("The client+backend core per unit (µs busy, the backend's share of it), and the gateway's")
+    print("sleeps per unit (voluntary context switches); median [min–max]:")
+    print()
+    print("| target | phase | client+backend core | backend | gateway sleeps |")
+    print("|---|---|---:|---:|---:|")
+    for t in targets:
+        for p in phases:
+            rs = [r for r in runs.get((t, p), {}).values() if r.get("lg_core_s") is not None and units(r)]
+            if not rs:
+                continue
+            cells = [summary([r[k] * 1e6 / units(r) for r in rs], 1) for k in ("lg_core_s", "backend_cpu_s")]
+            cells.append(summary([r["gw_sleeps"] / units(r) for r in rs if r.get("gw_sleeps") is not None], 2))
+            print(f"| {t} | {p} | " + " | ".join(cells) + " |")
     print()
 
 
