@@ -139,44 +139,49 @@ def split_table(runs, targets, phases):
 def neighbours_table(runs, targets, phases):
     """What each relay costs the client and backend: their core busy per unit, the backend
     alone, and how often the gateway slept (a wake-up its sender pays for on the other core)."""
-    if not any(r.get("lg_core_s") is not None for rs in runs.values() for r in rs.values()):
-        return
-    print("The client+backend core per unit (µs busy, the backend's share of it), and the gateway's")
-    print("sleeps per unit (voluntary context switches); median [min–max]:")
-    print()
-    print("| target | phase | client+backend core | backend | gateway sleeps |")
-    print("|---|---|---:|---:|---:|")
-    for t in targets:
-        for p in phases:
-            rs = [r for r in runs.get((t, p), {}).values() if r.get("lg_core_s") is not None and units(r)]
-            if not rs:
-                continue
-            cells = [summary([r[k] * 1e6 / units(r) for r in rs], 1) for k in ("lg_core_s", "backend_cpu_s")]
-            cells.append(summary([r["gw_sleeps"] / units(r) for r in rs if r.get("gw_sleeps") is not None], 2))
-            print(f"| {t} | {p} | " + " | ".join(cells) + " |")
-    print()
+
+    def cells(rs):
+        out = [summary([r[k] * 1e6 / units(r) for r in rs], 1) for k in ("lg_core_s", "backend_cpu_s")]
+        return out + [summary([r["gw_sleeps"] / units(r) for r in rs if r.get("gw_sleeps") is not None], 2)]
+
+    rows_per_phase(
+        runs, targets, phases, lambda r: r.get("lg_core_s") is not None,
+        "The client+backend core per unit (µs busy, the backend's share of it), and the gateway's\n"
+        "sleeps per unit (voluntary context switches); median [min–max]:",
+        ["client+backend core", "backend", "gateway sleeps"], cells)
 
 
 def perf_table(runs, targets, phases):
     """With PERF_STAT set: `perf stat` on the gateway, per unit of each phase (request, or MB)."""
-    if not any("task_clock_s" in r for rs in runs.values() for r in rs.values()):
+
+    def cells(rs):
+        out = [
+            summary([r["task_clock_s"] * 1e6 / units(r) for r in rs], 1),
+            summary([r["cs"] / units(r) for r in rs], 2),
+        ]
+        # Only with PERF_STAT=syscalls; "—" otherwise.
+        return out + [summary([r[k] / units(r) for r in rs if k in r], 2) for k in ("syscalls", "epoll_waits")]
+
+    rows_per_phase(
+        runs, targets, phases, lambda r: "task_clock_s" in r,
+        "`perf stat` on the gateway, per unit (request or MB); median [min–max]:",
+        ["task-clock µs", "context switches", "syscalls", "epoll_wait"], cells)
+
+
+def rows_per_phase(runs, targets, phases, has, title, columns, cells):
+    """A table with a row per target and phase, of the records that `has` what it shows; none if
+    no record has it."""
+    if not any(has(r) for rs in runs.values() for r in rs.values()):
         return
-    print("`perf stat` on the gateway, per unit (request or MB); median [min–max]:")
+    print(title)
     print()
-    print("| target | phase | task-clock µs | context switches | syscalls | epoll_wait |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("| target | phase | " + " | ".join(columns) + " |")
+    print("|---|---|" + "---:|" * len(columns))
     for t in targets:
         for p in phases:
-            rs = [r for r in runs.get((t, p), {}).values() if "task_clock_s" in r and units(r)]
-            if not rs:
-                continue
-            cells = [
-                summary([r["task_clock_s"] * 1e6 / units(r) for r in rs], 1),
-                summary([r["cs"] / units(r) for r in rs], 2),
-            ]
-            # Only with PERF_STAT=syscalls; "—" otherwise.
-            cells += [summary([r[k] / units(r) for r in rs if k in r], 2) for k in ("syscalls", "epoll_waits")]
-            print(f"| {t} | {p} | " + " | ".join(cells) + " |")
+            rs = [r for r in runs.get((t, p), {}).values() if has(r) and units(r)]
+            if rs:
+                print(f"| {t} | {p} | " + " | ".join(cells(rs)) + " |")
     print()
 
 
