@@ -15,6 +15,7 @@ ORDER = [
     "nginx-halfclose",
     "haproxy",
     "haproxy-splice",
+    "tokio-floor",
     "floor",
 ]
 

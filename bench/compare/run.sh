@@ -11,7 +11,9 @@
 #   PHASE_SECS=3 TARGETS="eastwest nginx" bench/compare/run.sh
 #   PHASES="connect" TARGETS="eastwest nginx" ROUNDS=5 bench/compare/run.sh   # one figure only
 # Target `floor` (not in the default set) is proxy/examples/splice_floor.rs: no gateway, the least
-# a user-space relay can do (one thread, level-triggered epoll, splice, nothing else).
+# a user-space relay can do (one thread, level-triggered epoll, splice, nothing else); target
+# `tokio-floor` is proxy/examples/tokio_floor.rs, the least a relay on tokio does.
+# The targets themselves are started by gateways.sh, shared with wrk.sh.
 #
 # Needs: nginx with the stream module (Debian: libnginx-mod-stream), haproxy, taskset, jq,
 # python3. Builds eastwest-proxy and the loadgen example in release mode unless SKIP_BUILD=1.
@@ -62,6 +64,8 @@ NGINX_ADDR=127.0.0.1:$((PORT_BASE + 4))
 HAPROXY_ADDR=127.0.0.1:$((PORT_BASE + 5))
 FLOOR_ADDR=127.0.0.1:$((PORT_BASE + 6))
 FLOOR=${FLOOR:-$TARGET_DIR/release/examples/splice_floor}
+TOKIO_FLOOR=${TOKIO_FLOOR:-$TARGET_DIR/release/examples/tokio_floor}
+EASTWEST_TEMPLATE=eastwest.yaml.in
 
 [ "$(id -u)" = 0 ] || PRIO=0
 # Command prefixes (not functions, so `&` and $! give the measured process itself).
@@ -71,6 +75,8 @@ ON_GW=("${PRIO_CMD[@]}" taskset -c "$GW_CPU")
 ON_LG=("${PRIO_CMD[@]}" taskset -c "$LG_CPU")
 log() { echo "[compare $(date -u +%H:%M:%S)] $*" >&2; }
 die() { log "error: $*"; exit 1; }
+# shellcheck source=bench/compare/gateways.sh
+source "$HERE/gateways.sh"
 
 for tool in taskset jq python3 nginx haproxy; do
     command -v "$tool" >/dev/null || [ -x "/usr/sbin/$tool" ] || die "$tool not found"
@@ -80,19 +86,19 @@ export PATH=$PATH:/usr/sbin
     die "nginx stream module missing: apt-get install libnginx-mod-stream"
 
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
-    log "building release eastwest-proxy, loadgen and splice_floor (nice)"
+    log "building release eastwest-proxy, loadgen, splice_floor and tokio_floor (nice)"
     (cd "$ROOT" && nice cargo build --release -q -p eastwest-proxy --bin eastwest-proxy --example loadgen \
-        --example splice_floor)
+        --example splice_floor --example tokio_floor)
 fi
 [ -x "$PROXY" ] && [ -x "$LOADGEN" ] || die "missing $PROXY or $LOADGEN"
 
 # Each proxied connection holds 2 fds in the gateway; raise the soft limit to the hard one.
 ulimit -n "$(ulimit -Hn)"
 NOFILE=$(ulimit -n)
-MAX_IDLE=$(((NOFILE - 100) / 2))
-if [ "$IDLE_CONNS" -gt "$MAX_IDLE" ]; then
-    log "fd hard limit $NOFILE allows $MAX_IDLE idle connections through a gateway, not $IDLE_CONNS"
-    IDLE_CONNS=$MAX_IDLE
+MAXCONN=$(((NOFILE - 100) / 2))
+if [ "$IDLE_CONNS" -gt "$MAXCONN" ]; then
+    log "fd hard limit $NOFILE allows $MAXCONN idle connections through a gateway, not $IDLE_CONNS"
+    IDLE_CONNS=$MAXCONN
 fi
 
 WORK=$(mktemp -d /tmp/eastwest-compare.XXXXXX)
@@ -112,113 +118,14 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM HUP PIPE
 
-# The pid and its child processes (nginx: master + worker).
-tree_pids() { echo "$1"; pgrep -P "$1" || true; }
-CLK_TCK=$(getconf CLK_TCK)
-# utime+stime of a process tree, in seconds.
-cpu_seconds() {
-    local total=0 pid t
-    for pid in $(tree_pids "$1"); do
-        # Fields after the ")" that ends comm: utime and stime are the 12th and 13th.
-        t=$(sed 's/.*) //' "/proc/$pid/stat" 2>/dev/null | awk '{print $12 + $13}') || t=0
-        total=$((total + ${t:-0}))
-    done
-    awk -v t="$total" -v hz="$CLK_TCK" 'BEGIN { printf "%.3f", t / hz }'
-}
-# VmRSS of a process tree, in KiB.
-rss_kib() {
-    local total=0 pid r
-    for pid in $(tree_pids "$1"); do
-        r=$(awk '/^VmRSS:/ {print $2}' "/proc/$pid/status" 2>/dev/null) || r=0
-        total=$((total + ${r:-0}))
-    done
-    echo "$total"
-}
-wait_port() {
-    local addr=$1 i
-    for i in $(seq 1 100); do
-        if (exec 3<>"/dev/tcp/${addr%:*}/${addr#*:}") 2>/dev/null; then return 0; fi
-        sleep 0.1
-    done
-    die "nothing listens on $addr after 10 s"
-}
-port_free() {
-    if ss -ltnH "sport = :${1#*:}" | grep -q .; then die "$1 is in use (set PORT_BASE)"; fi
-}
-for a in $BACKEND_ADDR $EASTWEST_ADDR $EASTWEST_ADMIN $NGINX_ADDR $HAPROXY_ADDR $FLOOR_ADDR; do port_free "$a"; done
+ports_free "$BACKEND_ADDR" "$EASTWEST_ADDR" "$EASTWEST_ADMIN" "$NGINX_ADDR" "$HAPROXY_ADDR" "$FLOOR_ADDR"
 
 # fill DIR TEMPLATE LISTEN: writes DIR/TEMPLATE-without-.in with the @...@ filled in.
 fill() {
     sed -e "s|@WORK@|$WORK|g" -e "s|@BACKEND@|$BACKEND_ADDR|g" -e "s|@NOFILE@|$NOFILE|g" \
-        -e "s|@MAXCONN@|$MAX_IDLE|g" -e "s|@ADMIN@|$EASTWEST_ADMIN|g" \
+        -e "s|@MAXCONN@|$MAXCONN|g" -e "s|@ADMIN@|$EASTWEST_ADMIN|g" \
         -e "s|@LISTEN@|$3|g" "$HERE/$2" >"$1/${2%.in}"
     echo "$1/${2%.in}"
-}
-
-start_gateway() {
-    case $1 in
-    eastwest | eastwest-nosplice | eastwest-notiming | eastwest-base)
-        # Its own directory: eastwest-proxy watches the config file's directory for reloads,
-        # and the files this script writes to $WORK would wake it.
-        mkdir -p "$WORK/$1"
-        cfg=$(fill "$WORK/$1" eastwest.yaml.in "$EASTWEST_ADDR")
-        # A/B in one interleaved run: the same build with splice off, or an older build.
-        local proxy=$PROXY
-        if [ "$1" = eastwest-nosplice ]; then printf 'upstream:\n  splice: off\n' >>"$cfg"; fi
-        if [ "$1" = eastwest-notiming ]; then printf 'telemetry:\n  token_timing: false\n' >>"$cfg"; fi
-        if [ "$1" = eastwest-base ]; then proxy=${PROXY_BASE:?set PROXY_BASE to the older build}; fi
-        # One tokio worker thread, like nginx's one worker and haproxy's one thread.
-        EASTWEST_WORKER_THREADS=1 TOKIO_WORKER_THREADS=1 RUST_LOG=warn "${ON_GW[@]}" "$proxy" --config "$cfg" \
-            2>"$WORK/$1.log" &
-        GATEWAY_PID=$! ADDR=$EASTWEST_ADDR
-        ;;
-    nginx | nginx-halfclose)
-        cfg=$(fill "$WORK" nginx.conf.in "$NGINX_ADDR")
-        # nginx's default closes both directions at the first FIN; eastwest and haproxy pass
-        # the half-close on. nginx-halfclose is nginx doing that same job.
-        if [ "$1" = nginx-halfclose ]; then
-            sed -i 's/^\( *\)proxy_timeout 1h;/&\n\1proxy_half_close on;/' "$cfg"
-        fi
-        "${ON_GW[@]}" nginx -p "$WORK" -e stderr -c "$cfg" 2>"$WORK/nginx.log" &
-        GATEWAY_PID=$! ADDR=$NGINX_ADDR
-        ;;
-    haproxy | haproxy-splice)
-        cfg=$(fill "$WORK" haproxy.cfg.in "$HAPROXY_ADDR")
-        # What a user after bulk throughput turns on: splice(2) once a direction carries bulk.
-        # Pipes cost it 2 fds each and it refuses to start if maxconn and maxpipes could exceed
-        # the fd limit: 256 pipes, and as many fewer connections (it skips the idle phase).
-        if [ "$1" = haproxy-splice ]; then
-            sed -i -e 's/^\( *\)mode tcp$/&\n\1option splice-auto/' \
-                -e "s/^\\( *\\)maxconn $MAX_IDLE\$/\\1maxconn $((MAX_IDLE - 256))/" \
-                -e 's/^\( *\)nbthread 1$/&\n\1maxpipes 256/' "$cfg"
-        fi
-        "${ON_GW[@]}" haproxy -db -f "$cfg" 2>"$WORK/haproxy.log" &
-        GATEWAY_PID=$! ADDR=$HAPROXY_ADDR
-        ;;
-    floor)
-        # Not a gateway: the least a user-space relay can do (proxy/examples/splice_floor.rs).
-        "${ON_GW[@]}" "$FLOOR" "$FLOOR_ADDR" "$BACKEND_ADDR" 2>"$WORK/floor.log" &
-        GATEWAY_PID=$! ADDR=$FLOOR_ADDR
-        ;;
-    direct)
-        GATEWAY_PID= ADDR=$BACKEND_ADDR
-        return
-        ;;
-    esac
-    wait_port "$ADDR"
-    # nginx forks its worker after binding: wait for it so its CPU and memory count.
-    if [[ $1 == nginx* ]]; then
-        for _ in $(seq 1 50); do pgrep -P "$GATEWAY_PID" >/dev/null && break; sleep 0.1; done
-    fi
-}
-
-stop_gateway() {
-    [ -n "$GATEWAY_PID" ] || return 0
-    kill -TERM "$GATEWAY_PID" 2>/dev/null || true
-    for _ in $(seq 1 100); do kill -0 "$GATEWAY_PID" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$GATEWAY_PID" 2>/dev/null || true
-    wait "$GATEWAY_PID" 2>/dev/null || true
-    GATEWAY_PID=
 }
 
 client_args() {
@@ -242,9 +149,9 @@ record() {
 phase() {
     local target=$1 name=$2 before after json
     shift 2
-    before=$([ -n "$GATEWAY_PID" ] && cpu_seconds "$GATEWAY_PID" || echo 0)
+    before=$([ -n "$GATEWAY_PID" ] && cpu_total_seconds "$GATEWAY_PID" || echo 0)
     json=$(client "$@") || die "$target $name: client failed"
-    after=$([ -n "$GATEWAY_PID" ] && cpu_seconds "$GATEWAY_PID" || echo 0)
+    after=$([ -n "$GATEWAY_PID" ] && cpu_total_seconds "$GATEWAY_PID" || echo 0)
     local cpu=null
     [ -n "$GATEWAY_PID" ] && cpu=$(awk -v a="$after" -v b="$before" 'BEGIN { print a - b }')
     record "$target" "$name" "$json" "$cpu"

@@ -65,6 +65,7 @@ HAPROXY_ADDR=127.0.0.1:$((PORT_BASE + 5))
 FLOOR_ADDR=127.0.0.1:$((PORT_BASE + 6))
 FLOOR=${FLOOR:-$TARGET_DIR/release/examples/splice_floor}
 TOKIO_FLOOR=${TOKIO_FLOOR:-$TARGET_DIR/release/examples/tokio_floor}
+EASTWEST_TEMPLATE=wrk-eastwest.yaml.in
 
 # The gateway and the backend run SCHED_FIFO 1 (as in run.sh); the clients at nice -15 in the
 # normal class: wrk under SCHED_FIFO spins without blocking and starves the backend on its core.
@@ -75,6 +76,8 @@ ON_LG=("${PRIO_CMD[@]}" taskset -c "$LG_CPU")
 ON_CLIENT=(timeout $((PHASE_SECS + 30)) "${CLIENT_PRIO[@]}" taskset -c "$LG_CPU")
 log() { echo "[wrk $(date -u +%H:%M:%S)] $*" >&2; }
 die() { log "error: $*"; exit 1; }
+# shellcheck source=bench/compare/gateways.sh
+source "$HERE/gateways.sh"
 
 export PATH=$PATH:/usr/sbin
 for tool in wrk h2load nginx haproxy openssl taskset jq python3; do
@@ -108,18 +111,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM HUP PIPE
 
-tree_pids() { echo "$1"; pgrep -P "$1" || true; }
-CLK_TCK=$(getconf CLK_TCK)
-# cpu_seconds PID: "user system" seconds of the process and its children (their threads
-# included), from /proc/<pid>/stat's utime and stime.
-cpu_seconds() {
-    local user=0 sys=0 pid u s
-    for pid in $(tree_pids "$1"); do
-        read -r u s < <(sed 's/.*) //' "/proc/$pid/stat" 2>/dev/null | awk '{print $12, $13}') || true
-        user=$((user + ${u:-0})) sys=$((sys + ${s:-0}))
-    done
-    awk -v u="$user" -v s="$sys" -v hz="$CLK_TCK" 'BEGIN { printf "%.3f %.3f", u / hz, s / hz }'
-}
 # core_busy_seconds CPU: seconds that core has been busy (all but idle and iowait), from /proc/stat.
 core_busy_seconds() {
     awk -v cpu="cpu$1" -v hz="$CLK_TCK" '$1 == cpu { printf "%.3f", ($2 + $3 + $4 + $7 + $8 + $9) / hz }' /proc/stat
@@ -132,17 +123,7 @@ voluntary_switches() {
     done
     echo "$n"
 }
-wait_port() {
-    local addr=$1
-    for _ in $(seq 1 100); do
-        if (exec 3<>"/dev/tcp/${addr%:*}/${addr#*:}") 2>/dev/null; then return 0; fi
-        sleep 0.1
-    done
-    die "nothing listens on $addr after 10 s"
-}
-for a in $BACKEND_ADDR $EASTWEST_ADDR $EASTWEST_ADMIN $NGINX_ADDR $HAPROXY_ADDR $FLOOR_ADDR; do
-    if ss -ltnH "sport = :${a#*:}" | grep -q .; then die "$a is in use (set PORT_BASE)"; fi
-done
+ports_free "$BACKEND_ADDR" "$EASTWEST_ADDR" "$EASTWEST_ADMIN" "$NGINX_ADDR" "$HAPROXY_ADDR" "$FLOOR_ADDR"
 
 # fill DIR TEMPLATE LISTEN: DIR/TEMPLATE-without-.in with @...@ filled in, and run.sh's Istio
 # SNI replaced by this harness's (the backend certificate's name).
@@ -151,69 +132,6 @@ fill() {
         -e "s|@MAXCONN@|$MAXCONN|g" -e "s|@ADMIN@|$EASTWEST_ADMIN|g" -e "s|@LISTEN@|$3|g" \
         -e "s|outbound_\.8000_\._\.bench\.svc\.cluster\.local|$SNI|g" "$HERE/$2" >"$1/${2%.in}"
     echo "$1/${2%.in}"
-}
-
-start_gateway() {
-    case $1 in
-    eastwest | eastwest-nosplice | eastwest-base)
-        mkdir -p "$WORK/$1"
-        cfg=$(fill "$WORK/$1" wrk-eastwest.yaml.in "$EASTWEST_ADDR")
-        local proxy=$PROXY
-        if [ "$1" = eastwest-nosplice ]; then printf 'upstream:\n  splice: off\n' >>"$cfg"; fi
-        if [ "$1" = eastwest-base ]; then proxy=${PROXY_BASE:?set PROXY_BASE to the older build}; fi
-        EASTWEST_WORKER_THREADS=1 RUST_LOG=warn "${ON_GW[@]}" "$proxy" --config "$cfg" \
-            2>"$WORK/$1.log" &
-        GATEWAY_PID=$! ADDR=$EASTWEST_ADDR
-        ;;
-    nginx | nginx-halfclose)
-        mkdir -p "$WORK/nginx"
-        cfg=$(fill "$WORK/nginx" nginx.conf.in "$NGINX_ADDR")
-        sed -i "s|pid $WORK/nginx.pid|pid $WORK/nginx/nginx.pid|" "$cfg"
-        # Stock nginx closes both directions at the first FIN; eastwest and haproxy pass the
-        # half-close on (and so read the client until its own EOF). nginx-halfclose does too.
-        if [ "$1" = nginx-halfclose ]; then
-            sed -i 's/^\( *\)proxy_timeout 1h;/&\n\1proxy_half_close on;/' "$cfg"
-        fi
-        "${ON_GW[@]}" nginx -p "$WORK/nginx" -e stderr -c "$cfg" 2>"$WORK/nginx.log" &
-        GATEWAY_PID=$! ADDR=$NGINX_ADDR
-        ;;
-    haproxy | haproxy-splice)
-        cfg=$(fill "$WORK" haproxy.cfg.in "$HAPROXY_ADDR")
-        if [ "$1" = haproxy-splice ]; then
-            sed -i -e 's/^\( *\)mode tcp$/&\n\1option splice-auto/' \
-                -e "s/^\\( *\\)maxconn $MAXCONN\$/\\1maxconn $((MAXCONN - 256))/" \
-                -e 's/^\( *\)nbthread 1$/&\n\1maxpipes 256/' "$cfg"
-        fi
-        "${ON_GW[@]}" haproxy -db -f "$cfg" 2>"$WORK/haproxy.log" &
-        GATEWAY_PID=$! ADDR=$HAPROXY_ADDR
-        ;;
-    floor | tokio-floor)
-        # Not gateways: the least a user-space relay can do (proxy/examples/splice_floor.rs),
-        # and the least a relay on tokio does (proxy/examples/tokio_floor.rs).
-        local floor=$FLOOR
-        [ "$1" = tokio-floor ] && floor=$TOKIO_FLOOR
-        "${ON_GW[@]}" "$floor" "$FLOOR_ADDR" "$BACKEND_ADDR" 2>"$WORK/$1.log" &
-        GATEWAY_PID=$! ADDR=$FLOOR_ADDR
-        ;;
-    direct)
-        GATEWAY_PID= ADDR=$BACKEND_ADDR
-        return
-        ;;
-    *) die "unknown target $1" ;;
-    esac
-    wait_port "$ADDR"
-    if [[ $1 == nginx* ]]; then
-        for _ in $(seq 1 50); do pgrep -P "$GATEWAY_PID" >/dev/null && break; sleep 0.1; done
-    fi
-}
-
-stop_gateway() {
-    [ -n "$GATEWAY_PID" ] || return 0
-    kill -TERM "$GATEWAY_PID" 2>/dev/null || true
-    for _ in $(seq 1 100); do kill -0 "$GATEWAY_PID" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$GATEWAY_PID" 2>/dev/null || true
-    wait "$GATEWAY_PID" 2>/dev/null || true
-    GATEWAY_PID=
 }
 
 url() { echo "https://$SNI:${ADDR#*:}/$1"; }
