@@ -64,51 +64,35 @@ def main(path):
     phases = [p for p in PHASES if any(k[1] == p for k in runs)]
     loads = [l for l in loads if l is not None]
 
-    print("| | " + " | ".join(f"{PHASES[p][0]} | gateway CPU {PHASES[p][2]}" for p in phases) + " |")
-    print("|---|" + "---:|---:|" * len(phases))
-    for t in targets:
-        cells = []
-        for p in phases:
-            rs = runs.get((t, p), {})
-            cells.append(summary([rate(r) for r in rs.values()], 0))
-            cells.append(summary([cpu_per(r) for r in rs.values()], 1))
-        print(f"| {t} | " + " | ".join(cells) + " |")
-    print()
+    rows_per_target(
+        None, [c for p in phases for c in (PHASES[p][0], "gateway CPU " + PHASES[p][2])], targets, (),
+        lambda t: [cell for p in phases for cell in (
+            summary([rate(r) for r in runs.get((t, p), {}).values()], 0),
+            summary([cpu_per(r) for r in runs.get((t, p), {}).values()], 1))])
 
     if any(k[0] == "direct" for k in runs):
-        print("Throughput ÷ direct, paired by round (median [min–max]):")
-        print()
-        print("| | " + " | ".join(PHASES[p][0].replace(" MB/s", "").replace(" req/s", "").replace(" conn/s", "") for p in phases) + " |")
-        print("|---|" + "---:|" * len(phases))
-        for t in targets:
-            if t == "direct":
-                continue
-            cells = []
-            for p in phases:
-                rs, ds = runs.get((t, p), {}), runs.get(("direct", p), {})
-                cells.append(summary([rate(rs[k]) / rate(ds[k]) for k in rs if k in ds and rate(ds[k])], 2))
-            print(f"| {t} | " + " | ".join(cells) + " |")
-        print()
+        def vs_direct(t, p):
+            rs, ds = runs.get((t, p), {}), runs.get(("direct", p), {})
+            return summary([rate(rs[k]) / rate(ds[k]) for k in rs if k in ds and rate(ds[k])], 2)
+
+        rows_per_target(
+            "Throughput ÷ direct, paired by round (median [min–max]):",
+            [PHASES[p][0].replace(" MB/s", "").replace(" req/s", "").replace(" conn/s", "") for p in phases],
+            targets, ("direct",), lambda t: [vs_direct(t, p) for p in phases])
 
     if any(k[0] == "eastwest" for k in runs):
-        print("eastwest gateway CPU ÷ peer's, paired by round (median [min–max]; below 1: eastwest cheaper):")
-        print()
-        print("| | " + " | ".join(PHASES[p][2] + " (" + p + ")" for p in phases) + " |")
-        print("|---|" + "---:|" * len(phases))
-        for t in targets:
-            if t in ("direct", "eastwest"):
-                continue
-            cells = []
-            for p in phases:
-                es, ps = runs.get(("eastwest", p), {}), runs.get((t, p), {})
-                ratios = [
-                    cpu_per(es[k]) / cpu_per(ps[k])
-                    for k in es
-                    if k in ps and cpu_per(es[k]) is not None and cpu_per(ps[k])
-                ]
-                cells.append(summary(ratios, 2))
-            print(f"| vs {t} | " + " | ".join(cells) + " |")
-        print()
+        def vs_peer(t, p):
+            es, ps = runs.get(("eastwest", p), {}), runs.get((t, p), {})
+            return summary([
+                cpu_per(es[k]) / cpu_per(ps[k])
+                for k in es
+                if k in ps and cpu_per(es[k]) is not None and cpu_per(ps[k])
+            ], 2)
+
+        rows_per_target(
+            "eastwest gateway CPU ÷ peer's, paired by round (median [min–max]; below 1: eastwest cheaper):",
+            [PHASES[p][2] + " (" + p + ")" for p in phases], targets, ("direct", "eastwest"),
+            lambda t: [vs_peer(t, p) for p in phases], label="vs {}")
     split_table(runs, targets, phases)
     neighbours_table(runs, targets, phases)
     perf_table(runs, targets, phases)
@@ -121,18 +105,23 @@ def split_table(runs, targets, phases):
     """The gateway CPU above, split: user space (the gateway's own code) and system (the kernel)."""
     if not any(r.get("gw_user_s") is not None for rs in runs.values() for r in rs.values()):
         return
-    print("Gateway CPU per unit split into user space and kernel (µs; median [min–max]):")
-    print()
-    print("| | " + " | ".join(f"user {PHASES[p][2]} | system {PHASES[p][2]}" for p in phases) + " |")
-    print("|---|" + "---:|---:|" * len(phases))
+    rows_per_target(
+        "Gateway CPU per unit split into user space and kernel (µs; median [min–max]):",
+        [c for p in phases for c in (f"user {PHASES[p][2]}", f"system {PHASES[p][2]}")], targets, ("direct",),
+        lambda t: [summary([split_per(r, k) for r in runs.get((t, p), {}).values()], 1)
+                   for p in phases for k in ("gw_user_s", "gw_sys_s")])
+
+
+def rows_per_target(title, columns, targets, skip, cells, label="{}"):
+    """A table with a row per target (but those in `skip`): `cells(target)` in `columns`."""
+    if title:
+        print(title)
+        print()
+    print("| | " + " | ".join(columns) + " |")
+    print("|---|" + "---:|" * len(columns))
     for t in targets:
-        if t == "direct":
-            continue
-        cells = []
-        for p in phases:
-            rs = runs.get((t, p), {}).values()
-            cells += [summary([split_per(r, k) for r in rs], 1) for k in ("gw_user_s", "gw_sys_s")]
-        print(f"| {t} | " + " | ".join(cells) + " |")
+        if t not in skip:
+            print(f"| {label.format(t)} | " + " | ".join(cells(t)) + " |")
     print()
 
 
