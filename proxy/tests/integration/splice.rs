@@ -165,19 +165,30 @@ async fn bulk_through_tls_is_spliced_and_byte_exact_both_ways() {
         }
         // `auto` hands the bulk connection to a bulk thread (started on the first handoff);
         // the others never start one, also once the connection has ended.
-        let deadline = tokio::time::Instant::now() + DEADLINE;
-        while connection_fds(&gw).sockets > 0 {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "splice {splice}: connection open"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        connections_closed(&gw).await;
         assert_eq!(
             bulk_threads(&gw) > 0,
             splice == "auto",
             "splice {splice}: eastwest-bulk threads"
         );
+    }
+}
+
+/// Waits until the gateway holds no connection socket (they close a moment after the client
+/// sees EOF); its descriptors then.
+async fn connections_closed(gw: &Gateway) -> ConnectionFds {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let fds = connection_fds(gw);
+        if fds.sockets == 0 {
+            return fds;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} connection sockets still open",
+            fds.sockets
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -224,20 +235,8 @@ async fn many_spliced_connections_leave_no_descriptor_behind() {
     // Sockets close a moment after the client sees EOF. Only the reply direction carries
     // bulk, and it gives its pipe back before passing the EOF on: one pipe (two fds) stays
     // pooled for all 40 connections.
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        let fds = connection_fds(&gw);
-        if fds.sockets == 0 {
-            assert_eq!(fds.pipes - pipes_before, 2, "pipe fds pooled");
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{} connection sockets still open",
-            fds.sockets
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let fds = connections_closed(&gw).await;
+    assert_eq!(fds.pipes - pipes_before, 2, "pipe fds pooled");
 }
 
 /// A raw backend for one connection, driven by the test through the returned stream.
